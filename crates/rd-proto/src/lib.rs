@@ -1,1 +1,62 @@
-//! stub, filled by its issue
+//! rd-proto: the Rancher remotedialer wire protocol without IO.
+//!
+//! Byte-for-byte compatible with the Go implementation (`github.com/rancher/remotedialer`):
+//! one remotedialer message per binary websocket message, headers of Go signed varints,
+//! Pause/Resume flow control per connection. This crate has no sockets, no async runtime and
+//! reads no clock: time comes in as an argument, as in quinn-proto.
+//!
+//! It has two layers:
+//! - the codec: [`Message`], [`decode`] and [`Message::encode`];
+//! - the [`Session`] state machine. The caller feeds it websocket messages
+//!   ([`Session::handle_message`]), pings/pongs ([`Session::handle_keepalive`]), timer ticks
+//!   ([`Session::handle_timeout`]) and application calls ([`Session::open_stream`],
+//!   [`Session::write`], [`Session::read`], [`Session::finish`], [`Session::reset`]). After each
+//!   input it drains, in this order, [`Session::poll_transmit`] (websocket messages to send),
+//!   [`Session::poll_timeout`] (when to call `handle_timeout` next) and
+//!   [`Session::poll_event`] (what the application must know).
+//!
+//! ```
+//! use std::time::Instant;
+//! use rd_proto::{Config, Event, Identity, ReadOutcome, Session, Side, Target, Transmit};
+//!
+//! let now = Instant::now();
+//! let mut server = Session::new(Side::Server, Config::default(), Identity::client(), now, 1);
+//! let mut client = Session::new(Side::Client, Config::default(), Identity::client(), now, 100);
+//!
+//! // The server dials through the client and writes a request.
+//! let id = server.open_stream(now, Target::new("tcp", "127.0.0.1:8125").unwrap()).unwrap();
+//! server.write(id, b"GET / HTTP/1.0\r\n\r\n").unwrap();
+//! while let Some(Transmit::Message(bytes)) = server.poll_transmit() {
+//!     client.handle_message(now, bytes).unwrap();
+//! }
+//!
+//! // The client learns of the stream and reads the request.
+//! let Some(Event::StreamRequested { id, target }) = client.poll_event() else { panic!() };
+//! assert_eq!(target.to_string(), "tcp/127.0.0.1:8125");
+//! assert_eq!(client.read(id, 1024).unwrap(), ReadOutcome::Data("GET / HTTP/1.0\r\n\r\n".into()));
+//! ```
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod codec;
+mod config;
+mod flow;
+mod message;
+mod session;
+mod stream;
+mod target;
+pub mod varint;
+
+pub use codec::{decode, DecodeError, HeaderField};
+pub use config::{Config, ConfigError};
+pub use flow::{FlowSignal, Overflow, RecvFlow};
+pub use message::{
+    data_header_len, put_data_header, ClientSession, ConnId, Frame, Message, MessageType, EOF_TEXT,
+    LEGACY_DEADLINE_MS, MAX_CLIENT_PAYLOAD, MAX_ERROR_TEXT,
+};
+pub use session::{
+    Event, Identity, OpenError, ProtocolError, ReadOutcome, Session, SessionEnd, SessionStats, Side,
+    StreamError, Transmit,
+};
+pub use stream::{Origin, StreamEnd};
+pub use target::{Target, TargetError, MAX_CONNECT_PAYLOAD};

@@ -1,0 +1,232 @@
+//! Decoding one websocket binary message into a [`Frame`].
+
+use bytes::{Buf, Bytes};
+
+use crate::message::{
+    ClientSession, ConnId, Frame, Message, MessageType, MAX_CLIENT_PAYLOAD, MAX_ERROR_TEXT,
+};
+use crate::target::{Target, TargetError};
+use crate::varint::{get_varint, VarintError};
+
+/// Which header field a decode error is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderField {
+    /// The message id.
+    MessageId,
+    /// The connection id.
+    ConnId,
+    /// The message type.
+    Type,
+    /// The legacy deadline of Data and Connect.
+    Deadline,
+}
+
+impl std::fmt::Display for HeaderField {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::MessageId => "message id",
+            Self::ConnId => "connection id",
+            Self::Type => "message type",
+            Self::Deadline => "legacy deadline",
+        })
+    }
+}
+
+/// A message that cannot be decoded.
+///
+/// Only [`DecodeError::BadConnect`] concerns a single connection (see [`DecodeError::conn_id`]);
+/// every other variant means the peer speaks something other than the protocol, and Go ends
+/// the session for each of them.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The message ended inside a header varint.
+    #[error("truncated header: the {field} is missing or cut short")]
+    Truncated {
+        /// The field being read.
+        field: HeaderField,
+    },
+    /// A header varint is longer than 10 bytes or does not fit in 64 bits.
+    #[error("the {field} varint overflows 64 bits")]
+    VarintOverflow {
+        /// The field being read.
+        field: HeaderField,
+    },
+    /// A Connect whose payload is not `proto/address`; the session answers with an Error.
+    #[error("invalid connect for connection {conn_id}: {reason}")]
+    BadConnect {
+        /// The connection the peer tried to open.
+        conn_id: ConnId,
+        /// What is wrong with the payload.
+        reason: TargetError,
+    },
+    /// AddClient/RemoveClient payload that is not `clientKey/sessionKey`.
+    #[error("invalid remote session {payload:?}: {reason}")]
+    BadClientSession {
+        /// The (truncated) payload, lossily decoded.
+        payload: String,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// A SyncConnections payload whose length is not a multiple of 8.
+    #[error("incorrect data format: SyncConnections payload of {len} bytes is not a multiple of 8")]
+    BadSyncLength {
+        /// The payload length.
+        len: usize,
+    },
+}
+
+impl DecodeError {
+    /// The connection a connection-level error is about; `None` for session-level errors.
+    pub fn conn_id(&self) -> Option<ConnId> {
+        match self {
+            Self::BadConnect { conn_id, .. } => Some(*conn_id),
+            _ => None,
+        }
+    }
+}
+
+fn field(buf: &mut Bytes, field: HeaderField) -> Result<i64, DecodeError> {
+    get_varint(buf).map_err(|e| match e {
+        VarintError::Truncated => DecodeError::Truncated { field },
+        VarintError::Overflow => DecodeError::VarintOverflow { field },
+    })
+}
+
+/// Decodes one websocket binary message. Data payloads are slices of `buf`, not copies.
+///
+/// Receive limits follow Go: Error text is cut to 100 bytes, AddClient/RemoveClient payloads
+/// are read to 100 bytes; unknown types decode to [`Message::Unknown`].
+pub fn decode(mut buf: Bytes) -> Result<Frame, DecodeError> {
+    let message_id = field(&mut buf, HeaderField::MessageId)?;
+    let conn_id = ConnId(field(&mut buf, HeaderField::ConnId)?);
+    let type_code = field(&mut buf, HeaderField::Type)?;
+    let Some(kind) = MessageType::from_code(type_code) else {
+        let message = Message::Unknown { type_code, conn_id };
+        return Ok(Frame { message_id, message });
+    };
+    if kind.has_deadline() {
+        field(&mut buf, HeaderField::Deadline)?;
+    }
+    let message = match kind {
+        MessageType::Data => Message::Data {
+            conn_id,
+            payload: buf,
+        },
+        MessageType::Connect => Message::Connect {
+            conn_id,
+            target: Target::parse(&buf).map_err(|reason| DecodeError::BadConnect { conn_id, reason })?,
+        },
+        MessageType::Error => {
+            let kept = &buf[..buf.len().min(MAX_ERROR_TEXT)];
+            Message::Error {
+                conn_id,
+                text: String::from_utf8_lossy(kept).into_owned(),
+            }
+        }
+        MessageType::AddClient => Message::AddClient(client_session(&buf)?),
+        MessageType::RemoveClient => Message::RemoveClient(client_session(&buf)?),
+        MessageType::Pause => Message::Pause { conn_id },
+        MessageType::Resume => Message::Resume { conn_id },
+        MessageType::SyncConnections => {
+            if buf.len() % 8 != 0 {
+                return Err(DecodeError::BadSyncLength { len: buf.len() });
+            }
+            let mut ids = Vec::with_capacity(buf.len() / 8);
+            while buf.has_remaining() {
+                ids.push(buf.get_i64_le());
+            }
+            Message::SyncConnections { ids }
+        }
+    };
+    Ok(Frame { message_id, message })
+}
+
+fn client_session(payload: &[u8]) -> Result<ClientSession, DecodeError> {
+    let kept = &payload[..payload.len().min(MAX_CLIENT_PAYLOAD)];
+    let text = String::from_utf8_lossy(kept);
+    let bad = |reason| DecodeError::BadClientSession {
+        payload: text.clone().into_owned(),
+        reason,
+    };
+    let (key, session) = text.split_once('/').ok_or_else(|| bad("no '/' separator"))?;
+    // strconv.Atoi accepts one leading sign; Rust's parse does the same for i64.
+    let session_key = session.parse::<i64>().map_err(|_| bad("session key is not a decimal integer"))?;
+    Ok(ClientSession {
+        client_key: key.to_owned(),
+        session_key,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dec(hex: &str) -> Result<Frame, DecodeError> {
+        decode(Bytes::from(hex::decode(hex).expect("test hex")))
+    }
+
+    #[test]
+    fn data_payload_is_a_slice_of_the_input() {
+        let input = Bytes::from(hex::decode("040202b0ea0168656c6c6f").expect("hex"));
+        let frame = decode(input.clone()).expect("valid");
+        let Message::Data { payload, .. } = frame.message else {
+            panic!("not data: {frame:?}");
+        };
+        assert_eq!(&payload[..], b"hello");
+        assert_eq!(payload.as_ptr(), input[6..].as_ptr(), "no copy");
+    }
+
+    #[test]
+    fn unknown_type_is_ignored_payload_and_all() {
+        let f = dec("021412ffff").expect("unknown types decode");
+        assert_eq!(
+            f.message,
+            Message::Unknown {
+                type_code: 9,
+                conn_id: ConnId(10)
+            }
+        );
+    }
+
+    #[test]
+    fn deadline_value_is_ignored() {
+        // TestNewServerMessage_266 writes deadline 0.
+        let mut raw = vec![0x02, 0x02, 0x04, 0x00];
+        raw.extend_from_slice(format!("tcp/{}:65500", "h".repeat(255)).as_bytes());
+        let f = decode(Bytes::from(raw)).expect("valid");
+        assert_eq!(f.message_id, 1);
+        let Message::Connect { conn_id, target } = f.message else {
+            panic!("not connect")
+        };
+        assert_eq!(conn_id, ConnId(1));
+        assert_eq!(target.address(), format!("{}:65500", "h".repeat(255)));
+    }
+
+    #[test]
+    fn error_text_is_cut_to_100_bytes() {
+        let mut raw = vec![0x02, 0x02, 0x06];
+        raw.extend(std::iter::repeat_n(b'x', 150));
+        let Message::Error { text, .. } = decode(Bytes::from(raw)).expect("valid").message else {
+            panic!("not error")
+        };
+        assert_eq!(text.len(), 100);
+    }
+
+    #[test]
+    fn malformed_messages_give_precise_errors() {
+        assert_eq!(dec(""), Err(DecodeError::Truncated { field: HeaderField::MessageId }));
+        assert_eq!(dec("02"), Err(DecodeError::Truncated { field: HeaderField::ConnId }));
+        assert_eq!(dec("0202"), Err(DecodeError::Truncated { field: HeaderField::Type }));
+        assert_eq!(dec("020202"), Err(DecodeError::Truncated { field: HeaderField::Deadline }));
+        assert_eq!(
+            dec("ffffffffffffffffffff01"),
+            Err(DecodeError::VarintOverflow { field: HeaderField::MessageId })
+        );
+        assert_eq!(dec("020010aabbccddeeff00"), Err(DecodeError::BadSyncLength { len: 7 }));
+        let no_slash = dec("020404b0ea01746370").expect_err("no slash");
+        assert_eq!(no_slash.conn_id(), Some(ConnId(2)));
+        assert!(matches!(dec("020008666f6f"), Err(DecodeError::BadClientSession { .. })));
+        assert!(matches!(dec("020008666f6f2f78"), Err(DecodeError::BadClientSession { .. })));
+    }
+}

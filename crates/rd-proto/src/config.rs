@@ -1,0 +1,98 @@
+//! Every interval, watermark and cap of a session, with Go's values as defaults.
+
+use std::time::Duration;
+
+/// Session tuning. `Default` gives the Go implementation's behaviour (PROTOCOL.md 4 and 5)
+/// plus the hard caps Go lacks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Config {
+    /// How often a client-side session sends a websocket ping. Go: 5 s.
+    pub ping_interval: Duration,
+    /// A session that has seen no ping or pong for this long is dead. Go: 60 s.
+    /// Data does not count, as in Go.
+    pub keepalive_timeout: Duration,
+    /// How often a client-side session sends SyncConnections; `None` never sends it.
+    /// Go: 60 s, first one after one interval.
+    pub sync_interval: Option<Duration>,
+    /// Send Pause when a stream's unread bytes exceed this. Go: 2 MiB (`MaxBuffer`).
+    pub high_watermark: usize,
+    /// Send Resume when a paused stream's unread bytes fall below this. Go: 256 KiB.
+    pub low_watermark: usize,
+    /// A stream whose unread bytes exceed this is reset: the peer ignored Pause. Go has no
+    /// cap; this leaves room for the 4.7 MB overshoot measured from a Go sender on loopback.
+    pub stream_receive_cap: usize,
+    /// Unread bytes over all streams of the session; Data beyond it resets the stream it
+    /// was for.
+    pub session_receive_cap: usize,
+    /// Bytes a stream's writer may queue before its writes wait for the websocket.
+    pub stream_send_buffer: usize,
+    /// Largest Data payload this side sends in one message, so streams interleave fairly.
+    pub max_data_payload: usize,
+    /// Live streams per session; a Connect beyond it is answered with an Error.
+    pub max_streams: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            ping_interval: Duration::from_secs(5),
+            keepalive_timeout: Duration::from_secs(60),
+            sync_interval: Some(Duration::from_secs(60)),
+            high_watermark: 2 * 1024 * 1024,
+            low_watermark: 256 * 1024,
+            stream_receive_cap: 8 * 1024 * 1024,
+            session_receive_cap: 64 * 1024 * 1024,
+            stream_send_buffer: 256 * 1024,
+            max_data_payload: 32 * 1024,
+            max_streams: 65_536,
+        }
+    }
+}
+
+/// A [`Config`] whose values contradict each other.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid session config: {0}")]
+pub struct ConfigError(&'static str);
+
+impl Config {
+    /// Checks the relations between the values.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.low_watermark >= self.high_watermark {
+            return Err(ConfigError("low_watermark must be below high_watermark"));
+        }
+        if self.stream_receive_cap < self.high_watermark {
+            return Err(ConfigError("stream_receive_cap must be at least high_watermark"));
+        }
+        if self.session_receive_cap < self.stream_receive_cap {
+            return Err(ConfigError("session_receive_cap must be at least stream_receive_cap"));
+        }
+        if self.max_data_payload == 0 || self.stream_send_buffer == 0 {
+            return Err(ConfigError("max_data_payload and stream_send_buffer must be positive"));
+        }
+        if self.ping_interval.is_zero() || self.keepalive_timeout.is_zero() {
+            return Err(ConfigError("ping_interval and keepalive_timeout must be positive"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_gos_and_valid() {
+        let c = Config::default();
+        assert_eq!(c.high_watermark, 1 << 21);
+        assert_eq!(c.low_watermark, (1 << 21) / 8);
+        assert_eq!(c.ping_interval, Duration::from_secs(5));
+        assert_eq!(c.keepalive_timeout, Duration::from_secs(60));
+        assert_eq!(c.validate(), Ok(()));
+        let bad = Config {
+            low_watermark: c.high_watermark,
+            ..c
+        };
+        assert!(bad.validate().is_err());
+    }
+}

@@ -1,0 +1,299 @@
+//! The eight remotedialer messages, one variant each, and their wire encoding.
+
+use std::fmt;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::target::Target;
+use crate::varint::{put_varint, varint_len};
+
+/// What Go writes in the legacy deadline field of Data and Connect (15 s in milliseconds).
+pub const LEGACY_DEADLINE_MS: i64 = 15_000;
+/// Bytes of Error text a Go receiver keeps; the rest is cut.
+pub const MAX_ERROR_TEXT: usize = 100;
+/// Bytes of AddClient/RemoveClient payload a Go receiver reads.
+pub const MAX_CLIENT_PAYLOAD: usize = 100;
+/// Error text that means a clean end of stream (Go's `io.EOF`).
+pub const EOF_TEXT: &str = "EOF";
+
+/// A virtual connection id, allocated by the side that sends Connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(pub i64);
+
+impl fmt::Display for ConnId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// The wire type codes (PROTOCOL.md 1.4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum MessageType {
+    /// Application bytes.
+    Data = 1,
+    /// Open a virtual connection.
+    Connect = 2,
+    /// Close a virtual connection; `EOF` is graceful.
+    Error = 3,
+    /// A peer server announces one of its client sessions.
+    AddClient = 4,
+    /// A peer server withdraws one of its client sessions.
+    RemoveClient = 5,
+    /// Stop sending Data on a connection.
+    Pause = 6,
+    /// Start sending Data again.
+    Resume = 7,
+    /// The client's list of live connection ids.
+    SyncConnections = 8,
+}
+
+impl MessageType {
+    /// The type for a wire code, if it is one of the eight known ones.
+    pub fn from_code(code: i64) -> Option<Self> {
+        Some(match code {
+            1 => Self::Data,
+            2 => Self::Connect,
+            3 => Self::Error,
+            4 => Self::AddClient,
+            5 => Self::RemoveClient,
+            6 => Self::Pause,
+            7 => Self::Resume,
+            8 => Self::SyncConnections,
+            _ => return None,
+        })
+    }
+
+    /// Whether Go writes the legacy deadline varint after the type.
+    pub fn has_deadline(self) -> bool {
+        matches!(self, Self::Data | Self::Connect)
+    }
+}
+
+/// A client session announced over a peer link: `clientKey/sessionKey`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ClientSession {
+    /// The client key (the example server's `X-Tunnel-ID`, Rancher's cluster name).
+    pub client_key: String,
+    /// The announcing server's key for that session, a non-negative 63-bit number in Go.
+    pub session_key: i64,
+}
+
+impl fmt::Display for ClientSession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.client_key, self.session_key)
+    }
+}
+
+/// One remotedialer message (the header's message id travels beside it in [`Frame`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// Application bytes for a connection; the payload is a slice of the received buffer.
+    Data {
+        /// The connection.
+        conn_id: ConnId,
+        /// The bytes, any length including zero.
+        payload: Bytes,
+    },
+    /// Open connection `conn_id` to `target`.
+    Connect {
+        /// The new connection's id.
+        conn_id: ConnId,
+        /// Where to dial.
+        target: Target,
+    },
+    /// Close a connection; [`EOF_TEXT`] means a clean end.
+    Error {
+        /// The connection.
+        conn_id: ConnId,
+        /// The reason, at most [`MAX_ERROR_TEXT`] bytes once received.
+        text: String,
+    },
+    /// A peer server gained a client session.
+    AddClient(ClientSession),
+    /// A peer server lost a client session.
+    RemoveClient(ClientSession),
+    /// Stop sending Data on the connection.
+    Pause {
+        /// The connection.
+        conn_id: ConnId,
+    },
+    /// Resume sending Data on the connection.
+    Resume {
+        /// The connection.
+        conn_id: ConnId,
+    },
+    /// The sender's live connection ids, ascending.
+    SyncConnections {
+        /// The ids.
+        ids: Vec<i64>,
+    },
+    /// A type this implementation does not know; receivers ignore it, as Go does.
+    Unknown {
+        /// The type code.
+        type_code: i64,
+        /// The header's connection id.
+        conn_id: ConnId,
+    },
+}
+
+/// A decoded websocket message: the informational message id and the message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    /// The sender's message counter; never checked by receivers.
+    pub message_id: i64,
+    /// The message.
+    pub message: Message,
+}
+
+impl Message {
+    /// The header's type code.
+    pub fn type_code(&self) -> i64 {
+        match self {
+            Self::Data { .. } => MessageType::Data as i64,
+            Self::Connect { .. } => MessageType::Connect as i64,
+            Self::Error { .. } => MessageType::Error as i64,
+            Self::AddClient(_) => MessageType::AddClient as i64,
+            Self::RemoveClient(_) => MessageType::RemoveClient as i64,
+            Self::Pause { .. } => MessageType::Pause as i64,
+            Self::Resume { .. } => MessageType::Resume as i64,
+            Self::SyncConnections { .. } => MessageType::SyncConnections as i64,
+            Self::Unknown { type_code, .. } => *type_code,
+        }
+    }
+
+    /// The header's connection id (0 for session-level messages).
+    pub fn conn_id(&self) -> ConnId {
+        match self {
+            Self::Data { conn_id, .. }
+            | Self::Connect { conn_id, .. }
+            | Self::Error { conn_id, .. }
+            | Self::Pause { conn_id }
+            | Self::Resume { conn_id }
+            | Self::Unknown { conn_id, .. } => *conn_id,
+            Self::AddClient(_) | Self::RemoveClient(_) | Self::SyncConnections { .. } => ConnId(0),
+        }
+    }
+
+    fn payload_len(&self) -> usize {
+        match self {
+            Self::Data { payload, .. } => payload.len(),
+            Self::Connect { target, .. } => target.wire_len(),
+            Self::Error { text, .. } => text.len(),
+            Self::AddClient(c) | Self::RemoveClient(c) => c.client_key.len() + 1 + decimal_len(c.session_key),
+            Self::SyncConnections { ids } => ids.len() * 8,
+            Self::Pause { .. } | Self::Resume { .. } | Self::Unknown { .. } => 0,
+        }
+    }
+
+    /// Exact encoded size with the given message id.
+    pub fn encoded_len(&self, message_id: i64) -> usize {
+        let deadline = match MessageType::from_code(self.type_code()) {
+            Some(t) if t.has_deadline() => varint_len(LEGACY_DEADLINE_MS),
+            _ => 0,
+        };
+        header_len(message_id, self.conn_id(), self.type_code()) + deadline + self.payload_len()
+    }
+
+    /// Appends the Go wire form: varints id, conn id, type, the legacy deadline for Data and
+    /// Connect, then the payload (minimal varints, as Go writes them).
+    pub fn encode(&self, message_id: i64, buf: &mut BytesMut) {
+        buf.reserve(self.encoded_len(message_id));
+        put_varint(buf, message_id);
+        put_varint(buf, self.conn_id().0);
+        put_varint(buf, self.type_code());
+        match self {
+            Self::Data { payload, .. } => {
+                put_varint(buf, LEGACY_DEADLINE_MS);
+                buf.put_slice(payload);
+            }
+            Self::Connect { target, .. } => {
+                put_varint(buf, LEGACY_DEADLINE_MS);
+                buf.put_slice(target.to_string().as_bytes());
+            }
+            Self::Error { text, .. } => buf.put_slice(text.as_bytes()),
+            Self::AddClient(c) | Self::RemoveClient(c) => buf.put_slice(c.to_string().as_bytes()),
+            Self::SyncConnections { ids } => ids.iter().for_each(|id| buf.put_i64_le(*id)),
+            Self::Pause { .. } | Self::Resume { .. } | Self::Unknown { .. } => {}
+        }
+    }
+
+    /// Encodes into a fresh buffer of exactly the right size.
+    pub fn to_bytes(&self, message_id: i64) -> Bytes {
+        let mut buf = BytesMut::with_capacity(self.encoded_len(message_id));
+        self.encode(message_id, &mut buf);
+        buf.freeze()
+    }
+}
+
+/// Size of a Data header (id, conn id, type, deadline) without payload.
+pub fn data_header_len(message_id: i64, conn_id: ConnId) -> usize {
+    header_len(message_id, conn_id, MessageType::Data as i64) + varint_len(LEGACY_DEADLINE_MS)
+}
+
+/// Writes a Data header; the caller appends the payload. Lets a sender build a Data message
+/// in one buffer without first copying the payload into a [`Message`].
+pub fn put_data_header(buf: &mut impl BufMut, message_id: i64, conn_id: ConnId) {
+    put_varint(buf, message_id);
+    put_varint(buf, conn_id.0);
+    put_varint(buf, MessageType::Data as i64);
+    put_varint(buf, LEGACY_DEADLINE_MS);
+}
+
+fn header_len(message_id: i64, conn_id: ConnId, type_code: i64) -> usize {
+    varint_len(message_id) + varint_len(conn_id.0) + varint_len(type_code)
+}
+
+fn decimal_len(v: i64) -> usize {
+    let digits = v.unsigned_abs().checked_ilog10().map_or(1, |d| d as usize + 1);
+    digits + usize::from(v < 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimal_len_counts_digits_and_sign() {
+        for v in [0, 9, 10, 99, 5577006791947779410, -1, -10, i64::MIN, i64::MAX] {
+            assert_eq!(decimal_len(v), v.to_string().len(), "{v}");
+        }
+    }
+
+    #[test]
+    fn protocol_worked_examples() {
+        // PROTOCOL.md 1.7, with small ids.
+        let hex = |m: &Message, id| hex::encode(m.to_bytes(id));
+        let c = ConnId(1);
+        let connect = Message::Connect {
+            conn_id: c,
+            target: Target::new("tcp", "127.0.0.1:8125").expect("valid"),
+        };
+        assert_eq!(hex(&connect, 1), "020204b0ea017463702f3132372e302e302e313a38313235");
+        let data = Message::Data {
+            conn_id: c,
+            payload: Bytes::from_static(b"hello"),
+        };
+        assert_eq!(hex(&data, 2), "040202b0ea0168656c6c6f");
+        let eof = Message::Error {
+            conn_id: c,
+            text: "EOF".into(),
+        };
+        assert_eq!(hex(&eof, 3), "060206454f46");
+        assert_eq!(hex(&Message::Pause { conn_id: c }, 4), "08020c");
+        assert_eq!(hex(&Message::Resume { conn_id: c }, 5), "0a020e");
+        let sync = Message::SyncConnections { ids: vec![2, 3, 7] };
+        assert_eq!(
+            hex(&sync, 6),
+            "0c0010020000000000000003000000000000000700000000000000"
+        );
+        let add = Message::AddClient(ClientSession {
+            client_key: "foo".into(),
+            session_key: 5577006791947779410,
+        });
+        assert_eq!(hex(&add, 7), "0e0008666f6f2f35353737303036373931393437373739343130");
+        for (m, id) in [(&connect, 1), (&data, 2), (&eof, 3), (&sync, 6), (&add, 7)] {
+            assert_eq!(m.to_bytes(id).len(), m.encoded_len(id));
+        }
+    }
+}

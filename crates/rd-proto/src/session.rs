@@ -1,0 +1,788 @@
+//! The sans-IO session: messages and application calls in, messages and events out.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::codec::{decode, DecodeError};
+use crate::config::Config;
+use crate::flow::FlowSignal;
+use crate::message::{data_header_len, put_data_header, ClientSession, ConnId, Message, EOF_TEXT};
+use crate::stream::{Origin, Stream, StreamEnd, Wire};
+use crate::target::Target;
+
+/// Which end of the websocket this session is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// Dialed the websocket: pings, sends SyncConnections, allocates ids from 1.
+    Client,
+    /// Accepted the websocket: answers pings, allocates ids from 2 (as Go's server).
+    Server,
+}
+
+/// Who is on the other end, for `connection not found <clientKey>/<sessionKey>/<id>` texts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The client key (Go's client side says `client`).
+    pub client_key: String,
+    /// The session key (Go's client side says `0`).
+    pub session_key: i64,
+}
+
+impl Identity {
+    /// What a Go client session calls itself.
+    pub fn client() -> Self {
+        Self {
+            client_key: "client".into(),
+            session_key: 0,
+        }
+    }
+}
+
+/// Something the websocket must send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transmit {
+    /// One binary websocket message holding one encoded remotedialer message.
+    Message(Bytes),
+    /// A websocket ping with an empty payload.
+    Ping,
+}
+
+/// A peer broke the protocol, so the session ends.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProtocolError {
+    /// A message that cannot be decoded.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    /// A text websocket frame (Go: `wrong websocket message type`).
+    #[error("wrong websocket message type: text frame")]
+    TextFrame,
+    /// A websocket message above the configured limit.
+    #[error("websocket message of {size} bytes exceeds the limit of {max}")]
+    MessageTooLarge {
+        /// Its size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+}
+
+/// Why a session ended.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SessionEnd {
+    /// This side closed it.
+    #[error("closed locally")]
+    Local,
+    /// The peer closed the websocket.
+    #[error("peer closed the connection")]
+    PeerClosed,
+    /// No ping or pong within the keepalive timeout.
+    #[error("no ping or pong for {0:?}")]
+    KeepaliveTimeout(Duration),
+    /// The peer broke the protocol.
+    #[error("protocol error: {0}")]
+    Protocol(#[from] ProtocolError),
+    /// The transport failed.
+    #[error("transport error: {0}")]
+    Transport(String),
+}
+
+/// Something the application should know about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The peer sent Connect; answer with [`Session::reset`] to refuse, or start using the
+    /// stream. Data that arrives meanwhile is buffered.
+    StreamRequested {
+        /// The new stream.
+        id: ConnId,
+        /// Where the peer wants it dialed.
+        target: Target,
+    },
+    /// A reader that was told [`StreamError::Blocked`] can read now.
+    StreamReadable {
+        /// The stream.
+        id: ConnId,
+    },
+    /// A writer that was told [`StreamError::Blocked`] can write (or flush) now.
+    StreamWritable {
+        /// The stream.
+        id: ConnId,
+    },
+    /// The stream left the wire; readers drain what is buffered, then see `end`.
+    StreamClosed {
+        /// The stream.
+        id: ConnId,
+        /// Why.
+        end: StreamEnd,
+    },
+    /// A peer server announced a client session.
+    ClientAdded(ClientSession),
+    /// A peer server withdrew a client session.
+    ClientRemoved(ClientSession),
+    /// The session ended; this is the last event.
+    SessionClosed(SessionEnd),
+}
+
+/// Why a stream call could not be done.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StreamError {
+    /// Nothing to read, or no room to write, yet: wait for the stream's next event.
+    #[error("would block")]
+    Blocked,
+    /// No such stream (never opened, or released).
+    #[error("unknown stream {0}")]
+    Unknown(ConnId),
+    /// The application already finished writing.
+    #[error("stream already finished")]
+    Finished,
+    /// The stream ended.
+    #[error("{0}")]
+    Closed(StreamEnd),
+}
+
+/// [`Session::open_stream`] failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    /// The session has ended.
+    #[error("session closed: {0}")]
+    SessionClosed(SessionEnd),
+    /// [`Config::max_streams`] streams are live.
+    #[error("too many streams: limit {0}")]
+    TooManyStreams(usize),
+}
+
+/// What a read produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadOutcome {
+    /// Bytes, never empty.
+    Data(Bytes),
+    /// A clean end of stream.
+    Eof,
+}
+
+/// Counters for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SessionStats {
+    /// Streams in the table.
+    pub streams: usize,
+    /// Streams we asked the peer to pause.
+    pub paused_by_us: usize,
+    /// Streams the peer asked us to pause.
+    pub paused_by_peer: usize,
+    /// Received bytes not yet read, all streams.
+    pub receive_buffered: usize,
+    /// Bytes queued to send, all streams.
+    pub send_buffered: usize,
+}
+
+/// A remotedialer session without IO: feed it websocket messages, timer ticks and
+/// application calls; drain [`poll_transmit`](Self::poll_transmit),
+/// [`poll_timeout`](Self::poll_timeout) and [`poll_event`](Self::poll_event) after each.
+#[derive(Debug)]
+pub struct Session {
+    side: Side,
+    config: Config,
+    identity: Identity,
+    next_message_id: i64,
+    next_conn_id: i64,
+    streams: HashMap<ConnId, Stream>,
+    control: VecDeque<Bytes>,
+    ready: VecDeque<ConnId>,
+    events: VecDeque<Event>,
+    ping_due: bool,
+    last_keepalive: Instant,
+    next_ping: Option<Instant>,
+    next_sync: Option<Instant>,
+    receive_buffered: usize,
+    ended: Option<SessionEnd>,
+}
+
+impl Session {
+    /// A new session started at `now`. `first_message_id` seeds the informational message
+    /// counter (Go starts it at a random 63-bit value); `identity` names this session in
+    /// `connection not found` replies.
+    pub fn new(side: Side, config: Config, identity: Identity, now: Instant, first_message_id: i64) -> Self {
+        let is_client = side == Side::Client;
+        Self {
+            side,
+            next_ping: is_client.then(|| now + config.ping_interval),
+            next_sync: if is_client {
+                config.sync_interval.map(|i| now + i)
+            } else {
+                None
+            },
+            next_conn_id: if is_client { 0 } else { 1 },
+            config,
+            identity,
+            next_message_id: first_message_id,
+            streams: HashMap::new(),
+            control: VecDeque::new(),
+            ready: VecDeque::new(),
+            events: VecDeque::new(),
+            ping_due: false,
+            last_keepalive: now,
+            receive_buffered: 0,
+            ended: None,
+        }
+    }
+
+    /// This session's side.
+    pub fn side(&self) -> Side {
+        self.side
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Why the session ended, once it has.
+    pub fn end(&self) -> Option<&SessionEnd> {
+        self.ended.as_ref()
+    }
+
+    /// Counters for metrics.
+    pub fn stats(&self) -> SessionStats {
+        let mut stats = SessionStats {
+            streams: self.streams.len(),
+            receive_buffered: self.receive_buffered,
+            ..SessionStats::default()
+        };
+        for s in self.streams.values() {
+            stats.paused_by_us += usize::from(s.flow.pause_sent());
+            stats.paused_by_peer += usize::from(s.paused_by_peer);
+            stats.send_buffered += s.send_queued;
+        }
+        stats
+    }
+
+    /// The target a stream was opened for.
+    pub fn target(&self, id: ConnId) -> Option<&Target> {
+        self.streams.get(&id).map(|s| &s.target)
+    }
+
+    fn message_id(&mut self) -> i64 {
+        let id = self.next_message_id;
+        self.next_message_id = id.wrapping_add(1);
+        id
+    }
+
+    fn queue_control(&mut self, msg: &Message) {
+        if self.ended.is_some() {
+            return;
+        }
+        let id = self.message_id();
+        self.control.push_back(msg.to_bytes(id));
+    }
+
+    // ----- input: the websocket -----------------------------------------------------------
+
+    /// Handles one binary websocket message. A session-level protocol error ends the
+    /// session (and is returned); a malformed Connect only refuses that connection.
+    pub fn handle_message(&mut self, now: Instant, raw: Bytes) -> Result<(), ProtocolError> {
+        if self.ended.is_some() {
+            return Ok(());
+        }
+        let frame = match decode(raw) {
+            Ok(frame) => frame,
+            Err(err) => {
+                if let Some(conn_id) = err.conn_id() {
+                    tracing::debug!(%conn_id, error = %err, "refusing malformed connect");
+                    self.queue_control(&Message::Error {
+                        conn_id,
+                        text: err.to_string(),
+                    });
+                    return Ok(());
+                }
+                let err = ProtocolError::Decode(err);
+                self.close(SessionEnd::Protocol(err.clone()));
+                return Err(err);
+            }
+        };
+        tracing::trace!(target: "rd_proto::wire", message_id = frame.message_id, message = ?frame.message, "received");
+        match frame.message {
+            Message::Data { conn_id, payload } => self.on_data(conn_id, payload),
+            Message::Connect { conn_id, target } => self.on_connect(now, conn_id, target),
+            Message::Error { conn_id, text } => self.on_error(conn_id, text),
+            Message::AddClient(c) => {
+                if self.side == Side::Server {
+                    self.events.push_back(Event::ClientAdded(c));
+                }
+            }
+            Message::RemoveClient(c) => {
+                if self.side == Side::Server {
+                    self.events.push_back(Event::ClientRemoved(c));
+                }
+            }
+            Message::Pause { conn_id } => {
+                if let Some(s) = self.streams.get_mut(&conn_id).filter(|s| s.receiving()) {
+                    s.paused_by_peer = true;
+                }
+            }
+            Message::Resume { conn_id } => self.on_resume(conn_id),
+            Message::SyncConnections { ids } => self.on_sync(now, &ids),
+            Message::Unknown { type_code, conn_id } => {
+                tracing::debug!(type_code, %conn_id, "ignoring message of unknown type");
+            }
+        }
+        Ok(())
+    }
+
+    /// A websocket ping or pong arrived: the peer is alive.
+    pub fn handle_keepalive(&mut self, now: Instant) {
+        self.last_keepalive = now;
+    }
+
+    fn on_data(&mut self, conn_id: ConnId, payload: Bytes) {
+        let n = payload.len();
+        let config = &self.config;
+        let Some(s) = self.streams.get_mut(&conn_id).filter(|s| s.receiving()) else {
+            let text = format!(
+                "connection not found {}/{}/{}",
+                self.identity.client_key, self.identity.session_key, conn_id
+            );
+            self.queue_control(&Message::Error { conn_id, text });
+            return;
+        };
+        if s.released {
+            // Nobody will read it; the stream is only waiting for its EOF to go out.
+            return;
+        }
+        if self.receive_buffered + n > config.session_receive_cap {
+            let text = format!(
+                "session receive buffer of {} bytes exceeded",
+                config.session_receive_cap
+            );
+            self.reset(conn_id, &text).ok();
+            return;
+        }
+        match s.flow.on_data(n, config) {
+            Err(overflow) => {
+                let text = format!(
+                    "receive buffer limit of {} bytes exceeded: the peer ignored Pause",
+                    overflow.cap
+                );
+                self.reset(conn_id, &text).ok();
+            }
+            Ok(signal) => {
+                self.receive_buffered += n;
+                if n > 0 {
+                    s.recv.push_back(payload);
+                }
+                if std::mem::take(&mut s.reader_waiting) {
+                    self.events.push_back(Event::StreamReadable { id: conn_id });
+                }
+                if signal == Some(FlowSignal::Pause) {
+                    self.queue_control(&Message::Pause { conn_id });
+                }
+            }
+        }
+    }
+
+    fn on_connect(&mut self, now: Instant, conn_id: ConnId, target: Target) {
+        if self.streams.get(&conn_id).is_some_and(|s| s.receiving()) {
+            // Go would silently replace the live connection; refusing keeps both ends sane.
+            self.reset(conn_id, "connection id already in use").ok();
+            return;
+        }
+        if self.streams.len() >= self.config.max_streams {
+            let text = format!("too many connections: limit {}", self.config.max_streams);
+            self.queue_control(&Message::Error { conn_id, text });
+            return;
+        }
+        self.streams.insert(conn_id, Stream::new(target.clone(), Origin::Remote, now));
+        self.events.push_back(Event::StreamRequested { id: conn_id, target });
+    }
+
+    fn on_error(&mut self, conn_id: ConnId, text: String) {
+        let Some(s) = self.streams.get(&conn_id).filter(|s| s.receiving()) else {
+            return;
+        };
+        let end = if text == EOF_TEXT {
+            StreamEnd::Finished
+        } else {
+            StreamEnd::PeerError(text.clone())
+        };
+        // Go's close path always writes an Error back; Go peers ignore it as an unknown id.
+        if s.wire != Wire::FinSent {
+            self.queue_control(&Message::Error { conn_id, text });
+        }
+        self.leave_wire(conn_id, end);
+    }
+
+    fn on_resume(&mut self, conn_id: ConnId) {
+        let Some(s) = self.streams.get_mut(&conn_id).filter(|s| s.receiving()) else {
+            return;
+        };
+        s.paused_by_peer = false;
+        if s.has_output() && !s.scheduled {
+            s.scheduled = true;
+            self.ready.push_back(conn_id);
+        }
+    }
+
+    fn on_sync(&mut self, now: Instant, ids: &[i64]) {
+        let listed: HashSet<i64> = ids.iter().copied().collect();
+        let grace = self.config.sync_interval.unwrap_or(Duration::from_secs(60));
+        let stale: Vec<ConnId> = self
+            .streams
+            .iter()
+            .filter(|(id, s)| {
+                s.receiving()
+                    && !listed.contains(&id.0)
+                    // A Connect still in flight when the peer took its snapshot is not listed
+                    // yet (rancher/rancher#54512); only streams older than a sync interval count.
+                    && !(s.origin == Origin::Local && now.saturating_duration_since(s.opened_at) < grace)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in stale {
+            tracing::debug!(conn_id = %id, "closing stream the peer no longer lists");
+            self.leave_wire(id, StreamEnd::Synced);
+        }
+    }
+
+    /// Takes a stream off the wire with `end`, drops what it had queued to send and tells
+    /// the application. Sends nothing.
+    fn leave_wire(&mut self, id: ConnId, end: StreamEnd) {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        s.wire = Wire::Gone;
+        s.send.clear();
+        s.send_queued = 0;
+        s.end.get_or_insert(end.clone());
+        s.reader_waiting = false;
+        s.writer_waiting = false;
+        if s.released {
+            self.remove(id);
+        }
+        self.events.push_back(Event::StreamClosed { id, end });
+    }
+
+    fn remove(&mut self, id: ConnId) {
+        if let Some(s) = self.streams.remove(&id) {
+            self.receive_buffered -= s.flow.buffered();
+        }
+    }
+
+    // ----- input: timers ------------------------------------------------------------------
+
+    /// Runs due timers: keepalive deadline, ping and SyncConnections. Spurious calls are fine.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.ended.is_some() {
+            return;
+        }
+        if now.saturating_duration_since(self.last_keepalive) >= self.config.keepalive_timeout {
+            self.close(SessionEnd::KeepaliveTimeout(self.config.keepalive_timeout));
+            return;
+        }
+        if let Some(at) = self.next_ping.filter(|at| now >= *at) {
+            self.ping_due = true;
+            self.next_ping = Some(next_after(at, self.config.ping_interval, now));
+        }
+        if let (Some(at), Some(interval)) = (self.next_sync, self.config.sync_interval) {
+            if now >= at {
+                let ids = self.live_ids();
+                self.queue_control(&Message::SyncConnections { ids });
+                self.next_sync = Some(next_after(at, interval, now));
+            }
+        }
+    }
+
+    /// The ids the peer should still know, ascending as signed integers.
+    pub fn live_ids(&self) -> Vec<i64> {
+        let mut ids: Vec<i64> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| matches!(s.wire, Wire::Open | Wire::FinQueued))
+            .map(|(id, _)| id.0)
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) should next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.ended.is_some() {
+            return None;
+        }
+        [
+            Some(self.last_keepalive + self.config.keepalive_timeout),
+            self.next_ping,
+            self.next_sync,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    // ----- output ---------------------------------------------------------------------------
+
+    /// The next thing to send: pings, then control messages (Connect, Error, Pause, Resume,
+    /// sync, announcements), then Data one message per stream in turn.
+    #[must_use]
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        if self.ended.is_some() && self.control.is_empty() {
+            return None;
+        }
+        if std::mem::take(&mut self.ping_due) {
+            return Some(Transmit::Ping);
+        }
+        if let Some(msg) = self.control.pop_front() {
+            return Some(Transmit::Message(msg));
+        }
+        while let Some(id) = self.ready.pop_front() {
+            if let Some(msg) = self.next_data(id) {
+                return Some(Transmit::Message(msg));
+            }
+        }
+        None
+    }
+
+    fn next_data(&mut self, id: ConnId) -> Option<Bytes> {
+        let s = self.streams.get_mut(&id)?;
+        s.scheduled = false;
+        if !s.has_output() {
+            return None;
+        }
+        let msg = if let Some((msg, len)) = s.send.pop_front() {
+            s.send_queued -= len;
+            if s.writer_waiting && s.send_queued < self.config.stream_send_buffer {
+                s.writer_waiting = false;
+                self.events.push_back(Event::StreamWritable { id });
+            }
+            msg
+        } else {
+            // Only the EOF is left: it goes after all of the stream's Data.
+            s.wire = Wire::FinSent;
+            let done = s.is_done();
+            if done {
+                self.remove(id);
+            }
+            let message_id = self.message_id();
+            return Some(
+                Message::Error {
+                    conn_id: id,
+                    text: EOF_TEXT.into(),
+                }
+                .to_bytes(message_id),
+            );
+        };
+        if s.has_output() {
+            s.scheduled = true;
+            self.ready.push_back(id);
+        }
+        Some(msg)
+    }
+
+    /// The next event for the application.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    // ----- input: the application -------------------------------------------------------
+
+    /// Opens a stream to `target`: allocates an id and queues Connect. There is no
+    /// acknowledgement in the protocol; a failed remote dial arrives later as the stream's end.
+    pub fn open_stream(&mut self, now: Instant, target: Target) -> Result<ConnId, OpenError> {
+        if let Some(end) = &self.ended {
+            return Err(OpenError::SessionClosed(end.clone()));
+        }
+        if self.streams.len() >= self.config.max_streams {
+            return Err(OpenError::TooManyStreams(self.config.max_streams));
+        }
+        let id = loop {
+            self.next_conn_id = self.next_conn_id.checked_add(1).unwrap_or(1);
+            let id = ConnId(self.next_conn_id);
+            if !self.streams.contains_key(&id) {
+                break id;
+            }
+        };
+        self.queue_control(&Message::Connect {
+            conn_id: id,
+            target: target.clone(),
+        });
+        self.streams.insert(id, Stream::new(target, Origin::Local, now));
+        Ok(id)
+    }
+
+    /// Queues `data` (or as much as fits in the stream's send buffer) and returns how many
+    /// bytes were taken. [`StreamError::Blocked`] means the buffer is full.
+    pub fn write(&mut self, id: ConnId, data: &[u8]) -> Result<usize, StreamError> {
+        let max_payload = self.config.max_data_payload;
+        let room = self.config.stream_send_buffer;
+        let s = self.streams.get_mut(&id).ok_or(StreamError::Unknown(id))?;
+        match (s.wire, &s.end) {
+            (Wire::Open, _) => {}
+            (_, Some(end)) => return Err(StreamError::Closed(end.clone())),
+            (_, None) => return Err(StreamError::Finished),
+        }
+        let room = room.saturating_sub(s.send_queued);
+        if room == 0 {
+            s.writer_waiting = true;
+            return Err(StreamError::Blocked);
+        }
+        let taken = &data[..data.len().min(room)];
+        for chunk in taken.chunks(max_payload.max(1)) {
+            let message_id = self.next_message_id;
+            self.next_message_id = message_id.wrapping_add(1);
+            let mut buf = BytesMut::with_capacity(data_header_len(message_id, id) + chunk.len());
+            put_data_header(&mut buf, message_id, id);
+            buf.put_slice(chunk);
+            s.send.push_back((buf.freeze(), chunk.len()));
+        }
+        s.send_queued += taken.len();
+        if s.has_output() && !s.scheduled {
+            s.scheduled = true;
+            self.ready.push_back(id);
+        }
+        Ok(taken.len())
+    }
+
+    /// Whether everything written to the stream has been handed to the websocket.
+    /// [`StreamError::Blocked`] means not yet; wait for [`Event::StreamWritable`].
+    pub fn flush(&mut self, id: ConnId) -> Result<(), StreamError> {
+        let s = self.streams.get_mut(&id).ok_or(StreamError::Unknown(id))?;
+        if s.send_queued == 0 || s.wire == Wire::Gone {
+            return Ok(());
+        }
+        s.writer_waiting = true;
+        Err(StreamError::Blocked)
+    }
+
+    /// Takes up to `max` buffered bytes. After the buffer is drained: [`ReadOutcome::Eof`]
+    /// for a clean end, [`StreamError::Closed`] for any other end, else
+    /// [`StreamError::Blocked`].
+    pub fn read(&mut self, id: ConnId, max: usize) -> Result<ReadOutcome, StreamError> {
+        let s = self.streams.get_mut(&id).ok_or(StreamError::Unknown(id))?;
+        let Some(front) = s.recv.front_mut() else {
+            return match &s.end {
+                Some(StreamEnd::Finished) => Ok(ReadOutcome::Eof),
+                Some(end) => Err(StreamError::Closed(end.clone())),
+                None => {
+                    s.reader_waiting = true;
+                    Err(StreamError::Blocked)
+                }
+            };
+        };
+        let chunk = if front.len() <= max {
+            s.recv.pop_front().unwrap_or_default()
+        } else {
+            front.split_to(max)
+        };
+        let n = chunk.len();
+        self.receive_buffered -= n;
+        if s.flow.on_consumed(n, &self.config) == Some(FlowSignal::Resume) && s.receiving() {
+            self.queue_control(&Message::Resume { conn_id: id });
+        }
+        Ok(ReadOutcome::Data(chunk))
+    }
+
+    /// Ends the application's writing: Error `EOF` goes out after the queued Data. Reading
+    /// goes on until the peer's Error arrives (the protocol has no half-close, so the peer
+    /// closes its side on our EOF).
+    pub fn finish(&mut self, id: ConnId) -> Result<(), StreamError> {
+        let s = self.streams.get_mut(&id).ok_or(StreamError::Unknown(id))?;
+        if s.wire != Wire::Open {
+            return Ok(());
+        }
+        s.wire = Wire::FinQueued;
+        if s.has_output() && !s.scheduled {
+            s.scheduled = true;
+            self.ready.push_back(id);
+        }
+        Ok(())
+    }
+
+    /// Closes the stream now with `reason`, sent to the peer as its Error text; queued Data is
+    /// dropped. Also how an incoming stream is refused.
+    pub fn reset(&mut self, id: ConnId, reason: &str) -> Result<(), StreamError> {
+        let s = self.streams.get_mut(&id).ok_or(StreamError::Unknown(id))?;
+        if s.wire == Wire::Gone {
+            return Ok(());
+        }
+        let already_sent_eof = s.wire == Wire::FinSent;
+        let buffered = s.flow.buffered();
+        s.recv.clear();
+        s.flow = Default::default();
+        self.receive_buffered -= buffered;
+        if !already_sent_eof {
+            self.queue_control(&Message::Error {
+                conn_id: id,
+                text: reason.to_owned(),
+            });
+        }
+        self.leave_wire(id, StreamEnd::Reset(reason.to_owned()));
+        Ok(())
+    }
+
+    /// The application dropped its handle: finish the stream if it is still open and forget
+    /// it once nothing is left to send.
+    pub fn release(&mut self, id: ConnId) {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        s.released = true;
+        let buffered = s.flow.buffered();
+        s.recv.clear();
+        s.flow = Default::default();
+        self.receive_buffered -= buffered;
+        if s.wire == Wire::Open {
+            self.finish(id).ok();
+        } else if s.is_done() {
+            self.remove(id);
+        }
+    }
+
+    /// Queues an AddClient (`added`) or RemoveClient announcement, for peer links.
+    pub fn announce(&mut self, client: ClientSession, added: bool) {
+        let msg = if added {
+            Message::AddClient(client)
+        } else {
+            Message::RemoveClient(client)
+        };
+        self.queue_control(&msg);
+    }
+
+    /// Ends the session: every stream ends with `tunnel disconnect`. When `end` is
+    /// [`SessionEnd::Local`] an Error for each live stream is queued first, so a peer still
+    /// listening can clean up at once.
+    pub fn close(&mut self, end: SessionEnd) {
+        if self.ended.is_some() {
+            return;
+        }
+        let ids: Vec<ConnId> = self.streams.keys().copied().collect();
+        for id in ids {
+            let notify_peer = end == SessionEnd::Local
+                && self.streams.get(&id).is_some_and(|s| matches!(s.wire, Wire::Open | Wire::FinQueued));
+            if notify_peer {
+                self.queue_control(&Message::Error {
+                    conn_id: id,
+                    text: StreamEnd::Disconnected.to_string(),
+                });
+            }
+            if self.streams.get(&id).is_some_and(|s| s.wire != Wire::Gone) {
+                self.leave_wire(id, StreamEnd::Disconnected);
+            }
+        }
+        self.ready.clear();
+        self.ping_due = false;
+        self.ended = Some(end.clone());
+        self.events.push_back(Event::SessionClosed(end));
+    }
+}
+
+fn next_after(at: Instant, interval: Duration, now: Instant) -> Instant {
+    let next = at + interval;
+    if next > now {
+        next
+    } else {
+        now + interval
+    }
+}
