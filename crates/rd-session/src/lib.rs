@@ -1,1 +1,70 @@
-//! stub, filled by its issue
+//! rd-session: a Rancher remotedialer session on tokio.
+//!
+//! A [`SessionBuilder`] turns an established websocket (tokio-tungstenite) into a running
+//! session: one driver task owns the socket and feeds the sans-IO [`rd_proto::Session`];
+//! [`SessionHandle::dial`] opens [`TunnelStream`]s (`AsyncRead + AsyncWrite`) through the
+//! peer; Connects from the peer go to a [`ConnectHandler`] whose local connection the session
+//! pipes to the stream. Keepalive pings, SyncConnections, Pause/Resume and teardown follow
+//! the Go implementation. See `docs/architecture.md` for the task and buffer layout.
+//!
+//! ```
+//! use rd_session::{BoxedIo, ConnectRefused, SessionBuilder};
+//! use tokio::io::{AsyncReadExt, AsyncWriteExt};
+//! use tokio_tungstenite::{tungstenite::protocol::Role, WebSocketStream};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! // Two ends of an in-memory websocket.
+//! let (a, b) = tokio::io::duplex(64 * 1024);
+//! let server_ws = WebSocketStream::from_raw_socket(a, Role::Server, None).await;
+//! let client_ws = WebSocketStream::from_raw_socket(b, Role::Client, None).await;
+//!
+//! // The client serves every Connect with an in-memory echo service.
+//! let _client = SessionBuilder::client()
+//!     .connect_handler(|_target| async {
+//!         let (service, io) = tokio::io::duplex(1024);
+//!         tokio::spawn(async move {
+//!             let (mut r, mut w) = tokio::io::split(service);
+//!             tokio::io::copy(&mut r, &mut w).await.ok();
+//!         });
+//!         Ok::<BoxedIo, ConnectRefused>(Box::new(io))
+//!     })
+//!     .spawn(client_ws);
+//! let server = SessionBuilder::server("foo", 1).spawn(server_ws);
+//!
+//! let mut stream = server.dial_addr("tcp", "127.0.0.1:7").unwrap();
+//! stream.write_all(b"ping").await.unwrap();
+//! let mut buf = [0; 4];
+//! stream.read_exact(&mut buf).await.unwrap();
+//! assert_eq!(&buf, b"ping");
+//! # }
+//! ```
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod backoff;
+mod driver;
+mod error;
+mod handle;
+mod incoming;
+mod shared;
+mod stream;
+
+pub use backoff::Backoff;
+pub use driver::{AnnouncementFn, SessionDriver};
+pub use error::{DialError, StreamClosed};
+pub use handle::{SessionBuilder, SessionHandle};
+pub use incoming::{pipe, BoxFuture, BoxedIo, ConnectHandler, ConnectRefused, LocalIo, RefuseAll};
+pub use stream::TunnelStream;
+
+/// A tungstenite config for tunnel websockets: no message larger than `max_message_size`
+/// (Go sets no limit; a Go peer's Data messages are at most its write size, 32 KiB for
+/// `io.Copy`), and frames up to the same size so Go's unfragmented server frames fit.
+pub fn websocket_config(max_message_size: usize) -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(max_message_size))
+        .max_frame_size(Some(max_message_size))
+}
+
+/// Default websocket message size limit: 64 MiB, tungstenite's default.
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 64 << 20;

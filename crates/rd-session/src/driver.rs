@@ -1,0 +1,315 @@
+//! The task that owns the websocket and moves bytes between it and the state machine.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{Sink, Stream};
+use rd_proto::{ClientSession, Event, ProtocolError, SessionEnd, Transmit};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::{Instant, Sleep};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::incoming::{self, ConnectHandler};
+use crate::shared::Shared;
+use crate::stream::TunnelStream;
+
+/// Messages read per poll before the driver gives other work a turn.
+const READ_BUDGET: usize = 64;
+/// Messages written per poll before flushing and giving other work a turn.
+const WRITE_BUDGET: usize = 256;
+/// How long a locally closed session may spend flushing its last messages.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// Receives AddClient/RemoveClient announcements (`true` = added) from a peer server.
+pub type AnnouncementFn = Arc<dyn Fn(ClientSession, bool) + Send + Sync>;
+
+/// Drives one session: await it (or spawn it) and it runs until the session ends,
+/// returning why. Built by [`SessionBuilder::start`](crate::SessionBuilder::start).
+pub struct SessionDriver<S> {
+    ws: WebSocketStream<S>,
+    shared: Arc<Shared>,
+    handler: Option<Arc<dyn ConnectHandler>>,
+    on_announcement: Option<AnnouncementFn>,
+    cancel: CancellationToken,
+    timer: Pin<Box<Sleep>>,
+    timer_at: Option<std::time::Instant>,
+    close_deadline: Option<Pin<Box<Sleep>>>,
+    needs_flush: bool,
+    events: Vec<Event>,
+}
+
+impl<S> fmt::Debug for SessionDriver<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionDriver").field("session_key", &self.shared.session_key).finish()
+    }
+}
+
+pub(crate) fn now() -> std::time::Instant {
+    // tokio's clock, so tests can pause and advance time.
+    Instant::now().into_std()
+}
+
+impl<S> SessionDriver<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    pub(crate) fn new(
+        ws: WebSocketStream<S>,
+        shared: Arc<Shared>,
+        handler: Option<Arc<dyn ConnectHandler>>,
+        on_announcement: Option<AnnouncementFn>,
+        cancel: CancellationToken,
+    ) -> Self {
+        Self {
+            ws,
+            shared,
+            handler,
+            on_announcement,
+            cancel,
+            timer: Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
+            timer_at: None,
+            close_deadline: None,
+            needs_flush: false,
+            events: Vec::new(),
+        }
+    }
+
+    fn end(&mut self, end: SessionEnd) {
+        let mut inner = self.shared.lock();
+        inner.proto.close(end);
+    }
+
+    fn on_ws_message(&mut self, msg: WsMessage) {
+        let now = now();
+        let mut inner = self.shared.lock();
+        match msg {
+            WsMessage::Binary(bytes) => {
+                if let Err(e) = inner.proto.handle_message(now, bytes) {
+                    tracing::debug!(error = %e, "peer broke the protocol");
+                }
+            }
+            WsMessage::Ping(_) | WsMessage::Pong(_) => inner.proto.handle_keepalive(now),
+            WsMessage::Text(_) => inner.proto.close(SessionEnd::Protocol(ProtocolError::TextFrame)),
+            WsMessage::Close(_) => inner.proto.close(SessionEnd::PeerClosed),
+            WsMessage::Frame(_) => {}
+        }
+    }
+
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut progress = false;
+        for _ in 0..READ_BUDGET {
+            match Pin::new(&mut self.ws).poll_next(cx) {
+                Poll::Ready(Some(Ok(msg))) => {
+                    progress = true;
+                    self.on_ws_message(msg);
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    self.end(SessionEnd::Transport(e.to_string()));
+                    return true;
+                }
+                Poll::Ready(None) => {
+                    self.end(SessionEnd::PeerClosed);
+                    return true;
+                }
+                Poll::Pending => break,
+            }
+        }
+        progress
+    }
+
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut progress = false;
+        for _ in 0..WRITE_BUDGET {
+            match Pin::new(&mut self.ws).poll_ready(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => {
+                    self.end(SessionEnd::Transport(e.to_string()));
+                    return true;
+                }
+                Poll::Pending => break,
+            }
+            let transmit = self.shared.lock().proto.poll_transmit();
+            let msg = match transmit {
+                None => break,
+                Some(Transmit::Message(bytes)) => {
+                    tracing::trace!(target: "rd_proto::wire", len = bytes.len(), "sending");
+                    WsMessage::Binary(bytes)
+                }
+                Some(Transmit::Ping) => WsMessage::Ping(Bytes::new()),
+            };
+            progress = true;
+            self.needs_flush = true;
+            if let Err(e) = Pin::new(&mut self.ws).start_send(msg) {
+                self.end(SessionEnd::Transport(e.to_string()));
+                return true;
+            }
+        }
+        if self.needs_flush {
+            match Pin::new(&mut self.ws).poll_flush(cx) {
+                Poll::Ready(Ok(())) => self.needs_flush = false,
+                Poll::Ready(Err(e)) => {
+                    self.needs_flush = false;
+                    self.end(SessionEnd::Transport(e.to_string()));
+                    return true;
+                }
+                Poll::Pending => {}
+            }
+        }
+        progress
+    }
+
+    fn dispatch_events(&mut self) {
+        {
+            let mut inner = self.shared.lock();
+            while let Some(event) = inner.proto.poll_event() {
+                match event {
+                    Event::StreamReadable { id } => inner.wake_stream(id, true, false),
+                    Event::StreamWritable { id } => inner.wake_stream(id, false, true),
+                    Event::StreamClosed { id, ref end } => {
+                        tracing::debug!(conn_id = %id, %end, "stream closed");
+                        inner.wake_stream(id, true, true);
+                    }
+                    other => self.events.push(other),
+                }
+            }
+        }
+        for event in std::mem::take(&mut self.events) {
+            match event {
+                Event::StreamRequested { id, target } => {
+                    let stream = TunnelStream::new(self.shared.clone(), id, target);
+                    match &self.handler {
+                        Some(handler) => {
+                            tokio::spawn(incoming::serve(handler.clone(), stream, self.cancel.clone()));
+                        }
+                        None => stream.reset("connect not allowed"),
+                    }
+                }
+                Event::ClientAdded(c) => {
+                    if let Some(f) = &self.on_announcement {
+                        f(c, true);
+                    }
+                }
+                Event::ClientRemoved(c) => {
+                    if let Some(f) = &self.on_announcement {
+                        f(c, false);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Runs due timers and arms the sleep for the next one. True if it fired.
+    fn poll_timer(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut inner = self.shared.lock();
+        let at = inner.proto.poll_timeout();
+        if at.is_some_and(|at| at <= now()) {
+            inner.proto.handle_timeout(now());
+            return true;
+        }
+        drop(inner);
+        if at != self.timer_at {
+            self.timer_at = at;
+            let deadline = at.map_or_else(|| Instant::now() + Duration::from_secs(3600), Instant::from_std);
+            self.timer.as_mut().reset(deadline);
+        }
+        self.timer.as_mut().poll(cx).is_ready()
+    }
+
+    /// After the state machine ended: flush what it still queued (a local close tells the
+    /// peer about every stream) and close the websocket, within [`CLOSE_GRACE`].
+    fn poll_closing(&mut self, cx: &mut Context<'_>, end: &SessionEnd) -> Poll<()> {
+        if *end != SessionEnd::Local {
+            // The transport is gone or the peer misbehaved: nothing more to say.
+            return Poll::Ready(());
+        }
+        let deadline = self
+            .close_deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(CLOSE_GRACE)));
+        if deadline.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        self.poll_write(cx);
+        if self.needs_flush {
+            return Poll::Pending;
+        }
+        match Pin::new(&mut self.ws).poll_close(cx) {
+            Poll::Ready(_) => Poll::Ready(()),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<S> Future for SessionDriver<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Output = SessionEnd;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<SessionEnd> {
+        let this = self.get_mut();
+        {
+            let mut inner = this.shared.lock();
+            match &inner.driver {
+                Some(w) if w.will_wake(cx.waker()) => {}
+                _ => inner.driver = Some(cx.waker().clone()),
+            }
+        }
+        for _ in 0..16 {
+            let ended = this.shared.lock().proto.end().cloned();
+            if let Some(end) = ended {
+                this.dispatch_events();
+                if this.poll_closing(cx, &end).is_pending() {
+                    return Poll::Pending;
+                }
+                this.cancel.cancel();
+                this.shared.ended.send_replace(Some(end.clone()));
+                tracing::debug!(reason = %end, "session ended");
+                return Poll::Ready(end);
+            }
+            let mut progress = this.poll_read(cx);
+            progress |= this.poll_timer(cx);
+            this.dispatch_events();
+            progress |= this.poll_write(cx);
+            this.dispatch_events();
+            if !progress {
+                return Poll::Pending;
+            }
+        }
+        // Busy: yield to other tasks and come back.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+impl<S> Drop for SessionDriver<S> {
+    fn drop(&mut self) {
+        // A driver dropped without finishing (its task aborted) still ends every stream.
+        let mut inner = self.shared.lock();
+        inner.driver = None;
+        if inner.proto.end().is_none() {
+            inner.proto.close(SessionEnd::Local);
+        }
+        let ids: Vec<_> = inner.streams.keys().copied().collect();
+        for id in ids {
+            inner.wake_stream(id, true, true);
+        }
+        drop(inner);
+        self.cancel.cancel();
+        self.shared.ended.send_if_modified(|v| {
+            if v.is_none() {
+                *v = Some(SessionEnd::Local);
+                true
+            } else {
+                false
+            }
+        });
+    }
+}

@@ -1,0 +1,102 @@
+//! Errors of the runtime layer and their `io::Error` forms.
+
+use std::io;
+
+use rd_proto::{OpenError, SessionEnd, StreamEnd, TargetError};
+
+/// A stream ended other than cleanly; carried inside the `io::Error`s a
+/// [`TunnelStream`](crate::TunnelStream) returns (use `get_ref().downcast_ref()`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{end}")]
+pub struct StreamClosed {
+    /// How the stream ended.
+    pub end: StreamEnd,
+}
+
+impl StreamClosed {
+    /// The `io::ErrorKind` for an end: refused dials and timeouts keep their meaning so
+    /// callers (hyper, retries) can act on them.
+    pub fn kind(&self) -> io::ErrorKind {
+        match &self.end {
+            StreamEnd::PeerError(text) => kind_of_text(text),
+            StreamEnd::Finished => io::ErrorKind::BrokenPipe,
+            _ => io::ErrorKind::ConnectionReset,
+        }
+    }
+}
+
+fn kind_of_text(text: &str) -> io::ErrorKind {
+    if text.contains("connection refused") {
+        io::ErrorKind::ConnectionRefused
+    } else if text.contains("timeout") || text.contains("timed out") || text.contains("deadline exceeded") {
+        io::ErrorKind::TimedOut
+    } else {
+        io::ErrorKind::ConnectionReset
+    }
+}
+
+impl From<StreamClosed> for io::Error {
+    fn from(e: StreamClosed) -> Self {
+        io::Error::new(e.kind(), e)
+    }
+}
+
+/// [`SessionHandle::dial`](crate::SessionHandle::dial) failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DialError {
+    /// The session has ended.
+    #[error("tunnel disconnect: {0}")]
+    SessionClosed(SessionEnd),
+    /// The session has as many streams as it allows.
+    #[error("too many streams on this session: limit {0}")]
+    TooManyStreams(usize),
+    /// The target cannot be encoded.
+    #[error(transparent)]
+    InvalidTarget(#[from] TargetError),
+}
+
+impl From<OpenError> for DialError {
+    fn from(e: OpenError) -> Self {
+        match e {
+            OpenError::TooManyStreams(n) => Self::TooManyStreams(n),
+            OpenError::SessionClosed(end) => Self::SessionClosed(end),
+            // OpenError is non_exhaustive; anything new means the session cannot dial.
+            _ => Self::SessionClosed(SessionEnd::Local),
+        }
+    }
+}
+
+impl From<DialError> for io::Error {
+    fn from(e: DialError) -> Self {
+        let kind = match e {
+            DialError::InvalidTarget(_) => io::ErrorKind::InvalidInput,
+            _ => io::ErrorKind::NotConnected,
+        };
+        io::Error::new(kind, e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_follow_the_peer_text() {
+        let k = |text: &str| {
+            StreamClosed {
+                end: StreamEnd::PeerError(text.into()),
+            }
+            .kind()
+        };
+        assert_eq!(k("dial tcp 127.0.0.1:9: connect: connection refused"), io::ErrorKind::ConnectionRefused);
+        assert_eq!(k("dial tcp 10.0.0.1:80: i/o timeout"), io::ErrorKind::TimedOut);
+        assert_eq!(k("context deadline exceeded"), io::ErrorKind::TimedOut);
+        assert_eq!(k("boom"), io::ErrorKind::ConnectionReset);
+        let gone = io::Error::from(StreamClosed {
+            end: StreamEnd::Disconnected,
+        });
+        assert_eq!(gone.to_string(), "tunnel disconnect");
+        assert_eq!(gone.kind(), io::ErrorKind::ConnectionReset);
+    }
+}

@@ -1,0 +1,230 @@
+//! [`SessionHandle`] and [`SessionBuilder`]: how the rest of a program uses a session.
+
+use std::fmt;
+use std::sync::Arc;
+
+use rd_proto::{ClientSession, Config, Identity, Session, SessionEnd, SessionStats, Side, Target};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::driver::{now, AnnouncementFn, SessionDriver};
+use crate::error::DialError;
+use crate::incoming::ConnectHandler;
+use crate::shared::Shared;
+use crate::stream::TunnelStream;
+
+/// A cloneable handle to a running session.
+#[derive(Clone)]
+pub struct SessionHandle {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for SessionHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionHandle")
+            .field("client_key", &self.shared.client_key)
+            .field("session_key", &self.shared.session_key)
+            .finish()
+    }
+}
+
+impl SessionHandle {
+    /// Opens a stream to `target` through the peer. Like Go's `Session.Dial` it returns at
+    /// once: the protocol has no acknowledgement, so a refused remote dial shows up as the
+    /// stream's first read error (with the peer's text, e.g. `connection refused`).
+    pub fn dial(&self, target: Target) -> Result<TunnelStream, DialError> {
+        let mut inner = self.shared.lock();
+        let id = inner.proto.open_stream(now(), target.clone())?;
+        inner.wake_driver();
+        drop(inner);
+        Ok(TunnelStream::new(self.shared.clone(), id, target))
+    }
+
+    /// Convenience for [`dial`](Self::dial) with Go's `(network, address)` pair.
+    pub fn dial_addr(&self, proto: &str, address: &str) -> Result<TunnelStream, DialError> {
+        self.dial(Target::new(proto, address)?)
+    }
+
+    /// Queues an AddClient (`added`) or RemoveClient for the peer; used on peer links.
+    pub fn announce(&self, client: ClientSession, added: bool) {
+        let mut inner = self.shared.lock();
+        inner.proto.announce(client, added);
+        inner.wake_driver();
+    }
+
+    /// Closes the session: streams end with `tunnel disconnect` and the peer is told.
+    pub fn close(&self) {
+        let mut inner = self.shared.lock();
+        inner.proto.close(SessionEnd::Local);
+        inner.wake_driver();
+    }
+
+    /// Waits until the session has ended and says why.
+    pub async fn closed(&self) -> SessionEnd {
+        let mut rx = self.shared.ended.subscribe();
+        let end = match rx.wait_for(Option::is_some).await {
+            Ok(end) => end.clone(),
+            Err(_) => None,
+        };
+        end.unwrap_or(SessionEnd::Local)
+    }
+
+    /// Why the session ended, if it has.
+    pub fn end(&self) -> Option<SessionEnd> {
+        self.shared.lock().proto.end().cloned()
+    }
+
+    /// Whether the session has ended.
+    pub fn is_closed(&self) -> bool {
+        self.end().is_some()
+    }
+
+    /// Stream and buffer counters, for metrics.
+    pub fn stats(&self) -> SessionStats {
+        self.shared.lock().proto.stats()
+    }
+
+    /// The client key this session was registered under.
+    pub fn client_key(&self) -> &str {
+        &self.shared.client_key
+    }
+
+    /// The session key (a random non-negative 63-bit number on servers, 0 on clients).
+    pub fn session_key(&self) -> i64 {
+        self.shared.session_key
+    }
+
+    /// Whether two handles are the same session.
+    pub fn same_session(&self, other: &SessionHandle) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+}
+
+/// Builds a session over an established websocket.
+///
+/// ```no_run
+/// # async fn example(ws: tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>) {
+/// use rd_session::SessionBuilder;
+/// use tokio::io::{AsyncReadExt, AsyncWriteExt};
+///
+/// // Server side: dial through the client on the other end of `ws`.
+/// let session = SessionBuilder::server("foo", 42).spawn(ws);
+/// let mut stream = session.dial_addr("tcp", "127.0.0.1:8125").unwrap();
+/// stream.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+/// let mut response = Vec::new();
+/// stream.read_to_end(&mut response).await.unwrap();
+/// # }
+/// ```
+pub struct SessionBuilder {
+    side: Side,
+    config: Config,
+    client_key: String,
+    session_key: i64,
+    handler: Option<Arc<dyn ConnectHandler>>,
+    on_announcement: Option<AnnouncementFn>,
+}
+
+impl fmt::Debug for SessionBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionBuilder")
+            .field("side", &self.side)
+            .field("client_key", &self.client_key)
+            .field("session_key", &self.session_key)
+            .finish()
+    }
+}
+
+impl SessionBuilder {
+    /// The websocket's client side (an agent, or a server's outgoing peer link): pings every
+    /// 5 s and sends SyncConnections.
+    pub fn client() -> Self {
+        let id = Identity::client();
+        Self::new(Side::Client, id.client_key, id.session_key)
+    }
+
+    /// The websocket's server side, registered under `client_key` / `session_key`.
+    pub fn server(client_key: impl Into<String>, session_key: i64) -> Self {
+        Self::new(Side::Server, client_key.into(), session_key)
+    }
+
+    fn new(side: Side, client_key: String, session_key: i64) -> Self {
+        Self {
+            side,
+            config: Config::default(),
+            client_key,
+            session_key,
+            handler: None,
+            on_announcement: None,
+        }
+    }
+
+    /// Intervals, watermarks and caps; Go's values by default.
+    pub fn config(mut self, config: Config) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Who dials the targets of Connects from the peer. Without one, every Connect is
+    /// answered with Error `connect not allowed` (the session stays up).
+    pub fn connect_handler(mut self, handler: impl ConnectHandler) -> Self {
+        self.handler = Some(Arc::new(handler));
+        self
+    }
+
+    /// Same as [`connect_handler`](Self::connect_handler) for an already shared handler.
+    pub fn connect_handler_arc(mut self, handler: Arc<dyn ConnectHandler>) -> Self {
+        self.handler = Some(handler);
+        self
+    }
+
+    /// Called for each AddClient (`true`) / RemoveClient (`false`) from a peer server.
+    pub fn on_announcement(mut self, f: impl Fn(ClientSession, bool) + Send + Sync + 'static) -> Self {
+        self.on_announcement = Some(Arc::new(f));
+        self
+    }
+
+    /// Creates the session; the caller drives it by awaiting (or spawning) the driver.
+    pub fn start<S>(self, ws: WebSocketStream<S>) -> (SessionHandle, SessionDriver<S>)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let identity = match self.side {
+            Side::Client => Identity::client(),
+            Side::Server => Identity {
+                client_key: self.client_key.clone(),
+                session_key: self.session_key,
+            },
+        };
+        let first_message_id = rand::random::<i64>() & i64::MAX;
+        let proto = Session::new(self.side, self.config, identity, now(), first_message_id);
+        let shared = Shared::new(proto, self.client_key, self.session_key);
+        let driver = SessionDriver::new(
+            ws,
+            shared.clone(),
+            self.handler,
+            self.on_announcement,
+            CancellationToken::new(),
+        );
+        (SessionHandle { shared }, driver)
+    }
+
+    /// Creates the session and spawns its driver on the current tokio runtime, inside a
+    /// `session` tracing span.
+    pub fn spawn<S>(self, ws: WebSocketStream<S>) -> SessionHandle
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let span = tracing::info_span!(
+            parent: None,
+            "session",
+            side = ?self.side,
+            client_key = %self.client_key,
+            session_key = self.session_key
+        );
+        let (handle, driver) = self.start(ws);
+        tokio::spawn(driver.instrument(span));
+        handle
+    }
+}

@@ -1,0 +1,143 @@
+//! Connects the peer asks for: the application's handler dials, the session pipes.
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+
+use rd_proto::Target;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::stream::TunnelStream;
+
+/// A local connection the handler dialed: anything that reads and writes bytes.
+pub trait LocalIo: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> LocalIo for T {}
+
+/// A boxed [`LocalIo`].
+pub type BoxedIo = Box<dyn LocalIo>;
+
+/// A boxed, sendable future, as handlers return.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// Why a handler did not connect; the text goes to the peer as the stream's Error, so use
+/// Go's wording where a Go peer would show it (`dial tcp 127.0.0.1:9: connect: connection
+/// refused`, `connect not allowed`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ConnectRefused(pub String);
+
+impl ConnectRefused {
+    /// Go's text for a denied target.
+    pub fn not_allowed() -> Self {
+        Self("connect not allowed".into())
+    }
+
+    /// Go's text for a failed dial: `dial <proto> <address>: <cause>`.
+    pub fn dial_failed(target: &Target, cause: &io::Error) -> Self {
+        Self(format!("dial {} {}: {}", target.proto(), target.address(), go_io_text(cause)))
+    }
+}
+
+/// Go's `syscall` wording for the common dial failures, so Go tooling that matches on
+/// error text keeps working.
+fn go_io_text(e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => "connect: connection refused".into(),
+        io::ErrorKind::TimedOut => "i/o timeout".into(),
+        io::ErrorKind::NotFound => "connect: no such file or directory".into(),
+        io::ErrorKind::PermissionDenied => "connect: permission denied".into(),
+        _ => e.to_string(),
+    }
+}
+
+/// Decides what to do with a Connect from the peer.
+///
+/// Closures `Fn(Target) -> impl Future<Output = Result<BoxedIo, ConnectRefused>>` implement it.
+pub trait ConnectHandler: Send + Sync + 'static {
+    /// Dial `target` locally, or refuse it.
+    fn connect(&self, target: Target) -> BoxFuture<Result<BoxedIo, ConnectRefused>>;
+}
+
+impl<F, Fut> ConnectHandler for F
+where
+    F: Fn(Target) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<BoxedIo, ConnectRefused>> + Send + 'static,
+{
+    fn connect(&self, target: Target) -> BoxFuture<Result<BoxedIo, ConnectRefused>> {
+        Box::pin(self(target))
+    }
+}
+
+/// A handler that refuses everything, as a Go server without `ClientConnectAuthorizer`
+/// (but answering with an Error instead of ending the session).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RefuseAll;
+
+impl ConnectHandler for RefuseAll {
+    fn connect(&self, _target: Target) -> BoxFuture<Result<BoxedIo, ConnectRefused>> {
+        Box::pin(async { Err(ConnectRefused::not_allowed()) })
+    }
+}
+
+pub(crate) async fn serve(handler: std::sync::Arc<dyn ConnectHandler>, stream: TunnelStream, cancel: CancellationToken) {
+    let target = stream.peer_addr().clone();
+    let span = tracing::debug_span!("stream", id = %stream.id(), target = %target);
+    async move {
+        let dialed = tokio::select! {
+            r = handler.connect(target) => r,
+            () = cancel.cancelled() => return,
+        };
+        match dialed {
+            Err(refused) => {
+                tracing::debug!(reason = %refused, "connect refused");
+                stream.reset(&refused.0);
+            }
+            Ok(local) => {
+                tracing::debug!("connected");
+                if let Err(e) = pipe(&stream, local).await {
+                    tracing::debug!(error = %e, "pipe ended with an error");
+                    stream.reset(&e.to_string());
+                }
+            }
+        }
+    }
+    .instrument(span)
+    .await;
+}
+
+/// Copies both ways until either direction ends, then closes both, as Go's pipe does (the
+/// protocol has no half-close). A clean end finishes the stream with EOF when it is dropped.
+pub async fn pipe(tunnel: &TunnelStream, local: impl AsyncRead + AsyncWrite + Send) -> io::Result<()> {
+    let (local_read, mut local_write) = tokio::io::split(local);
+    let mut local_read = BufReader::with_capacity(64 * 1024, local_read);
+    let outbound = async {
+        loop {
+            let buf = local_read.fill_buf().await?;
+            if buf.is_empty() {
+                return Ok(());
+            }
+            let n = tunnel.write_shared(buf).await?;
+            local_read.consume(n);
+        }
+    };
+    let inbound = async {
+        while let Some(chunk) = tunnel.read_chunk(256 * 1024).await? {
+            local_write.write_all(&chunk).await?;
+        }
+        local_write.flush().await?;
+        local_write.shutdown().await
+    };
+    tokio::select! {
+        r = outbound => r,
+        r = inbound => r,
+    }
+}
+
+impl fmt::Debug for dyn ConnectHandler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ConnectHandler")
+    }
+}

@@ -1,0 +1,88 @@
+//! The state the driver task and the stream handles share.
+//!
+//! As in quinn, the sans-IO session lives behind one `std` mutex that is only held for
+//! synchronous state-machine calls, never across an `.await`. The driver task alone owns the
+//! websocket; stream handles touch only the state and wake the driver when they leave it
+//! something to send.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Waker;
+
+use rd_proto::{ConnId, Session, SessionEnd};
+use tokio::sync::watch;
+
+#[derive(Debug, Default)]
+pub(crate) struct Wakers {
+    pub(crate) read: Option<Waker>,
+    pub(crate) write: Option<Waker>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) proto: Session,
+    pub(crate) driver: Option<Waker>,
+    pub(crate) streams: HashMap<ConnId, Wakers>,
+}
+
+impl Inner {
+    /// Wakes the driver if the state machine has something for it to do.
+    pub(crate) fn wake_driver(&mut self) {
+        if let Some(w) = &self.driver {
+            w.wake_by_ref();
+        }
+    }
+
+    pub(crate) fn wake_stream(&mut self, id: ConnId, read: bool, write: bool) {
+        if let Some(w) = self.streams.get_mut(&id) {
+            if read {
+                if let Some(r) = w.read.take() {
+                    r.wake();
+                }
+            }
+            if write {
+                if let Some(wr) = w.write.take() {
+                    wr.wake();
+                }
+            }
+        }
+    }
+
+    pub(crate) fn register(&mut self, id: ConnId, waker: &Waker, read: bool) {
+        let entry = self.streams.entry(id).or_default();
+        let slot = if read { &mut entry.read } else { &mut entry.write };
+        match slot {
+            Some(w) if w.will_wake(waker) => {}
+            _ => *slot = Some(waker.clone()),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Shared {
+    inner: Mutex<Inner>,
+    pub(crate) ended: watch::Sender<Option<SessionEnd>>,
+    pub(crate) session_key: i64,
+    pub(crate) client_key: String,
+}
+
+impl Shared {
+    pub(crate) fn new(proto: Session, client_key: String, session_key: i64) -> Arc<Self> {
+        Arc::new(Self {
+            inner: Mutex::new(Inner {
+                proto,
+                driver: None,
+                streams: HashMap::new(),
+            }),
+            ended: watch::Sender::new(None),
+            session_key,
+            client_key,
+        })
+    }
+
+    /// Locks the state. A panic while holding the lock cannot leave the sans-IO state
+    /// half-updated in a way later calls misread, so poisoning is ignored.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}

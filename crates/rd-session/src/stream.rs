@@ -1,0 +1,189 @@
+//! [`TunnelStream`]: one virtual connection as `AsyncRead + AsyncWrite`.
+
+use std::fmt;
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use rd_proto::{ConnId, ReadOutcome, StreamError, Target};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::error::StreamClosed;
+use crate::shared::Shared;
+
+/// One virtual connection through the tunnel.
+///
+/// Reads return the peer's bytes, then `Ok(0)` when the peer closed cleanly (Error `EOF`) or
+/// an `io::Error` carrying the peer's text otherwise ([`StreamClosed`] inside). Writes
+/// complete only once the bytes fit in the stream's send buffer, so a paused peer slows the
+/// writer down. `shutdown` sends Error `EOF` after the written bytes; so does dropping the
+/// stream. The protocol has no half-close: the peer closes both directions on EOF.
+pub struct TunnelStream {
+    shared: Arc<Shared>,
+    id: ConnId,
+    target: Target,
+}
+
+impl fmt::Debug for TunnelStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TunnelStream")
+            .field("id", &self.id)
+            .field("target", &self.target.to_string())
+            .finish()
+    }
+}
+
+impl TunnelStream {
+    pub(crate) fn new(shared: Arc<Shared>, id: ConnId, target: Target) -> Self {
+        Self { shared, id, target }
+    }
+
+    /// The connection id on the wire.
+    pub fn id(&self) -> ConnId {
+        self.id
+    }
+
+    /// Where the stream was dialed (Go's `RemoteAddr`: network `tcp`, address `host:port`).
+    pub fn peer_addr(&self) -> &Target {
+        &self.target
+    }
+
+    /// Same as [`peer_addr`](Self::peer_addr): Go's virtual connection reports the target
+    /// as both its local and its remote address.
+    pub fn local_addr(&self) -> &Target {
+        &self.target
+    }
+
+    /// The client key of the session this stream runs on.
+    pub fn client_key(&self) -> &str {
+        &self.shared.client_key
+    }
+
+    /// Closes the stream now, sending `reason` to the peer as the Error text. Buffered
+    /// outgoing bytes are dropped.
+    pub fn reset(&self, reason: &str) {
+        let mut inner = self.shared.lock();
+        inner.proto.reset(self.id, reason).ok();
+        inner.wake_driver();
+    }
+
+    /// Reads the next chunk of received bytes, up to `max`, without copying them;
+    /// `Ok(None)` at a clean end of stream.
+    pub fn poll_read_chunk(&self, cx: &mut Context<'_>, max: usize) -> Poll<io::Result<Option<Bytes>>> {
+        let mut inner = self.shared.lock();
+        match inner.proto.read(self.id, max) {
+            Ok(ReadOutcome::Data(bytes)) => {
+                // A read may have queued a Resume for the peer.
+                inner.wake_driver();
+                Poll::Ready(Ok(Some(bytes)))
+            }
+            Ok(ReadOutcome::Eof) => Poll::Ready(Ok(None)),
+            Err(StreamError::Blocked) => {
+                inner.register(self.id, cx.waker(), true);
+                Poll::Pending
+            }
+            Err(e) => Poll::Ready(Err(to_io(e))),
+        }
+    }
+
+    /// Async form of [`poll_read_chunk`](Self::poll_read_chunk).
+    pub async fn read_chunk(&self, max: usize) -> io::Result<Option<Bytes>> {
+        poll_fn(|cx| self.poll_read_chunk(cx, max)).await
+    }
+
+    /// Writes through a shared reference, so one task can read and write at once.
+    pub fn poll_write_shared(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let mut inner = self.shared.lock();
+        match inner.proto.write(self.id, buf) {
+            Ok(n) => {
+                inner.wake_driver();
+                Poll::Ready(Ok(n))
+            }
+            Err(StreamError::Blocked) => {
+                inner.register(self.id, cx.waker(), false);
+                Poll::Pending
+            }
+            Err(e) => Poll::Ready(Err(to_io(e))),
+        }
+    }
+
+    /// Async form of [`poll_write_shared`](Self::poll_write_shared).
+    pub async fn write_shared(&self, buf: &[u8]) -> io::Result<usize> {
+        poll_fn(|cx| self.poll_write_shared(cx, buf)).await
+    }
+
+    fn poll_flush_shared(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut inner = self.shared.lock();
+        match inner.proto.flush(self.id) {
+            Ok(()) => Poll::Ready(Ok(())),
+            Err(StreamError::Blocked) => {
+                inner.register(self.id, cx.waker(), false);
+                Poll::Pending
+            }
+            Err(e) => Poll::Ready(Err(to_io(e))),
+        }
+    }
+}
+
+fn to_io(e: StreamError) -> io::Error {
+    match e {
+        StreamError::Closed(end) => StreamClosed { end }.into(),
+        StreamError::Finished => io::Error::new(io::ErrorKind::BrokenPipe, "stream already shut down"),
+        StreamError::Unknown(_) => io::Error::new(io::ErrorKind::NotConnected, "tunnel disconnect"),
+        other => io::Error::other(other),
+    }
+}
+
+impl AsyncRead for TunnelStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        match self.poll_read_chunk(cx, buf.remaining()) {
+            Poll::Ready(Ok(Some(bytes))) => {
+                buf.put_slice(&bytes);
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Ok(None)) => Poll::Ready(Ok(())),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl AsyncWrite for TunnelStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.poll_write_shared(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_flush_shared(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        {
+            let mut inner = self.shared.lock();
+            if let Err(e) = inner.proto.finish(self.id) {
+                return Poll::Ready(Err(to_io(e)));
+            }
+            inner.wake_driver();
+        }
+        match self.poll_flush_shared(cx) {
+            // The stream ended while its EOF waited: the peer knows it is closed.
+            Poll::Ready(Err(_)) => Poll::Ready(Ok(())),
+            other => other,
+        }
+    }
+}
+
+impl Drop for TunnelStream {
+    fn drop(&mut self) {
+        let mut inner = self.shared.lock();
+        inner.proto.release(self.id);
+        inner.streams.remove(&self.id);
+        inner.wake_driver();
+    }
+}
