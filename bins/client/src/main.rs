@@ -1,1 +1,131 @@
-fn main() {}
+//! `rd-client`: the tunnel agent, command-line compatible with Go remotedialer's example.
+
+// The client listens on nothing, so `cli::bind` goes unused here.
+#[allow(dead_code)]
+#[path = "../../common/cli.rs"]
+mod cli;
+#[path = "../../common/go_flags.rs"]
+mod go_flags;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{ArgAction, Parser};
+use http::{HeaderName, HeaderValue};
+use rd_client::{AllowAll, AllowRule, AllowRules, Client, ClientBuilder, ConnectOptions, TlsOptions};
+use tokio_util::sync::CancellationToken;
+
+/// Reverse-tunnel client: dials out to an rd (or Go remotedialer) server and lets it open
+/// connections to services on this side. Keeps redialing with backoff until stopped.
+///
+/// Go-style single-dash flags work too: rd-client -connect ws://localhost:8123/connect -id foo
+#[derive(Debug, Parser)]
+#[command(name = "rd-client", version, about, long_about)]
+struct Args {
+    /// Websocket URL of the server's tunnel endpoint (ws:// or wss://).
+    #[arg(long, default_value = "ws://localhost:8123/connect")]
+    connect: String,
+    /// Client id, sent as the X-Tunnel-ID header (the example server's client key).
+    #[arg(long, default_value = "foo")]
+    id: String,
+    /// Debug logging, including a dump of every tunnel message. (Go's example defaults to on.)
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = ArgAction::Set)]
+    debug: bool,
+    /// Exit after the first session ends, as Go's example does, instead of redialing.
+    #[arg(long)]
+    once: bool,
+    /// Extra header for the upgrade request, as Name:Value; repeatable.
+    #[arg(long = "header", value_name = "NAME:VALUE")]
+    headers: Vec<String>,
+    /// Targets the server may reach, as proto:address with * wildcards (tcp:127.0.0.1:*,
+    /// unix:/var/run/docker.sock); repeatable. Default: everything, as Go's example.
+    #[arg(long = "allow", value_name = "RULE")]
+    allow: Vec<AllowRule>,
+    /// Extra CA certificate (PEM) to verify a wss:// server; repeatable.
+    #[arg(long)]
+    ca_cert: Vec<PathBuf>,
+    /// Do not verify the server's TLS certificate (test setups only).
+    #[arg(long)]
+    insecure_skip_verify: bool,
+}
+
+fn header(spec: &str) -> Result<(HeaderName, HeaderValue), String> {
+    let (name, value) = spec
+        .split_once(':')
+        .ok_or_else(|| format!("invalid header {spec:?}: want Name:Value"))?;
+    let name = HeaderName::try_from(name.trim()).map_err(|e| format!("invalid header name in {spec:?}: {e}"))?;
+    let value = HeaderValue::try_from(value.trim()).map_err(|e| format!("invalid header value in {spec:?}: {e}"))?;
+    Ok((name, value))
+}
+
+fn build(args: &Args) -> Result<Client, String> {
+    let mut tls = TlsOptions::default().with_insecure_skip_verify(args.insecure_skip_verify);
+    for ca in &args.ca_cert {
+        tls = tls.with_ca_file(ca);
+    }
+    let id = HeaderValue::try_from(args.id.as_str()).map_err(|e| format!("invalid id: {e}"))?;
+    let mut builder = ClientBuilder::new(&args.connect)
+        .connect_options(ConnectOptions::default().with_tls(tls))
+        .header(HeaderName::from_static("x-tunnel-id"), id);
+    for spec in &args.headers {
+        let (name, value) = header(spec)?;
+        builder = builder.header(name, value);
+    }
+    builder = if args.allow.is_empty() {
+        builder.allow(AllowAll)
+    } else {
+        builder.allow(AllowRules(args.allow.clone()))
+    };
+    Ok(builder.build())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse_from(go_flags::normalize(std::env::args_os()));
+    cli::init_tracing(args.debug);
+    let client = match build(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("rd-client: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let cancel = CancellationToken::new();
+    let stop = cancel.clone();
+    tokio::spawn(async move {
+        cli::shutdown_signal().await;
+        tracing::info!("shutting down");
+        stop.cancel();
+    });
+    if args.once {
+        return match client.connect(&cancel).await {
+            Ok(end) => {
+                tracing::info!(reason = %end, "session ended");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("rd-client: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    client.run(cancel).await;
+    ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn go_and_clap_command_lines_parse() {
+        let parse = |a: &[&str]| Args::try_parse_from(go_flags::normalize(a.iter().map(Into::into)));
+        let a = parse(&["rd-client", "-connect", "ws://localhost:8124/connect", "-id", "bar", "-debug=false"]).expect("go style");
+        assert_eq!((a.connect.as_str(), a.id.as_str(), a.debug), ("ws://localhost:8124/connect", "bar", false));
+        let b = parse(&["rd-client", "--allow", "tcp:127.0.0.1:*", "--header", "Authorization: Bearer x", "--once"]).expect("clap");
+        assert_eq!(b.allow.len(), 1);
+        assert!(b.once);
+        assert_eq!(header("Authorization: Bearer x").expect("valid").1, "Bearer x");
+        assert!(parse(&["rd-client", "--allow", "nocolon"]).is_err());
+    }
+}

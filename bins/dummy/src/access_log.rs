@@ -88,7 +88,12 @@ where
 
 impl<B> Drop for Logged<B> {
     fn drop(&mut self) {
-        let RequestInfo { id, method, target, start } = &self.info;
+        let RequestInfo {
+            id,
+            method,
+            target,
+            start,
+        } = &self.info;
         let elapsed = start.elapsed();
         let (status, sent) = (self.status.as_u16(), self.sent);
         if self.finished {

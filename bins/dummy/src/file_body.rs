@@ -141,7 +141,9 @@ mod tests {
 
     #[tokio::test]
     async fn streams_exact_slice_across_chunks() {
-        let data: Vec<u8> = (0..(CHUNK * 2 + 123)).map(|i| (i * 7 % 251) as u8).collect();
+        let data: Vec<u8> = (0..(CHUNK * 2 + 123))
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
         let path = temp_file("slice", &data);
         let mut file = File::open(&path).unwrap();
         file.seek(SeekFrom::Start(10)).unwrap();

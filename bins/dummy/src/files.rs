@@ -21,7 +21,7 @@ use http_body_util::{BodyExt, Empty, Full};
 
 use crate::file_body::FileBody;
 use crate::range::{self, RangeRequest};
-use crate::sanitize::{sanitize, SafePath};
+use crate::sanitize::sanitize;
 use crate::{http_date, listing, mime};
 
 /// The body type of every response.
@@ -46,7 +46,8 @@ impl FileServer {
             Method::HEAD => true,
             _ => {
                 let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "405 method not allowed\n");
-                resp.headers_mut().insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+                resp.headers_mut()
+                    .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
                 return resp;
             }
         };
@@ -99,7 +100,13 @@ impl FileServer {
 /// segments rather than the raw path so `//host/x` cannot become an open redirect.
 fn canonical(segments: &[String], dir: bool) -> String {
     let mut url = String::from("/");
-    url.push_str(&segments.iter().map(|s| listing::href_escape(s)).collect::<Vec<_>>().join("/"));
+    url.push_str(
+        &segments
+            .iter()
+            .map(|s| listing::href_escape(s))
+            .collect::<Vec<_>>()
+            .join("/"),
+    );
     if dir && !segments.is_empty() {
         url.push('/');
     }
@@ -117,7 +124,12 @@ async fn send_file<B>(path: &Path, req: &Request<B>, head: bool) -> Response<Res
     let (mut file, meta) = match opened {
         Ok(Ok(opened)) => opened,
         Ok(Err(e)) => return io_error(&e),
-        Err(_) => return text(StatusCode::INTERNAL_SERVER_ERROR, "500 internal server error\n"),
+        Err(_) => {
+            return text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "500 internal server error\n",
+            )
+        }
     };
     // FIFOs and devices would tie up a blocking thread forever, or never end.
     if !meta.is_file() {
@@ -148,7 +160,8 @@ async fn send_file<B>(path: &Path, req: &Request<B>, head: bool) -> Response<Res
                 StatusCode::RANGE_NOT_SATISFIABLE,
                 "invalid range: failed to overlap\n",
             );
-            resp.headers_mut().insert(CONTENT_RANGE, ascii(format!("bytes */{len}")));
+            resp.headers_mut()
+                .insert(CONTENT_RANGE, ascii(format!("bytes */{len}")));
             return resp;
         }
     };
@@ -158,11 +171,18 @@ async fn send_file<B>(path: &Path, req: &Request<B>, head: bool) -> Response<Res
         }
     }
 
-    let body = if head { empty() } else { FileBody::new(file, count).boxed() };
+    let body = if head {
+        empty()
+    } else {
+        FileBody::new(file, count).boxed()
+    };
     let mut resp = Response::new(body);
     *resp.status_mut() = status;
     let headers = resp.headers_mut();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static(mime::content_type(path)));
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static(mime::content_type(path)),
+    );
     headers.insert(CONTENT_LENGTH, HeaderValue::from(count));
     headers.insert(ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     if let Some(date) = last_modified {
@@ -180,7 +200,10 @@ fn io_error(e: &io::Error) -> Response<ResponseBody> {
         io::ErrorKind::PermissionDenied => text(StatusCode::FORBIDDEN, "403 Forbidden\n"),
         _ => {
             tracing::warn!("file system error: {e}");
-            text(StatusCode::INTERNAL_SERVER_ERROR, "500 Internal Server Error\n")
+            text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "500 Internal Server Error\n",
+            )
         }
     }
 }
@@ -203,8 +226,14 @@ fn redirect(location: &str, query: Option<&str>) -> Response<ResponseBody> {
 fn text(status: StatusCode, message: &'static str) -> Response<ResponseBody> {
     let mut resp = full(status, Bytes::from_static(message.as_bytes()));
     let headers = resp.headers_mut();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-    headers.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    headers.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
     resp
 }
 
@@ -212,7 +241,8 @@ fn full(status: StatusCode, body: Bytes) -> Response<ResponseBody> {
     let len = body.len() as u64;
     let mut resp = Response::new(Full::new(body).map_err(|never| match never {}).boxed());
     *resp.status_mut() = status;
-    resp.headers_mut().insert(CONTENT_LENGTH, HeaderValue::from(len));
+    resp.headers_mut()
+        .insert(CONTENT_LENGTH, HeaderValue::from(len));
     resp
 }
 

@@ -10,7 +10,10 @@ const MONTHS: [&str; 12] = [
 /// `Sun, 06 Nov 1994 08:49:37 GMT`. Times before 1970 are clamped to the epoch;
 /// they only occur on badly restored files and HTTP dates cannot carry them anyway.
 pub fn format(time: SystemTime) -> String {
-    let secs = time.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = time
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let days = secs / 86_400;
     let rem = secs % 86_400;
     let (year, month, day) = civil_from_days(days);

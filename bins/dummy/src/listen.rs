@@ -11,7 +11,10 @@ pub async fn bind(listen: &str) -> io::Result<TcpListener> {
         Some(addr) => vec![addr],
         None => tokio::net::lookup_host(listen).await?.collect(),
     };
-    let mut last_err = io::Error::new(io::ErrorKind::InvalidInput, format!("{listen}: no addresses"));
+    let mut last_err = io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("{listen}: no addresses"),
+    );
     for addr in addrs {
         match TcpListener::bind(addr).await {
             Ok(listener) => return Ok(listener),
@@ -25,7 +28,10 @@ pub async fn bind(listen: &str) -> io::Result<TcpListener> {
 fn literal(listen: &str) -> io::Result<Option<SocketAddr>> {
     if let Some(port) = listen.strip_prefix(':') {
         let port = port.parse::<u16>().map_err(|_| {
-            io::Error::new(io::ErrorKind::InvalidInput, format!("invalid port in listen address {listen:?}"))
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("invalid port in listen address {listen:?}"),
+            )
         })?;
         // Go would open a dual-stack socket here; IPv4-any is what the examples need.
         return Ok(Some(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))));
@@ -40,15 +46,24 @@ mod tests {
 
     #[test]
     fn go_style_port_only_means_all_interfaces() {
-        assert_eq!(literal(":8125").unwrap(), Some("0.0.0.0:8125".parse().unwrap()));
+        assert_eq!(
+            literal(":8125").unwrap(),
+            Some("0.0.0.0:8125".parse().unwrap())
+        );
         assert!(literal(":http").is_err());
         assert!(literal(":70000").is_err());
     }
 
     #[test]
     fn socket_addresses_pass_through() {
-        assert_eq!(literal("127.0.0.1:0").unwrap(), Some("127.0.0.1:0".parse().unwrap()));
-        assert_eq!(literal("[::1]:80").unwrap(), Some("[::1]:80".parse().unwrap()));
+        assert_eq!(
+            literal("127.0.0.1:0").unwrap(),
+            Some("127.0.0.1:0".parse().unwrap())
+        );
+        assert_eq!(
+            literal("[::1]:80").unwrap(),
+            Some("[::1]:80".parse().unwrap())
+        );
         assert_eq!(literal("localhost:80").unwrap(), None);
     }
 

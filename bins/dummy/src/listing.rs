@@ -34,7 +34,9 @@ pub async fn read(dir: &Path) -> std::io::Result<String> {
 
 /// Renders entries as `<pre>` links, exactly one per line.
 pub fn render(entries: &[Entry]) -> String {
-    let mut html = String::from("<!doctype html>\n<meta name=\"viewport\" content=\"width=device-width\">\n<pre>\n");
+    let mut html = String::from(
+        "<!doctype html>\n<meta name=\"viewport\" content=\"width=device-width\">\n<pre>\n",
+    );
     for entry in entries {
         let slash = if entry.is_dir { "/" } else { "" };
         let _ = writeln!(
@@ -84,8 +86,14 @@ mod tests {
     #[test]
     fn files_and_dirs_are_linked() {
         let html = render(&[
-            Entry { name: "a.txt".into(), is_dir: false },
-            Entry { name: "sub".into(), is_dir: true },
+            Entry {
+                name: "a.txt".into(),
+                is_dir: false,
+            },
+            Entry {
+                name: "sub".into(),
+                is_dir: true,
+            },
         ]);
         assert!(html.contains("<a href=\"a.txt\">a.txt</a>\n"));
         assert!(html.contains("<a href=\"sub/\">sub/</a>\n"));
@@ -93,9 +101,12 @@ mod tests {
 
     #[test]
     fn hostile_names_are_escaped() {
-        let html = render(&[Entry { name: "<b>&\"x y:z#".into(), is_dir: false }]);
-        assert!(html.contains(
-            "<a href=\"%3Cb%3E%26%22x%20y%3Az%23\">&lt;b&gt;&amp;&#34;x y:z#</a>"
-        ));
+        let html = render(&[Entry {
+            name: "<b>&\"x y:z#".into(),
+            is_dir: false,
+        }]);
+        assert!(
+            html.contains("<a href=\"%3Cb%3E%26%22x%20y%3Az%23\">&lt;b&gt;&amp;&#34;x y:z#</a>")
+        );
     }
 }

@@ -6,6 +6,8 @@
 mod access_log;
 mod file_body;
 mod files;
+// Shared file, formatted by its owner; keep `cargo fmt` from rewriting it from here.
+#[rustfmt::skip]
 #[path = "../../common/go_flags.rs"]
 mod go_flags;
 mod http_date;
@@ -17,7 +19,7 @@ mod sanitize;
 mod server;
 mod shutdown;
 
-use std::io::Write as _;
+use std::io::{IsTerminal as _, Write as _};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -47,8 +49,11 @@ struct Args {
 async fn main() -> ExitCode {
     let args = Args::parse_from(go_flags::normalize(std::env::args_os()));
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -30,8 +30,14 @@ mod tests {
 
     #[test]
     fn known_and_unknown_extensions() {
-        assert_eq!(content_type(Path::new("a/index.HTML")), "text/html; charset=utf-8");
-        assert_eq!(content_type(Path::new("notes.txt")), "text/plain; charset=utf-8");
+        assert_eq!(
+            content_type(Path::new("a/index.HTML")),
+            "text/html; charset=utf-8"
+        );
+        assert_eq!(
+            content_type(Path::new("notes.txt")),
+            "text/plain; charset=utf-8"
+        );
         assert_eq!(content_type(Path::new("x.jpeg")), "image/jpeg");
         assert_eq!(content_type(Path::new("bigfile")), DEFAULT);
         assert_eq!(content_type(Path::new("archive.tar.gz")), DEFAULT);

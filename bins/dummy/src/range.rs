@@ -45,7 +45,10 @@ pub fn parse(header: Option<&str>, len: u64) -> RangeRequest {
         return RangeRequest::Full;
     }
     // Empty list elements are legal ("bytes=0-1,"), so they do not count as ranges.
-    let mut specs = header[6..].split(',').map(str::trim).filter(|s| !s.is_empty());
+    let mut specs = header[6..]
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty());
     match (specs.next(), specs.next()) {
         (Some(spec), None) => parse_spec(spec, len).unwrap_or(RangeRequest::Full),
         _ => RangeRequest::Full,
@@ -62,17 +65,27 @@ fn parse_spec(spec: &str, len: u64) -> Option<RangeRequest> {
             return Some(RangeRequest::Unsatisfiable);
         }
         let start = len - suffix.min(len);
-        return Some(RangeRequest::Partial(ByteRange { start, end: len - 1 }));
+        return Some(RangeRequest::Partial(ByteRange {
+            start,
+            end: len - 1,
+        }));
     }
     let start = number(first)?;
-    let end = if last.is_empty() { u64::MAX } else { number(last)? };
+    let end = if last.is_empty() {
+        u64::MAX
+    } else {
+        number(last)?
+    };
     if end < start {
         return None;
     }
     if start >= len {
         return Some(RangeRequest::Unsatisfiable);
     }
-    Some(RangeRequest::Partial(ByteRange { start, end: end.min(len - 1) }))
+    Some(RangeRequest::Partial(ByteRange {
+        start,
+        end: end.min(len - 1),
+    }))
 }
 
 /// Digits only; values beyond `u64` saturate, since they can only mean "to the end"
@@ -104,7 +117,10 @@ mod tests {
         assert_eq!(parse(Some("bytes=2-5"), 10), partial(2, 5));
         assert_eq!(parse(Some("bytes=0-0"), 10), partial(0, 0));
         assert_eq!(parse(Some("bytes=5-100"), 10), partial(5, 9));
-        assert_eq!(parse(Some("bytes=5-99999999999999999999999"), 10), partial(5, 9));
+        assert_eq!(
+            parse(Some("bytes=5-99999999999999999999999"), 10),
+            partial(5, 9)
+        );
         assert_eq!(parse(Some("BYTES= 2 - 5 ,"), 10), partial(2, 5));
     }
 
@@ -123,7 +139,10 @@ mod tests {
         assert_eq!(parse(Some("bytes=-0"), 10), RangeRequest::Unsatisfiable);
         assert_eq!(parse(Some("bytes=0-"), 0), RangeRequest::Unsatisfiable);
         assert_eq!(parse(Some("bytes=-5"), 0), RangeRequest::Unsatisfiable);
-        assert_eq!(parse(Some("bytes=99999999999999999999999-"), 10), RangeRequest::Unsatisfiable);
+        assert_eq!(
+            parse(Some("bytes=99999999999999999999999-"), 10),
+            RangeRequest::Unsatisfiable
+        );
     }
 
     #[test]

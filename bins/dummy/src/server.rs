@@ -80,7 +80,8 @@ async fn connection(stream: TcpStream, app: Arc<App>, mut stop: watch::Receiver<
     tokio::pin!(conn);
     let result = tokio::select! {
         result = conn.as_mut() => result,
-        _ = stop.wait_for(|stopped| *stopped) => {
+        // The `Ref` guard is dropped inside the async block: it is not `Send`.
+        () = async { let _ = stop.wait_for(|stopped| *stopped).await; } => {
             conn.as_mut().graceful_shutdown();
             conn.await
         }

@@ -1,1 +1,158 @@
-fn main() {}
+//! `rd-server`: the tunnel server, command-line compatible with Go remotedialer's example.
+
+#[path = "../../common/cli.rs"]
+mod cli;
+#[path = "../../common/go_flags.rs"]
+mod go_flags;
+mod routes;
+mod tls;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{ArgAction, Parser};
+use rd_server::{Server, TunnelIdHeader};
+
+/// Reverse-tunnel server: clients connect out to it over a websocket at /connect, and it
+/// opens TCP connections on their side through that tunnel.
+///
+/// Go-style single-dash flags work too: rd-server -listen :8123 -id first -token aaa
+/// -peers second:aaa:ws://localhost:8124/connect
+#[derive(Debug, Parser)]
+#[command(name = "rd-server", version, about, long_about)]
+struct Args {
+    /// Address to listen on; ":8123" means every interface.
+    #[arg(long, default_value = ":8123")]
+    listen: String,
+    /// This server's peer id, for HA peering (needs --token).
+    #[arg(long, default_value = "")]
+    id: String,
+    /// The token peers share, for HA peering (needs --id).
+    #[arg(long, default_value = "")]
+    token: String,
+    /// Peers to link to: id:token:url,id:token:url (the url may contain colons).
+    #[arg(long, default_value = "")]
+    peers: String,
+    /// Debug logging, including a dump of every tunnel message.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = ArgAction::Set)]
+    debug: bool,
+    /// TLS certificate chain (PEM) to serve https/wss; needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) for --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Serve Prometheus metrics at /metrics.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = true, action = ArgAction::Set)]
+    metrics: bool,
+    /// Extra CA certificate (PEM) to verify peers' TLS certificates; repeatable.
+    #[arg(long)]
+    peer_ca_cert: Vec<PathBuf>,
+    /// Do not verify peers' TLS certificates (what Go remotedialer always does).
+    #[arg(long)]
+    peer_insecure_skip_verify: bool,
+}
+
+/// A `--peers` entry.
+#[derive(Debug, PartialEq, Eq)]
+struct PeerSpec {
+    id: String,
+    token: String,
+    url: String,
+}
+
+fn parse_peers(list: &str) -> Result<Vec<PeerSpec>, String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|entry| {
+            let mut parts = entry.splitn(3, ':');
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some(id), Some(token), Some(url)) if !id.is_empty() && !url.is_empty() => Ok(PeerSpec {
+                    id: id.into(),
+                    token: token.into(),
+                    url: url.into(),
+                }),
+                _ => Err(format!("invalid peer {entry:?}: want id:token:url")),
+            }
+        })
+        .collect()
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse_from(go_flags::normalize(std::env::args_os()));
+    cli::init_tracing(args.debug);
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("rd-server: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let peers = parse_peers(&args.peers)?;
+    let mut peer_tls = rd_client::TlsOptions::default().with_insecure_skip_verify(args.peer_insecure_skip_verify);
+    for ca in &args.peer_ca_cert {
+        peer_tls = peer_tls.with_ca_file(ca);
+    }
+    let mut builder = Server::builder(TunnelIdHeader).peer_connect_options(rd_client::ConnectOptions::default().with_tls(peer_tls));
+    if !args.id.is_empty() && !args.token.is_empty() {
+        builder = builder.peer_identity(&args.id, &args.token);
+    } else if !peers.is_empty() {
+        return Err("--peers needs --id and --token".into());
+    }
+    let server = builder.build();
+    for p in peers {
+        server.add_peer(p.url, p.id, p.token);
+    }
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
+        _ => None,
+    };
+    let listener = cli::bind(&args.listen).await?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    println!("listening on {scheme}://{}", listener.local_addr()?);
+    let app = Arc::new(routes::App::new(server.clone(), args.metrics));
+    tokio::select! {
+        r = routes::serve(listener, tls, app) => r?,
+        () = cli::shutdown_signal() => tracing::info!("shutting down"),
+    }
+    server.shutdown(Duration::from_secs(5)).await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_split_at_the_first_two_colons() {
+        let p = parse_peers("second:aaa:ws://localhost:8124/connect, third:b:wss://h:1/c").expect("valid");
+        assert_eq!(
+            p[0],
+            PeerSpec {
+                id: "second".into(),
+                token: "aaa".into(),
+                url: "ws://localhost:8124/connect".into()
+            }
+        );
+        assert_eq!(p[1].url, "wss://h:1/c");
+        assert!(parse_peers("").expect("empty is fine").is_empty());
+        assert!(parse_peers("nocolon").is_err());
+    }
+
+    #[test]
+    fn go_command_lines_parse() {
+        let args = |a: &[&str]| Args::try_parse_from(go_flags::normalize(a.iter().map(Into::into)));
+        let a = args(&["rd-server", "-listen", ":8124", "-id", "second", "-token", "aaa", "-peers", "first:aaa:ws://localhost:8123/connect", "-debug"])
+            .expect("go style");
+        assert_eq!((a.listen.as_str(), a.id.as_str(), a.debug), (":8124", "second", true));
+        let b = args(&["rd-server", "--listen=127.0.0.1:0", "--metrics=false"]).expect("clap style");
+        assert!(!b.metrics && !b.debug);
+    }
+}

@@ -1,1 +1,32 @@
-//! stub, filled by its issue
+//! rd-client: the agent side of a Rancher remotedialer tunnel.
+//!
+//! A [`Client`] dials out to a server's websocket endpoint (`ws://` or `wss://`, through an
+//! HTTP proxy from the environment when one is set), then lets the server open connections
+//! to targets on this side, within the [`ConnectAuthorizer`] rules. [`Client::run`] keeps
+//! one session up, redialing with capped exponential backoff and full jitter.
+//!
+//! ```no_run
+//! use http::{HeaderName, HeaderValue};
+//! use rd_client::{AllowRules, Client};
+//! use tokio_util::sync::CancellationToken;
+//!
+//! # async fn example() {
+//! let client = Client::builder("ws://localhost:8123/connect")
+//!     .header(HeaderName::from_static("x-tunnel-id"), HeaderValue::from_static("foo"))
+//!     .allow(AllowRules(vec!["tcp:127.0.0.1:*".parse().unwrap()]))
+//!     .build();
+//! client.run(CancellationToken::new()).await;
+//! # }
+//! ```
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod allow;
+mod client;
+mod dial;
+pub mod transport;
+
+pub use allow::{AllowAll, AllowRule, AllowRuleError, AllowRules, ConnectAuthorizer, DenyAll};
+pub use client::{BoxError, Client, ClientBuilder, ClientError, OnConnect};
+pub use dial::{LocalDialer, NetDialer, DEFAULT_DIAL_TIMEOUT};
+pub use transport::{connect_websocket, ConnectError, ConnectOptions, ProxyMode, TlsOptions};

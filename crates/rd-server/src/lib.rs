@@ -1,1 +1,41 @@
-//! stub, filled by its issue
+//! rd-server: the server side of a Rancher remotedialer tunnel.
+//!
+//! A [`Server`] accepts websocket tunnels from clients ([`Server::handle`], a plain async
+//! function from `http::Request` to `http::Response`, so it mounts in hyper, axum or any
+//! tower stack), keeps the sessions by client key, and dials *through* them with
+//! [`Server::dialer`]. Servers can peer with each other (Go-compatible HA), and count
+//! what they do in Prometheus [`Metrics`].
+//!
+//! ```no_run
+//! use rd_server::{Server, TunnelIdHeader};
+//! use tokio::io::AsyncWriteExt;
+//!
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! let server = Server::builder(TunnelIdHeader).build();
+//! // ... serve `server.handle(request)` at /connect with hyper ...
+//! let mut stream = server.dialer("foo").dial("tcp", "127.0.0.1:8125").await?;
+//! stream.write_all(b"GET / HTTP/1.0\r\n\r\n").await?;
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod auth;
+mod dialer;
+mod metrics;
+mod peer;
+pub mod proxy;
+mod registry;
+mod server;
+mod upgrade;
+
+pub use auth::{text_response, Authorization, Authorizer, ErrorWriter, PlainTextErrors, TunnelIdHeader};
+pub use dialer::{DialError, Dialer, TunnelConnection};
+pub use metrics::{GoCounter, Metrics};
+pub use server::{Server, ServerBuilder, PEER_ID_HEADER, PEER_TOKEN_HEADER};
+
+/// Errors inside response bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The response body type of every handler here.
+pub type Body = http_body_util::combinators::BoxBody<bytes::Bytes, BoxError>;

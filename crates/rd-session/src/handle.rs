@@ -12,6 +12,7 @@ use tracing::Instrument;
 use crate::driver::{now, AnnouncementFn, SessionDriver};
 use crate::error::DialError;
 use crate::incoming::ConnectHandler;
+use crate::observer::{NoObserver, SessionObserver};
 use crate::shared::Shared;
 use crate::stream::TunnelStream;
 
@@ -124,6 +125,7 @@ pub struct SessionBuilder {
     session_key: i64,
     handler: Option<Arc<dyn ConnectHandler>>,
     on_announcement: Option<AnnouncementFn>,
+    observer: Arc<dyn SessionObserver>,
 }
 
 impl fmt::Debug for SessionBuilder {
@@ -157,6 +159,7 @@ impl SessionBuilder {
             session_key,
             handler: None,
             on_announcement: None,
+            observer: Arc::new(NoObserver),
         }
     }
 
@@ -185,6 +188,12 @@ impl SessionBuilder {
         self
     }
 
+    /// Told about every stream, for metrics.
+    pub fn observer(mut self, observer: Arc<dyn SessionObserver>) -> Self {
+        self.observer = observer;
+        self
+    }
+
     /// Creates the session; the caller drives it by awaiting (or spawning) the driver.
     pub fn start<S>(self, ws: WebSocketStream<S>) -> (SessionHandle, SessionDriver<S>)
     where
@@ -199,7 +208,7 @@ impl SessionBuilder {
         };
         let first_message_id = rand::random::<i64>() & i64::MAX;
         let proto = Session::new(self.side, self.config, identity, now(), first_message_id);
-        let shared = Shared::new(proto, self.client_key, self.session_key);
+        let shared = Shared::new(proto, self.client_key, self.session_key, self.observer);
         let driver = SessionDriver::new(
             ws,
             shared.clone(),

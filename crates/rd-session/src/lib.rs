@@ -47,6 +47,7 @@ mod driver;
 mod error;
 mod handle;
 mod incoming;
+mod observer;
 mod shared;
 mod stream;
 
@@ -55,6 +56,7 @@ pub use driver::{AnnouncementFn, SessionDriver};
 pub use error::{DialError, StreamClosed};
 pub use handle::{SessionBuilder, SessionHandle};
 pub use incoming::{pipe, BoxFuture, BoxedIo, ConnectHandler, ConnectRefused, LocalIo, RefuseAll};
+pub use observer::{NoObserver, SessionObserver};
 pub use stream::TunnelStream;
 
 /// A tungstenite config for tunnel websockets: no message larger than `max_message_size`

@@ -12,6 +12,8 @@ use std::task::Waker;
 use rd_proto::{ConnId, Session, SessionEnd};
 use tokio::sync::watch;
 
+use crate::observer::SessionObserver;
+
 #[derive(Debug, Default)]
 pub(crate) struct Wakers {
     pub(crate) read: Option<Waker>,
@@ -58,16 +60,27 @@ impl Inner {
     }
 }
 
-#[derive(Debug)]
 pub(crate) struct Shared {
     inner: Mutex<Inner>,
     pub(crate) ended: watch::Sender<Option<SessionEnd>>,
     pub(crate) session_key: i64,
     pub(crate) client_key: String,
+    pub(crate) observer: Arc<dyn SessionObserver>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").field("client_key", &self.client_key).finish()
+    }
 }
 
 impl Shared {
-    pub(crate) fn new(proto: Session, client_key: String, session_key: i64) -> Arc<Self> {
+    pub(crate) fn new(
+        proto: Session,
+        client_key: String,
+        session_key: i64,
+        observer: Arc<dyn SessionObserver>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             inner: Mutex::new(Inner {
                 proto,
@@ -77,6 +90,7 @@ impl Shared {
             ended: watch::Sender::new(None),
             session_key,
             client_key,
+            observer,
         })
     }
 

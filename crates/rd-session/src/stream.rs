@@ -38,6 +38,7 @@ impl fmt::Debug for TunnelStream {
 
 impl TunnelStream {
     pub(crate) fn new(shared: Arc<Shared>, id: ConnId, target: Target) -> Self {
+        shared.observer.stream_opened(&target);
         Self { shared, id, target }
     }
 
@@ -68,6 +69,8 @@ impl TunnelStream {
         let mut inner = self.shared.lock();
         inner.proto.reset(self.id, reason).ok();
         inner.wake_driver();
+        drop(inner);
+        self.shared.observer.reset(reason);
     }
 
     /// Reads the next chunk of received bytes, up to `max`, without copying them;
@@ -78,6 +81,8 @@ impl TunnelStream {
             Ok(ReadOutcome::Data(bytes)) => {
                 // A read may have queued a Resume for the peer.
                 inner.wake_driver();
+                drop(inner);
+                self.shared.observer.received(bytes.len());
                 Poll::Ready(Ok(Some(bytes)))
             }
             Ok(ReadOutcome::Eof) => Poll::Ready(Ok(None)),
@@ -100,6 +105,8 @@ impl TunnelStream {
         match inner.proto.write(self.id, buf) {
             Ok(n) => {
                 inner.wake_driver();
+                drop(inner);
+                self.shared.observer.transmitted(n);
                 Poll::Ready(Ok(n))
             }
             Err(StreamError::Blocked) => {
@@ -185,5 +192,7 @@ impl Drop for TunnelStream {
         inner.proto.release(self.id);
         inner.streams.remove(&self.id);
         inner.wake_driver();
+        drop(inner);
+        self.shared.observer.stream_closed(&self.target);
     }
 }

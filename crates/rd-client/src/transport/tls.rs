@@ -1,6 +1,10 @@
 //! TLS client configuration for `wss://` connections.
 
-use std::{io, path::PathBuf, sync::Arc};
+use std::{
+    io,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use rustls::{
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
@@ -124,9 +128,7 @@ pub async fn build_client_config(opts: &TlsOptions) -> Result<Arc<ClientConfig>,
                 reason: "no trusted root certificates",
             });
         }
-        builder
-            .with_root_certificates(roots)
-            .with_no_client_auth()
+        builder.with_root_certificates(roots).with_no_client_auth()
     };
     Ok(Arc::new(config))
 }
@@ -162,9 +164,9 @@ fn load_system_roots() -> RootCertStore {
     roots
 }
 
-async fn add_ca_file(roots: &mut RootCertStore, path: &PathBuf) -> Result<(), ConnectError> {
+async fn add_ca_file(roots: &mut RootCertStore, path: &Path) -> Result<(), ConnectError> {
     let ca_error = |source| ConnectError::CaFile {
-        path: path.clone(),
+        path: path.to_path_buf(),
         source,
     };
     let pem = tokio::fs::read(path).await.map_err(ca_error)?;

@@ -1,0 +1,64 @@
+//! What every rd binary does the same way: logging, Go-style listen addresses, signals.
+
+use std::io;
+
+use tokio::net::TcpListener;
+
+/// Logs to stderr at info (debug with `debug`); `RUST_LOG` overrides. The wire dump of every
+/// message (target `rd_proto::wire`) is on with `debug` or `CATTLE_TUNNEL_DATA_DEBUG=true`,
+/// as Go's `PrintTunnelData`.
+pub fn init_tracing(debug: bool) {
+    let wire = debug || std::env::var("CATTLE_TUNNEL_DATA_DEBUG").is_ok_and(|v| v == "true");
+    let base = if debug { "debug" } else { "info" };
+    let default = if wire {
+        format!("{base},rd_proto::wire=trace")
+    } else {
+        base.to_owned()
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(io::stderr)
+        .init();
+}
+
+/// Binds a listen address the way Go's `net.Listen` reads it: `:8123` is every interface
+/// (IPv6 and IPv4 where the system allows both), `host:port` that host.
+pub async fn bind(listen: &str) -> io::Result<TcpListener> {
+    match listen.strip_prefix(':') {
+        Some(port) => {
+            let port: u16 = port
+                .parse()
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("invalid port in {listen:?}")))?;
+            match TcpListener::bind(("::", port)).await {
+                Ok(l) => Ok(l),
+                Err(_) => TcpListener::bind(("0.0.0.0", port)).await,
+            }
+        }
+        None => TcpListener::bind(listen).await,
+    }
+    .map_err(|e| io::Error::new(e.kind(), format!("listen on {listen}: {e}")))
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        tokio::signal::ctrl_c().await.ok();
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

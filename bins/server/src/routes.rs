@@ -1,0 +1,100 @@
+//! The example server's routes: /connect, /client/..., /metrics, /healthz.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use rd_server::proxy::ClientProxy;
+use rd_server::{text_response, Body, Server};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+/// What the routes need.
+pub struct App {
+    server: Server,
+    proxy: ClientProxy,
+    metrics: bool,
+}
+
+impl App {
+    pub fn new(server: Server, metrics: bool) -> Self {
+        Self {
+            proxy: ClientProxy::new(server.clone()),
+            server,
+            metrics,
+        }
+    }
+
+    async fn route(&self, req: Request<Incoming>) -> Response<Body> {
+        let path = req.uri().path().to_owned();
+        if path == "/connect" {
+            return self.server.handle(req).await;
+        }
+        if let Some(rest) = path.strip_prefix("/client/") {
+            return self.proxy.handle(req, rest).await;
+        }
+        match path.as_str() {
+            "/healthz" => text_response(StatusCode::OK, "ok\n".into()),
+            "/metrics" if self.metrics => {
+                let mut r = Response::new(Full::new(Bytes::from(self.server.encode_metrics())).map_err(|n| match n {}).boxed());
+                r.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+                );
+                r
+            }
+            _ => text_response(StatusCode::NOT_FOUND, "404 page not found\n".into()),
+        }
+    }
+}
+
+/// Accepts connections until the listener fails.
+pub async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, app: Arc<App>) -> std::io::Result<()> {
+    loop {
+        let (tcp, remote) = match listener.accept().await {
+            Ok(conn) => conn,
+            // Out of file descriptors and the like: keep serving the connections we have.
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        tcp.set_nodelay(true).ok();
+        let app = app.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            match tls {
+                None => serve_connection(tcp, app).await,
+                Some(acceptor) => match acceptor.accept(tcp).await {
+                    Ok(stream) => serve_connection(stream, app).await,
+                    Err(e) => tracing::debug!(%remote, error = %e, "TLS handshake failed"),
+                },
+            }
+        });
+    }
+}
+
+async fn serve_connection<S>(io: S, app: Arc<App>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| {
+        let app = app.clone();
+        async move { Ok::<_, std::convert::Infallible>(app.route(req).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        // Bounds a slow client that never finishes its request head (slowloris).
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(std::time::Duration::from_secs(10))
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    if let Err(e) = conn.await {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}

@@ -1,0 +1,240 @@
+//! [`Client`]: connect to a server, serve its Connects, and redial when the tunnel drops.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{HeaderName, HeaderValue};
+use rd_proto::{Config, SessionEnd, Target};
+use rd_session::{Backoff, BoxFuture, BoxedIo, ConnectRefused, SessionBuilder, SessionHandle};
+use tokio_util::sync::CancellationToken;
+
+use crate::allow::{ConnectAuthorizer, DenyAll};
+use crate::dial::{LocalDialer, NetDialer, DEFAULT_DIAL_TIMEOUT};
+use crate::transport::{connect_websocket, ConnectError, ConnectOptions};
+
+/// An error a callback returns.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Called once per session with its handle (to dial towards the server, when the server
+/// allows it) and a token cancelled when the session ends. An `Err` ends the session, as in Go.
+pub type OnConnect = Arc<dyn Fn(SessionHandle, CancellationToken) -> BoxFuture<Result<(), BoxError>> + Send + Sync>;
+
+/// Why one connection attempt ended.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The websocket could not be established (network, TLS, proxy, or the server refused
+    /// the handshake: see [`ConnectError::is_auth_failure`]).
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// The on-connect callback failed.
+    #[error("on-connect callback failed: {0}")]
+    OnConnect(BoxError),
+}
+
+/// Configures a [`Client`].
+pub struct ClientBuilder {
+    url: String,
+    options: ConnectOptions,
+    authorizer: Arc<dyn ConnectAuthorizer>,
+    dialer: Arc<dyn LocalDialer>,
+    dial_timeout: Duration,
+    session_config: Config,
+    on_connect: Option<OnConnect>,
+    backoff: Backoff,
+}
+
+impl fmt::Debug for ClientBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientBuilder").field("url", &self.url).finish_non_exhaustive()
+    }
+}
+
+impl ClientBuilder {
+    /// A client of the server at `url` (`ws://`, `wss://`). Until [`allow`](Self::allow) says
+    /// otherwise it refuses every target.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            options: ConnectOptions::default(),
+            authorizer: Arc::new(DenyAll),
+            dialer: Arc::new(NetDialer),
+            dial_timeout: DEFAULT_DIAL_TIMEOUT,
+            session_config: Config::default(),
+            on_connect: None,
+            backoff: Backoff::default(),
+        }
+    }
+
+    /// Adds a header to the upgrade request (for example `X-Tunnel-ID`).
+    pub fn header(mut self, name: HeaderName, value: HeaderValue) -> Self {
+        self.options.headers.append(name, value);
+        self
+    }
+
+    /// TLS, proxy, handshake timeout and message size options for the websocket.
+    pub fn connect_options(mut self, options: ConnectOptions) -> Self {
+        let headers = std::mem::take(&mut self.options.headers);
+        self.options = options;
+        self.options.headers.extend(headers);
+        self
+    }
+
+    /// Which targets the server may reach (default: none).
+    pub fn allow(mut self, authorizer: impl ConnectAuthorizer) -> Self {
+        self.authorizer = Arc::new(authorizer);
+        self
+    }
+
+    /// How targets are dialed (default: the OS, for tcp/tcp4/tcp6/unix).
+    pub fn local_dialer(mut self, dialer: impl LocalDialer) -> Self {
+        self.dialer = Arc::new(dialer);
+        self
+    }
+
+    /// Bound on each local dial (default 60 s, as Go).
+    pub fn dial_timeout(mut self, timeout: Duration) -> Self {
+        self.dial_timeout = timeout;
+        self
+    }
+
+    /// Session intervals, watermarks and caps.
+    pub fn session_config(mut self, config: Config) -> Self {
+        self.session_config = config;
+        self
+    }
+
+    /// Runs `f` for every session.
+    pub fn on_connect<F, Fut>(mut self, f: F) -> Self
+    where
+        F: Fn(SessionHandle, CancellationToken) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<(), BoxError>> + Send + 'static,
+    {
+        self.on_connect = Some(Arc::new(move |h, c| Box::pin(f(h, c))));
+        self
+    }
+
+    /// Redial delays (default: 1 s doubling to 30 s, full jitter, reset after a healthy minute).
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// Builds the client.
+    pub fn build(self) -> Client {
+        Client { inner: Arc::new(self) }
+    }
+}
+
+/// A tunnel client: [`connect`](Self::connect) for one session, [`run`](Self::run) to keep
+/// one up.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<ClientBuilder>,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client").field("url", &self.inner.url).finish()
+    }
+}
+
+impl Client {
+    /// A builder; see [`ClientBuilder`].
+    pub fn builder(url: impl Into<String>) -> ClientBuilder {
+        ClientBuilder::new(url)
+    }
+
+    fn handler(&self) -> impl Fn(Target) -> BoxFuture<Result<BoxedIo, ConnectRefused>> + Send + Sync + 'static {
+        let inner = self.inner.clone();
+        move |target: Target| {
+            let inner = inner.clone();
+            Box::pin(async move {
+                if !inner.authorizer.allow(&target) {
+                    tracing::info!(%target, "refusing target not allowed by the allow rules");
+                    return Err(ConnectRefused::not_allowed());
+                }
+                match tokio::time::timeout(inner.dial_timeout, inner.dialer.dial(&target)).await {
+                    Ok(Ok(io)) => Ok(io),
+                    Ok(Err(e)) => Err(ConnectRefused::dial_failed(&target, &e)),
+                    Err(_) => Err(ConnectRefused::dial_failed(
+                        &target,
+                        &std::io::Error::from(std::io::ErrorKind::TimedOut),
+                    )),
+                }
+            }) as BoxFuture<_>
+        }
+    }
+
+    /// One attempt: connect, serve the session until it ends (or `cancel` fires), and say
+    /// why it ended.
+    pub async fn connect(&self, cancel: &CancellationToken) -> Result<SessionEnd, ClientError> {
+        tracing::info!(url = %self.inner.url, "Connecting to proxy");
+        let ws = tokio::select! {
+            r = connect_websocket(&self.inner.url, &self.inner.options) => r?,
+            () = cancel.cancelled() => return Ok(SessionEnd::Local),
+        };
+        tracing::info!(url = %self.inner.url, "Connected to proxy");
+        let session = SessionBuilder::client()
+            .config(self.inner.session_config.clone())
+            .connect_handler(self.handler())
+            .spawn(ws);
+        let session_cancel = cancel.child_token();
+        let callback = self.inner.on_connect.as_ref().map(|f| f(session.clone(), session_cancel.clone()));
+        let callback = async move {
+            match callback {
+                Some(fut) => fut.await,
+                None => std::future::pending().await,
+            }
+        };
+        let result = tokio::select! {
+            end = session.closed() => Ok(end),
+            () = cancel.cancelled() => {
+                session.close();
+                Ok(session.closed().await)
+            }
+            r = callback => match r {
+                // Go changes nothing when the callback returns without error.
+                Ok(()) => Ok(session.closed().await),
+                Err(e) => {
+                    session.close();
+                    Err(ClientError::OnConnect(e))
+                }
+            },
+        };
+        session_cancel.cancel();
+        tracing::info!("Proxy done");
+        result
+    }
+
+    /// Keeps a session up until `cancel` fires: redials with capped exponential backoff and
+    /// full jitter, resetting after a healthy session.
+    pub async fn run(&self, cancel: CancellationToken) {
+        let mut backoff = self.inner.backoff.clone();
+        while !cancel.is_cancelled() {
+            let started = Instant::now();
+            match self.connect(&cancel).await {
+                Ok(end) => {
+                    backoff.session_ended(started.elapsed());
+                    if !cancel.is_cancelled() {
+                        tracing::warn!(reason = %end, "tunnel session ended");
+                    }
+                }
+                Err(ClientError::Connect(e)) if e.is_auth_failure() => {
+                    tracing::error!(error = %e, "the server refused our credentials");
+                }
+                Err(e) => tracing::warn!(error = %e, "Remotedialer proxy error"),
+            }
+            if cancel.is_cancelled() {
+                break;
+            }
+            let delay = backoff.next_delay();
+            tracing::info!(?delay, "redialing");
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = cancel.cancelled() => break,
+            }
+        }
+    }
+}

@@ -1,0 +1,273 @@
+//! Prometheus metrics: Go's counters under Go's names and labels, plus gauges Go lacks.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::{MetricType, TypedMetric};
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(&'static str, String)>;
+
+/// A counter exposed under its exact name. prometheus-client writes counters the OpenMetrics
+/// way, with a `_total` suffix on the sample; Go's classic exposition has none, and
+/// dashboards built on Go's `session_server_total_add_websocket_session` must keep working.
+/// An untyped sample keeps the name as it is.
+#[derive(Debug, Clone, Default)]
+pub struct GoCounter(Arc<AtomicU64>);
+
+impl GoCounter {
+    /// Adds `v`.
+    pub fn inc_by(&self, v: u64) {
+        self.0.fetch_add(v, Ordering::Relaxed);
+    }
+
+    /// Adds one.
+    pub fn inc(&self) {
+        self.inc_by(1);
+    }
+
+    /// The current value.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+impl TypedMetric for GoCounter {
+    const TYPE: MetricType = MetricType::Unknown;
+}
+
+impl EncodeMetric for GoCounter {
+    fn encode(&self, mut encoder: MetricEncoder<'_>) -> Result<(), std::fmt::Error> {
+        encoder.encode_gauge(&self.get())
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Unknown
+    }
+}
+
+/// Every metric a server keeps. Cloning shares the same series.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    add_ws: Family<Labels, GoCounter>,
+    remove_ws: Family<Labels, GoCounter>,
+    add_conn: Family<Labels, GoCounter>,
+    remove_conn: Family<Labels, GoCounter>,
+    transmit_bytes: Family<Labels, GoCounter>,
+    transmit_error_bytes: Family<Labels, GoCounter>,
+    receive_bytes: Family<Labels, GoCounter>,
+    peer_attempt: Family<Labels, GoCounter>,
+    peer_connected: Family<Labels, GoCounter>,
+    peer_disconnected: Family<Labels, GoCounter>,
+    /// Sessions registered now.
+    pub sessions: Gauge,
+    /// Streams dialed through this server and still open.
+    pub streams: Gauge,
+    /// Streams whose peer we asked to pause, summed at the last scrape of session stats.
+    pub streams_paused_by_us: Gauge,
+    /// Streams the peer asked us to pause.
+    pub streams_paused_by_peer: Gauge,
+    /// Received bytes waiting for readers, over all sessions.
+    pub buffered_bytes: Gauge,
+    /// Time from a dial request to a stream handed back (includes finding the session).
+    pub dial_seconds: Histogram,
+    /// Connections refused at the handshake, by reason.
+    pub handshake_rejects: Family<Labels, GoCounter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every metric registered.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let fam = Family::<Labels, GoCounter>::default;
+        let m = Self {
+            registry: Arc::new(Registry::default()),
+            add_ws: fam(),
+            remove_ws: fam(),
+            add_conn: fam(),
+            remove_conn: fam(),
+            transmit_bytes: fam(),
+            transmit_error_bytes: fam(),
+            receive_bytes: fam(),
+            peer_attempt: fam(),
+            peer_connected: fam(),
+            peer_disconnected: fam(),
+            sessions: Gauge::default(),
+            streams: Gauge::default(),
+            streams_paused_by_us: Gauge::default(),
+            streams_paused_by_peer: Gauge::default(),
+            buffered_bytes: Gauge::default(),
+            dial_seconds: Histogram::new(exponential_buckets(0.000_05, 4.0, 10)),
+            handshake_rejects: fam(),
+        };
+        let go: [(&str, &str, &Family<Labels, GoCounter>); 10] = [
+            ("total_add_websocket_session", "Total count of added websocket sessions", &m.add_ws),
+            ("total_remove_websocket_session", "Total count of removed websocket sessions", &m.remove_ws),
+            ("total_add_connections", "Total count of added connections", &m.add_conn),
+            ("total_remove_connections", "Total count of removed connections", &m.remove_conn),
+            ("total_transmit_bytes", "Total bytes transmitted", &m.transmit_bytes),
+            ("total_transmit_error_bytes", "Total error bytes transmitted", &m.transmit_error_bytes),
+            ("total_receive_bytes", "Total bytes received", &m.receive_bytes),
+            (
+                "total_peer_ws_attempt",
+                "Total count of attempts to establish websocket session to other rancher-server",
+                &m.peer_attempt,
+            ),
+            (
+                "total_peer_ws_connected",
+                "Total count of connected websocket sessions to other rancher-server",
+                &m.peer_connected,
+            ),
+            (
+                "total_peer_ws_disconnected",
+                "Total count of disconnected websocket sessions from other rancher-server",
+                &m.peer_disconnected,
+            ),
+        ];
+        {
+            let sub = registry.sub_registry_with_prefix("session_server");
+            for (name, help, family) in go {
+                sub.register(name, help, family.clone());
+            }
+        }
+        let rd = registry.sub_registry_with_prefix("rd");
+        rd.register("sessions", "Websocket sessions registered now", m.sessions.clone());
+        rd.register("streams", "Virtual connections dialed through this server and open now", m.streams.clone());
+        rd.register(
+            "streams_paused_by_us",
+            "Open streams whose peer we asked to pause (at the last scrape)",
+            m.streams_paused_by_us.clone(),
+        );
+        rd.register(
+            "streams_paused_by_peer",
+            "Open streams the peer asked us to pause (at the last scrape)",
+            m.streams_paused_by_peer.clone(),
+        );
+        rd.register(
+            "buffered_bytes",
+            "Received bytes waiting for their readers, all sessions (at the last scrape)",
+            m.buffered_bytes.clone(),
+        );
+        rd.register("dial_seconds", "Time to dial a stream through a session", m.dial_seconds.clone());
+        rd.register(
+            "handshake_rejects",
+            "Tunnel upgrade requests refused, by reason",
+            m.handshake_rejects.clone(),
+        );
+        Self {
+            registry: Arc::new(registry),
+            ..m
+        }
+    }
+
+    /// The registry, to encode or to nest in an application's own.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).ok();
+        out
+    }
+
+    pub(crate) fn session_added(&self, client_key: &str, peer: bool) {
+        self.add_ws.get_or_create(&session_labels(client_key, peer)).inc();
+        self.sessions.inc();
+    }
+
+    pub(crate) fn session_removed(&self, client_key: &str, peer: bool) {
+        self.remove_ws.get_or_create(&session_labels(client_key, peer)).inc();
+        self.sessions.dec();
+    }
+
+    pub(crate) fn connection_added(&self, client_key: &str, proto: &str, addr: &str) {
+        self.add_conn.get_or_create(&conn_labels(client_key, proto, addr)).inc();
+        self.streams.inc();
+    }
+
+    pub(crate) fn connection_removed(&self, client_key: &str, proto: &str, addr: &str) {
+        self.remove_conn.get_or_create(&conn_labels(client_key, proto, addr)).inc();
+        self.streams.dec();
+    }
+
+    pub(crate) fn transmitted(&self, client_key: &str, bytes: u64) {
+        self.transmit_bytes.get_or_create(&vec![("clientkey", client_key.to_owned())]).inc_by(bytes);
+    }
+
+    pub(crate) fn transmitted_error(&self, client_key: &str, bytes: u64) {
+        self.transmit_error_bytes
+            .get_or_create(&vec![("clientkey", client_key.to_owned())])
+            .inc_by(bytes);
+    }
+
+    pub(crate) fn received(&self, client_key: &str, bytes: u64) {
+        self.receive_bytes.get_or_create(&vec![("clientkey", client_key.to_owned())]).inc_by(bytes);
+    }
+
+    pub(crate) fn peer_attempt(&self, peer: &str) {
+        self.peer_attempt.get_or_create(&vec![("peer", peer.to_owned())]).inc();
+    }
+
+    pub(crate) fn peer_connected(&self, peer: &str) {
+        self.peer_connected.get_or_create(&vec![("peer", peer.to_owned())]).inc();
+    }
+
+    pub(crate) fn peer_disconnected(&self, peer: &str) {
+        self.peer_disconnected.get_or_create(&vec![("peer", peer.to_owned())]).inc();
+    }
+
+    pub(crate) fn handshake_rejected(&self, reason: &'static str) {
+        self.handshake_rejects.get_or_create(&vec![("reason", reason.to_owned())]).inc();
+    }
+}
+
+fn session_labels(client_key: &str, peer: bool) -> Labels {
+    vec![("clientkey", client_key.to_owned()), ("peer", peer.to_string())]
+}
+
+fn conn_labels(client_key: &str, proto: &str, addr: &str) -> Labels {
+    vec![
+        ("clientkey", client_key.to_owned()),
+        ("proto", proto.to_owned()),
+        ("addr", addr.to_owned()),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn go_names_without_total_suffix() {
+        let m = Metrics::new();
+        m.session_added("foo", false);
+        m.connection_added("foo", "tcp", "127.0.0.1:8125");
+        m.transmitted("foo", 42);
+        let text = m.encode();
+        assert!(
+            text.contains("session_server_total_add_websocket_session{clientkey=\"foo\",peer=\"false\"} 1\n"),
+            "{text}"
+        );
+        assert!(text.contains(
+            "session_server_total_add_connections{clientkey=\"foo\",proto=\"tcp\",addr=\"127.0.0.1:8125\"} 1\n"
+        ));
+        assert!(text.contains("session_server_total_transmit_bytes{clientkey=\"foo\"} 42\n"));
+        assert!(text.contains("rd_sessions 1\n"));
+        assert!(text.contains("rd_streams 1\n"));
+        assert!(text.contains("# HELP session_server_total_peer_ws_disconnected"));
+    }
+}

@@ -1,0 +1,230 @@
+//! The example server's `/client/{id}/{scheme}/{host}/{path...}` route: an HTTP request
+//! through the tunnel to a service on the client's side.
+//!
+//! Go's example only proxies GET and buffers nothing but also copies nothing of the request;
+//! this one proxies every method, streams both bodies, forwards end-to-end headers and the
+//! query string (minus `timeout`). `timeout` (seconds, default 15 as Go) bounds the dial and
+//! the wait for response headers, not the body: Go's bound on the whole exchange would cut
+//! large downloads.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use http::{header, HeaderValue, Request, Response, StatusCode, Uri};
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use crate::auth::text_response;
+use crate::{Body, BoxError, Dialer, Server};
+
+/// Default of the `timeout` query parameter, as Go's example.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Headers that belong to one hop, not to the proxied exchange (RFC 9110 section 7.6.1).
+const HOP_BY_HOP: [header::HeaderName; 7] = [
+    header::CONNECTION,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// A parsed `/client/...` path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyPath {
+    /// The client key.
+    pub client: String,
+    /// `http` (the only scheme proxied).
+    pub scheme: String,
+    /// `host:port` on the client's side.
+    pub host: String,
+    /// The path to request, starting with `/`.
+    pub path: String,
+}
+
+impl ProxyPath {
+    /// Parses the part after `/client/`: `{id}/{scheme}/{host}` or `{id}/{scheme}/{host}/{path...}`.
+    pub fn parse(rest: &str) -> Option<Self> {
+        let mut parts = rest.splitn(4, '/');
+        let client = parts.next().filter(|s| !s.is_empty())?;
+        let scheme = parts.next().filter(|s| !s.is_empty())?;
+        let host = parts.next().filter(|s| !s.is_empty())?;
+        let path = parts.next().unwrap_or("");
+        Some(Self {
+            client: client.to_owned(),
+            scheme: scheme.to_owned(),
+            host: host.to_owned(),
+            path: format!("/{path}"),
+        })
+    }
+}
+
+/// Splits `timeout` out of a query string; returns the rest and the timeout.
+fn split_timeout(query: Option<&str>) -> (Option<String>, Result<Duration, String>) {
+    let mut timeout = Ok(DEFAULT_TIMEOUT);
+    let mut kept = Vec::new();
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        match pair.strip_prefix("timeout=") {
+            Some(v) => {
+                timeout = v
+                    .parse::<u64>()
+                    .map(Duration::from_secs)
+                    .map_err(|_| format!("invalid timeout {v:?}: want whole seconds"));
+            }
+            None => kept.push(pair),
+        }
+    }
+    let rest = (!kept.is_empty()).then(|| kept.join("&"));
+    (rest, timeout)
+}
+
+/// Proxies requests through client tunnels, keeping one pooled HTTP client per client key.
+#[derive(Debug)]
+pub struct ClientProxy {
+    server: Server,
+    clients: Mutex<HashMap<String, Client<Dialer, Body>>>,
+}
+
+impl ClientProxy {
+    /// A proxy over `server`'s tunnels.
+    pub fn new(server: Server) -> Self {
+        Self {
+            server,
+            clients: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn client(&self, key: &str) -> Client<Dialer, Body> {
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        clients
+            .entry(key.to_owned())
+            .or_insert_with(|| Client::builder(TokioExecutor::new()).build(self.server.dialer(key)))
+            .clone()
+    }
+
+    /// Handles a request whose path was `/client/{rest}`.
+    pub async fn handle<B>(&self, req: Request<B>, rest: &str) -> Response<Body>
+    where
+        B: hyper::body::Body<Data = bytes::Bytes> + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let Some(target) = ProxyPath::parse(rest) else {
+            return text_response(StatusCode::NOT_FOUND, "want /client/{id}/{scheme}/{host}/{path}".into());
+        };
+        if target.scheme != "http" {
+            return text_response(
+                StatusCode::BAD_REQUEST,
+                format!("unsupported scheme {:?}: only http is proxied", target.scheme),
+            );
+        }
+        let (query, timeout) = split_timeout(req.uri().query());
+        let timeout = match timeout {
+            Ok(t) => t,
+            Err(text) => return text_response(StatusCode::BAD_REQUEST, text),
+        };
+        if !self.server.has_session(&target.client) {
+            return text_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("failed to find Session for client {}", target.client),
+            );
+        }
+        let path_and_query = match query {
+            Some(q) => format!("{}?{q}", target.path),
+            None => target.path.clone(),
+        };
+        let uri = match Uri::builder()
+            .scheme("http")
+            .authority(target.host.as_str())
+            .path_and_query(path_and_query)
+            .build()
+        {
+            Ok(uri) => uri,
+            Err(e) => return text_response(StatusCode::BAD_REQUEST, format!("invalid target: {e}")),
+        };
+        let (mut parts, body) = req.into_parts();
+        parts.uri = uri;
+        parts.version = http::Version::HTTP_11;
+        for h in &HOP_BY_HOP {
+            parts.headers.remove(h);
+        }
+        if let Ok(host) = HeaderValue::from_str(&target.host) {
+            parts.headers.insert(header::HOST, host);
+        }
+        let body: Body = body.map_err(Into::into).boxed();
+        let request = Request::from_parts(parts, body);
+        let started = std::time::Instant::now();
+        let method = request.method().clone();
+        let result = tokio::time::timeout(timeout, self.client(&target.client).request(request)).await;
+        let response = match result {
+            Err(_) => text_response(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("no response from {} within {timeout:?}", target.host),
+            ),
+            Ok(Err(e)) => text_response(StatusCode::BAD_GATEWAY, error_chain(&e)),
+            Ok(Ok(response)) => {
+                let (mut parts, body) = response.into_parts();
+                for h in &HOP_BY_HOP {
+                    parts.headers.remove(h);
+                }
+                Response::from_parts(parts, body.map_err(|e| Box::new(e) as BoxError).boxed())
+            }
+        };
+        tracing::info!(
+            client = %target.client,
+            %method,
+            url = %format!("http://{}{}", target.host, target.path),
+            status = response.status().as_u16(),
+            elapsed = ?started.elapsed(),
+            "proxied request"
+        );
+        response
+    }
+}
+
+/// An error and its causes, `outer: inner: innermost`, so the dial error text (for example
+/// `dial tcp 127.0.0.1:9: connect: connection refused`) reaches the caller.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let next = s.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = s.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_paths_like_the_go_mux() {
+        let p = ProxyPath::parse("foo/http/127.0.0.1:8125/a/b.txt").expect("valid");
+        assert_eq!(
+            (p.client.as_str(), p.scheme.as_str(), p.host.as_str(), p.path.as_str()),
+            ("foo", "http", "127.0.0.1:8125", "/a/b.txt")
+        );
+        assert_eq!(ProxyPath::parse("foo/http/127.0.0.1:8125").expect("valid").path, "/");
+        assert_eq!(ProxyPath::parse("foo/http/127.0.0.1:8125/").expect("valid").path, "/");
+        assert_eq!(ProxyPath::parse("foo/http"), None);
+        assert_eq!(ProxyPath::parse("/http/x"), None);
+    }
+
+    #[test]
+    fn timeout_is_taken_out_of_the_query() {
+        let (rest, t) = split_timeout(Some("a=1&timeout=3&b=2"));
+        assert_eq!(rest.as_deref(), Some("a=1&b=2"));
+        assert_eq!(t, Ok(Duration::from_secs(3)));
+        let (rest, t) = split_timeout(None);
+        assert_eq!((rest, t), (None, Ok(DEFAULT_TIMEOUT)));
+        assert!(split_timeout(Some("timeout=x")).1.is_err());
+    }
+}

@@ -1,0 +1,403 @@
+//! [`Server`]: the upgrade endpoint, the session manager and the API around them.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use rd_proto::{ClientSession, Config, Target};
+use rd_session::{ConnectHandler, RefuseAll, SessionBuilder, SessionHandle, SessionObserver};
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::auth::{constant_time_eq, text_response, Authorization, Authorizer, ErrorWriter, PlainTextErrors};
+use crate::dialer::Dialer;
+use crate::metrics::Metrics;
+use crate::peer::{self, PeerLink};
+use crate::registry::Registry;
+use crate::upgrade::accept_key;
+use crate::Body;
+
+/// Header a peer server sends its id in (Go's `remotedialer.ID`).
+pub const PEER_ID_HEADER: &str = "X-API-Tunnel-ID";
+/// Header a peer server sends the shared token in (Go's `remotedialer.Token`).
+pub const PEER_TOKEN_HEADER: &str = "X-API-Tunnel-Token";
+
+pub(crate) struct Inner {
+    pub(crate) authorizer: Box<dyn Authorizer>,
+    pub(crate) error_writer: Box<dyn ErrorWriter>,
+    pub(crate) peer_identity: Option<(String, String)>,
+    pub(crate) client_connect: Arc<dyn ConnectHandler>,
+    pub(crate) session_config: Config,
+    pub(crate) max_message_size: usize,
+    pub(crate) peer_connect: rd_client::ConnectOptions,
+    pub(crate) registry: Mutex<Registry>,
+    pub(crate) peers: Mutex<HashMap<String, PeerLink>>,
+    pub(crate) metrics: Metrics,
+    pub(crate) accepting: AtomicBool,
+    pub(crate) shutdown: CancellationToken,
+}
+
+/// A remotedialer server. Cheap to clone; clones share everything.
+#[derive(Clone)]
+pub struct Server {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Server {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Server")
+            .field("peer_id", &self.inner.peer_identity.as_ref().map(|(id, _)| id))
+            .finish()
+    }
+}
+
+/// Configures a [`Server`].
+pub struct ServerBuilder {
+    authorizer: Box<dyn Authorizer>,
+    error_writer: Box<dyn ErrorWriter>,
+    peer_identity: Option<(String, String)>,
+    client_connect: Arc<dyn ConnectHandler>,
+    session_config: Config,
+    max_message_size: usize,
+    peer_connect: rd_client::ConnectOptions,
+    metrics: Metrics,
+}
+
+impl fmt::Debug for ServerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerBuilder").finish_non_exhaustive()
+    }
+}
+
+impl ServerBuilder {
+    /// A server whose clients are judged by `authorizer`.
+    pub fn new(authorizer: impl Authorizer) -> Self {
+        Self {
+            authorizer: Box::new(authorizer),
+            error_writer: Box::new(PlainTextErrors),
+            peer_identity: None,
+            client_connect: Arc::new(RefuseAll),
+            session_config: Config::default(),
+            max_message_size: rd_session::DEFAULT_MAX_MESSAGE_SIZE,
+            peer_connect: rd_client::ConnectOptions::default(),
+            metrics: Metrics::new(),
+        }
+    }
+
+    /// Replaces Go's `DefaultErrorWriter` for handshake failures.
+    pub fn error_writer(mut self, w: impl ErrorWriter) -> Self {
+        self.error_writer = Box::new(w);
+        self
+    }
+
+    /// This server's peer id and the token peers share (Go's `PeerID`/`PeerToken`); both are
+    /// needed for HA peering.
+    pub fn peer_identity(mut self, id: impl Into<String>, token: impl Into<String>) -> Self {
+        self.peer_identity = Some((id.into(), token.into()));
+        self
+    }
+
+    /// Serves Connects that clients send towards the server (Go's
+    /// `ClientConnectAuthorizer` plus a dialer). Default: refuse each with an Error.
+    pub fn client_connect(mut self, handler: impl ConnectHandler) -> Self {
+        self.client_connect = Arc::new(handler);
+        self
+    }
+
+    /// Session intervals, watermarks and caps.
+    pub fn session_config(mut self, config: Config) -> Self {
+        self.session_config = config;
+        self
+    }
+
+    /// Largest websocket message accepted (default 64 MiB).
+    pub fn max_message_size(mut self, bytes: usize) -> Self {
+        self.max_message_size = bytes;
+        self
+    }
+
+    /// How outgoing peer links connect: TLS roots, CA files, and
+    /// `insecure_skip_verify` for Go's behaviour (it never verifies peers). Proxies from the
+    /// environment are not used for peers unless set here, as in Go.
+    pub fn peer_connect_options(mut self, options: rd_client::ConnectOptions) -> Self {
+        self.peer_connect = options;
+        self
+    }
+
+    /// Uses an existing metrics set (for example one already registered elsewhere).
+    pub fn metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Builds the server.
+    pub fn build(self) -> Server {
+        let mut peer_connect = self.peer_connect;
+        peer_connect.proxy = rd_client::ProxyMode::None;
+        Server {
+            inner: Arc::new(Inner {
+                authorizer: self.authorizer,
+                error_writer: self.error_writer,
+                peer_identity: self.peer_identity,
+                client_connect: self.client_connect,
+                session_config: self.session_config,
+                max_message_size: self.max_message_size,
+                peer_connect,
+                registry: Mutex::new(Registry::default()),
+                peers: Mutex::new(HashMap::new()),
+                metrics: self.metrics,
+                accepting: AtomicBool::new(true),
+                shutdown: CancellationToken::new(),
+            }),
+        }
+    }
+}
+
+/// Counts a session's streams and bytes into the server's metrics.
+struct StreamMetrics {
+    metrics: Metrics,
+    client_key: String,
+}
+
+impl SessionObserver for StreamMetrics {
+    fn stream_opened(&self, target: &Target) {
+        self.metrics.connection_added(&self.client_key, &target.network(), target.address());
+    }
+    fn stream_closed(&self, target: &Target) {
+        self.metrics.connection_removed(&self.client_key, &target.network(), target.address());
+    }
+    fn transmitted(&self, bytes: usize) {
+        self.metrics.transmitted(&self.client_key, bytes as u64);
+    }
+    fn received(&self, bytes: usize) {
+        self.metrics.received(&self.client_key, bytes as u64);
+    }
+    fn reset(&self, text: &str) {
+        self.metrics.transmitted_error(&self.client_key, text.len() as u64);
+    }
+}
+
+impl Server {
+    /// A builder; see [`ServerBuilder`].
+    pub fn builder(authorizer: impl Authorizer) -> ServerBuilder {
+        ServerBuilder::new(authorizer)
+    }
+
+    pub(crate) fn registry(&self) -> MutexGuard<'_, Registry> {
+        self.inner.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The server's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// Refreshes the gauges computed from session state, then encodes every metric.
+    pub fn encode_metrics(&self) -> String {
+        let sessions = self.registry().all_sessions();
+        let (mut by_us, mut by_peer, mut buffered) = (0, 0, 0);
+        for s in sessions {
+            let stats = s.stats();
+            by_us += stats.paused_by_us;
+            by_peer += stats.paused_by_peer;
+            buffered += stats.receive_buffered;
+        }
+        let m = &self.inner.metrics;
+        m.streams_paused_by_us.set(by_us as i64);
+        m.streams_paused_by_peer.set(by_peer as i64);
+        m.buffered_bytes.set(buffered as i64);
+        m.encode()
+    }
+
+    /// A dialer that opens streams through `client_key`'s session, found at dial time (local
+    /// sessions first, then peers). It also works as a hyper-util client connector.
+    pub fn dialer(&self, client_key: impl Into<String>) -> Dialer {
+        Dialer::new(self.clone(), client_key.into())
+    }
+
+    /// Whether a dial for `client_key` would find a session, here or through a peer.
+    pub fn has_session(&self, client_key: &str) -> bool {
+        self.registry().route(client_key).is_some()
+    }
+
+    /// Keys of the clients connected to this server (not via peers), unordered.
+    pub fn list_clients(&self) -> Vec<String> {
+        self.registry().client_keys()
+    }
+
+    /// Closes every session of `client_key` on this server; returns how many.
+    pub fn disconnect(&self, client_key: &str) -> usize {
+        let sessions = self.registry().sessions_of(client_key);
+        for s in &sessions {
+            s.close();
+        }
+        sessions.len()
+    }
+
+    /// Starts (or restarts, if its url or token changed) a link to peer server `id` at `url`.
+    /// Does nothing unless this server has a [peer identity](ServerBuilder::peer_identity).
+    pub fn add_peer(&self, url: impl Into<String>, id: impl Into<String>, token: impl Into<String>) {
+        peer::add(self, url.into(), id.into(), token.into());
+    }
+
+    /// Stops the link to peer `id`.
+    pub fn remove_peer(&self, id: &str) {
+        peer::remove(self, id);
+    }
+
+    /// Stops accepting tunnels, stops peer links and closes every session; waits up to
+    /// `grace` for them to finish.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.inner.accepting.store(false, Ordering::SeqCst);
+        self.inner.shutdown.cancel();
+        let sessions = self.registry().all_sessions();
+        for s in &sessions {
+            s.close();
+        }
+        let all_closed = async {
+            for s in &sessions {
+                s.closed().await;
+            }
+        };
+        if tokio::time::timeout(grace, all_closed).await.is_err() {
+            tracing::warn!("sessions still open after the shutdown grace period");
+        }
+    }
+
+    /// Whether the server has no sessions (used after shutdown).
+    pub fn is_idle(&self) -> bool {
+        self.registry().is_empty()
+    }
+
+    /// Handles a tunnel upgrade request: authenticates a peer or a client, then switches to
+    /// a websocket and runs the session until it ends. Mount it at any path.
+    pub async fn handle<B: Send + 'static>(&self, mut req: Request<B>) -> Response<Body> {
+        let inner = &self.inner;
+        if !inner.accepting.load(Ordering::SeqCst) {
+            inner.metrics.handshake_rejected("shutting_down");
+            return inner.error_writer.write_error(StatusCode::SERVICE_UNAVAILABLE, "server shutting down");
+        }
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        let (parts, _body) = req.into_parts();
+        let (client_key, peer) = match self.peer_of(&parts) {
+            Some(id) => (id, true),
+            None => match inner.authorizer.authorize(&parts).await {
+                Authorization::Client(key) => (key, false),
+                Authorization::Unauthorized => {
+                    inner.metrics.handshake_rejected("unauthorized");
+                    return inner.error_writer.write_error(StatusCode::UNAUTHORIZED, "failed authentication");
+                }
+                Authorization::Error(text) => {
+                    inner.metrics.handshake_rejected("authorizer_error");
+                    return inner.error_writer.write_error(StatusCode::BAD_REQUEST, &text);
+                }
+            },
+        };
+        let accept = match accept_key(&parts) {
+            Ok(accept) => accept,
+            Err(bad) => {
+                inner.metrics.handshake_rejected("bad_upgrade");
+                let text = format!("Error during upgrade for host [{client_key}]: {}", bad.reason);
+                return inner.error_writer.write_error(bad.status, &text);
+            }
+        };
+        let session_key = rand::random::<i64>() & i64::MAX;
+        let span = tracing::info_span!(parent: None, "session", side = "server", %client_key, session_key, peer);
+        let server = self.clone();
+        tokio::spawn(
+            async move {
+                match on_upgrade.await {
+                    Ok(upgraded) => server.run_session(TokioIo::new(upgraded), client_key, session_key, peer).await,
+                    Err(e) => tracing::info!(error = %e, "websocket upgrade failed"),
+                }
+            }
+            .instrument(span),
+        );
+        let mut response = text_response(StatusCode::SWITCHING_PROTOCOLS, String::new());
+        let h = response.headers_mut();
+        h.remove(header::CONTENT_TYPE);
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        if let Ok(v) = HeaderValue::from_str(&accept) {
+            h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+        }
+        response
+    }
+
+    /// The peer id, if the request carries a registered peer's id and token.
+    fn peer_of(&self, parts: &http::request::Parts) -> Option<String> {
+        let get = |name| parts.headers.get(name).and_then(|v: &HeaderValue| v.to_str().ok()).filter(|v| !v.is_empty());
+        let (id, token) = (get(PEER_ID_HEADER)?, get(PEER_TOKEN_HEADER)?);
+        let peers = self.inner.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let link = peers.get(id)?;
+        constant_time_eq(link.token.as_bytes(), token.as_bytes()).then(|| id.to_owned())
+    }
+
+    async fn run_session<S>(&self, io: S, client_key: String, session_key: i64, peer: bool)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let inner = &self.inner;
+        let ws = WebSocketStream::from_raw_socket(
+            io,
+            Role::Server,
+            Some(rd_session::websocket_config(inner.max_message_size)),
+        )
+        .await;
+        let observer = Arc::new(StreamMetrics {
+            metrics: inner.metrics.clone(),
+            client_key: client_key.clone(),
+        });
+        let mut builder = SessionBuilder::server(client_key.clone(), session_key)
+            .config(inner.session_config.clone())
+            .observer(observer);
+        if peer {
+            let server = self.clone();
+            let link = std::sync::OnceLock::<SessionHandle>::new();
+            let link = Arc::new(link);
+            let link2 = link.clone();
+            builder = builder.on_announcement(move |client: ClientSession, added| {
+                if let Some(h) = link2.get() {
+                    server.registry().peer_announced(h, client, added);
+                }
+            });
+            let (handle, driver) = builder.start(ws);
+            link.set(handle.clone()).ok();
+            self.registry().add_peer_session(handle.clone());
+            self.serve_registered(handle, driver, &client_key, true).await;
+        } else {
+            builder = builder.connect_handler_arc(inner.client_connect.clone());
+            let (handle, driver) = builder.start(ws);
+            self.registry().add_client(handle.clone());
+            self.serve_registered(handle, driver, &client_key, false).await;
+        }
+    }
+
+    async fn serve_registered<S>(
+        &self,
+        handle: SessionHandle,
+        driver: rd_session::SessionDriver<S>,
+        client_key: &str,
+        peer: bool,
+    ) where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let metrics = &self.inner.metrics;
+        metrics.session_added(client_key, peer);
+        tracing::info!("Handling backend connection request [{client_key}]");
+        let end = driver.await;
+        if peer {
+            self.registry().remove_peer_session(&handle);
+        } else {
+            self.registry().remove_client(&handle);
+        }
+        metrics.session_removed(client_key, peer);
+        tracing::info!(reason = %end, "session ended [{client_key}]");
+    }
+}
