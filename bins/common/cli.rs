@@ -20,6 +20,7 @@ pub fn init_tracing(debug: bool) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(io::stderr)
+        .with_ansi(io::IsTerminal::is_terminal(&io::stderr()))
         .init();
 }
 

@@ -1,0 +1,61 @@
+# rd: every target a user or CI needs. `make run` is the demo, `make test` runs every test.
+SHELL := /bin/bash
+CARGO ?= cargo
+NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
+
+.PHONY: all build server client dummy run test fmt lint guard unit doctest bench fuzz soak clean
+
+all: build
+
+build:
+	$(CARGO) build --workspace --bins
+
+server:
+	$(CARGO) build --release -p rd-server-bin
+
+client:
+	$(CARGO) build --release -p rd-client-bin
+
+dummy:
+	$(CARGO) build --release -p rd-dummy-bin
+
+# Builds release binaries, starts rd-dummy, rd-server and rd-client on loopback, fetches a
+# file through the tunnel and keeps them running until Ctrl-C.
+run: server client dummy
+	RD_BIN_DIR=target/release bash tests/demo.sh
+
+fmt:
+	$(CARGO) fmt --all
+
+lint:
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# rd-proto must stay sans-IO: no runtime, no websocket, no HTTP in its normal dependencies.
+guard:
+	@if $(CARGO) tree -p rd-proto -e normal --prefix none | grep -Eq '^(tokio|tungstenite|tokio-tungstenite|hyper) '; then \
+		echo "rd-proto depends on an IO crate:"; $(CARGO) tree -p rd-proto -e normal; exit 1; \
+	else echo "guard: rd-proto is IO-free"; fi
+
+unit:
+	$(CARGO) build --workspace --bins
+ifeq ($(NEXTEST),yes)
+	$(CARGO) nextest run --workspace --no-fail-fast
+else
+	$(CARGO) test --workspace --no-fail-fast --lib --bins --tests
+endif
+
+doctest:
+	$(CARGO) test --workspace --doc
+
+test:
+	$(CARGO) fmt --all -- --check
+	$(MAKE) lint
+	$(MAKE) guard
+	$(MAKE) unit
+	$(MAKE) doctest
+
+bench:
+	$(CARGO) bench -p rd-benches
+
+clean:
+	$(CARGO) clean
