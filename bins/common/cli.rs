@@ -29,9 +29,12 @@ pub fn init_tracing(debug: bool) {
 pub async fn bind(listen: &str) -> io::Result<TcpListener> {
     match listen.strip_prefix(':') {
         Some(port) => {
-            let port: u16 = port
-                .parse()
-                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("invalid port in {listen:?}")))?;
+            let port: u16 = port.parse().map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("invalid port in {listen:?}"),
+                )
+            })?;
             match TcpListener::bind(("::", port)).await {
                 Ok(l) => Ok(l),
                 Err(_) => TcpListener::bind(("0.0.0.0", port)).await,

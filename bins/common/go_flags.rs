@@ -34,7 +34,11 @@ fn is_go_long_flag(s: &str) -> bool {
         return false;
     };
     let name = rest.split('=').next().unwrap_or("");
-    !rest.starts_with('-') && name.len() > 1 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    !rest.starts_with('-')
+        && name.len() > 1
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 #[cfg(test)]
@@ -51,16 +55,48 @@ mod tests {
     #[test]
     fn single_dash_long_flags_become_double_dash() {
         assert_eq!(
-            norm(&["prog", "-listen", ":8123", "-id=first", "--token", "aaa", "-debug", "-h"]),
-            ["prog", "--listen", ":8123", "--id=first", "--token", "aaa", "--debug", "-h"]
+            norm(&[
+                "prog",
+                "-listen",
+                ":8123",
+                "-id=first",
+                "--token",
+                "aaa",
+                "-debug",
+                "-h"
+            ]),
+            [
+                "prog",
+                "--listen",
+                ":8123",
+                "--id=first",
+                "--token",
+                "aaa",
+                "--debug",
+                "-h"
+            ]
         );
     }
 
     #[test]
     fn values_and_passthrough_are_untouched() {
         assert_eq!(
-            norm(&["prog", "-peers", "second:aaa:ws://localhost:8124/connect", "-", "--", "-x1"]),
-            ["prog", "--peers", "second:aaa:ws://localhost:8124/connect", "-", "--", "-x1"]
+            norm(&[
+                "prog",
+                "-peers",
+                "second:aaa:ws://localhost:8124/connect",
+                "-",
+                "--",
+                "-x1"
+            ]),
+            [
+                "prog",
+                "--peers",
+                "second:aaa:ws://localhost:8124/connect",
+                "-",
+                "--",
+                "-x1"
+            ]
         );
     }
 }

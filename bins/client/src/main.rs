@@ -12,7 +12,9 @@ use std::process::ExitCode;
 
 use clap::{ArgAction, Parser};
 use http::{HeaderName, HeaderValue};
-use rd_client::{AllowAll, AllowRule, AllowRules, Client, ClientBuilder, ConnectOptions, TlsOptions};
+use rd_client::{
+    AllowAll, AllowRule, AllowRules, Client, ClientBuilder, ConnectOptions, TlsOptions,
+};
 use tokio_util::sync::CancellationToken;
 
 /// Reverse-tunnel client: dials out to an rd (or Go remotedialer) server and lets it open
@@ -53,8 +55,10 @@ fn header(spec: &str) -> Result<(HeaderName, HeaderValue), String> {
     let (name, value) = spec
         .split_once(':')
         .ok_or_else(|| format!("invalid header {spec:?}: want Name:Value"))?;
-    let name = HeaderName::try_from(name.trim()).map_err(|e| format!("invalid header name in {spec:?}: {e}"))?;
-    let value = HeaderValue::try_from(value.trim()).map_err(|e| format!("invalid header value in {spec:?}: {e}"))?;
+    let name = HeaderName::try_from(name.trim())
+        .map_err(|e| format!("invalid header name in {spec:?}: {e}"))?;
+    let value = HeaderValue::try_from(value.trim())
+        .map_err(|e| format!("invalid header value in {spec:?}: {e}"))?;
     Ok((name, value))
 }
 
@@ -119,13 +123,36 @@ mod tests {
 
     #[test]
     fn go_and_clap_command_lines_parse() {
-        let parse = |a: &[&str]| Args::try_parse_from(go_flags::normalize(a.iter().map(Into::into)));
-        let a = parse(&["rd-client", "-connect", "ws://localhost:8124/connect", "-id", "bar", "-debug=false"]).expect("go style");
-        assert_eq!((a.connect.as_str(), a.id.as_str(), a.debug), ("ws://localhost:8124/connect", "bar", false));
-        let b = parse(&["rd-client", "--allow", "tcp:127.0.0.1:*", "--header", "Authorization: Bearer x", "--once"]).expect("clap");
+        let parse =
+            |a: &[&str]| Args::try_parse_from(go_flags::normalize(a.iter().map(Into::into)));
+        let a = parse(&[
+            "rd-client",
+            "-connect",
+            "ws://localhost:8124/connect",
+            "-id",
+            "bar",
+            "-debug=false",
+        ])
+        .expect("go style");
+        assert_eq!(
+            (a.connect.as_str(), a.id.as_str(), a.debug),
+            ("ws://localhost:8124/connect", "bar", false)
+        );
+        let b = parse(&[
+            "rd-client",
+            "--allow",
+            "tcp:127.0.0.1:*",
+            "--header",
+            "Authorization: Bearer x",
+            "--once",
+        ])
+        .expect("clap");
         assert_eq!(b.allow.len(), 1);
         assert!(b.once);
-        assert_eq!(header("Authorization: Bearer x").expect("valid").1, "Bearer x");
+        assert_eq!(
+            header("Authorization: Bearer x").expect("valid").1,
+            "Bearer x"
+        );
         assert!(parse(&["rd-client", "--allow", "nocolon"]).is_err());
     }
 }

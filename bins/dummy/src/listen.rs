@@ -1,14 +1,14 @@
 //! Go-style listen addresses: `:8125` means every interface, as in `net.Listen`.
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use tokio::net::TcpListener;
 
 /// Binds the first address `listen` resolves to that accepts the bind.
 pub async fn bind(listen: &str) -> io::Result<TcpListener> {
     let addrs: Vec<SocketAddr> = match literal(listen)? {
-        Some(addr) => vec![addr],
+        Some(addrs) => addrs,
         None => tokio::net::lookup_host(listen).await?.collect(),
     };
     let mut last_err = io::Error::new(
@@ -25,7 +25,7 @@ pub async fn bind(listen: &str) -> io::Result<TcpListener> {
 }
 
 /// Addresses that need no name lookup; `Ok(None)` means "try resolving it".
-fn literal(listen: &str) -> io::Result<Option<SocketAddr>> {
+fn literal(listen: &str) -> io::Result<Option<Vec<SocketAddr>>> {
     if let Some(port) = listen.strip_prefix(':') {
         let port = port.parse::<u16>().map_err(|_| {
             io::Error::new(
@@ -33,10 +33,14 @@ fn literal(listen: &str) -> io::Result<Option<SocketAddr>> {
                 format!("invalid port in listen address {listen:?}"),
             )
         })?;
-        // Go would open a dual-stack socket here; IPv4-any is what the examples need.
-        return Ok(Some(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))));
+        // Go opens a dual-stack socket: `[::]` takes IPv4 too where the system allows, so
+        // `localhost` works whichever family it resolves to; IPv4-any is the fallback.
+        return Ok(Some(vec![
+            SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)),
+            SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
+        ]));
     }
-    Ok(listen.parse().ok())
+    Ok(listen.parse().ok().map(|a| vec![a]))
 }
 
 #[cfg(test)]
@@ -48,7 +52,7 @@ mod tests {
     fn go_style_port_only_means_all_interfaces() {
         assert_eq!(
             literal(":8125").unwrap(),
-            Some("0.0.0.0:8125".parse().unwrap())
+            Some(vec!["[::]:8125".parse().unwrap(), "0.0.0.0:8125".parse().unwrap()])
         );
         assert!(literal(":http").is_err());
         assert!(literal(":70000").is_err());
@@ -58,11 +62,11 @@ mod tests {
     fn socket_addresses_pass_through() {
         assert_eq!(
             literal("127.0.0.1:0").unwrap(),
-            Some("127.0.0.1:0".parse().unwrap())
+            Some(vec!["127.0.0.1:0".parse().unwrap()])
         );
         assert_eq!(
             literal("[::1]:80").unwrap(),
-            Some("[::1]:80".parse().unwrap())
+            Some(vec!["[::1]:80".parse().unwrap()])
         );
         assert_eq!(literal("localhost:80").unwrap(), None);
     }

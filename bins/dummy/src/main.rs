@@ -7,7 +7,6 @@ mod access_log;
 mod file_body;
 mod files;
 // Shared file, formatted by its owner; keep `cargo fmt` from rewriting it from here.
-#[rustfmt::skip]
 #[path = "../../common/go_flags.rs"]
 mod go_flags;
 mod http_date;

@@ -70,11 +70,13 @@ fn parse_peers(list: &str) -> Result<Vec<PeerSpec>, String> {
         .map(|entry| {
             let mut parts = entry.splitn(3, ':');
             match (parts.next(), parts.next(), parts.next()) {
-                (Some(id), Some(token), Some(url)) if !id.is_empty() && !url.is_empty() => Ok(PeerSpec {
-                    id: id.into(),
-                    token: token.into(),
-                    url: url.into(),
-                }),
+                (Some(id), Some(token), Some(url)) if !id.is_empty() && !url.is_empty() => {
+                    Ok(PeerSpec {
+                        id: id.into(),
+                        token: token.into(),
+                        url: url.into(),
+                    })
+                }
                 _ => Err(format!("invalid peer {entry:?}: want id:token:url")),
             }
         })
@@ -96,11 +98,13 @@ async fn main() -> ExitCode {
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let peers = parse_peers(&args.peers)?;
-    let mut peer_tls = rd_client::TlsOptions::default().with_insecure_skip_verify(args.peer_insecure_skip_verify);
+    let mut peer_tls =
+        rd_client::TlsOptions::default().with_insecure_skip_verify(args.peer_insecure_skip_verify);
     for ca in &args.peer_ca_cert {
         peer_tls = peer_tls.with_ca_file(ca);
     }
-    let mut builder = Server::builder(TunnelIdHeader).peer_connect_options(rd_client::ConnectOptions::default().with_tls(peer_tls));
+    let mut builder = Server::builder(TunnelIdHeader)
+        .peer_connect_options(rd_client::ConnectOptions::default().with_tls(peer_tls));
     if !args.id.is_empty() && !args.token.is_empty() {
         builder = builder.peer_identity(&args.id, &args.token);
     } else if !peers.is_empty() {
@@ -132,7 +136,8 @@ mod tests {
 
     #[test]
     fn peers_split_at_the_first_two_colons() {
-        let p = parse_peers("second:aaa:ws://localhost:8124/connect, third:b:wss://h:1/c").expect("valid");
+        let p = parse_peers("second:aaa:ws://localhost:8124/connect, third:b:wss://h:1/c")
+            .expect("valid");
         assert_eq!(
             p[0],
             PeerSpec {
@@ -149,10 +154,25 @@ mod tests {
     #[test]
     fn go_command_lines_parse() {
         let args = |a: &[&str]| Args::try_parse_from(go_flags::normalize(a.iter().map(Into::into)));
-        let a = args(&["rd-server", "-listen", ":8124", "-id", "second", "-token", "aaa", "-peers", "first:aaa:ws://localhost:8123/connect", "-debug"])
-            .expect("go style");
-        assert_eq!((a.listen.as_str(), a.id.as_str(), a.debug), (":8124", "second", true));
-        let b = args(&["rd-server", "--listen=127.0.0.1:0", "--metrics=false"]).expect("clap style");
+        let a = args(&[
+            "rd-server",
+            "-listen",
+            ":8124",
+            "-id",
+            "second",
+            "-token",
+            "aaa",
+            "-peers",
+            "first:aaa:ws://localhost:8123/connect",
+            "-debug",
+        ])
+        .expect("go style");
+        assert_eq!(
+            (a.listen.as_str(), a.id.as_str(), a.debug),
+            (":8124", "second", true)
+        );
+        let b =
+            args(&["rd-server", "--listen=127.0.0.1:0", "--metrics=false"]).expect("clap style");
         assert!(!b.metrics && !b.debug);
     }
 }

@@ -41,10 +41,16 @@ impl App {
         match path.as_str() {
             "/healthz" => text_response(StatusCode::OK, "ok\n".into()),
             "/metrics" if self.metrics => {
-                let mut r = Response::new(Full::new(Bytes::from(self.server.encode_metrics())).map_err(|n| match n {}).boxed());
+                let mut r = Response::new(
+                    Full::new(Bytes::from(self.server.encode_metrics()))
+                        .map_err(|n| match n {})
+                        .boxed(),
+                );
                 r.headers_mut().insert(
                     http::header::CONTENT_TYPE,
-                    http::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+                    http::HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
                 );
                 r
             }
@@ -54,7 +60,11 @@ impl App {
 }
 
 /// Accepts connections until the listener fails.
-pub async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, app: Arc<App>) -> std::io::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    app: Arc<App>,
+) -> std::io::Result<()> {
     loop {
         let (tcp, remote) = match listener.accept().await {
             Ok(conn) => conn,

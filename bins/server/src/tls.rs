@@ -13,7 +13,8 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, Box<dyn std::err
         .map_err(|e| format!("reading {}: {e}", cert.display()))?
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("reading {}: {e}", cert.display()))?;
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("reading {}: {e}", key.display()))?;
+    let key =
+        PrivateKeyDer::from_pem_file(key).map_err(|e| format!("reading {}: {e}", key.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
