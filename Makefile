@@ -59,3 +59,13 @@ bench:
 
 clean:
 	$(CARGO) clean
+
+# Coverage-guided fuzzing of the decoder and the session state machine (not part of CI).
+# FUZZ_SECONDS per target; the corpus is seeded from the Go wire vectors.
+FUZZ_SECONDS ?= 60
+fuzz:
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	python3 tests/fuzz_seeds.py crates/rd-proto/tests/vectors/go-remotedialer-get.json crates/rd-proto/fuzz/corpus
+	cd crates/rd-proto/fuzz && for t in decode session; do \
+		RUSTC_BOOTSTRAP=1 cargo fuzz run $$t corpus/$$t -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
+	done
