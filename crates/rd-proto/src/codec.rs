@@ -69,7 +69,9 @@ pub enum DecodeError {
         reason: &'static str,
     },
     /// A SyncConnections payload whose length is not a multiple of 8.
-    #[error("incorrect data format: SyncConnections payload of {len} bytes is not a multiple of 8")]
+    #[error(
+        "incorrect data format: SyncConnections payload of {len} bytes is not a multiple of 8"
+    )]
     BadSyncLength {
         /// The payload length.
         len: usize,
@@ -103,7 +105,10 @@ pub fn decode(mut buf: Bytes) -> Result<Frame, DecodeError> {
     let type_code = field(&mut buf, HeaderField::Type)?;
     let Some(kind) = MessageType::from_code(type_code) else {
         let message = Message::Unknown { type_code, conn_id };
-        return Ok(Frame { message_id, message });
+        return Ok(Frame {
+            message_id,
+            message,
+        });
     };
     if kind.has_deadline() {
         field(&mut buf, HeaderField::Deadline)?;
@@ -115,15 +120,13 @@ pub fn decode(mut buf: Bytes) -> Result<Frame, DecodeError> {
         },
         MessageType::Connect => Message::Connect {
             conn_id,
-            target: Target::parse(&buf).map_err(|reason| DecodeError::BadConnect { conn_id, reason })?,
+            target: Target::parse(&buf)
+                .map_err(|reason| DecodeError::BadConnect { conn_id, reason })?,
         },
-        MessageType::Error => {
-            let kept = &buf[..buf.len().min(MAX_ERROR_TEXT)];
-            Message::Error {
-                conn_id,
-                text: String::from_utf8_lossy(kept).into_owned(),
-            }
-        }
+        MessageType::Error => Message::Error {
+            conn_id,
+            text: error_text(&buf),
+        },
         MessageType::AddClient => Message::AddClient(client_session(&buf)?),
         MessageType::RemoveClient => Message::RemoveClient(client_session(&buf)?),
         MessageType::Pause => Message::Pause { conn_id },
@@ -139,19 +142,41 @@ pub fn decode(mut buf: Bytes) -> Result<Frame, DecodeError> {
             Message::SyncConnections { ids }
         }
     };
-    Ok(Frame { message_id, message })
+    Ok(Frame {
+        message_id,
+        message,
+    })
+}
+
+/// The first 100 bytes of an Error payload as text. Invalid UTF-8 becomes U+FFFD, and the
+/// result is cut back to 100 bytes on a character boundary, so re-sending it loses nothing more.
+fn error_text(payload: &[u8]) -> String {
+    let mut text =
+        String::from_utf8_lossy(&payload[..payload.len().min(MAX_ERROR_TEXT)]).into_owned();
+    let mut end = text.len().min(MAX_ERROR_TEXT);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text
 }
 
 fn client_session(payload: &[u8]) -> Result<ClientSession, DecodeError> {
     let kept = &payload[..payload.len().min(MAX_CLIENT_PAYLOAD)];
-    let text = String::from_utf8_lossy(kept);
     let bad = |reason| DecodeError::BadClientSession {
-        payload: text.clone().into_owned(),
+        payload: String::from_utf8_lossy(kept).into_owned(),
         reason,
     };
-    let (key, session) = text.split_once('/').ok_or_else(|| bad("no '/' separator"))?;
+    // Go keeps the key's raw bytes; a lossy decode would change the key (and could push it
+    // past the 100-byte limit when re-sent), so a key that is not UTF-8 is refused.
+    let text = std::str::from_utf8(kept).map_err(|_| bad("not valid UTF-8"))?;
+    let (key, session) = text
+        .split_once('/')
+        .ok_or_else(|| bad("no '/' separator"))?;
     // strconv.Atoi accepts one leading sign; Rust's parse does the same for i64.
-    let session_key = session.parse::<i64>().map_err(|_| bad("session key is not a decimal integer"))?;
+    let session_key = session
+        .parse::<i64>()
+        .map_err(|_| bad("session key is not a decimal integer"))?;
     Ok(ClientSession {
         client_key: key.to_owned(),
         session_key,
@@ -204,6 +229,43 @@ mod tests {
     }
 
     #[test]
+    fn fuzz_regression_non_utf8_payloads_round_trip_or_fail_cleanly() {
+        // Found by `make fuzz` (decode target): an AddClient key with invalid UTF-8 was
+        // decoded lossily, grew past 100 bytes and no longer decoded after re-encoding.
+        let crash = hex::decode(
+            "d401000a3607fb474747474747474747474747474747474747474747474747474747474747474747474747\
+             4747474747474747474747474747474747474747474747474747474747474747474747474747474747474747\
+             eadeac92b4fc0100080e0d666f6f2f35",
+        )
+        .expect("hex");
+        assert!(matches!(
+            decode(Bytes::from(crash)),
+            Err(DecodeError::BadClientSession {
+                reason: "not valid UTF-8",
+                ..
+            })
+        ));
+        // Error text: invalid UTF-8 and multi-byte characters cut at 100 bytes stay within
+        // 100 bytes after lossy decoding, so a re-encoded Error decodes to the same text.
+        let mut raw = vec![0x02, 0x02, 0x06];
+        raw.extend(std::iter::repeat_n(0xff, 60));
+        raw.extend("é".repeat(30).as_bytes());
+        let Message::Error { text, .. } = decode(Bytes::from(raw)).expect("valid").message else {
+            panic!("not error")
+        };
+        assert!(text.len() <= 100);
+        let again = decode(
+            Message::Error {
+                conn_id: ConnId(1),
+                text: text.clone(),
+            }
+            .to_bytes(1),
+        )
+        .expect("re-encoded");
+        assert!(matches!(again.message, Message::Error { text: t, .. } if t == text));
+    }
+
+    #[test]
     fn error_text_is_cut_to_100_bytes() {
         let mut raw = vec![0x02, 0x02, 0x06];
         raw.extend(std::iter::repeat_n(b'x', 150));
@@ -215,18 +277,49 @@ mod tests {
 
     #[test]
     fn malformed_messages_give_precise_errors() {
-        assert_eq!(dec(""), Err(DecodeError::Truncated { field: HeaderField::MessageId }));
-        assert_eq!(dec("02"), Err(DecodeError::Truncated { field: HeaderField::ConnId }));
-        assert_eq!(dec("0202"), Err(DecodeError::Truncated { field: HeaderField::Type }));
-        assert_eq!(dec("020202"), Err(DecodeError::Truncated { field: HeaderField::Deadline }));
+        assert_eq!(
+            dec(""),
+            Err(DecodeError::Truncated {
+                field: HeaderField::MessageId
+            })
+        );
+        assert_eq!(
+            dec("02"),
+            Err(DecodeError::Truncated {
+                field: HeaderField::ConnId
+            })
+        );
+        assert_eq!(
+            dec("0202"),
+            Err(DecodeError::Truncated {
+                field: HeaderField::Type
+            })
+        );
+        assert_eq!(
+            dec("020202"),
+            Err(DecodeError::Truncated {
+                field: HeaderField::Deadline
+            })
+        );
         assert_eq!(
             dec("ffffffffffffffffffff01"),
-            Err(DecodeError::VarintOverflow { field: HeaderField::MessageId })
+            Err(DecodeError::VarintOverflow {
+                field: HeaderField::MessageId
+            })
         );
-        assert_eq!(dec("020010aabbccddeeff00"), Err(DecodeError::BadSyncLength { len: 7 }));
+        assert_eq!(
+            dec("020010aabbccddeeff00"),
+            Err(DecodeError::BadSyncLength { len: 7 })
+        );
         let no_slash = dec("020404b0ea01746370").expect_err("no slash");
         assert_eq!(no_slash.conn_id(), Some(ConnId(2)));
-        assert!(matches!(dec("020008666f6f"), Err(DecodeError::BadClientSession { .. })));
-        assert!(matches!(dec("020008666f6f2f78"), Err(DecodeError::BadClientSession { .. })));
+        assert!(matches!(
+            dec("020008666f6f"),
+            Err(DecodeError::BadClientSession { .. })
+        ));
+        assert!(matches!(
+            dec("020008666f6f2f78"),
+            Err(DecodeError::BadClientSession { .. })
+        ));
     }
 }

@@ -62,16 +62,24 @@ impl Config {
             return Err(ConfigError("low_watermark must be below high_watermark"));
         }
         if self.stream_receive_cap < self.high_watermark {
-            return Err(ConfigError("stream_receive_cap must be at least high_watermark"));
+            return Err(ConfigError(
+                "stream_receive_cap must be at least high_watermark",
+            ));
         }
         if self.session_receive_cap < self.stream_receive_cap {
-            return Err(ConfigError("session_receive_cap must be at least stream_receive_cap"));
+            return Err(ConfigError(
+                "session_receive_cap must be at least stream_receive_cap",
+            ));
         }
         if self.max_data_payload == 0 || self.stream_send_buffer == 0 {
-            return Err(ConfigError("max_data_payload and stream_send_buffer must be positive"));
+            return Err(ConfigError(
+                "max_data_payload and stream_send_buffer must be positive",
+            ));
         }
         if self.ping_interval.is_zero() || self.keepalive_timeout.is_zero() {
-            return Err(ConfigError("ping_interval and keepalive_timeout must be positive"));
+            return Err(ConfigError(
+                "ping_interval and keepalive_timeout must be positive",
+            ));
         }
         Ok(())
     }

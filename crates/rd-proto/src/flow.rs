@@ -75,7 +75,10 @@ impl RecvFlow {
 
     /// Panics if an invariant is broken; for tests and debug builds.
     pub fn assert_invariants(&self, config: &Config) {
-        assert!(self.buffered <= config.stream_receive_cap, "buffered over the hard cap");
+        assert!(
+            self.buffered <= config.stream_receive_cap,
+            "buffered over the hard cap"
+        );
     }
 }
 
@@ -88,11 +91,19 @@ mod tests {
     fn pause_once_above_high_resume_once_below_low() {
         let c = Config::default();
         let mut f = RecvFlow::default();
-        assert_eq!(f.on_data(c.high_watermark, &c), Ok(None), "at the mark is not above it");
+        assert_eq!(
+            f.on_data(c.high_watermark, &c),
+            Ok(None),
+            "at the mark is not above it"
+        );
         assert_eq!(f.on_data(1, &c), Ok(Some(FlowSignal::Pause)));
         assert_eq!(f.on_data(1000, &c), Ok(None), "only one Pause outstanding");
         assert_eq!(f.on_consumed(1001, &c), None);
-        assert_eq!(f.on_consumed(c.high_watermark - c.low_watermark, &c), None, "at low is not below");
+        assert_eq!(
+            f.on_consumed(c.high_watermark - c.low_watermark, &c),
+            None,
+            "at low is not below"
+        );
         assert_eq!(f.on_consumed(1, &c), Some(FlowSignal::Resume));
         assert_eq!(f.on_consumed(1, &c), None, "only one Resume");
     }

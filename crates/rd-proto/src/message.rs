@@ -180,7 +180,9 @@ impl Message {
             Self::Data { payload, .. } => payload.len(),
             Self::Connect { target, .. } => target.wire_len(),
             Self::Error { text, .. } => text.len(),
-            Self::AddClient(c) | Self::RemoveClient(c) => c.client_key.len() + 1 + decimal_len(c.session_key),
+            Self::AddClient(c) | Self::RemoveClient(c) => {
+                c.client_key.len() + 1 + decimal_len(c.session_key)
+            }
             Self::SyncConnections { ids } => ids.len() * 8,
             Self::Pause { .. } | Self::Resume { .. } | Self::Unknown { .. } => 0,
         }
@@ -245,7 +247,10 @@ fn header_len(message_id: i64, conn_id: ConnId, type_code: i64) -> usize {
 }
 
 fn decimal_len(v: i64) -> usize {
-    let digits = v.unsigned_abs().checked_ilog10().map_or(1, |d| d as usize + 1);
+    let digits = v
+        .unsigned_abs()
+        .checked_ilog10()
+        .map_or(1, |d| d as usize + 1);
     digits + usize::from(v < 0)
 }
 
@@ -255,7 +260,17 @@ mod tests {
 
     #[test]
     fn decimal_len_counts_digits_and_sign() {
-        for v in [0, 9, 10, 99, 5577006791947779410, -1, -10, i64::MIN, i64::MAX] {
+        for v in [
+            0,
+            9,
+            10,
+            99,
+            5577006791947779410,
+            -1,
+            -10,
+            i64::MIN,
+            i64::MAX,
+        ] {
             assert_eq!(decimal_len(v), v.to_string().len(), "{v}");
         }
     }
@@ -269,7 +284,10 @@ mod tests {
             conn_id: c,
             target: Target::new("tcp", "127.0.0.1:8125").expect("valid"),
         };
-        assert_eq!(hex(&connect, 1), "020204b0ea017463702f3132372e302e302e313a38313235");
+        assert_eq!(
+            hex(&connect, 1),
+            "020204b0ea017463702f3132372e302e302e313a38313235"
+        );
         let data = Message::Data {
             conn_id: c,
             payload: Bytes::from_static(b"hello"),
@@ -291,7 +309,10 @@ mod tests {
             client_key: "foo".into(),
             session_key: 5577006791947779410,
         });
-        assert_eq!(hex(&add, 7), "0e0008666f6f2f35353737303036373931393437373739343130");
+        assert_eq!(
+            hex(&add, 7),
+            "0e0008666f6f2f35353737303036373931393437373739343130"
+        );
         for (m, id) in [(&connect, 1), (&data, 2), (&eof, 3), (&sync, 6), (&add, 7)] {
             assert_eq!(m.to_bytes(id).len(), m.encoded_len(id));
         }

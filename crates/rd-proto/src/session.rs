@@ -206,7 +206,13 @@ impl Session {
     /// A new session started at `now`. `first_message_id` seeds the informational message
     /// counter (Go starts it at a random 63-bit value); `identity` names this session in
     /// `connection not found` replies.
-    pub fn new(side: Side, config: Config, identity: Identity, now: Instant, first_message_id: i64) -> Self {
+    pub fn new(
+        side: Side,
+        config: Config,
+        identity: Identity,
+        now: Instant,
+        first_message_id: i64,
+    ) -> Self {
         let is_client = side == Side::Client;
         Self {
             side,
@@ -385,9 +391,19 @@ impl Session {
     }
 
     fn on_connect(&mut self, now: Instant, conn_id: ConnId, target: Target) {
-        if self.streams.get(&conn_id).is_some_and(|s| s.receiving()) {
-            // Go would silently replace the live connection; refusing keeps both ends sane.
-            self.reset(conn_id, "connection id already in use").ok();
+        if let Some(s) = self.streams.get(&conn_id) {
+            const IN_USE: &str = "connection id already in use";
+            if s.receiving() {
+                // Go would silently replace the live connection; refusing keeps both ends sane.
+                self.reset(conn_id, IN_USE).ok();
+            } else {
+                // Off the wire, but its handle may still read what it buffered: replacing the
+                // entry would hand that handle the new stream and leak the buffered count.
+                self.queue_control(&Message::Error {
+                    conn_id,
+                    text: IN_USE.into(),
+                });
+            }
             return;
         }
         if self.streams.len() >= self.config.max_streams {
@@ -395,8 +411,12 @@ impl Session {
             self.queue_control(&Message::Error { conn_id, text });
             return;
         }
-        self.streams.insert(conn_id, Stream::new(target.clone(), Origin::Remote, now));
-        self.events.push_back(Event::StreamRequested { id: conn_id, target });
+        self.streams
+            .insert(conn_id, Stream::new(target.clone(), Origin::Remote, now));
+        self.events.push_back(Event::StreamRequested {
+            id: conn_id,
+            target,
+        });
     }
 
     fn on_error(&mut self, conn_id: ConnId, text: String) {
@@ -608,7 +628,8 @@ impl Session {
             conn_id: id,
             target: target.clone(),
         });
-        self.streams.insert(id, Stream::new(target, Origin::Local, now));
+        self.streams
+            .insert(id, Stream::new(target, Origin::Local, now));
         Ok(id)
     }
 
@@ -737,6 +758,10 @@ impl Session {
             self.finish(id).ok();
         } else if s.is_done() {
             self.remove(id);
+        } else if s.has_output() && !s.scheduled {
+            // Already finished but held back by the peer's Pause, which no longer applies.
+            s.scheduled = true;
+            self.ready.push_back(id);
         }
     }
 
@@ -760,7 +785,10 @@ impl Session {
         let ids: Vec<ConnId> = self.streams.keys().copied().collect();
         for id in ids {
             let notify_peer = end == SessionEnd::Local
-                && self.streams.get(&id).is_some_and(|s| matches!(s.wire, Wire::Open | Wire::FinQueued));
+                && self
+                    .streams
+                    .get(&id)
+                    .is_some_and(|s| matches!(s.wire, Wire::Open | Wire::FinQueued));
             if notify_peer {
                 self.queue_control(&Message::Error {
                     conn_id: id,

@@ -103,9 +103,13 @@ impl Stream {
         self.wire != Wire::Gone
     }
 
-    /// Whether the scheduler has something to send for this stream right now.
+    /// Whether the scheduler has something to send for this stream right now. A released
+    /// stream ignores the peer's Pause: like Go's `Close`, which sends its Error whatever the
+    /// pause state, it must get its EOF out (after at most a send buffer of Data the writer
+    /// was already told was written), or two ends that paused each other never close.
     pub(crate) fn has_output(&self) -> bool {
-        !self.paused_by_peer && (!self.send.is_empty() || self.wire == Wire::FinQueued)
+        (!self.paused_by_peer || self.released)
+            && (!self.send.is_empty() || self.wire == Wire::FinQueued)
     }
 
     /// Whether the entry can be dropped: nothing left for the wire or the application.

@@ -81,9 +81,11 @@ impl Target {
             });
         }
         let text = std::str::from_utf8(payload).map_err(|_| TargetError::NotUtf8)?;
-        let (proto, address) = text.split_once('/').ok_or_else(|| TargetError::MissingSlash {
-            payload: text.to_owned(),
-        })?;
+        let (proto, address) = text
+            .split_once('/')
+            .ok_or_else(|| TargetError::MissingSlash {
+                payload: text.to_owned(),
+            })?;
         let target = match proto.split_once("::") {
             Some((key, proto)) => Self {
                 client_key: Some(key.to_owned()),
@@ -125,7 +127,10 @@ impl Target {
 
     /// Length of the Connect payload this target encodes to.
     pub fn wire_len(&self) -> usize {
-        self.client_key.as_ref().map_or(0, |k| k.len() + 2) + self.proto.len() + 1 + self.address.len()
+        self.client_key.as_ref().map_or(0, |k| k.len() + 2)
+            + self.proto.len()
+            + 1
+            + self.address.len()
     }
 
     fn validate(&self) -> Result<(), TargetError> {
@@ -168,7 +173,10 @@ mod tests {
     #[test]
     fn parses_direct_and_routed() {
         let t = Target::parse(b"tcp/127.0.0.1:8125").expect("valid");
-        assert_eq!((t.proto(), t.address(), t.client_key()), ("tcp", "127.0.0.1:8125", None));
+        assert_eq!(
+            (t.proto(), t.address(), t.client_key()),
+            ("tcp", "127.0.0.1:8125", None)
+        );
         let r = Target::parse(b"foo::tcp/127.0.0.1:8125").expect("valid");
         assert_eq!(r.client_key(), Some("foo"));
         assert_eq!(r.network(), "foo::tcp");
@@ -188,11 +196,35 @@ mod tests {
 
     #[test]
     fn malformed_payloads_are_typed_errors() {
-        assert!(matches!(Target::parse(b"tcp"), Err(TargetError::MissingSlash { .. })));
-        assert!(matches!(Target::parse(&[b'a'; 300]), Err(TargetError::TooLong { len: 300, .. })));
-        assert!(matches!(Target::parse(b"/x"), Err(TargetError::Empty { part: "proto", .. })));
-        assert!(matches!(Target::parse(b"tcp/"), Err(TargetError::Empty { part: "address", .. })));
-        assert!(matches!(Target::parse(b"::tcp/x"), Err(TargetError::Empty { part: "client key", .. })));
-        assert_eq!(Target::parse(&[b't', b'/', 0xff]), Err(TargetError::NotUtf8));
+        assert!(matches!(
+            Target::parse(b"tcp"),
+            Err(TargetError::MissingSlash { .. })
+        ));
+        assert!(matches!(
+            Target::parse(&[b'a'; 300]),
+            Err(TargetError::TooLong { len: 300, .. })
+        ));
+        assert!(matches!(
+            Target::parse(b"/x"),
+            Err(TargetError::Empty { part: "proto", .. })
+        ));
+        assert!(matches!(
+            Target::parse(b"tcp/"),
+            Err(TargetError::Empty {
+                part: "address",
+                ..
+            })
+        ));
+        assert!(matches!(
+            Target::parse(b"::tcp/x"),
+            Err(TargetError::Empty {
+                part: "client key",
+                ..
+            })
+        ));
+        assert_eq!(
+            Target::parse(&[b't', b'/', 0xff]),
+            Err(TargetError::NotUtf8)
+        );
     }
 }

@@ -78,8 +78,14 @@ mod tests {
             (63, &[0x7e]),
             (64, &[0x80, 0x01]),
             (15000, &[0xb0, 0xea, 0x01]),
-            (1234567890123456789, &[0xaa, 0x84, 0xcc, 0xde, 0x8f, 0xbd, 0x88, 0xa2, 0x22]),
-            ((1 << 62) + 1, &[0x82, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x01]),
+            (
+                1234567890123456789,
+                &[0xaa, 0x84, 0xcc, 0xde, 0x8f, 0xbd, 0x88, 0xa2, 0x22],
+            ),
+            (
+                (1 << 62) + 1,
+                &[0x82, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x01],
+            ),
         ];
         for &(v, bytes) in table {
             assert_eq!(enc(v), bytes, "encoding {v}");
@@ -106,10 +112,17 @@ mod tests {
 
     #[test]
     fn overlong_and_truncated_are_rejected() {
-        let eleven = [0x80u8; 10].iter().copied().chain([0x00]).collect::<Vec<_>>();
+        let eleven = [0x80u8; 10]
+            .iter()
+            .copied()
+            .chain([0x00])
+            .collect::<Vec<_>>();
         assert_eq!(get_varint(&mut &eleven[..]), Err(VarintError::Overflow));
         let tenth_too_big = [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02];
-        assert_eq!(get_varint(&mut &tenth_too_big[..]), Err(VarintError::Overflow));
+        assert_eq!(
+            get_varint(&mut &tenth_too_big[..]),
+            Err(VarintError::Overflow)
+        );
         assert_eq!(get_varint(&mut &[0x80][..]), Err(VarintError::Truncated));
         assert_eq!(get_varint(&mut &[][..]), Err(VarintError::Truncated));
     }

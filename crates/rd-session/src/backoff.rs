@@ -19,7 +19,11 @@ pub struct Backoff {
 impl Default for Backoff {
     /// 1 s, doubling to 30 s, reset after a healthy minute.
     fn default() -> Self {
-        Self::new(Duration::from_secs(1), Duration::from_secs(30), Duration::from_secs(60))
+        Self::new(
+            Duration::from_secs(1),
+            Duration::from_secs(30),
+            Duration::from_secs(60),
+        )
     }
 }
 
@@ -62,7 +66,11 @@ mod tests {
 
     #[test]
     fn grows_to_the_cap_with_jitter_below_the_ceiling() {
-        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(30), Duration::from_secs(60));
+        let mut b = Backoff::new(
+            Duration::from_secs(1),
+            Duration::from_secs(30),
+            Duration::from_secs(60),
+        );
         let mut ceilings = Vec::new();
         for _ in 0..8 {
             let ceiling = b.ceiling();
@@ -71,14 +79,22 @@ mod tests {
         }
         assert_eq!(ceilings, [1, 2, 4, 8, 16, 30, 30, 30]);
         b.session_ended(Duration::from_secs(5));
-        assert_eq!(b.ceiling(), Duration::from_secs(30), "short sessions do not reset");
+        assert_eq!(
+            b.ceiling(),
+            Duration::from_secs(30),
+            "short sessions do not reset"
+        );
         b.session_ended(Duration::from_secs(61));
         assert_eq!(b.ceiling(), Duration::from_secs(1));
     }
 
     #[test]
     fn delays_are_spread() {
-        let mut b = Backoff::new(Duration::from_secs(30), Duration::from_secs(30), Duration::from_secs(60));
+        let mut b = Backoff::new(
+            Duration::from_secs(30),
+            Duration::from_secs(30),
+            Duration::from_secs(60),
+        );
         let delays: std::collections::HashSet<_> = (0..20).map(|_| b.next_delay()).collect();
         assert!(delays.len() > 10, "full jitter spreads delays");
     }

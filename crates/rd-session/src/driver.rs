@@ -47,7 +47,9 @@ pub struct SessionDriver<S> {
 
 impl<S> fmt::Debug for SessionDriver<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SessionDriver").field("session_key", &self.shared.session_key).finish()
+        f.debug_struct("SessionDriver")
+            .field("session_key", &self.shared.session_key)
+            .finish()
     }
 }
 
@@ -96,7 +98,9 @@ where
                 }
             }
             WsMessage::Ping(_) | WsMessage::Pong(_) => inner.proto.handle_keepalive(now),
-            WsMessage::Text(_) => inner.proto.close(SessionEnd::Protocol(ProtocolError::TextFrame)),
+            WsMessage::Text(_) => inner
+                .proto
+                .close(SessionEnd::Protocol(ProtocolError::TextFrame)),
             WsMessage::Close(_) => inner.proto.close(SessionEnd::PeerClosed),
             WsMessage::Frame(_) => {}
         }
@@ -186,7 +190,11 @@ where
                     let stream = TunnelStream::new(self.shared.clone(), id, target);
                     match &self.handler {
                         Some(handler) => {
-                            tokio::spawn(incoming::serve(handler.clone(), stream, self.cancel.clone()));
+                            tokio::spawn(incoming::serve(
+                                handler.clone(),
+                                stream,
+                                self.cancel.clone(),
+                            ));
                         }
                         None => stream.reset("connect not allowed"),
                     }
@@ -217,7 +225,10 @@ where
         drop(inner);
         if at != self.timer_at {
             self.timer_at = at;
-            let deadline = at.map_or_else(|| Instant::now() + Duration::from_secs(3600), Instant::from_std);
+            let deadline = at.map_or_else(
+                || Instant::now() + Duration::from_secs(3600),
+                Instant::from_std,
+            );
             self.timer.as_mut().reset(deadline);
         }
         self.timer.as_mut().poll(cx).is_ready()

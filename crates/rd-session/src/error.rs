@@ -28,7 +28,10 @@ impl StreamClosed {
 fn kind_of_text(text: &str) -> io::ErrorKind {
     if text.contains("connection refused") {
         io::ErrorKind::ConnectionRefused
-    } else if text.contains("timeout") || text.contains("timed out") || text.contains("deadline exceeded") {
+    } else if text.contains("timeout")
+        || text.contains("timed out")
+        || text.contains("deadline exceeded")
+    {
         io::ErrorKind::TimedOut
     } else {
         io::ErrorKind::ConnectionReset
@@ -89,8 +92,14 @@ mod tests {
             }
             .kind()
         };
-        assert_eq!(k("dial tcp 127.0.0.1:9: connect: connection refused"), io::ErrorKind::ConnectionRefused);
-        assert_eq!(k("dial tcp 10.0.0.1:80: i/o timeout"), io::ErrorKind::TimedOut);
+        assert_eq!(
+            k("dial tcp 127.0.0.1:9: connect: connection refused"),
+            io::ErrorKind::ConnectionRefused
+        );
+        assert_eq!(
+            k("dial tcp 10.0.0.1:80: i/o timeout"),
+            io::ErrorKind::TimedOut
+        );
         assert_eq!(k("context deadline exceeded"), io::ErrorKind::TimedOut);
         assert_eq!(k("boom"), io::ErrorKind::ConnectionReset);
         let gone = io::Error::from(StreamClosed {

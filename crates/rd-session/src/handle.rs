@@ -183,7 +183,10 @@ impl SessionBuilder {
     }
 
     /// Called for each AddClient (`true`) / RemoveClient (`false`) from a peer server.
-    pub fn on_announcement(mut self, f: impl Fn(ClientSession, bool) + Send + Sync + 'static) -> Self {
+    pub fn on_announcement(
+        mut self,
+        f: impl Fn(ClientSession, bool) + Send + Sync + 'static,
+    ) -> Self {
         self.on_announcement = Some(Arc::new(f));
         self
     }

@@ -37,7 +37,12 @@ impl ConnectRefused {
 
     /// Go's text for a failed dial: `dial <proto> <address>: <cause>`.
     pub fn dial_failed(target: &Target, cause: &io::Error) -> Self {
-        Self(format!("dial {} {}: {}", target.proto(), target.address(), go_io_text(cause)))
+        Self(format!(
+            "dial {} {}: {}",
+            target.proto(),
+            target.address(),
+            go_io_text(cause)
+        ))
     }
 }
 
@@ -82,7 +87,11 @@ impl ConnectHandler for RefuseAll {
     }
 }
 
-pub(crate) async fn serve(handler: std::sync::Arc<dyn ConnectHandler>, stream: TunnelStream, cancel: CancellationToken) {
+pub(crate) async fn serve(
+    handler: std::sync::Arc<dyn ConnectHandler>,
+    stream: TunnelStream,
+    cancel: CancellationToken,
+) {
     let target = stream.peer_addr().clone();
     let span = tracing::debug_span!("stream", id = %stream.id(), target = %target);
     async move {
@@ -110,7 +119,10 @@ pub(crate) async fn serve(handler: std::sync::Arc<dyn ConnectHandler>, stream: T
 
 /// Copies both ways until either direction ends, then closes both, as Go's pipe does (the
 /// protocol has no half-close). A clean end finishes the stream with EOF when it is dropped.
-pub async fn pipe(tunnel: &TunnelStream, local: impl AsyncRead + AsyncWrite + Send) -> io::Result<()> {
+pub async fn pipe(
+    tunnel: &TunnelStream,
+    local: impl AsyncRead + AsyncWrite + Send,
+) -> io::Result<()> {
     let (local_read, mut local_write) = tokio::io::split(local);
     let mut local_read = BufReader::with_capacity(64 * 1024, local_read);
     let outbound = async {

@@ -62,7 +62,9 @@ pub use stream::TunnelStream;
 /// A tungstenite config for tunnel websockets: no message larger than `max_message_size`
 /// (Go sets no limit; a Go peer's Data messages are at most its write size, 32 KiB for
 /// `io.Copy`), and frames up to the same size so Go's unfragmented server frames fit.
-pub fn websocket_config(max_message_size: usize) -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+pub fn websocket_config(
+    max_message_size: usize,
+) -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
     tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
         .max_message_size(Some(max_message_size))
         .max_frame_size(Some(max_message_size))

@@ -52,7 +52,11 @@ impl Inner {
 
     pub(crate) fn register(&mut self, id: ConnId, waker: &Waker, read: bool) {
         let entry = self.streams.entry(id).or_default();
-        let slot = if read { &mut entry.read } else { &mut entry.write };
+        let slot = if read {
+            &mut entry.read
+        } else {
+            &mut entry.write
+        };
         match slot {
             Some(w) if w.will_wake(waker) => {}
             _ => *slot = Some(waker.clone()),
@@ -70,7 +74,9 @@ pub(crate) struct Shared {
 
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared").field("client_key", &self.client_key).finish()
+        f.debug_struct("Shared")
+            .field("client_key", &self.client_key)
+            .finish()
     }
 }
 
@@ -97,6 +103,8 @@ impl Shared {
     /// Locks the state. A panic while holding the lock cannot leave the sans-IO state
     /// half-updated in a way later calls misread, so poisoning is ignored.
     pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }

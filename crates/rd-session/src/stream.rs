@@ -75,7 +75,11 @@ impl TunnelStream {
 
     /// Reads the next chunk of received bytes, up to `max`, without copying them;
     /// `Ok(None)` at a clean end of stream.
-    pub fn poll_read_chunk(&self, cx: &mut Context<'_>, max: usize) -> Poll<io::Result<Option<Bytes>>> {
+    pub fn poll_read_chunk(
+        &self,
+        cx: &mut Context<'_>,
+        max: usize,
+    ) -> Poll<io::Result<Option<Bytes>>> {
         let mut inner = self.shared.lock();
         match inner.proto.read(self.id, max) {
             Ok(ReadOutcome::Data(bytes)) => {
@@ -138,14 +142,20 @@ impl TunnelStream {
 fn to_io(e: StreamError) -> io::Error {
     match e {
         StreamError::Closed(end) => StreamClosed { end }.into(),
-        StreamError::Finished => io::Error::new(io::ErrorKind::BrokenPipe, "stream already shut down"),
+        StreamError::Finished => {
+            io::Error::new(io::ErrorKind::BrokenPipe, "stream already shut down")
+        }
         StreamError::Unknown(_) => io::Error::new(io::ErrorKind::NotConnected, "tunnel disconnect"),
         other => io::Error::other(other),
     }
 }
 
 impl AsyncRead for TunnelStream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         if buf.remaining() == 0 {
             return Poll::Ready(Ok(()));
         }
@@ -162,7 +172,11 @@ impl AsyncRead for TunnelStream {
 }
 
 impl AsyncWrite for TunnelStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         self.poll_write_shared(cx, buf)
     }
 
