@@ -31,6 +31,10 @@ pub struct Config {
     pub max_data_payload: usize,
     /// Live streams per session; a Connect beyond it is answered with an Error.
     pub max_streams: usize,
+    /// Control messages (Error replies, echoes, Pause, Resume) queued but not yet sent above
+    /// which [`Session::wants_input`](crate::Session::wants_input) turns false: a peer that
+    /// floods us without reading our replies is not read either, instead of growing the queue.
+    pub max_queued_control: usize,
 }
 
 impl Default for Config {
@@ -46,6 +50,7 @@ impl Default for Config {
             stream_send_buffer: 256 * 1024,
             max_data_payload: 32 * 1024,
             max_streams: 65_536,
+            max_queued_control: 4096,
         }
     }
 }

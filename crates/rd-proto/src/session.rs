@@ -252,6 +252,14 @@ impl Session {
         self.ended.as_ref()
     }
 
+    /// Whether the caller should read more websocket messages now. False while more than
+    /// [`Config::max_queued_control`] replies wait to be sent, so a peer that floods us and
+    /// does not read cannot make the queue grow without bound; it turns true again as the
+    /// caller drains [`poll_transmit`](Self::poll_transmit).
+    pub fn wants_input(&self) -> bool {
+        self.control.len() < self.config.max_queued_control
+    }
+
     /// Counters for metrics.
     pub fn stats(&self) -> SessionStats {
         let mut stats = SessionStats {

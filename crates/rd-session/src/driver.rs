@@ -88,7 +88,8 @@ where
         inner.proto.close(end);
     }
 
-    fn on_ws_message(&mut self, msg: WsMessage) {
+    /// Handles one message; returns whether the state machine wants more input.
+    fn on_ws_message(&mut self, msg: WsMessage) -> bool {
         let now = now();
         let mut inner = self.shared.lock();
         match msg {
@@ -104,15 +105,22 @@ where
             WsMessage::Close(_) => inner.proto.close(SessionEnd::PeerClosed),
             WsMessage::Frame(_) => {}
         }
+        inner.proto.wants_input()
     }
 
     fn poll_read(&mut self, cx: &mut Context<'_>) -> bool {
         let mut progress = false;
+        if !self.shared.lock().proto.wants_input() {
+            // Replies are piling up unsent: read again once poll_write has drained them.
+            return false;
+        }
         for _ in 0..READ_BUDGET {
             match Pin::new(&mut self.ws).poll_next(cx) {
                 Poll::Ready(Some(Ok(msg))) => {
                     progress = true;
-                    self.on_ws_message(msg);
+                    if !self.on_ws_message(msg) {
+                        break;
+                    }
                 }
                 Poll::Ready(Some(Err(e))) => {
                     self.end(SessionEnd::Transport(e.to_string()));

@@ -299,3 +299,60 @@ async fn connect_reusing_an_ended_but_unread_id_is_refused() {
     assert_eq!((stats.streams, stats.receive_buffered), (0, 0), "{stats:?}");
     assert_still_up(&server, &mut peer).await;
 }
+
+/// A peer that floods Data for unknown ids and never reads the `connection not found`
+/// replies: rd stops reading at `max_queued_control` queued replies instead of queueing
+/// without bound, and the session survives once the peer reads again.
+#[tokio::test]
+async fn unread_reply_flood_is_bounded() {
+    use futures_util::{SinkExt, StreamExt};
+    use rd_proto::{ConnId, Message};
+    use tokio_tungstenite::tungstenite::{protocol::Role, Message as Ws};
+    use tokio_tungstenite::WebSocketStream;
+
+    let mut config = rd_proto::Config::default();
+    config.max_queued_control = 16;
+    // A tiny pipe: the peer's unread replies fill it quickly.
+    let (a, b) = tokio::io::duplex(4096);
+    let server_ws = WebSocketStream::from_raw_socket(a, Role::Server, None).await;
+    let mut peer = WebSocketStream::from_raw_socket(b, Role::Client, None).await;
+    let server = rd_session::SessionBuilder::server("foo", 7)
+        .config(config)
+        .spawn(server_ws);
+
+    // Send far more unknown-id Data than the pipe and the queue can hold, without reading.
+    let flood = async {
+        for i in 0..5_000i64 {
+            let msg = Message::Data {
+                conn_id: ConnId(1_000 + i),
+                payload: bytes::Bytes::from_static(b"x"),
+            };
+            if peer.feed(Ws::Binary(msg.to_bytes(i))).await.is_err() {
+                break;
+            }
+        }
+        peer.flush().await.ok();
+    };
+    // The writes must stall: rd stopped reading because its replies are not being read.
+    let stalled = tokio::time::timeout(std::time::Duration::from_millis(500), flood)
+        .await
+        .is_err();
+    assert!(stalled, "rd kept reading while its replies piled up");
+    let queued = server.stats();
+    assert!(!server.is_closed(), "the session stays up");
+    assert_eq!(queued.streams, 0);
+
+    // Once the peer reads, rd resumes: replies arrive and the session still serves.
+    let reply = tokio::time::timeout(std::time::Duration::from_secs(5), peer.next())
+        .await
+        .expect("a reply arrives")
+        .expect("stream open")
+        .expect("valid frame");
+    let Ws::Binary(bytes) = reply else {
+        panic!("unexpected {reply:?}")
+    };
+    let frame = rd_proto::decode(bytes).expect("decodes");
+    assert!(
+        matches!(frame.message, Message::Error { ref text, .. } if text.starts_with("connection not found foo/7/"))
+    );
+}
