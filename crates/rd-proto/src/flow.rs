@@ -131,7 +131,7 @@ mod tests {
             let mut outstanding_pause = false;
             for (is_data, n) in ops {
                 let signal = if is_data {
-                    match f.on_data(n, &c) { Ok(s) => s, Err(_) => None }
+                    f.on_data(n, &c).unwrap_or_default()
                 } else {
                     let n = n.min(f.buffered());
                     f.on_consumed(n, &c)
