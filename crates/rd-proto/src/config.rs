@@ -35,6 +35,9 @@ pub struct Config {
     /// which [`Session::wants_input`](crate::Session::wants_input) turns false: a peer that
     /// floods us without reading our replies is not read either, instead of growing the queue.
     pub max_queued_control: usize,
+    /// Incoming Connects whose local dial has not finished yet; one more is answered with an
+    /// Error (`too many connects in flight`). Used by the runtime, which does the dialing.
+    pub max_pending_connects: usize,
 }
 
 impl Default for Config {
@@ -51,6 +54,7 @@ impl Default for Config {
             max_data_payload: 32 * 1024,
             max_streams: 65_536,
             max_queued_control: 4096,
+            max_pending_connects: 1024,
         }
     }
 }

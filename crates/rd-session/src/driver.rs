@@ -3,6 +3,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -43,6 +44,8 @@ pub struct SessionDriver<S> {
     close_deadline: Option<Pin<Box<Sleep>>>,
     needs_flush: bool,
     events: Vec<Event>,
+    pending_dials: Arc<AtomicUsize>,
+    max_pending_connects: usize,
 }
 
 impl<S> fmt::Debug for SessionDriver<S> {
@@ -68,6 +71,7 @@ where
         handler: Option<Arc<dyn ConnectHandler>>,
         on_announcement: Option<AnnouncementFn>,
         cancel: CancellationToken,
+        max_pending_connects: usize,
     ) -> Self {
         Self {
             ws,
@@ -80,6 +84,8 @@ where
             close_deadline: None,
             needs_flush: false,
             events: Vec::new(),
+            pending_dials: Arc::new(AtomicUsize::new(0)),
+            max_pending_connects,
         }
     }
 
@@ -196,12 +202,23 @@ where
             match event {
                 Event::StreamRequested { id, target } => {
                     let stream = TunnelStream::new(self.shared.clone(), id, target);
+                    let in_flight = self.pending_dials.fetch_add(1, Ordering::Relaxed);
+                    let pending = incoming::PendingDial(self.pending_dials.clone());
                     match &self.handler {
+                        Some(_) if in_flight >= self.max_pending_connects => {
+                            let text = format!(
+                                "too many connects in flight: limit {}",
+                                self.max_pending_connects
+                            );
+                            tracing::debug!(%id, "{text}");
+                            stream.reset(&text);
+                        }
                         Some(handler) => {
                             tokio::spawn(incoming::serve(
                                 handler.clone(),
                                 stream,
                                 self.cancel.clone(),
+                                pending,
                             ));
                         }
                         None => stream.reset("connect not allowed"),

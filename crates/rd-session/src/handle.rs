@@ -210,6 +210,7 @@ impl SessionBuilder {
             },
         };
         let first_message_id = rand::random::<i64>() & i64::MAX;
+        let max_pending_connects = self.config.max_pending_connects;
         let proto = Session::new(self.side, self.config, identity, now(), first_message_id);
         let shared = Shared::new(proto, self.client_key, self.session_key, self.observer);
         let driver = SessionDriver::new(
@@ -218,6 +219,7 @@ impl SessionBuilder {
             self.handler,
             self.on_announcement,
             CancellationToken::new(),
+            max_pending_connects,
         );
         (SessionHandle { shared }, driver)
     }

@@ -87,10 +87,20 @@ impl ConnectHandler for RefuseAll {
     }
 }
 
+/// Counts a dial in flight for as long as it lives.
+pub(crate) struct PendingDial(pub(crate) std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for PendingDial {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 pub(crate) async fn serve(
     handler: std::sync::Arc<dyn ConnectHandler>,
     stream: TunnelStream,
     cancel: CancellationToken,
+    pending: PendingDial,
 ) {
     let target = stream.peer_addr().clone();
     let span = tracing::debug_span!("stream", id = %stream.id(), target = %target);
@@ -99,6 +109,7 @@ pub(crate) async fn serve(
             r = handler.connect(target) => r,
             () = cancel.cancelled() => return,
         };
+        drop(pending);
         match dialed {
             Err(refused) => {
                 tracing::debug!(reason = %refused, "connect refused");

@@ -171,3 +171,62 @@ async fn pending_handler_is_abandoned_when_the_session_ends() {
     assert_eq!(err.to_string(), "tunnel disconnect");
     within(BOUND, "server ends", pair.server.closed()).await;
 }
+
+/// Connects whose local dial has not finished are capped: one more is refused with a clear
+/// Error, the session survives, and the slot frees up when a dial completes.
+#[tokio::test]
+async fn pending_connects_are_capped() {
+    use rd_session::{BoxedIo, ConnectRefused, SessionBuilder};
+    use std::sync::Arc;
+    use tokio::io::AsyncReadExt;
+    use tokio::sync::Semaphore;
+    use tokio_tungstenite::{tungstenite::protocol::Role, WebSocketStream};
+
+    let (a, b) = tokio::io::duplex(1 << 16);
+    let server_ws = WebSocketStream::from_raw_socket(a, Role::Server, None).await;
+    let client_ws = WebSocketStream::from_raw_socket(b, Role::Client, None).await;
+    // Dials hang until the test releases them.
+    let gate = Arc::new(Semaphore::new(0));
+    let g = gate.clone();
+    let mut config = rd_proto::Config::default();
+    config.max_pending_connects = 2;
+    let _client = SessionBuilder::client()
+        .config(config)
+        .connect_handler(move |_t| {
+            let g = g.clone();
+            async move {
+                g.acquire().await.expect("open").forget();
+                let (io, far) = tokio::io::duplex(16);
+                // A local service that stays open and silent.
+                tokio::spawn(async move {
+                    let _far = far;
+                    std::future::pending::<()>().await
+                });
+                Ok::<BoxedIo, ConnectRefused>(Box::new(io))
+            }
+        })
+        .spawn(client_ws);
+    let server = SessionBuilder::server("foo", 1).spawn(server_ws);
+    let _s1 = server.dial_addr("tcp", "127.0.0.1:1").unwrap();
+    let _s2 = server.dial_addr("tcp", "127.0.0.1:2").unwrap();
+    let mut s3 = server.dial_addr("tcp", "127.0.0.1:3").unwrap();
+    let mut buf = [0u8; 1];
+    let err = tokio::time::timeout(std::time::Duration::from_secs(5), s3.read(&mut buf))
+        .await
+        .expect("refused promptly")
+        .expect_err("third connect refused");
+    assert!(
+        err.to_string()
+            .contains("too many connects in flight: limit 2"),
+        "{err}"
+    );
+    assert!(!server.is_closed());
+    // Let the two pending dials finish; a new connect is accepted again.
+    gate.add_permits(3);
+    let mut s4 = server.dial_addr("tcp", "127.0.0.1:4").unwrap();
+    let r = tokio::time::timeout(std::time::Duration::from_millis(300), s4.read(&mut buf)).await;
+    assert!(
+        r.is_err(),
+        "the fourth stream is served (open, waiting for data), not refused: {r:?}"
+    );
+}
