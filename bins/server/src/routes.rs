@@ -75,7 +75,8 @@ pub async fn serve(
                 continue;
             }
         };
-        tcp.set_nodelay(true).ok();
+        // Every connection may become a tunnel; HTTP requests do not mind the bounded buffers.
+        rd_session::tune_tunnel_socket(&tcp).ok();
         let app = app.clone();
         let tls = tls.clone();
         tokio::spawn(async move {

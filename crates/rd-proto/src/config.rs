@@ -20,10 +20,17 @@ pub struct Config {
     /// Send Resume when a paused stream's unread bytes fall below this. Go: 256 KiB.
     pub low_watermark: usize,
     /// A stream whose unread bytes exceed this is reset: the peer ignored Pause. Go has no
-    /// cap; this leaves room for the 4.7 MB overshoot measured from a Go sender on loopback.
+    /// cap. What arrives after our Pause is whatever was in flight: the sender's queue and
+    /// both kernels' socket buffers (a Go sender on loopback overshot by 2.7 MB; Linux
+    /// autotuning can hold more), so this sits far above the high watermark.
     pub stream_receive_cap: usize,
-    /// Unread bytes over all streams of the session; Data beyond it resets the stream it
-    /// was for.
+    /// Unread bytes over all streams above which the session stops reading the websocket
+    /// ([`Session::wants_input`](crate::Session::wants_input)) until readers catch up: the
+    /// session-wide memory bound, applied as backpressure so that legitimate traffic slows
+    /// down rather than losing streams.
+    pub session_receive_pause: usize,
+    /// Unread bytes over all streams beyond which Data is refused by resetting the stream it
+    /// was for. Only a caller that ignores `wants_input` can get here.
     pub session_receive_cap: usize,
     /// Bytes a stream's writer may queue before its writes wait for the websocket.
     pub stream_send_buffer: usize,
@@ -48,13 +55,14 @@ impl Default for Config {
             sync_interval: Some(Duration::from_secs(60)),
             high_watermark: 2 * 1024 * 1024,
             low_watermark: 256 * 1024,
-            stream_receive_cap: 8 * 1024 * 1024,
-            session_receive_cap: 64 * 1024 * 1024,
+            stream_receive_cap: 16 * 1024 * 1024,
+            session_receive_pause: 64 * 1024 * 1024,
+            session_receive_cap: 256 * 1024 * 1024,
             stream_send_buffer: 256 * 1024,
             max_data_payload: 32 * 1024,
             max_streams: 65_536,
             max_queued_control: 4096,
-            max_pending_connects: 1024,
+            max_pending_connects: 16_384,
         }
     }
 }
@@ -73,6 +81,11 @@ impl Config {
         if self.stream_receive_cap < self.high_watermark {
             return Err(ConfigError(
                 "stream_receive_cap must be at least high_watermark",
+            ));
+        }
+        if self.session_receive_pause > self.session_receive_cap {
+            return Err(ConfigError(
+                "session_receive_pause must not exceed session_receive_cap",
             ));
         }
         if self.session_receive_cap < self.stream_receive_cap {

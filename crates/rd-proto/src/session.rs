@@ -253,11 +253,13 @@ impl Session {
     }
 
     /// Whether the caller should read more websocket messages now. False while more than
-    /// [`Config::max_queued_control`] replies wait to be sent, so a peer that floods us and
-    /// does not read cannot make the queue grow without bound; it turns true again as the
-    /// caller drains [`poll_transmit`](Self::poll_transmit).
+    /// [`Config::max_queued_control`] replies wait to be sent (a peer that floods us and does
+    /// not read cannot grow that queue without bound), and while the streams' unread bytes
+    /// exceed [`Config::session_receive_pause`] (the session's memory bound). It turns true
+    /// again as the caller drains [`poll_transmit`](Self::poll_transmit) and readers read.
     pub fn wants_input(&self) -> bool {
         self.control.len() < self.config.max_queued_control
+            && self.receive_buffered < self.config.session_receive_pause
     }
 
     /// Counters for metrics.

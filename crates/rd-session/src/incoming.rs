@@ -6,7 +6,7 @@ use std::io;
 use std::pin::Pin;
 
 use rd_proto::Target;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -134,16 +134,23 @@ pub async fn pipe(
     tunnel: &TunnelStream,
     local: impl AsyncRead + AsyncWrite + Send,
 ) -> io::Result<()> {
-    let (local_read, mut local_write) = tokio::io::split(local);
-    let mut local_read = BufReader::with_capacity(64 * 1024, local_read);
+    let (mut local_read, mut local_write) = tokio::io::split(local);
     let outbound = async {
+        // Idle streams are the common case (thousands of kept-alive connections): start
+        // with a small buffer and take a large one only once the stream carries data.
+        let mut buf = vec![0u8; 4 * 1024];
         loop {
-            let buf = local_read.fill_buf().await?;
-            if buf.is_empty() {
+            let n = local_read.read(&mut buf).await?;
+            if n == 0 {
                 return Ok(());
             }
-            let n = tunnel.write_shared(buf).await?;
-            local_read.consume(n);
+            let mut sent = 0;
+            while sent < n {
+                sent += tunnel.write_shared(&buf[sent..n]).await?;
+            }
+            if n == buf.len() && buf.len() < PIPE_BUFFER {
+                buf = vec![0u8; PIPE_BUFFER];
+            }
         }
     };
     let inbound = async {
@@ -158,6 +165,9 @@ pub async fn pipe(
         r = inbound => r,
     }
 }
+
+/// Read buffer of a busy stream's local side.
+const PIPE_BUFFER: usize = 64 * 1024;
 
 impl fmt::Debug for dyn ConnectHandler {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

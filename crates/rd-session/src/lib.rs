@@ -49,6 +49,7 @@ mod handle;
 mod incoming;
 mod observer;
 mod shared;
+mod socket;
 mod stream;
 
 pub use backoff::Backoff;
@@ -57,15 +58,20 @@ pub use error::{DialError, StreamClosed};
 pub use handle::{SessionBuilder, SessionHandle};
 pub use incoming::{pipe, BoxFuture, BoxedIo, ConnectHandler, ConnectRefused, LocalIo, RefuseAll};
 pub use observer::{NoObserver, SessionObserver};
+pub use socket::{tune_tunnel_socket, TUNNEL_SOCKET_BUFFER};
 pub use stream::TunnelStream;
 
 /// A tungstenite config for tunnel websockets: no message larger than `max_message_size`
 /// (Go sets no limit; a Go peer's Data messages are at most its write size, 32 KiB for
-/// `io.Copy`), and frames up to the same size so Go's unfragmented server frames fit.
+/// `io.Copy`), frames up to the same size so Go's unfragmented server frames fit, and a
+/// 16 KiB read buffer: tungstenite allocates it up front for every connection, so its size
+/// is most of an idle session's memory (128 KiB by default), while 16 KiB reads still move
+/// GB/s.
 pub fn websocket_config(
     max_message_size: usize,
 ) -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
     tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(16 * 1024)
         .max_message_size(Some(max_message_size))
         .max_frame_size(Some(max_message_size))
 }

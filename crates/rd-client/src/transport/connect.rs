@@ -6,9 +6,7 @@ use http::{header, HeaderMap, HeaderName};
 use tokio::{net::TcpStream, time::Instant};
 use tokio_rustls::TlsConnector;
 use tokio_tungstenite::WebSocketStream;
-use tungstenite::{
-    client::IntoClientRequest as _, handshake::client::Request, protocol::WebSocketConfig,
-};
+use tungstenite::{client::IntoClientRequest as _, handshake::client::Request};
 
 use super::{
     proxy::{connect_tunnel, ProxyMode, ProxyScheme},
@@ -171,9 +169,8 @@ pub async fn connect_websocket(
         }
     };
 
-    let config = WebSocketConfig::default()
-        .max_message_size(opts.max_message_size)
-        .max_frame_size(opts.max_message_size);
+    // The same buffers and limits as the server side's tunnel websockets.
+    let config = rd_session::websocket_config(opts.max_message_size.unwrap_or(usize::MAX));
     let (ws, _response) = deadline
         .run(ConnectStage::WebSocket, async {
             tokio_tungstenite::client_async_with_config(request, stream, Some(config))
@@ -229,13 +226,14 @@ async fn tcp_connect(bounds: &Bounds, host: &str, port: u16) -> Result<TcpStream
             for addr in addrs {
                 match TcpStream::connect(addr).await {
                     Ok(stream) => {
-                        // Small control messages (pings, Connect) must not wait for Nagle.
-                        stream
-                            .set_nodelay(true)
-                            .map_err(|source| ConnectError::Tcp {
+                        // No Nagle delay for small control messages (pings, Connect), and
+                        // bounded kernel buffers so Pause takes effect promptly.
+                        rd_session::tune_tunnel_socket(&stream).map_err(|source| {
+                            ConnectError::Tcp {
                                 addr: addr.to_string(),
                                 source,
-                            })?;
+                            }
+                        })?;
                         return Ok(stream);
                     }
                     Err(source) => {
