@@ -54,8 +54,14 @@ test:
 	$(MAKE) unit
 	$(MAKE) doctest
 
+# Criterion micro benchmarks (codec, session state machine), then rd-bench: release builds of
+# rd-dummy, rd-server and rd-client on loopback, direct vs ideal TCP relay vs tunnel, idle
+# stream/session memory. Prints the table, writes target/bench/report.json and (full scale)
+# docs/benchmarks.md. RD_BENCH_SCALE=0.1 for a quick run.
 bench:
-	$(CARGO) bench -p rd-benches
+	$(CARGO) build --release --bins -p rd-server-bin -p rd-client-bin -p rd-dummy-bin -p rd-benches
+	$(CARGO) bench -p rd-benches --bench codec --bench session
+	target/release/rd-bench --bin-dir target/release
 
 clean:
 	$(CARGO) clean

@@ -25,7 +25,9 @@ trap 'exit 130' INT TERM
 
 echo "hello from the far side of an rd tunnel" > "$work/hello.txt"
 
-# Starts a binary and waits for its "listening on URL" line; prints the URL.
+# Starts a binary in the background and waits for its "listening on URL" line; sets $started_url.
+# (Not called in a command substitution: that subshell would lose the pid, and the cleanup
+# would leave the process running.)
 start() {
     local name=$1; shift
     local out="$work/$name.out"
@@ -33,7 +35,7 @@ start() {
     pids+=("$!")
     for _ in $(seq 1 100); do
         if grep -q '^listening on ' "$out" 2>/dev/null; then
-            sed -n 's/^listening on //p' "$out" | head -n 1
+            started_url=$(sed -n 's/^listening on //p' "$out" | head -n 1)
             return 0
         fi
         kill -0 "${pids[-1]}" 2>/dev/null || break
@@ -44,8 +46,10 @@ start() {
     return 1
 }
 
-dummy_url=$(cd "$work" && start rd-dummy "$bin_dir/rd-dummy" -listen "$dummy_listen")
-server_url=$(start rd-server "$bin_dir/rd-server" -listen "$server_listen")
+start rd-dummy "$bin_dir/rd-dummy" -listen "$dummy_listen" -dir "$work"
+dummy_url=$started_url
+start rd-server "$bin_dir/rd-server" -listen "$server_listen"
+server_url=$started_url
 server_hostport=${server_url#http://}
 dummy_hostport=${dummy_url#http://}
 "$bin_dir/rd-client" -connect "ws://$server_hostport/connect" -id foo > /dev/null 2> "$work/rd-client.log" &

@@ -108,7 +108,14 @@ async fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("rd-client: {e}");
+                // The causes matter: a ConnectError's own text leaves them out.
+                let mut text = e.to_string();
+                let mut source = std::error::Error::source(&e);
+                while let Some(s) = source {
+                    text.push_str(&format!(": {s}"));
+                    source = s.source();
+                }
+                eprintln!("rd-client: {text}");
                 ExitCode::FAILURE
             }
         };

@@ -52,7 +52,10 @@ mod tests {
     fn go_style_port_only_means_all_interfaces() {
         assert_eq!(
             literal(":8125").unwrap(),
-            Some(vec!["[::]:8125".parse().unwrap(), "0.0.0.0:8125".parse().unwrap()])
+            Some(vec![
+                "[::]:8125".parse().unwrap(),
+                "0.0.0.0:8125".parse().unwrap()
+            ])
         );
         assert!(literal(":http").is_err());
         assert!(literal(":70000").is_err());

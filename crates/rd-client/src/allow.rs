@@ -140,7 +140,10 @@ mod tests {
         assert!(!rules.allow(&t("tcp", "10.0.0.1:80")));
         assert!(!rules.allow(&t("unix", "/etc/passwd")));
         assert!(!rules.allow(&t("udp", "127.0.0.1:53")));
-        assert!("*:*".parse::<AllowRule>().expect("valid").matches(&t("udp", "x:1")));
+        assert!("*:*"
+            .parse::<AllowRule>()
+            .expect("valid")
+            .matches(&t("udp", "x:1")));
         assert!("nocolon".parse::<AllowRule>().is_err());
     }
 

@@ -18,7 +18,8 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Called once per session with its handle (to dial towards the server, when the server
 /// allows it) and a token cancelled when the session ends. An `Err` ends the session, as in Go.
-pub type OnConnect = Arc<dyn Fn(SessionHandle, CancellationToken) -> BoxFuture<Result<(), BoxError>> + Send + Sync>;
+pub type OnConnect =
+    Arc<dyn Fn(SessionHandle, CancellationToken) -> BoxFuture<Result<(), BoxError>> + Send + Sync>;
 
 /// Why one connection attempt ended.
 #[derive(Debug, thiserror::Error)]
@@ -47,7 +48,9 @@ pub struct ClientBuilder {
 
 impl fmt::Debug for ClientBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ClientBuilder").field("url", &self.url).finish_non_exhaustive()
+        f.debug_struct("ClientBuilder")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
     }
 }
 
@@ -123,7 +126,9 @@ impl ClientBuilder {
 
     /// Builds the client.
     pub fn build(self) -> Client {
-        Client { inner: Arc::new(self) }
+        Client {
+            inner: Arc::new(self),
+        }
     }
 }
 
@@ -136,7 +141,9 @@ pub struct Client {
 
 impl fmt::Debug for Client {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Client").field("url", &self.inner.url).finish()
+        f.debug_struct("Client")
+            .field("url", &self.inner.url)
+            .finish()
     }
 }
 
@@ -146,7 +153,9 @@ impl Client {
         ClientBuilder::new(url)
     }
 
-    fn handler(&self) -> impl Fn(Target) -> BoxFuture<Result<BoxedIo, ConnectRefused>> + Send + Sync + 'static {
+    fn handler(
+        &self,
+    ) -> impl Fn(Target) -> BoxFuture<Result<BoxedIo, ConnectRefused>> + Send + Sync + 'static {
         let inner = self.inner.clone();
         move |target: Target| {
             let inner = inner.clone();
@@ -181,7 +190,11 @@ impl Client {
             .connect_handler(self.handler())
             .spawn(ws);
         let session_cancel = cancel.child_token();
-        let callback = self.inner.on_connect.as_ref().map(|f| f(session.clone(), session_cancel.clone()));
+        let callback = self
+            .inner
+            .on_connect
+            .as_ref()
+            .map(|f| f(session.clone(), session_cancel.clone()));
         let callback = async move {
             match callback {
                 Some(fut) => fut.await,
@@ -222,9 +235,9 @@ impl Client {
                     }
                 }
                 Err(ClientError::Connect(e)) if e.is_auth_failure() => {
-                    tracing::error!(error = %e, "the server refused our credentials");
+                    tracing::error!(error = %error_chain(&e), "the server refused our credentials");
                 }
-                Err(e) => tracing::warn!(error = %e, "Remotedialer proxy error"),
+                Err(e) => tracing::warn!(error = %error_chain(&e), "Remotedialer proxy error"),
             }
             if cancel.is_cancelled() {
                 break;
@@ -237,4 +250,21 @@ impl Client {
             }
         }
     }
+}
+
+/// An error and its causes, `outer: inner: innermost`. [`ConnectError`]'s `Display` leaves
+/// its source out, and that is where the reason is (for example why a TLS handshake failed:
+/// `invalid peer certificate: UnknownIssuer`).
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let next = s.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = s.source();
+    }
+    text
 }

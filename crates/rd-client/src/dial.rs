@@ -44,18 +44,23 @@ impl LocalDialer for NetDialer {
                 }
                 #[cfg(unix)]
                 "unix" => Ok(Box::new(tokio::net::UnixStream::connect(&address).await?) as BoxedIo),
-                other => Err(io::Error::new(io::ErrorKind::Unsupported, format!("unknown network {other}"))),
+                other => Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    format!("unknown network {other}"),
+                )),
             }
         })
     }
 }
 
 async fn dial_tcp(proto: &str, address: &str) -> io::Result<TcpStream> {
-    let addrs = tokio::net::lookup_host(address).await?.filter(|a| match proto {
-        "tcp4" => a.is_ipv4(),
-        "tcp6" => a.is_ipv6(),
-        _ => true,
-    });
+    let addrs = tokio::net::lookup_host(address)
+        .await?
+        .filter(|a| match proto {
+            "tcp4" => a.is_ipv4(),
+            "tcp6" => a.is_ipv6(),
+            _ => true,
+        });
     let mut last = None;
     for addr in addrs {
         match TcpStream::connect(addr).await {
@@ -63,5 +68,6 @@ async fn dial_tcp(proto: &str, address: &str) -> io::Result<TcpStream> {
             Err(e) => last = Some(e),
         }
     }
-    Err(last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no suitable address found")))
+    Err(last
+        .unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no suitable address found")))
 }

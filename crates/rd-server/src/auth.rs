@@ -74,7 +74,11 @@ impl ErrorWriter for PlainTextErrors {
 
 /// A plain-text response.
 pub fn text_response(status: StatusCode, text: String) -> Response<Body> {
-    let mut response = Response::new(Full::new(Bytes::from(text)).map_err(|never| match never {}).boxed());
+    let mut response = Response::new(
+        Full::new(Bytes::from(text))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
     *response.status_mut() = status;
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,

@@ -73,7 +73,10 @@ impl Dialer {
             Some(Route::Peer(link)) => link.dial(target.routed_via(self.client_key.clone())?)?,
             None => return Err(DialError::NoSession(self.client_key.clone())),
         };
-        self.server.metrics().dial_seconds.observe(started.elapsed().as_secs_f64());
+        self.server
+            .metrics()
+            .dial_seconds
+            .observe(started.elapsed().as_secs_f64());
         Ok(stream)
     }
 }
@@ -108,7 +111,11 @@ impl hyper::rt::Read for TunnelConnection {
 }
 
 impl hyper::rt::Write for TunnelConnection {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.io).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -134,12 +141,16 @@ impl tower_service::Service<Uri> for Dialer {
     fn call(&mut self, uri: Uri) -> Self::Future {
         let dialer = self.clone();
         Box::pin(async move {
-            let host = uri
-                .host()
-                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("no host in {uri}")))?;
+            let host = uri.host().ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidInput, format!("no host in {uri}"))
+            })?;
             let port = uri
                 .port_u16()
-                .unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
+                .unwrap_or(if uri.scheme_str() == Some("https") {
+                    443
+                } else {
+                    80
+                });
             let stream = dialer.dial("tcp", &format!("{host}:{port}")).await?;
             Ok(TunnelConnection {
                 io: TokioIo::new(stream),

@@ -29,7 +29,9 @@ mod registry;
 mod server;
 mod upgrade;
 
-pub use auth::{text_response, Authorization, Authorizer, ErrorWriter, PlainTextErrors, TunnelIdHeader};
+pub use auth::{
+    text_response, Authorization, Authorizer, ErrorWriter, PlainTextErrors, TunnelIdHeader,
+};
 pub use dialer::{DialError, Dialer, TunnelConnection};
 pub use metrics::{GoCounter, Metrics};
 pub use server::{Server, ServerBuilder, PEER_ID_HEADER, PEER_TOKEN_HEADER};

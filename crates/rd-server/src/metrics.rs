@@ -112,13 +112,41 @@ impl Metrics {
             handshake_rejects: fam(),
         };
         let go: [(&str, &str, &Family<Labels, GoCounter>); 10] = [
-            ("total_add_websocket_session", "Total count of added websocket sessions", &m.add_ws),
-            ("total_remove_websocket_session", "Total count of removed websocket sessions", &m.remove_ws),
-            ("total_add_connections", "Total count of added connections", &m.add_conn),
-            ("total_remove_connections", "Total count of removed connections", &m.remove_conn),
-            ("total_transmit_bytes", "Total bytes transmitted", &m.transmit_bytes),
-            ("total_transmit_error_bytes", "Total error bytes transmitted", &m.transmit_error_bytes),
-            ("total_receive_bytes", "Total bytes received", &m.receive_bytes),
+            (
+                "total_add_websocket_session",
+                "Total count of added websocket sessions",
+                &m.add_ws,
+            ),
+            (
+                "total_remove_websocket_session",
+                "Total count of removed websocket sessions",
+                &m.remove_ws,
+            ),
+            (
+                "total_add_connections",
+                "Total count of added connections",
+                &m.add_conn,
+            ),
+            (
+                "total_remove_connections",
+                "Total count of removed connections",
+                &m.remove_conn,
+            ),
+            (
+                "total_transmit_bytes",
+                "Total bytes transmitted",
+                &m.transmit_bytes,
+            ),
+            (
+                "total_transmit_error_bytes",
+                "Total error bytes transmitted",
+                &m.transmit_error_bytes,
+            ),
+            (
+                "total_receive_bytes",
+                "Total bytes received",
+                &m.receive_bytes,
+            ),
             (
                 "total_peer_ws_attempt",
                 "Total count of attempts to establish websocket session to other rancher-server",
@@ -142,8 +170,16 @@ impl Metrics {
             }
         }
         let rd = registry.sub_registry_with_prefix("rd");
-        rd.register("sessions", "Websocket sessions registered now", m.sessions.clone());
-        rd.register("streams", "Virtual connections dialed through this server and open now", m.streams.clone());
+        rd.register(
+            "sessions",
+            "Websocket sessions registered now",
+            m.sessions.clone(),
+        );
+        rd.register(
+            "streams",
+            "Virtual connections dialed through this server and open now",
+            m.streams.clone(),
+        );
         rd.register(
             "streams_paused_by_us",
             "Open streams whose peer we asked to pause (at the last scrape)",
@@ -159,7 +195,11 @@ impl Metrics {
             "Received bytes waiting for their readers, all sessions (at the last scrape)",
             m.buffered_bytes.clone(),
         );
-        rd.register("dial_seconds", "Time to dial a stream through a session", m.dial_seconds.clone());
+        rd.register(
+            "dial_seconds",
+            "Time to dial a stream through a session",
+            m.dial_seconds.clone(),
+        );
         rd.register(
             "handshake_rejects",
             "Tunnel upgrade requests refused, by reason",
@@ -185,27 +225,37 @@ impl Metrics {
     }
 
     pub(crate) fn session_added(&self, client_key: &str, peer: bool) {
-        self.add_ws.get_or_create(&session_labels(client_key, peer)).inc();
+        self.add_ws
+            .get_or_create(&session_labels(client_key, peer))
+            .inc();
         self.sessions.inc();
     }
 
     pub(crate) fn session_removed(&self, client_key: &str, peer: bool) {
-        self.remove_ws.get_or_create(&session_labels(client_key, peer)).inc();
+        self.remove_ws
+            .get_or_create(&session_labels(client_key, peer))
+            .inc();
         self.sessions.dec();
     }
 
     pub(crate) fn connection_added(&self, client_key: &str, proto: &str, addr: &str) {
-        self.add_conn.get_or_create(&conn_labels(client_key, proto, addr)).inc();
+        self.add_conn
+            .get_or_create(&conn_labels(client_key, proto, addr))
+            .inc();
         self.streams.inc();
     }
 
     pub(crate) fn connection_removed(&self, client_key: &str, proto: &str, addr: &str) {
-        self.remove_conn.get_or_create(&conn_labels(client_key, proto, addr)).inc();
+        self.remove_conn
+            .get_or_create(&conn_labels(client_key, proto, addr))
+            .inc();
         self.streams.dec();
     }
 
     pub(crate) fn transmitted(&self, client_key: &str, bytes: u64) {
-        self.transmit_bytes.get_or_create(&vec![("clientkey", client_key.to_owned())]).inc_by(bytes);
+        self.transmit_bytes
+            .get_or_create(&vec![("clientkey", client_key.to_owned())])
+            .inc_by(bytes);
     }
 
     pub(crate) fn transmitted_error(&self, client_key: &str, bytes: u64) {
@@ -215,28 +265,41 @@ impl Metrics {
     }
 
     pub(crate) fn received(&self, client_key: &str, bytes: u64) {
-        self.receive_bytes.get_or_create(&vec![("clientkey", client_key.to_owned())]).inc_by(bytes);
+        self.receive_bytes
+            .get_or_create(&vec![("clientkey", client_key.to_owned())])
+            .inc_by(bytes);
     }
 
     pub(crate) fn peer_attempt(&self, peer: &str) {
-        self.peer_attempt.get_or_create(&vec![("peer", peer.to_owned())]).inc();
+        self.peer_attempt
+            .get_or_create(&vec![("peer", peer.to_owned())])
+            .inc();
     }
 
     pub(crate) fn peer_connected(&self, peer: &str) {
-        self.peer_connected.get_or_create(&vec![("peer", peer.to_owned())]).inc();
+        self.peer_connected
+            .get_or_create(&vec![("peer", peer.to_owned())])
+            .inc();
     }
 
     pub(crate) fn peer_disconnected(&self, peer: &str) {
-        self.peer_disconnected.get_or_create(&vec![("peer", peer.to_owned())]).inc();
+        self.peer_disconnected
+            .get_or_create(&vec![("peer", peer.to_owned())])
+            .inc();
     }
 
     pub(crate) fn handshake_rejected(&self, reason: &'static str) {
-        self.handshake_rejects.get_or_create(&vec![("reason", reason.to_owned())]).inc();
+        self.handshake_rejects
+            .get_or_create(&vec![("reason", reason.to_owned())])
+            .inc();
     }
 }
 
 fn session_labels(client_key: &str, peer: bool) -> Labels {
-    vec![("clientkey", client_key.to_owned()), ("peer", peer.to_string())]
+    vec![
+        ("clientkey", client_key.to_owned()),
+        ("peer", peer.to_string()),
+    ]
 }
 
 fn conn_labels(client_key: &str, proto: &str, addr: &str) -> Labels {
@@ -259,7 +322,9 @@ mod tests {
         m.transmitted("foo", 42);
         let text = m.encode();
         assert!(
-            text.contains("session_server_total_add_websocket_session{clientkey=\"foo\",peer=\"false\"} 1\n"),
+            text.contains(
+                "session_server_total_add_websocket_session{clientkey=\"foo\",peer=\"false\"} 1\n"
+            ),
             "{text}"
         );
         assert!(text.contains(
@@ -268,6 +333,11 @@ mod tests {
         assert!(text.contains("session_server_total_transmit_bytes{clientkey=\"foo\"} 42\n"));
         assert!(text.contains("rd_sessions 1\n"));
         assert!(text.contains("rd_streams 1\n"));
+        // Families without samples are left out (as Go's client does with empty vectors).
+        assert!(!text.contains("session_server_total_peer_ws_disconnected"));
+        m.peer_disconnected("second");
+        let text = m.encode();
         assert!(text.contains("# HELP session_server_total_peer_ws_disconnected"));
+        assert!(text.contains("session_server_total_peer_ws_disconnected{peer=\"second\"} 1\n"));
     }
 }

@@ -59,7 +59,10 @@ impl ConnectHandler for PeerConnects {
         let server = self.0.clone();
         Box::pin(async move {
             let Some(client_key) = target.client_key() else {
-                return Err(ConnectRefused(format!("invalid clientKey/proto: {}", target.network())));
+                return Err(ConnectRefused(format!(
+                    "invalid clientKey/proto: {}",
+                    target.network()
+                )));
             };
             let stream = server
                 .dialer(client_key)
@@ -71,7 +74,14 @@ impl ConnectHandler for PeerConnects {
     }
 }
 
-async fn run_link(server: Server, url: String, id: String, own_id: String, own_token: String, cancel: CancellationToken) {
+async fn run_link(
+    server: Server,
+    url: String,
+    id: String,
+    own_id: String,
+    own_token: String,
+    cancel: CancellationToken,
+) {
     let metrics = server.metrics().clone();
     let mut options = server.inner.peer_connect.clone();
     let headers = [(PEER_ID_HEADER, own_id), (PEER_TOKEN_HEADER, own_token)];
@@ -116,7 +126,9 @@ async fn run_link(server: Server, url: String, id: String, own_id: String, own_t
                 }
                 backoff.session_ended(started.elapsed());
             }
-            Err(e) => tracing::warn!(error = %e, "Failed to connect to peer {url}"),
+            Err(e) => {
+                tracing::warn!(error = %crate::proxy::error_chain(&e), "Failed to connect to peer {url}");
+            }
         }
         let delay = backoff.next_delay();
         tokio::select! {

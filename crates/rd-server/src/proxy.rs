@@ -113,12 +113,18 @@ impl ClientProxy {
         B::Error: Into<BoxError>,
     {
         let Some(target) = ProxyPath::parse(rest) else {
-            return text_response(StatusCode::NOT_FOUND, "want /client/{id}/{scheme}/{host}/{path}".into());
+            return text_response(
+                StatusCode::NOT_FOUND,
+                "want /client/{id}/{scheme}/{host}/{path}".into(),
+            );
         };
         if target.scheme != "http" {
             return text_response(
                 StatusCode::BAD_REQUEST,
-                format!("unsupported scheme {:?}: only http is proxied", target.scheme),
+                format!(
+                    "unsupported scheme {:?}: only http is proxied",
+                    target.scheme
+                ),
             );
         }
         let (query, timeout) = split_timeout(req.uri().query());
@@ -143,7 +149,9 @@ impl ClientProxy {
             .build()
         {
             Ok(uri) => uri,
-            Err(e) => return text_response(StatusCode::BAD_REQUEST, format!("invalid target: {e}")),
+            Err(e) => {
+                return text_response(StatusCode::BAD_REQUEST, format!("invalid target: {e}"))
+            }
         };
         let (mut parts, body) = req.into_parts();
         parts.uri = uri;
@@ -158,7 +166,8 @@ impl ClientProxy {
         let request = Request::from_parts(parts, body);
         let started = std::time::Instant::now();
         let method = request.method().clone();
-        let result = tokio::time::timeout(timeout, self.client(&target.client).request(request)).await;
+        let result =
+            tokio::time::timeout(timeout, self.client(&target.client).request(request)).await;
         let response = match result {
             Err(_) => text_response(
                 StatusCode::GATEWAY_TIMEOUT,
@@ -187,7 +196,7 @@ impl ClientProxy {
 
 /// An error and its causes, `outer: inner: innermost`, so the dial error text (for example
 /// `dial tcp 127.0.0.1:9: connect: connection refused`) reaches the caller.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
@@ -209,11 +218,26 @@ mod tests {
     fn parses_paths_like_the_go_mux() {
         let p = ProxyPath::parse("foo/http/127.0.0.1:8125/a/b.txt").expect("valid");
         assert_eq!(
-            (p.client.as_str(), p.scheme.as_str(), p.host.as_str(), p.path.as_str()),
+            (
+                p.client.as_str(),
+                p.scheme.as_str(),
+                p.host.as_str(),
+                p.path.as_str()
+            ),
             ("foo", "http", "127.0.0.1:8125", "/a/b.txt")
         );
-        assert_eq!(ProxyPath::parse("foo/http/127.0.0.1:8125").expect("valid").path, "/");
-        assert_eq!(ProxyPath::parse("foo/http/127.0.0.1:8125/").expect("valid").path, "/");
+        assert_eq!(
+            ProxyPath::parse("foo/http/127.0.0.1:8125")
+                .expect("valid")
+                .path,
+            "/"
+        );
+        assert_eq!(
+            ProxyPath::parse("foo/http/127.0.0.1:8125/")
+                .expect("valid")
+                .path,
+            "/"
+        );
         assert_eq!(ProxyPath::parse("foo/http"), None);
         assert_eq!(ProxyPath::parse("/http/x"), None);
     }

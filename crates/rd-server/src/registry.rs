@@ -47,7 +47,10 @@ impl Registry {
         for (_, link) in &self.listeners {
             link.announce(announcement(&handle), true);
         }
-        self.clients.entry(handle.client_key().to_owned()).or_default().push(handle);
+        self.clients
+            .entry(handle.client_key().to_owned())
+            .or_default()
+            .push(handle);
     }
 
     pub(crate) fn remove_client(&mut self, handle: &SessionHandle) {
@@ -75,12 +78,20 @@ impl Registry {
     }
 
     /// Records an AddClient/RemoveClient received on peer link `link`.
-    pub(crate) fn peer_announced(&mut self, link: &SessionHandle, client: ClientSession, added: bool) {
+    pub(crate) fn peer_announced(
+        &mut self,
+        link: &SessionHandle,
+        client: ClientSession,
+        added: bool,
+    ) {
         let Some(peer) = self.peers.iter_mut().find(|p| p.handle.same_session(link)) else {
             return;
         };
         if added {
-            peer.routes.entry(client.client_key).or_default().insert(client.session_key);
+            peer.routes
+                .entry(client.client_key)
+                .or_default()
+                .insert(client.session_key);
         } else if let Some(keys) = peer.routes.get_mut(&client.client_key) {
             keys.remove(&client.session_key);
             if keys.is_empty() {
@@ -90,7 +101,11 @@ impl Registry {
     }
 
     pub(crate) fn route(&self, client_key: &str) -> Option<Route> {
-        if let Some(h) = self.clients.get(client_key).and_then(|l| l.iter().find(|h| !h.is_closed())) {
+        if let Some(h) = self
+            .clients
+            .get(client_key)
+            .and_then(|l| l.iter().find(|h| !h.is_closed()))
+        {
             return Some(Route::Local(h.clone()));
         }
         self.peers
@@ -124,7 +139,9 @@ impl Registry {
 
     pub(crate) fn all_sessions(&self) -> Vec<SessionHandle> {
         let clients = self.clients.values().flatten().cloned();
-        clients.chain(self.peers.iter().map(|p| p.handle.clone())).collect()
+        clients
+            .chain(self.peers.iter().map(|p| p.handle.clone()))
+            .collect()
     }
 
     pub(crate) fn is_empty(&self) -> bool {

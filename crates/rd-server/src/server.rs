@@ -15,7 +15,9 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::auth::{constant_time_eq, text_response, Authorization, Authorizer, ErrorWriter, PlainTextErrors};
+use crate::auth::{
+    constant_time_eq, text_response, Authorization, Authorizer, ErrorWriter, PlainTextErrors,
+};
 use crate::dialer::Dialer;
 use crate::metrics::Metrics;
 use crate::peer::{self, PeerLink};
@@ -52,7 +54,10 @@ pub struct Server {
 impl fmt::Debug for Server {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Server")
-            .field("peer_id", &self.inner.peer_identity.as_ref().map(|(id, _)| id))
+            .field(
+                "peer_id",
+                &self.inner.peer_identity.as_ref().map(|(id, _)| id),
+            )
             .finish()
     }
 }
@@ -167,10 +172,12 @@ struct StreamMetrics {
 
 impl SessionObserver for StreamMetrics {
     fn stream_opened(&self, target: &Target) {
-        self.metrics.connection_added(&self.client_key, &target.network(), target.address());
+        self.metrics
+            .connection_added(&self.client_key, &target.network(), target.address());
     }
     fn stream_closed(&self, target: &Target) {
-        self.metrics.connection_removed(&self.client_key, &target.network(), target.address());
+        self.metrics
+            .connection_removed(&self.client_key, &target.network(), target.address());
     }
     fn transmitted(&self, bytes: usize) {
         self.metrics.transmitted(&self.client_key, bytes as u64);
@@ -179,7 +186,8 @@ impl SessionObserver for StreamMetrics {
         self.metrics.received(&self.client_key, bytes as u64);
     }
     fn reset(&self, text: &str) {
-        self.metrics.transmitted_error(&self.client_key, text.len() as u64);
+        self.metrics
+            .transmitted_error(&self.client_key, text.len() as u64);
     }
 }
 
@@ -190,7 +198,10 @@ impl Server {
     }
 
     pub(crate) fn registry(&self) -> MutexGuard<'_, Registry> {
-        self.inner.registry.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner
+            .registry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// The server's metrics.
@@ -242,7 +253,12 @@ impl Server {
 
     /// Starts (or restarts, if its url or token changed) a link to peer server `id` at `url`.
     /// Does nothing unless this server has a [peer identity](ServerBuilder::peer_identity).
-    pub fn add_peer(&self, url: impl Into<String>, id: impl Into<String>, token: impl Into<String>) {
+    pub fn add_peer(
+        &self,
+        url: impl Into<String>,
+        id: impl Into<String>,
+        token: impl Into<String>,
+    ) {
         peer::add(self, url.into(), id.into(), token.into());
     }
 
@@ -281,7 +297,9 @@ impl Server {
         let inner = &self.inner;
         if !inner.accepting.load(Ordering::SeqCst) {
             inner.metrics.handshake_rejected("shutting_down");
-            return inner.error_writer.write_error(StatusCode::SERVICE_UNAVAILABLE, "server shutting down");
+            return inner
+                .error_writer
+                .write_error(StatusCode::SERVICE_UNAVAILABLE, "server shutting down");
         }
         let on_upgrade = hyper::upgrade::on(&mut req);
         let (parts, _body) = req.into_parts();
@@ -291,11 +309,15 @@ impl Server {
                 Authorization::Client(key) => (key, false),
                 Authorization::Unauthorized => {
                     inner.metrics.handshake_rejected("unauthorized");
-                    return inner.error_writer.write_error(StatusCode::UNAUTHORIZED, "failed authentication");
+                    return inner
+                        .error_writer
+                        .write_error(StatusCode::UNAUTHORIZED, "failed authentication");
                 }
                 Authorization::Error(text) => {
                     inner.metrics.handshake_rejected("authorizer_error");
-                    return inner.error_writer.write_error(StatusCode::BAD_REQUEST, &text);
+                    return inner
+                        .error_writer
+                        .write_error(StatusCode::BAD_REQUEST, &text);
                 }
             },
         };
@@ -303,7 +325,10 @@ impl Server {
             Ok(accept) => accept,
             Err(bad) => {
                 inner.metrics.handshake_rejected("bad_upgrade");
-                let text = format!("Error during upgrade for host [{client_key}]: {}", bad.reason);
+                let text = format!(
+                    "Error during upgrade for host [{client_key}]: {}",
+                    bad.reason
+                );
                 return inner.error_writer.write_error(bad.status, &text);
             }
         };
@@ -313,7 +338,11 @@ impl Server {
         tokio::spawn(
             async move {
                 match on_upgrade.await {
-                    Ok(upgraded) => server.run_session(TokioIo::new(upgraded), client_key, session_key, peer).await,
+                    Ok(upgraded) => {
+                        server
+                            .run_session(TokioIo::new(upgraded), client_key, session_key, peer)
+                            .await
+                    }
                     Err(e) => tracing::info!(error = %e, "websocket upgrade failed"),
                 }
             }
@@ -332,7 +361,13 @@ impl Server {
 
     /// The peer id, if the request carries a registered peer's id and token.
     fn peer_of(&self, parts: &http::request::Parts) -> Option<String> {
-        let get = |name| parts.headers.get(name).and_then(|v: &HeaderValue| v.to_str().ok()).filter(|v| !v.is_empty());
+        let get = |name| {
+            parts
+                .headers
+                .get(name)
+                .and_then(|v: &HeaderValue| v.to_str().ok())
+                .filter(|v| !v.is_empty())
+        };
         let (id, token) = (get(PEER_ID_HEADER)?, get(PEER_TOKEN_HEADER)?);
         let peers = self.inner.peers.lock().unwrap_or_else(|p| p.into_inner());
         let link = peers.get(id)?;
@@ -370,12 +405,14 @@ impl Server {
             let (handle, driver) = builder.start(ws);
             link.set(handle.clone()).ok();
             self.registry().add_peer_session(handle.clone());
-            self.serve_registered(handle, driver, &client_key, true).await;
+            self.serve_registered(handle, driver, &client_key, true)
+                .await;
         } else {
             builder = builder.connect_handler_arc(inner.client_connect.clone());
             let (handle, driver) = builder.start(ws);
             self.registry().add_client(handle.clone());
-            self.serve_registered(handle, driver, &client_key, false).await;
+            self.serve_registered(handle, driver, &client_key, false)
+                .await;
         }
     }
 

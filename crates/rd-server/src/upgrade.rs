@@ -36,12 +36,27 @@ pub(crate) fn accept_key(parts: &Parts) -> Result<String, BadUpgrade> {
         );
     }
     if parts.method != Method::GET {
-        return bad(StatusCode::METHOD_NOT_ALLOWED, "websocket: the client is not using the websocket protocol: request method is not GET");
+        return bad(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "websocket: the client is not using the websocket protocol: request method is not GET",
+        );
     }
-    if parts.headers.get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
-        return bad(StatusCode::BAD_REQUEST, "websocket: unsupported version: 13 not found in 'Sec-Websocket-Version' header");
+    if parts
+        .headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(|v| v.as_bytes())
+        != Some(b"13")
+    {
+        return bad(
+            StatusCode::BAD_REQUEST,
+            "websocket: unsupported version: 13 not found in 'Sec-Websocket-Version' header",
+        );
     }
-    let Some(key) = parts.headers.get(header::SEC_WEBSOCKET_KEY).filter(|k| valid_key(k.as_bytes())) else {
+    let Some(key) = parts
+        .headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .filter(|k| valid_key(k.as_bytes()))
+    else {
         return bad(StatusCode::BAD_REQUEST, "websocket: not a websocket handshake: 'Sec-WebSocket-Key' header must be Base64 encoded value of 16-byte in length");
     };
     Ok(tungstenite::handshake::derive_accept_key(key.as_bytes()))
@@ -51,7 +66,9 @@ pub(crate) fn accept_key(parts: &Parts) -> Result<String, BadUpgrade> {
 fn valid_key(key: &[u8]) -> bool {
     key.len() == 24
         && key.ends_with(b"==")
-        && key[..22].iter().all(|c| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/')
+        && key[..22]
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/')
 }
 
 #[cfg(test)]
@@ -76,16 +93,35 @@ mod tests {
     #[test]
     fn accepts_the_go_client_and_matches_its_accept_key() {
         // The captured Go handshake: key 1z1yQIVmVC0jLv/0IZkOtg== -> v5DtyZF5ZqPyhUIG2FCLes/vNas=
-        assert_eq!(accept_key(&parts("GET", &GOOD)).as_deref(), Ok("v5DtyZF5ZqPyhUIG2FCLes/vNas="));
+        assert_eq!(
+            accept_key(&parts("GET", &GOOD)).as_deref(),
+            Ok("v5DtyZF5ZqPyhUIG2FCLes/vNas=")
+        );
     }
 
     #[test]
     fn rejects_like_gorilla() {
-        let status = |method, h: &[(&str, &str)]| accept_key(&parts(method, h)).map_err(|e| e.status);
+        let status =
+            |method, h: &[(&str, &str)]| accept_key(&parts(method, h)).map_err(|e| e.status);
         assert_eq!(status("GET", &GOOD[1..]), Err(StatusCode::BAD_REQUEST));
-        assert_eq!(status("GET", &[GOOD[0], GOOD[2], GOOD[3]]), Err(StatusCode::UPGRADE_REQUIRED));
+        assert_eq!(
+            status("GET", &[GOOD[0], GOOD[2], GOOD[3]]),
+            Err(StatusCode::UPGRADE_REQUIRED)
+        );
         assert_eq!(status("POST", &GOOD), Err(StatusCode::METHOD_NOT_ALLOWED));
-        assert_eq!(status("GET", &[GOOD[0], GOOD[1], ("sec-websocket-version", "8"), GOOD[3]]), Err(StatusCode::BAD_REQUEST));
-        assert_eq!(status("GET", &[GOOD[0], GOOD[1], GOOD[2], ("sec-websocket-key", "short")]), Err(StatusCode::BAD_REQUEST));
+        assert_eq!(
+            status(
+                "GET",
+                &[GOOD[0], GOOD[1], ("sec-websocket-version", "8"), GOOD[3]]
+            ),
+            Err(StatusCode::BAD_REQUEST)
+        );
+        assert_eq!(
+            status(
+                "GET",
+                &[GOOD[0], GOOD[1], GOOD[2], ("sec-websocket-key", "short")]
+            ),
+            Err(StatusCode::BAD_REQUEST)
+        );
     }
 }

@@ -1,0 +1,779 @@
+//! `rd-bench`: the end-to-end benchmark (`make bench`).
+//!
+//! Starts release builds of rd-dummy, rd-server and rd-client on loopback, plus two ideal TCP
+//! relays in this process, and measures three paths to rd-dummy, interleaved: direct, the
+//! relay chain (the same three TCP hops as the tunnel, no framing) and the tunnel. Then
+//! library-level scale measurements in child processes. Prints the table, writes
+//! `target/bench/report.json` and, for full-scale runs, `docs/benchmarks.md`.
+//!
+//! Options: `--bin-dir DIR` (default `target/release`), `--out FILE`, `--docs FILE`
+//! (`--no-docs` to skip). `RD_BENCH_SCALE` (default 1) scales sizes and durations.
+//! Exits 0 whatever the numbers; non-zero only when something breaks.
+
+mod load;
+mod procs;
+mod report;
+mod scale;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rd_benches::scaled_duration;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::load::{BoxError, LoopResult, Path};
+use crate::procs::{accumulate, Meter, Proc, TempDir, Usage};
+use crate::report::Row;
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+const GIB: u64 = 1024 * MIB;
+
+#[derive(Debug)]
+struct Options {
+    bin_dir: PathBuf,
+    out: PathBuf,
+    docs: Option<PathBuf>,
+    scale: f64,
+}
+
+fn workspace_root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
+}
+
+fn parse_options() -> Result<Options, BoxError> {
+    let root = workspace_root();
+    let scale = rd_benches::scale();
+    let mut o = Options {
+        bin_dir: root.join("target/release"),
+        out: root.join("target/bench/report.json"),
+        docs: (scale == 1.0).then(|| root.join("docs/benchmarks.md")),
+        scale,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut value = || args.next().ok_or_else(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--bin-dir" => o.bin_dir = PathBuf::from(value()?),
+            "--out" => o.out = PathBuf::from(value()?),
+            "--docs" => o.docs = Some(PathBuf::from(value()?)),
+            "--no-docs" => o.docs = None,
+            "-h" | "--help" => {
+                println!(
+                    "usage: rd-bench [--bin-dir DIR] [--out FILE] [--docs FILE | --no-docs]\n\
+                          env: RD_BENCH_SCALE (default 1; 0.1 for a quick run)"
+                );
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument {other}").into()),
+        }
+    }
+    Ok(o)
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--scale-child") {
+        let kind = args.get(2).cloned().unwrap_or_default();
+        let n = args.get(3).and_then(|n| n.parse().ok()).unwrap_or(1000);
+        return match scale::child_main(&kind, n) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("rd-bench scale child {kind}: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let result = parse_options().and_then(|o| {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        rt.block_on(run(o))
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("rd-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The three paths, the tunnel processes' pids, and what the files are.
+struct Bench {
+    paths: [Path; 3],
+    /// rd-server, rd-client, rd-dummy.
+    pids: [u32; 3],
+    small: &'static str,
+    medium: (&'static str, u64),
+    large: (&'static str, u64),
+    duration: Duration,
+    rate: u64,
+    conns: usize,
+    rounds: u32,
+}
+
+const DIRECT: usize = 0;
+const RELAY: usize = 1;
+const TUNNEL: usize = 2;
+const PROC_NAMES: [&str; 3] = ["rd-server", "rd-client", "rd-dummy"];
+
+fn mb_per_s(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / 1e6 / d.as_secs_f64().max(1e-9)
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+fn say(msg: impl AsRef<str>) {
+    eprintln!("[rd-bench] {}", msg.as_ref());
+}
+
+async fn run(o: Options) -> Result<(), BoxError> {
+    let started = Instant::now();
+    let s = o.scale;
+    for b in ["rd-server", "rd-client", "rd-dummy"] {
+        if !o.bin_dir.join(b).is_file() {
+            return Err(format!(
+                "{} is missing: build with `cargo build --release --bins -p rd-server-bin -p rd-client-bin -p rd-dummy-bin`",
+                o.bin_dir.join(b).display()
+            )
+            .into());
+        }
+    }
+    let tmp = TempDir::new()?;
+    let files = tmp.0.join("files");
+    std::fs::create_dir_all(&files)?;
+    let medium_size = ((256 * MIB) as f64 * s) as u64;
+    let large_size = (GIB as f64 * s) as u64;
+    say(format!(
+        "scale {s}: generating files (1 KiB, {} MiB, {} MiB) in {}",
+        medium_size / MIB,
+        large_size / MIB,
+        files.display()
+    ));
+    let t = Instant::now();
+    procs::generate_file(&files.join("small.bin"), KIB, 1)?;
+    procs::generate_file(&files.join("medium.bin"), medium_size, 2)?;
+    procs::generate_file(&files.join("large.bin"), large_size, 3)?;
+    say(format!("generated in {:.1} s", t.elapsed().as_secs_f64()));
+
+    let bin = |b: &str| o.bin_dir.join(b);
+    let files_arg = files.to_string_lossy().to_string();
+    let dummy = Proc::spawn(
+        "rd-dummy",
+        &bin("rd-dummy"),
+        &["--listen", "127.0.0.1:0", "--dir", &files_arg],
+        &tmp.0,
+        true,
+    )?;
+    let server = Proc::spawn(
+        "rd-server",
+        &bin("rd-server"),
+        &["--listen", "127.0.0.1:0"],
+        &tmp.0,
+        true,
+    )?;
+    let dummy_addr = dummy.addr.ok_or("no dummy address")?;
+    let server_addr = server.addr.ok_or("no server address")?;
+    let connect = format!("ws://{server_addr}/connect");
+    let mut client = Proc::spawn(
+        "rd-client",
+        &bin("rd-client"),
+        &["--connect", &connect, "--id", "bench"],
+        &tmp.0,
+        false,
+    )?;
+
+    // The relay chain: this process, two hops of plain TCP in front of rd-dummy.
+    let r2 = TcpListener::bind("127.0.0.1:0").await?;
+    let r2_addr = r2.local_addr()?;
+    tokio::spawn(load::relay(r2, dummy_addr));
+    let r1 = TcpListener::bind("127.0.0.1:0").await?;
+    let r1_addr = r1.local_addr()?;
+    tokio::spawn(load::relay(r1, r2_addr));
+
+    let paths = [
+        Path {
+            name: "direct",
+            addr: dummy_addr,
+            prefix: String::new(),
+        },
+        Path {
+            name: "relay",
+            addr: r1_addr,
+            prefix: String::new(),
+        },
+        Path {
+            name: "tunnel",
+            addr: server_addr,
+            prefix: format!("/client/bench/http/{dummy_addr}"),
+        },
+    ];
+
+    // The client connects asynchronously: wait until the tunnel answers.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match load::fetch_once(&paths[TUNNEL], "small.bin").await {
+            Ok(n) if n == KIB => break,
+            r if Instant::now() > deadline => {
+                return Err(format!(
+                    "the tunnel never came up: {r:?}; logs in {}",
+                    tmp.0.display()
+                )
+                .into());
+            }
+            _ => {
+                if !client.alive() {
+                    return Err("rd-client exited".into());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    for p in &paths {
+        load::fetch_once(p, "small.bin")
+            .await
+            .map_err(|e| format!("{}: {e}", p.name))?;
+    }
+    say(format!(
+        "dummy {dummy_addr}, server {server_addr}, relays {r1_addr} -> {r2_addr}; up in {:.1} s",
+        started.elapsed().as_secs_f64()
+    ));
+
+    let bench = Bench {
+        paths,
+        pids: [server.pid(), client.pid(), dummy.pid()],
+        small: "small.bin",
+        medium: ("medium.bin", medium_size),
+        large: ("large.bin", large_size),
+        duration: scaled_duration(10.0, s),
+        rate: 1000,
+        conns: 50,
+        rounds: 2,
+    };
+    let mut rows = Vec::new();
+    bench.run_all(&mut rows, s).await?;
+
+    let rss_streams = 10_000usize;
+    let rss_sessions = 2_000usize;
+    say(format!(
+        "scale: {rss_streams} idle streams, {rss_sessions} idle sessions"
+    ));
+    scale_rows(&mut rows, rss_streams, rss_sessions)?;
+
+    drop((client, server, dummy));
+    let elapsed = started.elapsed();
+    let table = report::text_table(&rows);
+    println!("\n{table}");
+    let machine = report::machine();
+    let date = report::command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]).unwrap_or_default();
+    let commit = report::command_output(
+        "git",
+        &[
+            "-C",
+            &workspace_root().to_string_lossy(),
+            "describe",
+            "--always",
+            "--dirty",
+        ],
+    )
+    .unwrap_or_default();
+    let json = json!({
+        "date": date,
+        "commit": commit,
+        "scale": s,
+        "machine": machine,
+        "elapsed_s": elapsed.as_secs_f64(),
+        "config": {
+            "small_bytes": KIB, "medium_bytes": medium_size, "large_bytes": large_size,
+            "duration_s": bench.duration.as_secs_f64(), "rate_per_s": bench.rate,
+            "closed_loop_connections": bench.conns, "rounds": bench.rounds,
+        },
+        "rows": rows.iter().map(Row::to_json).collect::<Vec<_>>(),
+    });
+    if let Some(dir) = o.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&o.out, serde_json::to_string_pretty(&json)?)?;
+    say(format!("wrote {}", o.out.display()));
+    if let Some(docs) = &o.docs {
+        let criterion = report::criterion_markdown(&workspace_root().join("target/criterion"));
+        std::fs::write(docs, docs_markdown(&json, &rows, criterion.as_deref()))?;
+        say(format!("wrote {}", docs.display()));
+    }
+    say(format!("done in {:.0} s", elapsed.as_secs_f64()));
+    Ok(())
+}
+
+impl Bench {
+    async fn run_all(&self, rows: &mut Vec<Row>, s: f64) -> Result<(), BoxError> {
+        let large_label = format!("{} MiB", self.large.1 / MIB);
+        let medium_label = format!("{} MiB", self.medium.1 / MIB);
+        let tunnel_pids = self.pids;
+
+        // 1. Bulk.
+        say(format!("bulk: 1 x {large_label}"));
+        let mut single = [0.0; 3];
+        let mut single_usage = [Usage::default(); 3];
+        let mut single_bytes = 0;
+        let mut single_failed = [0usize; 3];
+        for (i, p) in self.paths.iter().enumerate() {
+            // A truncated download is retried (twice); failures are reported in the table.
+            for _attempt in 0..3 {
+                let meter = Meter::start(&tunnel_pids);
+                let r = load::bulk(p, self.large.0, self.large.1, 1).await?;
+                let usage = meter.stop();
+                single[i] = mb_per_s(r.bytes, r.elapsed);
+                if i == TUNNEL {
+                    single_usage = [Usage::default(); 3];
+                    accumulate(&mut single_usage, &usage);
+                    single_bytes = r.bytes;
+                }
+                single_failed[i] += r.failed;
+                if r.failed == 0 {
+                    break;
+                }
+            }
+            say(format!(
+                "  {:<6} {:>8.1} MB/s ({} failed attempts)",
+                p.name, single[i], single_failed[i]
+            ));
+        }
+        let mut row = Row::new(&format!("bulk 1 x {large_label}"), "throughput", "MB/s")
+            .paths(single[0], single[1], single[2])
+            .target(">= 0.75 x relay", single[2] >= 0.75 * single[1]);
+        if single_failed.iter().any(|f| *f > 0) {
+            let incomplete: Vec<&str> = (0..3)
+                .filter(|&i| single_failed[i] == 3)
+                .map(|i| self.paths[i].name)
+                .collect();
+            let mut note = format!(
+                "truncated downloads (up to 3 attempts) direct/relay/tunnel: {}/{}/{}",
+                single_failed[0], single_failed[1], single_failed[2]
+            );
+            if !incomplete.is_empty() {
+                note.push_str(&format!(
+                    "; no attempt completed on {}: the figure is bytes received before the cut / time",
+                    incomplete.join(", ")
+                ));
+            }
+            row = row.note(note);
+        }
+        rows.push(row);
+
+        say(format!("bulk: 8 x {medium_label}"));
+        let mut multi = [0.0; 3];
+        let mut multi_usage = [Usage::default(); 3];
+        let mut multi_bytes = 0;
+        let mut multi_failed = [0usize; 3];
+        for (i, p) in self.paths.iter().enumerate() {
+            let meter = Meter::start(&tunnel_pids);
+            let r = load::bulk(p, self.medium.0, self.medium.1, 8).await?;
+            let usage = meter.stop();
+            multi[i] = mb_per_s(r.bytes, r.elapsed);
+            multi_failed[i] = r.failed;
+            say(format!(
+                "  {:<6} {:>8.1} MB/s ({} of 8 truncated)",
+                p.name, multi[i], r.failed
+            ));
+            if i == TUNNEL {
+                accumulate(&mut multi_usage, &usage);
+                multi_bytes = r.bytes;
+            }
+        }
+        let mut row = Row::new(&format!("bulk 8 x {medium_label}"), "throughput", "MB/s")
+            .paths(multi[0], multi[1], multi[2])
+            .target(">= 0.75 x relay", multi[2] >= 0.75 * multi[1]);
+        if multi_failed.iter().any(|f| *f > 0) {
+            row = row.note(format!(
+                "downloads truncated (of 8; bytes received still count) direct/relay/tunnel: {}/{}/{}",
+                multi_failed[0], multi_failed[1], multi_failed[2]
+            ));
+        }
+        rows.push(row);
+
+        // 2. Small requests, closed loop.
+        say(format!(
+            "small requests: {} keep-alive connections, {} rounds of {:.1} s per path",
+            self.conns,
+            self.rounds,
+            self.duration.as_secs_f64() / f64::from(self.rounds)
+        ));
+        let mut small: [LoopResult; 3] = Default::default();
+        let mut small_usage = [Usage::default(); 3];
+        for _ in 0..self.rounds {
+            for (i, p) in self.paths.iter().enumerate() {
+                let meter = Meter::start(&tunnel_pids);
+                let r = load::closed_loop(p, self.small, self.conns, self.duration / self.rounds)
+                    .await?;
+                let usage = meter.stop();
+                if i == TUNNEL {
+                    accumulate(&mut small_usage, &usage);
+                }
+                small[i].merge(r);
+            }
+        }
+        for (i, p) in self.paths.iter().enumerate() {
+            say(format!(
+                "  {:<6} {:>8.0} req/s ({} errors)",
+                p.name,
+                small[i].rate(),
+                small[i].errors
+            ));
+        }
+        let rates: Vec<f64> = small.iter().map(LoopResult::rate).collect();
+        rows.push(
+            Row::new("small 1 KiB, 50 conns", "requests", "req/s")
+                .paths(rates[0], rates[1], rates[2])
+                .target(">= 0.4 x direct", rates[2] >= 0.4 * rates[0]),
+        );
+        for (pct, name) in [(50.0, "p50"), (99.0, "p99"), (99.9, "p99.9")] {
+            let v: Vec<f64> = small
+                .iter_mut()
+                .map(|r| us(r.latencies.percentile(pct)))
+                .collect();
+            rows.push(
+                Row::new("small 1 KiB, 50 conns", &format!("latency {name}"), "µs")
+                    .paths(v[0], v[1], v[2]),
+            );
+        }
+        let errors: u64 = small.iter().map(|r| r.errors).sum();
+        if errors > 0 {
+            if let Some(last) = rows.last_mut() {
+                *last = last.clone().note(format!("{errors} failed requests"));
+            }
+        }
+
+        // 3. Fixed rate, open loop.
+        say(format!(
+            "fixed rate: {} req/s, {} rounds of {:.1} s per path",
+            self.rate,
+            self.rounds,
+            self.duration.as_secs_f64() / f64::from(self.rounds)
+        ));
+        let clients: Vec<load::PoolClient> = (0..3).map(|_| load::pool_client()).collect();
+        let mut fixed: [LoopResult; 3] = Default::default();
+        for _ in 0..self.rounds {
+            for (i, p) in self.paths.iter().enumerate() {
+                let r = load::open_loop(
+                    &clients[i],
+                    p,
+                    self.small,
+                    self.rate,
+                    self.duration / self.rounds,
+                )
+                .await?;
+                fixed[i].merge(r);
+            }
+        }
+        let fixed_p50: Vec<f64> = fixed
+            .iter_mut()
+            .map(|r| us(r.latencies.percentile(50.0)))
+            .collect();
+        let fixed_p99: Vec<f64> = fixed
+            .iter_mut()
+            .map(|r| us(r.latencies.percentile(99.0)))
+            .collect();
+        for (i, p) in self.paths.iter().enumerate() {
+            say(format!(
+                "  {:<6} p50 {:>7.0} µs  p99 {:>7.0} µs  ({:.0} req/s, {} errors, max lag {:.1} ms)",
+                p.name,
+                fixed_p50[i],
+                fixed_p99[i],
+                fixed[i].rate(),
+                fixed[i].errors,
+                fixed[i].max_lag.as_secs_f64() * 1e3
+            ));
+        }
+        let fixed_label = format!("fixed {} req/s 1 KiB", self.rate);
+        let achieved: Vec<f64> = fixed.iter().map(LoopResult::rate).collect();
+        rows.push(Row::new(&fixed_label, "achieved", "req/s").paths(
+            achieved[0],
+            achieved[1],
+            achieved[2],
+        ));
+        rows.push(Row::new(&fixed_label, "latency p50", "µs").paths(
+            fixed_p50[0],
+            fixed_p50[1],
+            fixed_p50[2],
+        ));
+        rows.push(Row::new(&fixed_label, "latency p99", "µs").paths(
+            fixed_p99[0],
+            fixed_p99[1],
+            fixed_p99[2],
+        ));
+        let added_p50 = fixed_p50[TUNNEL] - fixed_p50[DIRECT];
+        let added_p99 = fixed_p99[TUNNEL] - fixed_p99[DIRECT];
+        rows.push(
+            Row::new(&fixed_label, "added p50 over direct", "µs")
+                .paths(0.0, fixed_p50[RELAY] - fixed_p50[DIRECT], added_p50)
+                .target("<= 50 µs", added_p50 <= 50.0),
+        );
+        rows.push(
+            Row::new(&fixed_label, "added p99 over direct", "µs")
+                .paths(0.0, fixed_p99[RELAY] - fixed_p99[DIRECT], added_p99)
+                .target("<= 250 µs", added_p99 <= 250.0),
+        );
+
+        // 4. Head-of-line: scenario 3 while a bulk download runs on the same path.
+        say(format!(
+            "head-of-line: fixed rate with a {large_label} download looping on the same path"
+        ));
+        let mut hol: [LoopResult; 3] = Default::default();
+        let mut hol_bulk = [0u64; 3];
+        for _ in 0..self.rounds {
+            for (i, p) in self.paths.iter().enumerate() {
+                let stop = Arc::new(AtomicBool::new(false));
+                let moved = Arc::new(AtomicU64::new(0));
+                let bg = tokio::spawn(load::background_bulk(
+                    p.clone(),
+                    self.large.0.to_string(),
+                    stop.clone(),
+                    moved.clone(),
+                ));
+                // Let the download reach full speed first.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let r = load::open_loop(
+                    &clients[i],
+                    p,
+                    self.small,
+                    self.rate,
+                    self.duration / self.rounds,
+                )
+                .await;
+                stop.store(true, Ordering::Relaxed);
+                bg.await.ok();
+                hol[i].merge(r?);
+                hol_bulk[i] += moved.load(Ordering::Relaxed);
+            }
+        }
+        let hol_p99: Vec<f64> = hol
+            .iter_mut()
+            .map(|r| us(r.latencies.percentile(99.0)))
+            .collect();
+        let hol_p50: Vec<f64> = hol
+            .iter_mut()
+            .map(|r| us(r.latencies.percentile(50.0)))
+            .collect();
+        let inflation: Vec<f64> = (0..3)
+            .map(|i| hol_p99[i] / fixed_p99[i].max(1e-9))
+            .collect();
+        for (i, p) in self.paths.iter().enumerate() {
+            say(format!(
+                "  {:<6} p50 {:>7.0} µs  p99 {:>7.0} µs  inflation x{:.2}  (bulk alongside {:.0} MB/s)",
+                p.name,
+                hol_p50[i],
+                hol_p99[i],
+                inflation[i],
+                hol_bulk[i] as f64 / 1e6 / (self.duration.as_secs_f64() + 0.2 * f64::from(self.rounds))
+            ));
+        }
+        let hol_label = "fixed rate + bulk download";
+        rows.push(
+            Row::new(hol_label, "latency p50", "µs").paths(hol_p50[0], hol_p50[1], hol_p50[2]),
+        );
+        rows.push(
+            Row::new(hol_label, "latency p99", "µs").paths(hol_p99[0], hol_p99[1], hol_p99[2]),
+        );
+        rows.push(
+            Row::new(hol_label, "p99 inflation vs fixed rate", "x")
+                .paths(inflation[0], inflation[1], inflation[2])
+                .target("tunnel <= 2x", inflation[TUNNEL] <= 2.0)
+                .note("the direct and relay columns show how much of the inflation is CPU contention on this machine"),
+        );
+
+        // 5. Resources of the tunnel processes.
+        let gib = |bytes: u64| bytes as f64 / GIB as f64;
+        let peak_target = 16.0;
+        for (j, name) in PROC_NAMES.iter().enumerate().take(2) {
+            let peak = single_usage[j].peak_kib as f64 / 1024.0;
+            rows.push(
+                Row::new(
+                    &format!("resources {name}"),
+                    &format!("peak RSS, bulk 1 x {large_label}"),
+                    "MiB",
+                )
+                .tunnel_only(peak)
+                .target(format!("<= {peak_target} MiB"), peak <= peak_target),
+            );
+            let peak8 = multi_usage[j].peak_kib as f64 / 1024.0;
+            rows.push(
+                Row::new(
+                    &format!("resources {name}"),
+                    &format!("peak RSS, bulk 8 x {medium_label}"),
+                    "MiB",
+                )
+                .tunnel_only(peak8),
+            );
+            rows.push(
+                Row::new(
+                    &format!("resources {name}"),
+                    "CPU per GiB (bulk 1 stream)",
+                    "s",
+                )
+                .tunnel_only(single_usage[j].cpu_s / gib(single_bytes).max(1e-9)),
+            );
+            rows.push(
+                Row::new(
+                    &format!("resources {name}"),
+                    "CPU per GiB (bulk 8 streams)",
+                    "s",
+                )
+                .tunnel_only(multi_usage[j].cpu_s / gib(multi_bytes).max(1e-9)),
+            );
+            rows.push(
+                Row::new(
+                    &format!("resources {name}"),
+                    "CPU per 100k requests (small)",
+                    "s",
+                )
+                .tunnel_only(small_usage[j].cpu_s / (small[TUNNEL].ok as f64 / 1e5).max(1e-9)),
+            );
+            rows.push(
+                Row::new(
+                    &format!("resources {name}"),
+                    "peak RSS, small requests",
+                    "MiB",
+                )
+                .tunnel_only(small_usage[j].peak_kib as f64 / 1024.0),
+            );
+        }
+        // rd-dummy's CPU for the same work, as a yardstick.
+        rows.push(
+            Row::new("resources rd-dummy", "CPU per GiB (bulk 1 stream)", "s")
+                .tunnel_only(single_usage[2].cpu_s / gib(single_bytes).max(1e-9)),
+        );
+        rows.push(
+            Row::new("resources rd-dummy", "CPU per 100k requests (small)", "s")
+                .tunnel_only(small_usage[2].cpu_s / (small[TUNNEL].ok as f64 / 1e5).max(1e-9)),
+        );
+        if s != 1.0 {
+            if let Some(r) = rows.iter_mut().find(|r| r.scenario.starts_with("bulk 1")) {
+                r.note = Some(format!(
+                    "RD_BENCH_SCALE={s}: sizes and durations scaled down"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn scale_rows(rows: &mut Vec<Row>, streams: usize, sessions: usize) -> Result<(), BoxError> {
+    let server = scale::run_child("streams-server", streams)?;
+    let client = scale::run_child("streams-client", streams)?;
+    let both = server.bytes_per_item + client.bytes_per_item;
+    say(format!(
+        "  idle stream: server side {:.0} B, client side {:.0} B ({} / {} live)",
+        server.bytes_per_item, client.bytes_per_item, server.live, client.live
+    ));
+    let label = format!("scale {streams} idle streams");
+    rows.push(
+        Row::new(&label, "RSS per stream, server side", "KiB")
+            .tunnel_only(server.bytes_per_item / 1024.0)
+            .target("<= 2 KiB", server.bytes_per_item <= 2048.0),
+    );
+    rows.push(
+        Row::new(&label, "RSS per stream, client side", "KiB")
+            .tunnel_only(client.bytes_per_item / 1024.0)
+            .target("<= 2 KiB", client.bytes_per_item <= 2048.0)
+            .note("client side includes the pipe task to an idle local connection"),
+    );
+    rows.push(Row::new(&label, "RSS per stream, both ends", "KiB").tunnel_only(both / 1024.0));
+    rows.push(
+        Row::new(&label, "time to open all, server side", "ms").tunnel_only(server.open_s * 1e3),
+    );
+    rows.push(
+        Row::new(&label, "time to open all, client side", "ms").tunnel_only(client.open_s * 1e3),
+    );
+    let sess = scale::run_child("sessions", sessions)?;
+    say(format!(
+        "  idle session: {:.0} B on the server ({} live), opened in {:.0} ms",
+        sess.bytes_per_item,
+        sess.live,
+        sess.open_s * 1e3
+    ));
+    let label = format!("scale {sessions} idle sessions");
+    rows.push(
+        Row::new(&label, "server RSS per session", "KiB")
+            .tunnel_only(sess.bytes_per_item / 1024.0)
+            .target("<= 32 KiB", sess.bytes_per_item <= 32.0 * 1024.0)
+            .note("includes the test's own idle client socket per session (a tokio TcpStream)"),
+    );
+    rows.push(
+        Row::new(&label, "time to open all (sequential handshakes)", "ms")
+            .tunnel_only(sess.open_s * 1e3),
+    );
+    Ok(())
+}
+
+fn docs_markdown(json: &serde_json::Value, rows: &[Row], criterion: Option<&str>) -> String {
+    let m = &json["machine"];
+    let mut out = String::new();
+    out.push_str("# Benchmarks\n\n");
+    out.push_str(
+        "Generated by `make bench` (`benches/`): criterion micro benchmarks of the codec and the \
+         session state machine, then `rd-bench`, which runs release builds of rd-dummy, rd-server \
+         and rd-client on loopback and measures three paths to rd-dummy, interleaved:\n\n\
+         - **direct**: the load generator talks to rd-dummy;\n\
+         - **relay**: two plain TCP relays in a row in the bench process (accept, connect, \
+         `copy_bidirectional_with_sizes` with 256 KiB buffers): the same three TCP hops as the \
+         tunnel, without framing;\n\
+         - **tunnel**: `http://SERVER/client/bench/http/DUMMY/FILE` through rd-server, one \
+         websocket session and rd-client.\n\n\
+         Benchmarks never fail on numbers; the table marks each target met or not.\n\n",
+    );
+    out.push_str(&format!(
+        "## Latest run\n\n- date: {}\n- commit: `{}`\n- machine: {} CPUs ({}), {} GiB RAM, Linux {}\n\
+         - scale: {} (RD_BENCH_SCALE), rd-bench took {:.0} s\n\n",
+        json["date"].as_str().unwrap_or("?"),
+        json["commit"].as_str().unwrap_or("?"),
+        m["nproc"],
+        m["cpu_model"].as_str().unwrap_or("?"),
+        m["mem_gib"],
+        m["kernel"].as_str().unwrap_or("?"),
+        json["scale"],
+        json["elapsed_s"].as_f64().unwrap_or(0.0),
+    ));
+    out.push_str(&report::markdown_table(rows));
+    let notes: Vec<String> = rows
+        .iter()
+        .filter_map(|r| {
+            r.note
+                .as_ref()
+                .map(|n| format!("- {} / {}: {n}", r.scenario, r.metric))
+        })
+        .collect();
+    if !notes.is_empty() {
+        out.push('\n');
+        out.push_str(&notes.join("\n"));
+        out.push('\n');
+    }
+    out.push_str(
+        "\nAll processes share the machine's CPUs with the load generator, so on a small machine the \
+         tunnel (two more processes on the path) also pays for CPU contention. Peak RSS is `VmHWM`, \
+         reset through `/proc/PID/clear_refs` before each measured phase; CPU is utime+stime from \
+         `/proc/PID/stat`. The scale rows run in fresh child processes: idle streams are measured \
+         one side at a time against a raw websocket peer, idle sessions against bare upgraded TCP \
+         connections, as the growth of the process's VmRSS.\n",
+    );
+    if let Some(c) = criterion {
+        out.push_str("\n## Micro benchmarks (criterion)\n\n");
+        out.push_str(c);
+    }
+    out.push_str(
+        "\n## Reproduce\n\n```sh\nmake bench                      # release builds, criterion, then rd-bench (< 10 min on 2 cores)\n\
+         RD_BENCH_SCALE=0.1 make bench   # quick run: sizes and durations x 0.1 (docs are not rewritten)\n\
+         cargo run --release -p rd-benches --bin rd-bench -- --help\n```\n\n\
+         Results: printed, and written to `target/bench/report.json` (every row, with ratios and \
+         targets); criterion's own output is in `target/criterion/`.\n",
+    );
+    out
+}
