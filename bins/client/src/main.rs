@@ -109,13 +109,7 @@ async fn main() -> ExitCode {
             }
             Err(e) => {
                 // The causes matter: a ConnectError's own text leaves them out.
-                let mut text = e.to_string();
-                let mut source = std::error::Error::source(&e);
-                while let Some(s) = source {
-                    text.push_str(&format!(": {s}"));
-                    source = s.source();
-                }
-                eprintln!("rd-client: {text}");
+                eprintln!("rd-client: {}", rd_session::error_chain(&e));
                 ExitCode::FAILURE
             }
         };

@@ -235,9 +235,11 @@ impl Client {
                     }
                 }
                 Err(ClientError::Connect(e)) if e.is_auth_failure() => {
-                    tracing::error!(error = %error_chain(&e), "the server refused our credentials");
+                    tracing::error!(error = %rd_session::error_chain(&e), "the server refused our credentials");
                 }
-                Err(e) => tracing::warn!(error = %error_chain(&e), "Remotedialer proxy error"),
+                Err(e) => {
+                    tracing::warn!(error = %rd_session::error_chain(&e), "Remotedialer proxy error")
+                }
             }
             if cancel.is_cancelled() {
                 break;
@@ -250,21 +252,4 @@ impl Client {
             }
         }
     }
-}
-
-/// An error and its causes, `outer: inner: innermost`. [`ConnectError`]'s `Display` leaves
-/// its source out, and that is where the reason is (for example why a TLS handshake failed:
-/// `invalid peer certificate: UnknownIssuer`).
-pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let next = s.to_string();
-        if !text.contains(&next) {
-            text.push_str(": ");
-            text.push_str(&next);
-        }
-        source = s.source();
-    }
-    text
 }

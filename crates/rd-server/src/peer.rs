@@ -127,7 +127,7 @@ async fn run_link(
                 backoff.session_ended(started.elapsed());
             }
             Err(e) => {
-                tracing::warn!(error = %crate::proxy::error_chain(&e), "Failed to connect to peer {url}");
+                tracing::warn!(error = %rd_session::error_chain(&e), "Failed to connect to peer {url}");
             }
         }
         let delay = backoff.next_delay();

@@ -173,7 +173,7 @@ impl ClientProxy {
                 StatusCode::GATEWAY_TIMEOUT,
                 format!("no response from {} within {timeout:?}", target.host),
             ),
-            Ok(Err(e)) => text_response(StatusCode::BAD_GATEWAY, error_chain(&e)),
+            Ok(Err(e)) => text_response(StatusCode::BAD_GATEWAY, rd_session::error_chain(&e)),
             Ok(Ok(response)) => {
                 let (mut parts, body) = response.into_parts();
                 for h in &HOP_BY_HOP {
@@ -192,22 +192,6 @@ impl ClientProxy {
         );
         response
     }
-}
-
-/// An error and its causes, `outer: inner: innermost`, so the dial error text (for example
-/// `dial tcp 127.0.0.1:9: connect: connection refused`) reaches the caller.
-pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let next = s.to_string();
-        if !text.contains(&next) {
-            text.push_str(": ");
-            text.push_str(&next);
-        }
-        source = s.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -44,6 +44,24 @@ impl From<StreamClosed> for io::Error {
     }
 }
 
+/// An error and its causes as one line, `outer: inner: innermost`, skipping a cause whose
+/// text the outer one already contains. Logs and HTTP error bodies need the innermost
+/// reason (`dial tcp 127.0.0.1:9: connect: connection refused`, `invalid peer certificate:
+/// UnknownIssuer`), which many errors keep in `source()` rather than in their `Display`.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let next = s.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = s.source();
+    }
+    text
+}
+
 /// [`SessionHandle::dial`](crate::SessionHandle::dial) failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]

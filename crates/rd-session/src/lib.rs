@@ -54,7 +54,7 @@ mod stream;
 
 pub use backoff::Backoff;
 pub use driver::{AnnouncementFn, SessionDriver};
-pub use error::{DialError, StreamClosed};
+pub use error::{error_chain, DialError, StreamClosed};
 pub use handle::{SessionBuilder, SessionHandle};
 pub use incoming::{pipe, BoxFuture, BoxedIo, ConnectHandler, ConnectRefused, LocalIo, RefuseAll};
 pub use observer::{NoObserver, SessionObserver};
