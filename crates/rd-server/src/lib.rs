@@ -34,7 +34,9 @@ pub use auth::{
 };
 pub use dialer::{DialError, Dialer, TunnelConnection};
 pub use metrics::{GoCounter, Metrics};
-pub use server::{Server, ServerBuilder, PEER_ID_HEADER, PEER_TOKEN_HEADER};
+pub use server::{
+    Server, ServerBuilder, DEFAULT_MAX_SESSIONS_PER_CLIENT, PEER_ID_HEADER, PEER_TOKEN_HEADER,
+};
 
 /// Errors inside response bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

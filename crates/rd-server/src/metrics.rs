@@ -78,6 +78,8 @@ pub struct Metrics {
     pub dial_seconds: Histogram,
     /// Connections refused at the handshake, by reason.
     pub handshake_rejects: Family<Labels, GoCounter>,
+    /// Tasks alive in the tokio runtime (at the last scrape); a leak shows as growth.
+    pub runtime_alive_tasks: Gauge,
 }
 
 impl Default for Metrics {
@@ -110,6 +112,7 @@ impl Metrics {
             buffered_bytes: Gauge::default(),
             dial_seconds: Histogram::new(exponential_buckets(0.000_05, 4.0, 10)),
             handshake_rejects: fam(),
+            runtime_alive_tasks: Gauge::default(),
         };
         let go: [(&str, &str, &Family<Labels, GoCounter>); 10] = [
             (
@@ -204,6 +207,11 @@ impl Metrics {
             "handshake_rejects",
             "Tunnel upgrade requests refused, by reason",
             m.handshake_rejects.clone(),
+        );
+        rd.register(
+            "runtime_alive_tasks",
+            "Tasks alive in the tokio runtime (at the last scrape)",
+            m.runtime_alive_tasks.clone(),
         );
         Self {
             registry: Arc::new(registry),

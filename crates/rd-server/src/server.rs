@@ -25,6 +25,9 @@ use crate::registry::Registry;
 use crate::upgrade::accept_key;
 use crate::Body;
 
+/// Default of [`ServerBuilder::max_sessions_per_client`].
+pub const DEFAULT_MAX_SESSIONS_PER_CLIENT: usize = 32;
+
 /// Header a peer server sends its id in (Go's `remotedialer.ID`).
 pub const PEER_ID_HEADER: &str = "X-API-Tunnel-ID";
 /// Header a peer server sends the shared token in (Go's `remotedialer.Token`).
@@ -37,6 +40,7 @@ pub(crate) struct Inner {
     pub(crate) client_connect: Arc<dyn ConnectHandler>,
     pub(crate) session_config: Config,
     pub(crate) max_message_size: usize,
+    pub(crate) max_sessions_per_client: usize,
     pub(crate) peer_connect: rd_client::ConnectOptions,
     pub(crate) registry: Mutex<Registry>,
     pub(crate) peers: Mutex<HashMap<String, PeerLink>>,
@@ -70,6 +74,7 @@ pub struct ServerBuilder {
     client_connect: Arc<dyn ConnectHandler>,
     session_config: Config,
     max_message_size: usize,
+    max_sessions_per_client: usize,
     peer_connect: rd_client::ConnectOptions,
     metrics: Metrics,
 }
@@ -90,6 +95,7 @@ impl ServerBuilder {
             client_connect: Arc::new(RefuseAll),
             session_config: Config::default(),
             max_message_size: rd_session::DEFAULT_MAX_MESSAGE_SIZE,
+            max_sessions_per_client: DEFAULT_MAX_SESSIONS_PER_CLIENT,
             peer_connect: rd_client::ConnectOptions::default(),
             metrics: Metrics::new(),
         }
@@ -118,6 +124,14 @@ impl ServerBuilder {
     /// Session intervals, watermarks and caps.
     pub fn session_config(mut self, config: Config) -> Self {
         self.session_config = config;
+        self
+    }
+
+    /// Sessions one client key may hold at once (default 32; Go has no limit). One more is
+    /// refused at the handshake with `429 Too Many Requests`. Several sessions per key are
+    /// normal while a client reconnects; dozens mean a client redialing in a loop.
+    pub fn max_sessions_per_client(mut self, limit: usize) -> Self {
+        self.max_sessions_per_client = limit;
         self
     }
 
@@ -153,6 +167,7 @@ impl ServerBuilder {
                 client_connect: self.client_connect,
                 session_config: self.session_config,
                 max_message_size: self.max_message_size,
+                max_sessions_per_client: self.max_sessions_per_client,
                 peer_connect,
                 registry: Mutex::new(Registry::default()),
                 peers: Mutex::new(HashMap::new()),
@@ -223,6 +238,10 @@ impl Server {
         m.streams_paused_by_us.set(by_us as i64);
         m.streams_paused_by_peer.set(by_peer as i64);
         m.buffered_bytes.set(buffered as i64);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            m.runtime_alive_tasks
+                .set(runtime.metrics().num_alive_tasks() as i64);
+        }
         m.encode()
     }
 
@@ -321,6 +340,17 @@ impl Server {
                 }
             },
         };
+        if !peer && self.registry().sessions_of(&client_key).len() >= inner.max_sessions_per_client
+        {
+            inner.metrics.handshake_rejected("too_many_sessions");
+            let text = format!(
+                "too many sessions for client {client_key}: limit {}",
+                inner.max_sessions_per_client
+            );
+            return inner
+                .error_writer
+                .write_error(StatusCode::TOO_MANY_REQUESTS, &text);
+        }
         let accept = match accept_key(&parts) {
             Ok(accept) => accept,
             Err(bad) => {

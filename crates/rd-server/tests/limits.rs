@@ -1,0 +1,63 @@
+//! Handshake-level limits: sessions per client key.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{agent, bounded, connected_agent, serve, wait_until};
+use rd_client::ConnectError;
+use rd_server::{Server, TunnelIdHeader};
+use tokio_util::sync::CancellationToken;
+
+#[tokio::test]
+async fn sessions_per_client_key_are_capped_with_429() {
+    let ts = serve(
+        Server::builder(TunnelIdHeader)
+            .max_sessions_per_client(2)
+            .build(),
+    )
+    .await;
+    let _a = connected_agent(&ts, "foo").await;
+    let _b = common::RunningClient::spawn(agent(&ts.ws_url(), "foo").build());
+    let server = ts.server.clone();
+    wait_until("two sessions for foo", || {
+        rd_server_sessions(&server, "foo") == Some(2.0)
+    })
+    .await;
+
+    // The third is refused at the handshake, with the reason and status a Go client logs.
+    let third = agent(&ts.ws_url(), "foo").build();
+    let err = bounded("third connect", third.connect(&CancellationToken::new()))
+        .await
+        .unwrap_err();
+    let rd_client::ClientError::Connect(ConnectError::Rejected { status, body, .. }) = err else {
+        panic!("unexpected error {err:?}");
+    };
+    assert_eq!(status.as_u16(), 429);
+    assert_eq!(body, "too many sessions for client foo: limit 2");
+    assert!(ts
+        .server
+        .encode_metrics()
+        .contains("rd_handshake_rejects{reason=\"too_many_sessions\"} 1"));
+
+    // Other keys are not affected.
+    let _other = connected_agent(&ts, "bar").await;
+}
+
+/// Sessions registered for `key`, from the Go counters (added minus removed).
+fn rd_server_sessions(server: &Server, key: &str) -> Option<f64> {
+    let text = server.encode_metrics();
+    let added = common::sample(
+        &text,
+        &format!(
+            "session_server_total_add_websocket_session{{clientkey=\"{key}\",peer=\"false\"}}"
+        ),
+    )?;
+    let removed = common::sample(
+        &text,
+        &format!(
+            "session_server_total_remove_websocket_session{{clientkey=\"{key}\",peer=\"false\"}}"
+        ),
+    )
+    .unwrap_or(0.0);
+    Some(added - removed)
+}
