@@ -691,8 +691,6 @@ impl Session {
     /// for a clean end, [`StreamError::Closed`] for any other end, else
     /// [`StreamError::Blocked`].
     pub fn read(&mut self, id: ConnId, max: usize) -> Result<ReadOutcome, StreamError> {
-        // A zero-byte read still reports the stream's state, but never hands out empty Data.
-        let max = max.max(1);
         let s = self.streams.get_mut(&id).ok_or(StreamError::Unknown(id))?;
         let Some(front) = s.recv.front_mut() else {
             return match &s.end {
