@@ -159,7 +159,7 @@ pub enum OpenError {
 /// What a read produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReadOutcome {
-    /// Bytes, never empty.
+    /// Bytes; empty only when the read asked for at most 0 bytes.
     Data(Bytes),
     /// A clean end of stream.
     Eof,
