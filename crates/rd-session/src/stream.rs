@@ -159,15 +159,36 @@ impl AsyncRead for TunnelStream {
         if buf.remaining() == 0 {
             return Poll::Ready(Ok(()));
         }
-        match self.poll_read_chunk(cx, buf.remaining()) {
-            Poll::Ready(Ok(Some(bytes))) => {
-                buf.put_slice(&bytes);
-                Poll::Ready(Ok(()))
+        let first = match self.poll_read_chunk(cx, buf.remaining()) {
+            Poll::Ready(Ok(Some(bytes))) => bytes,
+            Poll::Ready(Ok(None)) => return Poll::Ready(Ok(())),
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => return Poll::Pending,
+        };
+        buf.put_slice(&first);
+        // Fill the rest of the caller's buffer with whatever else has arrived, under one
+        // lock: a reader such as hyper then handles (and writes on) one large chunk instead
+        // of one per 32 KiB message. An end or error found here waits for the next call.
+        let mut more = 0;
+        {
+            let mut inner = self.shared.lock();
+            while buf.remaining() > 0 {
+                match inner.proto.read(self.id, buf.remaining()) {
+                    Ok(ReadOutcome::Data(bytes)) => {
+                        more += bytes.len();
+                        buf.put_slice(&bytes);
+                    }
+                    _ => break,
+                }
             }
-            Poll::Ready(Ok(None)) => Poll::Ready(Ok(())),
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => Poll::Pending,
+            if more > 0 {
+                inner.wake_driver();
+            }
         }
+        if more > 0 {
+            self.shared.observer.received(more);
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
