@@ -154,8 +154,9 @@ pub async fn pipe(
         }
     };
     let inbound = async {
-        while let Some(chunk) = tunnel.read_chunk(256 * 1024).await? {
-            local_write.write_all(&chunk).await?;
+        let mut chunks = Vec::new();
+        while tunnel.read_chunks(256 * 1024, &mut chunks).await? > 0 {
+            write_all_chunks(&mut local_write, &mut chunks).await?;
         }
         local_write.flush().await?;
         local_write.shutdown().await
@@ -164,6 +165,36 @@ pub async fn pipe(
         r = outbound => r,
         r = inbound => r,
     }
+}
+
+/// Writes every chunk, vectored: one system call for all the messages that arrived together.
+async fn write_all_chunks(
+    w: &mut (impl AsyncWrite + Unpin),
+    chunks: &mut Vec<bytes::Bytes>,
+) -> io::Result<()> {
+    use bytes::Buf;
+    let mut first = 0;
+    while first < chunks.len() {
+        let slices: Vec<io::IoSlice<'_>> = chunks[first..]
+            .iter()
+            .map(|c| io::IoSlice::new(c))
+            .collect();
+        let mut n = w.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 {
+            let c = &mut chunks[first];
+            let step = n.min(c.len());
+            c.advance(step);
+            n -= step;
+            if c.is_empty() {
+                first += 1;
+            }
+        }
+    }
+    chunks.clear();
+    Ok(())
 }
 
 /// Read buffer of a busy stream's local side.

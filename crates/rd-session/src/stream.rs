@@ -98,6 +98,44 @@ impl TunnelStream {
         }
     }
 
+    /// Like [`poll_read_chunk`](Self::poll_read_chunk), but after the first chunk also takes
+    /// every further chunk already received, up to `max` bytes in all, into `chunks`
+    /// (for one vectored write). `Ok(0)` is a clean end of stream.
+    pub fn poll_read_chunks(
+        &self,
+        cx: &mut Context<'_>,
+        max: usize,
+        chunks: &mut Vec<Bytes>,
+    ) -> Poll<io::Result<usize>> {
+        let first = match self.poll_read_chunk(cx, max) {
+            Poll::Ready(Ok(Some(bytes))) => bytes,
+            Poll::Ready(Ok(None)) => return Poll::Ready(Ok(0)),
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => return Poll::Pending,
+        };
+        let mut total = first.len();
+        chunks.push(first);
+        let mut inner = self.shared.lock();
+        while total < max {
+            match inner.proto.read(self.id, max - total) {
+                Ok(ReadOutcome::Data(bytes)) => {
+                    total += bytes.len();
+                    chunks.push(bytes);
+                }
+                _ => break,
+            }
+        }
+        inner.wake_driver();
+        drop(inner);
+        self.shared.observer.received(total - chunks[0].len());
+        Poll::Ready(Ok(total))
+    }
+
+    /// Async form of [`poll_read_chunks`](Self::poll_read_chunks).
+    pub async fn read_chunks(&self, max: usize, chunks: &mut Vec<Bytes>) -> io::Result<usize> {
+        poll_fn(|cx| self.poll_read_chunks(cx, max, chunks)).await
+    }
+
     /// Async form of [`poll_read_chunk`](Self::poll_read_chunk).
     pub async fn read_chunk(&self, max: usize) -> io::Result<Option<Bytes>> {
         poll_fn(|cx| self.poll_read_chunk(cx, max)).await
