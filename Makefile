@@ -63,6 +63,17 @@ bench:
 	$(CARGO) bench -p rd-benches --bench codec --bench session
 	target/release/rd-bench --bin-dir target/release
 
+# Soak (issue 7): release builds of rd-dummy, rd-server and rd-client on loopback under a mixed
+# workload (small GETs, 1-16 MiB and 64/256 MiB downloads, streamed uploads, every body hashed)
+# with a fault every SOAK_FAULT_INTERVAL s (kill rd-client, kill rd-server, a duplicate client).
+# Runs SOAK_SECONDS in all, prints the report, writes target/soak/report.json; exits non-zero
+# on a hash mismatch, errors outside fault windows or resources not back to their baseline.
+SOAK_SECONDS ?= 300
+SOAK_FAULT_INTERVAL ?= 30
+soak:
+	$(CARGO) build --release --bins -p rd-server-bin -p rd-client-bin -p rd-dummy-bin -p rd-benches
+	target/release/rd-soak --bin-dir target/release --seconds $(SOAK_SECONDS) --fault-interval $(SOAK_FAULT_INTERVAL)
+
 clean:
 	$(CARGO) clean
 

@@ -4,6 +4,11 @@
 
 use std::time::Duration;
 
+pub mod process;
+
+/// The error type of the harnesses.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// The `RD_BENCH_SCALE` factor: 1.0 unless set to a positive number.
 pub fn scale() -> f64 {
     std::env::var("RD_BENCH_SCALE")
@@ -50,6 +55,89 @@ impl Rng {
     }
 }
 
+/// A fast streaming 64-bit hash (not cryptographic) to check that a body arrived intact:
+/// any single changed 8-byte word changes the result, and the length is mixed in, so the
+/// result does not depend on how the data was split into chunks.
+#[derive(Debug, Clone)]
+pub struct StreamHash {
+    h: u64,
+    pending: [u8; 8],
+    npending: usize,
+    len: u64,
+}
+
+impl Default for StreamHash {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl StreamHash {
+    const K: u64 = 0x9E37_79B9_7F4A_7C15;
+
+    /// An empty hash.
+    pub fn new() -> Self {
+        Self {
+            h: 0x243F_6A88_85A3_08D3,
+            pending: [0; 8],
+            npending: 0,
+            len: 0,
+        }
+    }
+
+    fn word(&mut self, w: u64) {
+        let h = (self.h ^ w).wrapping_mul(Self::K);
+        self.h = h ^ (h >> 29);
+    }
+
+    /// Adds `data`.
+    pub fn update(&mut self, mut data: &[u8]) {
+        self.len += data.len() as u64;
+        if self.npending > 0 {
+            let take = (8 - self.npending).min(data.len());
+            self.pending[self.npending..self.npending + take].copy_from_slice(&data[..take]);
+            self.npending += take;
+            data = &data[take..];
+            if self.npending < 8 {
+                return;
+            }
+            self.word(u64::from_le_bytes(self.pending));
+            self.npending = 0;
+        }
+        let mut words = data.chunks_exact(8);
+        for w in &mut words {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(w);
+            self.word(u64::from_le_bytes(b));
+        }
+        let rest = words.remainder();
+        self.pending[..rest.len()].copy_from_slice(rest);
+        self.npending = rest.len();
+    }
+
+    /// Bytes added so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether nothing was added.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The hash of everything added.
+    pub fn finish(&self) -> u64 {
+        let mut s = self.clone();
+        if s.npending > 0 {
+            let mut b = [0u8; 8];
+            b[..s.npending].copy_from_slice(&s.pending[..s.npending]);
+            s.word(u64::from_le_bytes(b));
+        }
+        s.word(s.len);
+        s.h
+    }
+}
+
 /// Memory and CPU figures of a process from `/proc/PID/status` and `/proc/PID/stat`.
 pub mod procfs {
     use std::sync::OnceLock;
@@ -61,6 +149,16 @@ pub mod procfs {
             let rest = line.strip_prefix(field)?.strip_prefix(':')?;
             rest.split_whitespace().next()?.parse().ok()
         })
+    }
+
+    /// A `/proc/PID/status` count without a unit (`Threads`), or `None` when unreadable.
+    pub fn status_count(pid: u32, field: &str) -> Option<u64> {
+        status_kib(pid, field)
+    }
+
+    /// Open file descriptors: the entries of `/proc/PID/fd`.
+    pub fn fd_count(pid: u32) -> Option<u64> {
+        Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64)
     }
 
     /// This process's resident set in bytes.
@@ -175,7 +273,32 @@ mod tests {
     }
 
     #[test]
+    fn stream_hash_ignores_chunking_and_sees_changes() {
+        let mut data = vec![0u8; 1000];
+        Rng::new(7).fill(&mut data);
+        let mut whole = StreamHash::new();
+        whole.update(&data);
+        for split in [1, 3, 7, 8, 9, 500, 999] {
+            let mut h = StreamHash::new();
+            for chunk in data.chunks(split) {
+                h.update(chunk);
+            }
+            assert_eq!(h.finish(), whole.finish(), "split {split}");
+        }
+        let mut flipped = data.clone();
+        flipped[517] ^= 0x10;
+        let mut h = StreamHash::new();
+        h.update(&flipped);
+        assert_ne!(h.finish(), whole.finish());
+        let mut short = StreamHash::new();
+        short.update(&data[..999]);
+        assert_ne!(short.finish(), whole.finish());
+    }
+
+    #[test]
     fn reads_own_proc_figures() {
+        assert!(procfs::fd_count(std::process::id()).unwrap_or(0) > 0);
+        assert!(procfs::status_count(std::process::id(), "Threads").unwrap_or(0) >= 1);
         assert!(procfs::self_rss() > 0);
         assert!(procfs::cpu_seconds(std::process::id()).is_some());
     }

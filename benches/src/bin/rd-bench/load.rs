@@ -17,7 +17,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use rd_benches::Latencies;
 use tokio::net::{TcpListener, TcpStream};
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub use rd_benches::BoxError;
 
 /// One of the three ways to reach rd-dummy.
 #[derive(Debug, Clone)]

@@ -306,7 +306,14 @@ async fn run(o: Options) -> Result<(), BoxError> {
     say(format!("wrote {}", o.out.display()));
     if let Some(docs) = &o.docs {
         let criterion = report::criterion_markdown(&workspace_root().join("target/criterion"));
-        std::fs::write(docs, docs_markdown(&json, &rows, criterion.as_deref()))?;
+        let mut markdown = docs_markdown(&json, &rows, criterion.as_deref());
+        // `make soak` appends its own section; keep it.
+        if let Ok(old) = std::fs::read_to_string(docs) {
+            if let Some(i) = old.find("\n## Soak") {
+                markdown.push_str(&old[i..]);
+            }
+        }
+        std::fs::write(docs, markdown)?;
         say(format!("wrote {}", docs.display()));
     }
     say(format!("done in {:.0} s", elapsed.as_secs_f64()));
