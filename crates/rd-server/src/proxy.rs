@@ -14,10 +14,13 @@ use std::time::Duration;
 use http::{header, HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::auth::text_response;
 use crate::{Body, BoxError, Dialer, Server};
+
+/// How long an idle pooled tunnel stream is kept for reuse (Go's `http.Transport` default).
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// Default of the `timeout` query parameter, as Go's example.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -86,6 +89,7 @@ fn split_timeout(query: Option<&str>) -> (Option<String>, Result<Duration, Strin
 #[derive(Debug)]
 pub struct ClientProxy {
     server: Server,
+    pool_idle_timeout: Duration,
     clients: Mutex<HashMap<String, Client<Dialer, Body>>>,
 }
 
@@ -94,15 +98,30 @@ impl ClientProxy {
     pub fn new(server: Server) -> Self {
         Self {
             server,
+            pool_idle_timeout: POOL_IDLE_TIMEOUT,
             clients: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// How long an idle tunnel stream is kept for the next request (default 90 s).
+    pub fn pool_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.pool_idle_timeout = timeout;
+        self
     }
 
     fn client(&self, key: &str) -> Client<Dialer, Body> {
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         clients
             .entry(key.to_owned())
-            .or_insert_with(|| Client::builder(TokioExecutor::new()).build(self.server.dialer(key)))
+            .or_insert_with(|| {
+                Client::builder(TokioExecutor::new())
+                    // Without a timer hyper-util never expires idle pooled connections, so
+                    // every idle tunnel stream (and the client's socket behind it) would live
+                    // as long as the session.
+                    .pool_timer(TokioTimer::new())
+                    .pool_idle_timeout(self.pool_idle_timeout)
+                    .build(self.server.dialer(key))
+            })
             .clone()
     }
 

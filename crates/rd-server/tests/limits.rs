@@ -61,3 +61,30 @@ fn rd_server_sessions(server: &Server, key: &str) -> Option<f64> {
     .unwrap_or(0.0);
     Some(added - removed)
 }
+
+/// Idle pooled tunnel streams of the `/client/` proxy are closed after the pool's idle
+/// timeout (hyper-util needs an explicit timer for that; without it they lived as long as
+/// the session, found by `make soak`).
+#[tokio::test]
+async fn idle_proxy_streams_are_released() {
+    let server = Server::builder(TunnelIdHeader).build();
+    let proxy = rd_server::proxy::ClientProxy::new(server.clone())
+        .pool_idle_timeout(std::time::Duration::from_millis(200));
+    let ts = common::serve_with_proxy(server, proxy).await;
+    let _agent = connected_agent(&ts, "foo").await;
+    let service = common::spawn_http_service().await;
+    let (status, _) =
+        common::get_text(ts.addr, &format!("/client/foo/http/{service}/big/10")).await;
+    assert_eq!(status, 200);
+    let server = ts.server.clone();
+    let open = move || common::sample(&server.encode_metrics(), "rd_streams");
+    assert_eq!(
+        open(),
+        Some(1.0),
+        "the stream stays pooled right after the request"
+    );
+    wait_until("the idle pooled stream to be closed", || {
+        open() == Some(0.0)
+    })
+    .await;
+}

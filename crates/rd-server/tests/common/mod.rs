@@ -68,9 +68,15 @@ impl TestServer {
 
 /// Serves `server` on 127.0.0.1:0.
 pub async fn serve(server: Server) -> TestServer {
+    let proxy = ClientProxy::new(server.clone());
+    serve_with_proxy(server, proxy).await
+}
+
+/// Serves `server` on 127.0.0.1:0 with a configured `/client/` proxy.
+pub async fn serve_with_proxy(server: Server, proxy: ClientProxy) -> TestServer {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let proxy = Arc::new(ClientProxy::new(server.clone()));
+    let proxy = Arc::new(proxy);
     let s = server.clone();
     let accept = tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
