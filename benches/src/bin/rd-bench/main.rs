@@ -307,9 +307,13 @@ async fn run(o: Options) -> Result<(), BoxError> {
     if let Some(docs) = &o.docs {
         let criterion = report::criterion_markdown(&workspace_root().join("target/criterion"));
         let mut markdown = docs_markdown(&json, &rows, criterion.as_deref());
-        // `make soak` appends its own section; keep it.
+        // Hand-written history and `make soak`'s section follow the generated part; keep them.
         if let Ok(old) = std::fs::read_to_string(docs) {
-            if let Some(i) = old.find("\n## Soak") {
+            let kept = ["\n## Changes that mattered", "\n## Soak"]
+                .iter()
+                .filter_map(|marker| old.find(marker))
+                .min();
+            if let Some(i) = kept {
                 markdown.push_str(&old[i..]);
             }
         }
