@@ -1,8 +1,11 @@
 //! HA with real rd-server processes peered as in the Go README: requests to the second
-//! server reach a client connected to the first, across restarts and disconnects.
+//! server reach a client connected to the first, across restarts and disconnects, while the
+//! second keeps serving its own client throughout.
 #![allow(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rd_e2e_tests::*;
@@ -77,6 +80,39 @@ async fn second_server_routes_to_the_firsts_client_across_restarts() {
     let r = poll_get(second_addr, &path, Duration::from_secs(15), ok).await;
     assert_eq!(r.text(), HELLO);
 
+    // A client of the second: requests for it must keep working while the first dies and
+    // comes back.
+    let _bar = Proc::start(
+        "rd-client",
+        &[
+            "-connect",
+            &format!("ws://{second_addr}/connect"),
+            "-id",
+            "bar",
+        ],
+    );
+    let bar_path = format!("/client/bar/http/{dummy}/hello.txt");
+    let r = poll_get(second_addr, &bar_path, Duration::from_secs(15), ok).await;
+    assert_eq!(r.text(), HELLO);
+    // Through the first too, once the second has announced bar to it.
+    let r = poll_get(first_addr, &bar_path, Duration::from_secs(15), ok).await;
+    assert_eq!(r.text(), HELLO);
+    let stop = Arc::new(AtomicBool::new(false));
+    let survivor = {
+        let (stop, bar_path) = (stop.clone(), bar_path.clone());
+        tokio::spawn(async move {
+            let (mut served, mut failures) = (0u32, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                match try_get(second_addr, &bar_path, Duration::from_secs(5)).await {
+                    Ok(r) if r.status == 200 && r.text() == HELLO => served += 1,
+                    other => failures.push(format!("{:?}", other.map(|r| (r.status, r.text())))),
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (served, failures)
+        })
+    };
+
     // The first dies: its route disappears from the second.
     first.kill();
     poll_get(second_addr, &path, Duration::from_secs(15), no_session).await;
@@ -94,6 +130,20 @@ async fn second_server_routes_to_the_firsts_client_across_restarts() {
     let (_first_again, _) = restarted.expect("restarting the first server on its port");
     let r = poll_get(second_addr, &path, Duration::from_secs(35), ok).await;
     assert_eq!(r.text(), HELLO);
+    // The routes the other way come back too: the first reaches the second's client.
+    let r = poll_get(first_addr, &bar_path, Duration::from_secs(35), ok).await;
+    assert_eq!(r.text(), HELLO);
+    stop.store(true, Ordering::Relaxed);
+    let (served, failures) = tokio::time::timeout(Duration::from_secs(10), survivor)
+        .await
+        .expect("the survivor's request loop to stop")
+        .unwrap();
+    assert!(
+        failures.is_empty(),
+        "requests for the surviving server's client failed while its peer was down \
+         ({served} served): {failures:?}"
+    );
+    assert!(served > 0);
     let metrics = try_get(second_addr, "/metrics", Duration::from_secs(5))
         .await
         .unwrap()

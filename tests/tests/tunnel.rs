@@ -3,9 +3,12 @@
 #![allow(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rd_e2e_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 
 /// How long a freshly started client may take to register (normally milliseconds).
 const CONNECT_BOUND: Duration = Duration::from_secs(15);
@@ -45,6 +48,51 @@ fn start_server(listen: &str, extra: &[&str]) -> (Proc, SocketAddr) {
     unreachable!()
 }
 
+/// A target on the client's side that answers one request with headers announcing a 1 GiB
+/// body, sends 256 KiB of it and then holds the connection open. Says `Streaming` once the
+/// data is written and `Closed` (with the time) when the client side closes the connection.
+async fn spawn_holder() -> (SocketAddr, mpsc::UnboundedReceiver<Holder>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 1073741824\r\n\r\n";
+                if tcp.write_all(answer).await.is_err()
+                    || tcp.write_all(&[b'x'; 256 * 1024]).await.is_err()
+                {
+                    return;
+                }
+                tx.send(Holder::Streaming).ok();
+                // Nothing more to send or to read: wait for the close.
+                while let Ok(n) = tcp.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+                tx.send(Holder::Closed(Instant::now())).ok();
+            });
+        }
+    });
+    (addr, rx)
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Holder {
+    Streaming,
+    Closed(Instant),
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxied_get_survives_a_server_restart() {
     let (dir, blob_sha) = content();
@@ -68,9 +116,31 @@ async fn proxied_get_survives_a_server_restart() {
     assert_eq!((blob.status, blob.body.len()), (200, 4 << 20));
     assert_eq!(sha256_hex(&blob.body), blob_sha);
 
+    // A download in progress when the server dies: the client's end of the stream (its
+    // connection to the target) is closed promptly, not left hanging, and the download
+    // fails rather than ending as if complete.
+    let (holder, mut holder_events) = spawn_holder().await;
+    let held = client_path("foo", holder, "held");
+    let download = tokio::spawn(async move { try_get(addr, &held, Duration::from_secs(30)).await });
+    let streaming = tokio::time::timeout(CONNECT_BOUND, holder_events.recv()).await;
+    assert_eq!(streaming.ok().flatten(), Some(Holder::Streaming));
+
     // Restart the server on the same port: the client redials within its backoff (1 s
     // doubling, full jitter; 30 s is the ceiling of a single delay).
+    let killed = Instant::now();
     server.kill();
+    let closed = tokio::time::timeout(Duration::from_secs(2), holder_events.recv())
+        .await
+        .expect("the client must close its end of the stream within 2 s of the server's death");
+    assert!(
+        matches!(closed, Some(Holder::Closed(at)) if at >= killed),
+        "{closed:?}"
+    );
+    let outcome = tokio::time::timeout(Duration::from_secs(2), download)
+        .await
+        .expect("the download must fail within 2 s of the server's death")
+        .unwrap();
+    assert!(outcome.is_err(), "{:?}", outcome.map(|r| r.status));
     let (_server, addr2) = start_server(&addr.to_string(), &[]);
     assert_eq!(addr2, addr);
     let reply = poll_get(addr, &hello, Duration::from_secs(35), |r| r.status == 200).await;

@@ -262,6 +262,19 @@ impl Session {
             && self.receive_buffered < self.config.session_receive_pause
     }
 
+    /// Whether a ping or a control message (Pause, Resume, Error, ...) waits to be sent. A
+    /// caller reading a batch of messages should send these before reading on: a Pause
+    /// that waits behind megabytes of further reads lets the peer send those megabytes too.
+    pub fn has_control_queued(&self) -> bool {
+        self.ping_due || !self.control.is_empty()
+    }
+
+    /// Whether the streams' unread bytes keep [`wants_input`](Self::wants_input) false: our
+    /// own readers, not the peer, are why the websocket is not read.
+    fn input_stalled_by_readers(&self) -> bool {
+        self.receive_buffered >= self.config.session_receive_pause
+    }
+
     /// Counters for metrics.
     pub fn stats(&self) -> SessionStats {
         let mut stats = SessionStats {
@@ -508,6 +521,17 @@ impl Session {
         if self.ended.is_some() {
             return;
         }
+        if self.input_stalled_by_readers() {
+            // We stopped reading the websocket because our own readers are behind: the
+            // peer's pings and pongs wait unread, which says nothing about the peer. Restart
+            // the clock (it runs again once we read), and ping so that the peer, which
+            // cannot see our pongs meanwhile, does not take us for dead (a client side pings
+            // on its own schedule anyway).
+            self.last_keepalive = now;
+            if self.side == Side::Server {
+                self.ping_due = true;
+            }
+        }
         if now.saturating_duration_since(self.last_keepalive) >= self.config.keepalive_timeout {
             self.close(SessionEnd::KeepaliveTimeout(self.config.keepalive_timeout));
             return;
@@ -542,8 +566,14 @@ impl Session {
         if self.ended.is_some() {
             return None;
         }
+        // While stalled by our readers, tick every ping interval (see handle_timeout).
+        let keepalive = if self.input_stalled_by_readers() {
+            self.config.ping_interval.min(self.config.keepalive_timeout)
+        } else {
+            self.config.keepalive_timeout
+        };
         [
-            Some(self.last_keepalive + self.config.keepalive_timeout),
+            Some(self.last_keepalive + keepalive),
             self.next_ping,
             self.next_sync,
         ]

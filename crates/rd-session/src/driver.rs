@@ -3,9 +3,9 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -27,6 +27,9 @@ const READ_BUDGET: usize = 64;
 const WRITE_BUDGET: usize = 256;
 /// How long a locally closed session may spend flushing its last messages.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// Bytes written after which the driver waits for the runtime to poll its I/O driver before
+/// writing more (see [`IoPolled`]).
+const IO_YIELD_BYTES: usize = 1 << 20;
 
 /// Receives AddClient/RemoveClient announcements (`true` = added) from a peer server.
 pub type AnnouncementFn = Arc<dyn Fn(ClientSession, bool) + Send + Sync>;
@@ -43,6 +46,10 @@ pub struct SessionDriver<S> {
     timer_at: Option<std::time::Instant>,
     close_deadline: Option<Pin<Box<Sleep>>>,
     needs_flush: bool,
+    /// Bytes handed to the websocket since the runtime last polled its I/O driver for us.
+    written_since_yield: usize,
+    /// Set while writing waits for the runtime to poll its I/O driver.
+    io_yield: Option<Arc<IoPolled>>,
     events: Vec<Event>,
     pending_dials: Arc<AtomicUsize>,
     max_pending_connects: usize,
@@ -83,6 +90,8 @@ where
             timer_at: None,
             close_deadline: None,
             needs_flush: false,
+            written_since_yield: 0,
+            io_yield: None,
             events: Vec::new(),
             pending_dials: Arc::new(AtomicUsize::new(0)),
             max_pending_connects,
@@ -94,10 +103,14 @@ where
         inner.proto.close(end);
     }
 
-    /// Handles one message; returns whether the state machine wants more input.
+    /// Handles one message; returns whether to read more now: the state machine wants
+    /// input, and the message did not queue a control message (a Pause, say) that should
+    /// go out before we read on (every further read lets the peer send more before it
+    /// sees the Pause).
     fn on_ws_message(&mut self, msg: WsMessage) -> bool {
         let now = now();
         let mut inner = self.shared.lock();
+        let control_was_queued = inner.proto.has_control_queued();
         match msg {
             WsMessage::Binary(bytes) => {
                 if let Err(e) = inner.proto.handle_message(now, bytes) {
@@ -111,7 +124,7 @@ where
             WsMessage::Close(_) => inner.proto.close(SessionEnd::PeerClosed),
             WsMessage::Frame(_) => {}
         }
-        inner.proto.wants_input()
+        inner.proto.wants_input() && (control_was_queued || !inner.proto.has_control_queued())
     }
 
     fn poll_read(&mut self, cx: &mut Context<'_>) -> bool {
@@ -144,7 +157,27 @@ where
 
     fn poll_write(&mut self, cx: &mut Context<'_>) -> bool {
         let mut progress = false;
+        if self
+            .io_yield
+            .as_ref()
+            .is_some_and(|y| y.polled.load(Ordering::Acquire))
+        {
+            self.io_yield = None;
+            self.written_since_yield = 0;
+        }
         for _ in 0..WRITE_BUDGET {
+            if self.written_since_yield >= IO_YIELD_BYTES {
+                // Pause and Resume from the peer reach us only once the runtime's I/O driver
+                // has marked the socket readable, and a runtime kept busy (by this driver
+                // and the writers it wakes, which wake it back) polls its I/O driver only
+                // every few dozen task polls. Meanwhile we would keep sending a paused
+                // stream's data, megabytes of it, until the peer resets the stream for
+                // ignoring Pause. So after each IO_YIELD_BYTES, wait for that poll.
+                if self.io_yield.is_none() {
+                    self.io_yield = Some(IoPolled::after_next_io_poll(cx));
+                }
+                break;
+            }
             match Pin::new(&mut self.ws).poll_ready(cx) {
                 Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(e)) => {
@@ -158,6 +191,7 @@ where
                 None => break,
                 Some(Transmit::Message(bytes)) => {
                     tracing::trace!(target: "rd_proto::wire", len = bytes.len(), "sending");
+                    self.written_since_yield += bytes.len();
                     WsMessage::Binary(bytes)
                 }
                 Some(Transmit::Ping) => WsMessage::Ping(Bytes::new()),
@@ -322,6 +356,46 @@ where
         // Busy: yield to other tasks and come back.
         cx.waker().wake_by_ref();
         Poll::Pending
+    }
+}
+
+/// Tells the driver that the runtime has polled its I/O driver since the driver asked.
+///
+/// tokio defers the wake-up of a task that yields (`yield_now`) until the worker has polled
+/// its I/O driver. A plain deferred yield is not enough here, though: the writers this
+/// driver wakes wake it right back, and that wake-up is not deferred. So the deferred wake
+/// goes to this waker, which sets a flag the driver checks before writing on.
+struct IoPolled {
+    polled: AtomicBool,
+    task: std::sync::Mutex<Option<Waker>>,
+}
+
+impl IoPolled {
+    fn after_next_io_poll(cx: &mut Context<'_>) -> Arc<Self> {
+        let this = Arc::new(Self {
+            polled: AtomicBool::new(false),
+            task: std::sync::Mutex::new(Some(cx.waker().clone())),
+        });
+        let waker = Waker::from(this.clone());
+        let mut yielding = std::pin::pin!(tokio::task::yield_now());
+        // The first poll hands `waker` to the scheduler and is always pending (outside a
+        // tokio runtime it wakes it at once).
+        let _ = yielding.as_mut().poll(&mut Context::from_waker(&waker));
+        this
+    }
+}
+
+impl Wake for IoPolled {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.polled.store(true, Ordering::Release);
+        let task = self.task.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(task) = task {
+            task.wake();
+        }
     }
 }
 
