@@ -363,22 +363,7 @@ async fn echo_stream(server: &Server, echo: SocketAddr) -> TunnelStream {
 async fn peer_hop_streams_fail_when_either_leg_dies_and_routes_come_back() {
     use std::sync::atomic::Ordering;
     let (echo, open) = counted_echo().await;
-    let a = serve(
-        Server::builder(TunnelIdHeader)
-            .peer_identity("a", "tok")
-            .session_config(fast_keepalive())
-            .build(),
-    )
-    .await;
-    let b = serve(
-        Server::builder(TunnelIdHeader)
-            .peer_identity("b", "tok")
-            .session_config(fast_keepalive())
-            .build(),
-    )
-    .await;
-    b.server.add_peer(a.ws_url(), "a", "tok");
-    a.server.add_peer(b.ws_url(), "b", "tok");
+    let (a, b) = peered_pair(|b| b.session_config(fast_keepalive()).build()).await;
     let relay = Relay::start(a.addr).await;
     let (_client, mut sessions) = relayed_client(&relay);
     bounded("the client's session", sessions.recv())

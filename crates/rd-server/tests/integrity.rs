@@ -22,7 +22,7 @@ use std::time::Duration;
 use common::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rd_server::{Server, TunnelIdHeader};
+use rd_server::{Server, ServerBuilder, TunnelIdHeader};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -700,20 +700,7 @@ async fn two_hundred_streams_through_one_session_are_byte_exact() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_streams_through_a_peer_hop_are_byte_exact() {
-    let a = serve(
-        Server::builder(TunnelIdHeader)
-            .peer_identity("a", "tok")
-            .build(),
-    )
-    .await;
-    let b = serve(
-        Server::builder(TunnelIdHeader)
-            .peer_identity("b", "tok")
-            .build(),
-    )
-    .await;
-    b.server.add_peer(a.ws_url(), "a", "tok");
-    a.server.add_peer(b.ws_url(), "b", "tok");
+    let (a, b) = peered_pair(ServerBuilder::build).await;
     let _agent = connected_agent(&a, "foo").await;
     let server_b = b.server.clone();
     wait_until("b to learn foo from a", || server_b.has_session("foo")).await;

@@ -12,7 +12,9 @@ use common::*;
 use http::{HeaderMap, HeaderValue};
 use rd_client::{connect_websocket, BoxError, ConnectError, ConnectOptions, ProxyMode};
 use rd_proto::Target;
-use rd_server::{Authorization, Server, TunnelIdHeader, PEER_ID_HEADER, PEER_TOKEN_HEADER};
+use rd_server::{
+    Authorization, Server, ServerBuilder, TunnelIdHeader, PEER_ID_HEADER, PEER_TOKEN_HEADER,
+};
 use rd_session::BoxedIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -447,21 +449,7 @@ async fn shutdown_closes_sessions_and_refuses_new_tunnels() {
 
 #[tokio::test]
 async fn peers_route_each_others_clients_until_the_link_is_removed() {
-    let a = serve(
-        Server::builder(TunnelIdHeader)
-            .peer_identity("a", "tok")
-            .build(),
-    )
-    .await;
-    let b = serve(
-        Server::builder(TunnelIdHeader)
-            .peer_identity("b", "tok")
-            .build(),
-    )
-    .await;
-    // b learns about a first, so a's link to b (the one b routes through) is accepted at once.
-    b.server.add_peer(a.ws_url(), "a", "tok");
-    a.server.add_peer(b.ws_url(), "b", "tok");
+    let (a, b) = peered_pair(ServerBuilder::build).await;
     let _agent = connected_agent(&a, "foo").await;
 
     let server_b = b.server.clone();

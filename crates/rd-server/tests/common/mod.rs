@@ -18,7 +18,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use rd_client::{AllowAll, Client, ClientBuilder, ConnectOptions, ProxyMode};
 use rd_server::proxy::ClientProxy;
-use rd_server::{text_response, Body, BoxError, Server};
+use rd_server::{text_response, Body, BoxError, Server, ServerBuilder, TunnelIdHeader};
 use rd_session::Backoff;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -108,6 +108,23 @@ pub async fn serve_with_proxy(server: Server, proxy: ClientProxy) -> TestServer 
         addr,
         accept,
     }
+}
+
+/// Two servers `a` and `b` peered with each other (token `tok`), each built from `build`
+/// (which gets the builder with its peer identity set). `b` registers `a` first, so `a`'s
+/// link to `b`, the one `b` routes through, is accepted at once.
+pub async fn peered_pair(build: impl Fn(ServerBuilder) -> Server) -> (TestServer, TestServer) {
+    let a = serve(build(
+        Server::builder(TunnelIdHeader).peer_identity("a", "tok"),
+    ))
+    .await;
+    let b = serve(build(
+        Server::builder(TunnelIdHeader).peer_identity("b", "tok"),
+    ))
+    .await;
+    b.server.add_peer(a.ws_url(), "a", "tok");
+    a.server.add_peer(b.ws_url(), "b", "tok");
+    (a, b)
 }
 
 /// A client of `url` registering as `id`: no proxy, every target allowed, quick redials.
