@@ -55,8 +55,8 @@ pub use message::{
     LEGACY_DEADLINE_MS, MAX_CLIENT_PAYLOAD, MAX_ERROR_TEXT,
 };
 pub use session::{
-    Event, Identity, OpenError, ProtocolError, ReadOutcome, Session, SessionEnd, SessionStats,
-    Side, StreamError, Transmit,
+    Event, Identity, Limit, OpenError, ProtocolError, ReadOutcome, Session, SessionEnd,
+    SessionStats, Side, StreamError, Transmit,
 };
 pub use stream::{Origin, StreamEnd};
 pub use target::{Target, TargetError, MAX_CONNECT_PAYLOAD};

@@ -92,6 +92,7 @@ pub enum SessionEnd {
 
 /// Something the application should know about.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Event {
     /// The peer sent Connect; answer with [`Session::reset`] to refuse, or start using the
     /// stream. Data that arrives meanwhile is buffered.
@@ -122,8 +123,34 @@ pub enum Event {
     ClientAdded(ClientSession),
     /// A peer server withdrew a client session.
     ClientRemoved(ClientSession),
+    /// A configured limit refused something the peer sent (the stream or Connect concerned
+    /// has been answered with an Error already); for metrics.
+    LimitExceeded(Limit),
     /// The session ended; this is the last event.
     SessionClosed(SessionEnd),
+}
+
+/// A [`Config`] limit that the peer hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Limit {
+    /// [`Config::stream_receive_cap`]: a stream was reset, the peer ignored Pause.
+    StreamReceiveCap,
+    /// [`Config::session_receive_cap`]: a stream was reset for the session's sake.
+    SessionReceiveCap,
+    /// [`Config::max_streams`]: a Connect was refused.
+    MaxStreams,
+}
+
+impl Limit {
+    /// A stable name for metrics labels (the `Config` field).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::StreamReceiveCap => "stream_receive_cap",
+            Self::SessionReceiveCap => "session_receive_cap",
+            Self::MaxStreams => "max_streams",
+        }
+    }
 }
 
 /// Why a stream call could not be done.
@@ -388,6 +415,8 @@ impl Session {
                 config.session_receive_cap
             );
             self.reset(conn_id, &text).ok();
+            self.events
+                .push_back(Event::LimitExceeded(Limit::SessionReceiveCap));
             return;
         }
         match s.flow.on_data(n, config) {
@@ -397,6 +426,8 @@ impl Session {
                     overflow.cap
                 );
                 self.reset(conn_id, &text).ok();
+                self.events
+                    .push_back(Event::LimitExceeded(Limit::StreamReceiveCap));
             }
             Ok(signal) => {
                 self.receive_buffered += n;
@@ -432,6 +463,8 @@ impl Session {
         if self.streams.len() >= self.config.max_streams {
             let text = format!("too many connections: limit {}", self.config.max_streams);
             self.queue_control(&Message::Error { conn_id, text });
+            self.events
+                .push_back(Event::LimitExceeded(Limit::MaxStreams));
             return;
         }
         self.streams

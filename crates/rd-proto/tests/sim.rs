@@ -672,6 +672,10 @@ fn j_peer_ignoring_pause_is_reset_at_the_cap() {
         closed(&events)[..],
         [(ConnId(2), StreamEnd::Reset(ref t))] if *t == errors[0]
     ));
+    // Counted for metrics.
+    assert!(events.contains(&rd_proto::Event::LimitExceeded(
+        rd_proto::Limit::StreamReceiveCap
+    )));
     assert!(matches!(
         sim.read(Side::Client, ConnId(2), 10),
         Err(StreamError::Closed(StreamEnd::Reset(_)))

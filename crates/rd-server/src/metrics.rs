@@ -80,6 +80,8 @@ pub struct Metrics {
     pub handshake_rejects: Family<Labels, GoCounter>,
     /// Tasks alive in the tokio runtime (at the last scrape); a leak shows as growth.
     pub runtime_alive_tasks: Gauge,
+    /// Limits the peers hit after the handshake, by limit (the `Config` field's name).
+    pub limit_exceeded: Family<Labels, GoCounter>,
 }
 
 impl Default for Metrics {
@@ -113,6 +115,7 @@ impl Metrics {
             dial_seconds: Histogram::new(exponential_buckets(0.000_05, 4.0, 10)),
             handshake_rejects: fam(),
             runtime_alive_tasks: Gauge::default(),
+            limit_exceeded: fam(),
         };
         let go: [(&str, &str, &Family<Labels, GoCounter>); 10] = [
             (
@@ -213,6 +216,11 @@ impl Metrics {
             "Tasks alive in the tokio runtime (at the last scrape)",
             m.runtime_alive_tasks.clone(),
         );
+        rd.register(
+            "limit_exceeded",
+            "Limits peers hit in sessions (stream and session receive caps, streams, pending connects, message size)",
+            m.limit_exceeded.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             ..m
@@ -293,6 +301,12 @@ impl Metrics {
     pub(crate) fn peer_disconnected(&self, peer: &str) {
         self.peer_disconnected
             .get_or_create(&vec![("peer", peer.to_owned())])
+            .inc();
+    }
+
+    pub(crate) fn limit_hit(&self, limit: &'static str) {
+        self.limit_exceeded
+            .get_or_create(&vec![("limit", limit.to_owned())])
             .inc();
     }
 

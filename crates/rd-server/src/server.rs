@@ -204,6 +204,9 @@ impl SessionObserver for StreamMetrics {
         self.metrics
             .transmitted_error(&self.client_key, text.len() as u64);
     }
+    fn limit_exceeded(&self, limit: &'static str) {
+        self.metrics.limit_hit(limit);
+    }
 }
 
 impl Server {

@@ -88,3 +88,38 @@ async fn idle_proxy_streams_are_released() {
     })
     .await;
 }
+
+/// A websocket message above the server's limit ends that session with a precise reason and
+/// is counted; the server keeps serving others.
+#[tokio::test]
+async fn oversize_message_ends_the_session_and_is_counted() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
+
+    let ts = serve(
+        Server::builder(TunnelIdHeader)
+            .max_message_size(64 * 1024)
+            .build(),
+    )
+    .await;
+    let mut request = ts.ws_url().into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("x-tunnel-id", http::HeaderValue::from_static("big"));
+    let (mut ws, _) = bounded("raw websocket", tokio_tungstenite::connect_async(request))
+        .await
+        .unwrap();
+    let server = ts.server.clone();
+    wait_until("the raw session", || server.has_session("big")).await;
+    // Any payload: the size check comes before decoding.
+    ws.send(Message::Binary(vec![0u8; 128 * 1024].into()))
+        .await
+        .ok();
+    wait_until("the oversize session to end", || !server.has_session("big")).await;
+    let text = ts.server.encode_metrics();
+    assert!(
+        text.contains("rd_limit_exceeded{limit=\"max_message_size\"} 1"),
+        "{text}"
+    );
+    let _other = connected_agent(&ts, "foo").await;
+}

@@ -13,6 +13,7 @@ use futures_util::{Sink, Stream};
 use rd_proto::{ClientSession, Event, ProtocolError, SessionEnd, Transmit};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, Sleep};
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
@@ -141,6 +142,19 @@ where
                         break;
                     }
                 }
+                Poll::Ready(Some(Err(WsError::Capacity(CapacityError::MessageTooLong {
+                    size,
+                    max_size,
+                })))) => {
+                    self.shared.observer.limit_exceeded("max_message_size");
+                    let err = ProtocolError::MessageTooLarge {
+                        size,
+                        max: max_size,
+                    };
+                    tracing::debug!(error = %err, "peer broke the protocol");
+                    self.end(SessionEnd::Protocol(err));
+                    return true;
+                }
                 Poll::Ready(Some(Err(e))) => {
                     self.end(SessionEnd::Transport(e.to_string()));
                     return true;
@@ -228,6 +242,9 @@ where
                         tracing::debug!(conn_id = %id, %end, "stream closed");
                         inner.wake_stream(id, true, true);
                     }
+                    Event::LimitExceeded(limit) => {
+                        self.shared.observer.limit_exceeded(limit.name())
+                    }
                     other => self.events.push(other),
                 }
             }
@@ -246,6 +263,7 @@ where
                             );
                             tracing::debug!(%id, "{text}");
                             stream.reset(&text);
+                            self.shared.observer.limit_exceeded("max_pending_connects");
                         }
                         Some(handler) => {
                             tokio::spawn(incoming::serve(

@@ -15,6 +15,10 @@ pub trait SessionObserver: Send + Sync + 'static {
     fn received(&self, _bytes: usize) {}
     /// A stream was reset with this Error text.
     fn reset(&self, _text: &str) {}
+    /// A configured limit refused something the peer sent: `limit` is the config field's
+    /// name (`stream_receive_cap`, `session_receive_cap`, `max_streams`,
+    /// `max_pending_connects`, `max_message_size`).
+    fn limit_exceeded(&self, _limit: &'static str) {}
 }
 
 /// Observes nothing.

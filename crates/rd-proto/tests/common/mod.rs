@@ -120,7 +120,8 @@ impl Peer {
                     assert!(self.closed.insert(*id), "second StreamClosed: {ev:?}");
                 }
                 Event::SessionClosed(_) => self.session_closed = true,
-                Event::ClientAdded(_) | Event::ClientRemoved(_) => {}
+                Event::ClientAdded(_) | Event::ClientRemoved(_) | Event::LimitExceeded(_) => {}
+                other => panic!("event this harness does not know: {other:?}"),
             }
             self.events.push(ev);
         }
