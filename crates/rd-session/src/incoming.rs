@@ -137,8 +137,8 @@ pub async fn pipe(
     let (mut local_read, mut local_write) = tokio::io::split(local);
     let outbound = async {
         // Idle streams are the common case (thousands of kept-alive connections): start
-        // with a small buffer and take a large one only once the stream carries data.
-        let mut buf = vec![0u8; 4 * 1024];
+        // with a small buffer and take a large one as soon as the stream carries data.
+        let mut buf = vec![0u8; 128];
         loop {
             let n = local_read.read(&mut buf).await?;
             if n == 0 {
@@ -148,7 +148,7 @@ pub async fn pipe(
             while sent < n {
                 sent += tunnel.write_shared(&buf[sent..n]).await?;
             }
-            if n == buf.len() && buf.len() < PIPE_BUFFER {
+            if buf.len() < PIPE_BUFFER {
                 buf = vec![0u8; PIPE_BUFFER];
             }
         }
