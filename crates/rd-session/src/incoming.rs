@@ -5,6 +5,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 
+use futures_util::FutureExt;
 use rd_proto::Target;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
@@ -138,18 +139,27 @@ pub async fn pipe(
     let outbound = async {
         // Idle streams are the common case (thousands of kept-alive connections): start
         // with a small buffer and take a large one as soon as the stream carries data.
-        let mut buf = vec![0u8; 128];
+        let mut buf = vec![0u8; FIRST_READ];
         loop {
-            let n = local_read.read(&mut buf).await?;
+            let mut n = local_read.read(&mut buf).await?;
             if n == 0 {
                 return Ok(());
+            }
+            if buf.len() < PIPE_BUFFER {
+                let mut big = vec![0u8; PIPE_BUFFER];
+                big[..n].copy_from_slice(&buf[..n]);
+                buf = big;
+                // Whatever else has already arrived goes out in the same Data message, as
+                // Go's 32 KiB copy would send it; a read that would wait is simply dropped.
+                if n == FIRST_READ {
+                    if let Some(more) = local_read.read(&mut buf[n..]).now_or_never() {
+                        n += more?;
+                    }
+                }
             }
             let mut sent = 0;
             while sent < n {
                 sent += tunnel.write_shared(&buf[sent..n]).await?;
-            }
-            if buf.len() < PIPE_BUFFER {
-                buf = vec![0u8; PIPE_BUFFER];
             }
         }
     };
@@ -196,6 +206,9 @@ async fn write_all_chunks(
     chunks.clear();
     Ok(())
 }
+
+/// First read buffer of a stream's local side: most streams sit idle, so they hold no more.
+const FIRST_READ: usize = 128;
 
 /// Read buffer of a busy stream's local side.
 const PIPE_BUFFER: usize = 64 * 1024;
