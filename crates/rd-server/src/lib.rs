@@ -25,6 +25,7 @@ mod dialer;
 mod metrics;
 mod peer;
 pub mod proxy;
+mod proxy_connector;
 mod registry;
 mod server;
 mod upgrade;

@@ -5,19 +5,22 @@
 //! this one proxies every method, streams both bodies, forwards end-to-end headers and the
 //! query string (minus `timeout`). `timeout` (seconds, default 15 as Go) bounds the dial and
 //! the wait for response headers, not the body: Go's bound on the whole exchange would cut
-//! large downloads.
+//! large downloads. `https` targets get TLS inside the tunnel, their certificate verified
+//! against the system's roots (or [`ClientProxy::tls_options`]), as Go's `http.Transport` does.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{header, HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rd_client::TlsOptions;
 
 use crate::auth::text_response;
-use crate::{Body, BoxError, Dialer, Server};
+use crate::proxy_connector::{ProxyConnector, TlsSettings};
+use crate::{Body, BoxError, Server};
 
 /// How long an idle pooled tunnel stream is kept for reuse (Go's `http.Transport` default).
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -41,7 +44,7 @@ const HOP_BY_HOP: [header::HeaderName; 7] = [
 pub struct ProxyPath {
     /// The client key.
     pub client: String,
-    /// `http` (the only scheme proxied).
+    /// `http` or `https`.
     pub scheme: String,
     /// `host:port` on the client's side.
     pub host: String,
@@ -90,7 +93,8 @@ fn split_timeout(query: Option<&str>) -> (Option<String>, Result<Duration, Strin
 pub struct ClientProxy {
     server: Server,
     pool_idle_timeout: Duration,
-    clients: Mutex<HashMap<String, Client<Dialer, Body>>>,
+    tls: Arc<TlsSettings>,
+    clients: Mutex<HashMap<String, Client<ProxyConnector, Body>>>,
 }
 
 impl ClientProxy {
@@ -99,8 +103,15 @@ impl ClientProxy {
         Self {
             server,
             pool_idle_timeout: POOL_IDLE_TIMEOUT,
+            tls: Arc::new(TlsSettings::new(TlsOptions::default())),
             clients: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// How `https` targets' certificates are verified (default: the system's roots, as Go).
+    pub fn tls_options(mut self, options: TlsOptions) -> Self {
+        self.tls = Arc::new(TlsSettings::new(options));
+        self
     }
 
     /// How long an idle tunnel stream is kept for the next request (default 90 s).
@@ -109,7 +120,7 @@ impl ClientProxy {
         self
     }
 
-    fn client(&self, key: &str) -> Client<Dialer, Body> {
+    fn client(&self, key: &str) -> Client<ProxyConnector, Body> {
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         clients
             .entry(key.to_owned())
@@ -120,7 +131,10 @@ impl ClientProxy {
                     // as long as the session.
                     .pool_timer(TokioTimer::new())
                     .pool_idle_timeout(self.pool_idle_timeout)
-                    .build(self.server.dialer(key))
+                    .build(ProxyConnector {
+                        dialer: self.server.dialer(key),
+                        tls: self.tls.clone(),
+                    })
             })
             .clone()
     }
@@ -137,13 +151,10 @@ impl ClientProxy {
                 "want /client/{id}/{scheme}/{host}/{path}".into(),
             );
         };
-        if target.scheme != "http" {
+        if target.scheme != "http" && target.scheme != "https" {
             return text_response(
                 StatusCode::BAD_REQUEST,
-                format!(
-                    "unsupported scheme {:?}: only http is proxied",
-                    target.scheme
-                ),
+                format!("unsupported scheme {:?}: want http or https", target.scheme),
             );
         }
         let (query, timeout) = split_timeout(req.uri().query());
@@ -162,7 +173,7 @@ impl ClientProxy {
             None => target.path.clone(),
         };
         let uri = match Uri::builder()
-            .scheme("http")
+            .scheme(target.scheme.as_str())
             .authority(target.host.as_str())
             .path_and_query(path_and_query)
             .build()
@@ -204,7 +215,7 @@ impl ClientProxy {
         tracing::info!(
             client = %target.client,
             %method,
-            url = %format!("http://{}{}", target.host, target.path),
+            url = %format!("{}://{}{}", target.scheme, target.host, target.path),
             status = response.status().as_u16(),
             elapsed = ?started.elapsed(),
             "proxied request"
