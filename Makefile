@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
 
-.PHONY: all build server client dummy run test fmt lint guard unit doctest bench fuzz soak clean
+.PHONY: all build server client dummy run test fmt lint guard unit doctest doc bench fuzz soak clean
 
 all: build
 
@@ -47,12 +47,17 @@ endif
 doctest:
 	$(CARGO) test --workspace --doc
 
+# Broken intra-doc links and missing docs fail the build.
+doc:
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps --workspace --lib
+
 test:
 	$(CARGO) fmt --all -- --check
 	$(MAKE) lint
 	$(MAKE) guard
 	$(MAKE) unit
 	$(MAKE) doctest
+	$(MAKE) doc
 
 # Criterion micro benchmarks (codec, session state machine), then rd-bench: release builds of
 # rd-dummy, rd-server and rd-client on loopback, direct vs ideal TCP relay vs tunnel, idle
