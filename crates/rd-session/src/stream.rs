@@ -113,22 +113,33 @@ impl TunnelStream {
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             Poll::Pending => return Poll::Pending,
         };
-        let mut total = first.len();
+        let first_len = first.len();
         chunks.push(first);
+        let more = self.take_received(max - first_len, |bytes| chunks.push(bytes));
+        Poll::Ready(Ok(first_len + more))
+    }
+
+    /// Hands every further chunk already received, up to `max` bytes in all, to `take`, under
+    /// one lock; returns how many bytes. Stops at an end or error: the next read reports it.
+    fn take_received(&self, max: usize, mut take: impl FnMut(Bytes)) -> usize {
+        let mut total = 0;
         let mut inner = self.shared.lock();
         while total < max {
             match inner.proto.read(self.id, max - total) {
                 Ok(ReadOutcome::Data(bytes)) => {
                     total += bytes.len();
-                    chunks.push(bytes);
+                    take(bytes);
                 }
                 _ => break,
             }
         }
-        inner.wake_driver();
-        drop(inner);
-        self.shared.observer.received(total - chunks[0].len());
-        Poll::Ready(Ok(total))
+        if total > 0 {
+            // Reading may have queued a Resume for the peer.
+            inner.wake_driver();
+            drop(inner);
+            self.shared.observer.received(total);
+        }
+        total
     }
 
     /// Async form of [`poll_read_chunks`](Self::poll_read_chunks).
@@ -207,25 +218,8 @@ impl AsyncRead for TunnelStream {
         // Fill the rest of the caller's buffer with whatever else has arrived, under one
         // lock: a reader such as hyper then handles (and writes on) one large chunk instead
         // of one per 32 KiB message. An end or error found here waits for the next call.
-        let mut more = 0;
-        {
-            let mut inner = self.shared.lock();
-            while buf.remaining() > 0 {
-                match inner.proto.read(self.id, buf.remaining()) {
-                    Ok(ReadOutcome::Data(bytes)) => {
-                        more += bytes.len();
-                        buf.put_slice(&bytes);
-                    }
-                    _ => break,
-                }
-            }
-            if more > 0 {
-                inner.wake_driver();
-            }
-        }
-        if more > 0 {
-            self.shared.observer.received(more);
-        }
+        let room = buf.remaining();
+        self.take_received(room, |bytes| buf.put_slice(&bytes));
         Poll::Ready(Ok(()))
     }
 }
