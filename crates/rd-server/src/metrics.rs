@@ -268,22 +268,16 @@ impl Metrics {
         self.streams.dec();
     }
 
-    pub(crate) fn transmitted(&self, client_key: &str, bytes: u64) {
-        self.transmit_bytes
-            .get_or_create(&vec![("clientkey", client_key.to_owned())])
-            .inc_by(bytes);
-    }
-
-    pub(crate) fn transmitted_error(&self, client_key: &str, bytes: u64) {
-        self.transmit_error_bytes
-            .get_or_create(&vec![("clientkey", client_key.to_owned())])
-            .inc_by(bytes);
-    }
-
-    pub(crate) fn received(&self, client_key: &str, bytes: u64) {
-        self.receive_bytes
-            .get_or_create(&vec![("clientkey", client_key.to_owned())])
-            .inc_by(bytes);
+    /// The byte counters of one client key. They are bumped on every read and write, so a
+    /// session resolves them once instead of building labels and looking them up each time
+    /// (a `GoCounter` clone shares its series).
+    pub(crate) fn byte_counters(&self, client_key: &str) -> ByteCounters {
+        let labels = vec![("clientkey", client_key.to_owned())];
+        ByteCounters {
+            transmit: self.transmit_bytes.get_or_create(&labels).clone(),
+            transmit_error: self.transmit_error_bytes.get_or_create(&labels).clone(),
+            receive: self.receive_bytes.get_or_create(&labels).clone(),
+        }
     }
 
     pub(crate) fn peer_attempt(&self, peer: &str) {
@@ -317,6 +311,17 @@ impl Metrics {
     }
 }
 
+/// Go's per-client byte counters for one client key; see [`Metrics::byte_counters`].
+#[derive(Debug, Clone)]
+pub(crate) struct ByteCounters {
+    /// `session_server_total_transmit_bytes`.
+    pub(crate) transmit: GoCounter,
+    /// `session_server_total_transmit_error_bytes`.
+    pub(crate) transmit_error: GoCounter,
+    /// `session_server_total_receive_bytes`.
+    pub(crate) receive: GoCounter,
+}
+
 fn session_labels(client_key: &str, peer: bool) -> Labels {
     vec![
         ("clientkey", client_key.to_owned()),
@@ -341,7 +346,7 @@ mod tests {
         let m = Metrics::new();
         m.session_added("foo", false);
         m.connection_added("foo", "tcp", "127.0.0.1:8125");
-        m.transmitted("foo", 42);
+        m.byte_counters("foo").transmit.inc_by(42);
         let text = m.encode();
         assert!(
             text.contains(

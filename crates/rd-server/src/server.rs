@@ -19,7 +19,7 @@ use crate::auth::{
     constant_time_eq, text_response, Authorization, Authorizer, ErrorWriter, PlainTextErrors,
 };
 use crate::dialer::Dialer;
-use crate::metrics::Metrics;
+use crate::metrics::{ByteCounters, Metrics};
 use crate::peer::{self, PeerLink};
 use crate::registry::Registry;
 use crate::upgrade::accept_key;
@@ -183,6 +183,7 @@ impl ServerBuilder {
 struct StreamMetrics {
     metrics: Metrics,
     client_key: String,
+    bytes: ByteCounters,
 }
 
 impl SessionObserver for StreamMetrics {
@@ -195,14 +196,13 @@ impl SessionObserver for StreamMetrics {
             .connection_removed(&self.client_key, &target.network(), target.address());
     }
     fn transmitted(&self, bytes: usize) {
-        self.metrics.transmitted(&self.client_key, bytes as u64);
+        self.bytes.transmit.inc_by(bytes as u64);
     }
     fn received(&self, bytes: usize) {
-        self.metrics.received(&self.client_key, bytes as u64);
+        self.bytes.receive.inc_by(bytes as u64);
     }
     fn reset(&self, text: &str) {
-        self.metrics
-            .transmitted_error(&self.client_key, text.len() as u64);
+        self.bytes.transmit_error.inc_by(text.len() as u64);
     }
     fn limit_exceeded(&self, limit: &'static str) {
         self.metrics.limit_hit(limit);
@@ -421,6 +421,7 @@ impl Server {
         let observer = Arc::new(StreamMetrics {
             metrics: inner.metrics.clone(),
             client_key: client_key.clone(),
+            bytes: inner.metrics.byte_counters(&client_key),
         });
         let mut builder = SessionBuilder::server(client_key.clone(), session_key)
             .config(inner.session_config.clone())
