@@ -45,24 +45,55 @@ pub async fn bind(listen: &str) -> io::Result<TcpListener> {
     .map_err(|e| io::Error::new(e.kind(), format!("listen on {listen}: {e}")))
 }
 
-/// Resolves on SIGINT or SIGTERM.
+/// Resolves on SIGINT or SIGTERM. A signal whose handler cannot be installed is simply not
+/// awaited, rather than being mistaken for a shutdown request.
 pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        tokio::signal::ctrl_c().await.ok();
+    let interrupt = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
     };
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    let terminate = async {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                term.recv().await;
             }
             Err(_) => std::future::pending::<()>().await,
         }
     };
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
+    let terminate = std::future::pending::<()>();
     tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
+        () = interrupt => tracing::info!("interrupted"),
+        () = terminate => tracing::info!("terminated"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[tokio::test]
+    async fn port_zero_binds_an_ephemeral_port() {
+        let listener = bind("127.0.0.1:0").await.unwrap();
+        assert_ne!(listener.local_addr().unwrap().port(), 0);
+    }
+
+    #[tokio::test]
+    async fn go_style_port_only_binds_every_interface() {
+        let listener = bind(":0").await.unwrap();
+        assert!(listener.local_addr().unwrap().ip().is_unspecified());
+    }
+
+    #[tokio::test]
+    async fn bad_ports_are_refused_with_the_address() {
+        for bad in [":http", ":70000"] {
+            let err = bind(bad).await.unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{bad}");
+            assert!(err.to_string().contains(bad), "{err}");
+        }
     }
 }

@@ -4,26 +4,24 @@
 //! `http.FileServer` semantics and logs one line per request with its duration.
 
 mod access_log;
+#[path = "../../common/cli.rs"]
+mod cli;
 mod file_body;
 mod files;
-// Shared file, formatted by its owner; keep `cargo fmt` from rewriting it from here.
 #[path = "../../common/go_flags.rs"]
 mod go_flags;
 mod http_date;
-mod listen;
 mod listing;
 mod mime;
 mod range;
 mod sanitize;
 mod server;
-mod shutdown;
 
-use std::io::{IsTerminal as _, Write as _};
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 
 /// Test web server for remotedialer: serves a directory over HTTP/1.1.
 ///
@@ -47,13 +45,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse_from(go_flags::normalize(std::env::args_os()));
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    cli::init_tracing(false);
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -71,15 +63,18 @@ async fn run(args: Args) -> std::io::Result<()> {
         let msg = format!("{} is not a directory", root.display());
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, msg));
     }
-    let listener = listen::bind(&args.listen)
-        .await
-        .map_err(|e| std::io::Error::new(e.kind(), format!("listen {}: {e}", args.listen)))?;
+    let listener = cli::bind(&args.listen).await?;
     let addr = listener.local_addr()?;
     tracing::info!("serving {}", root.display());
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "listening on http://{addr}")?;
     stdout.flush()?;
     drop(stdout);
-    server::run(listener, files::FileServer::new(root), shutdown::signal()).await;
+    server::run(
+        listener,
+        files::FileServer::new(root),
+        cli::shutdown_signal(),
+    )
+    .await;
     Ok(())
 }
