@@ -19,6 +19,8 @@ pub enum HeaderField {
     Type,
     /// The legacy deadline of Data and Connect.
     Deadline,
+    /// The increment of rd's Credit message.
+    Credit,
 }
 
 impl std::fmt::Display for HeaderField {
@@ -28,6 +30,7 @@ impl std::fmt::Display for HeaderField {
             Self::ConnId => "connection id",
             Self::Type => "message type",
             Self::Deadline => "legacy deadline",
+            Self::Credit => "credit increment",
         })
     }
 }
@@ -75,6 +78,12 @@ pub enum DecodeError {
     BadSyncLength {
         /// The payload length.
         len: usize,
+    },
+    /// A Credit increment that is negative or does not fit in 32 bits.
+    #[error("invalid credit increment {increment}")]
+    BadCredit {
+        /// The decoded value.
+        increment: i64,
     },
 }
 
@@ -140,6 +149,12 @@ pub fn decode(mut buf: Bytes) -> Result<Frame, DecodeError> {
                 ids.push(buf.get_i64_le());
             }
             Message::SyncConnections { ids }
+        }
+        MessageType::Credit => {
+            let increment = field(&mut buf, HeaderField::Credit)?;
+            let increment =
+                u32::try_from(increment).map_err(|_| DecodeError::BadCredit { increment })?;
+            Message::Credit { conn_id, increment }
         }
     };
     Ok(Frame {

@@ -15,23 +15,45 @@ pub struct Config {
     /// How often a client-side session sends SyncConnections; `None` never sends it.
     /// Go: 60 s, first one after one interval.
     pub sync_interval: Option<Duration>,
-    /// Send Pause when a stream's unread bytes exceed this. Go: 2 MiB (`MaxBuffer`).
+    /// The largest pause mark: a stream whose reader keeps up (or any stream while the session
+    /// has memory to spare) is paused when its unread bytes exceed this. Go: 2 MiB
+    /// (`MaxBuffer`). Used with peers that only speak Pause/Resume.
     pub high_watermark: usize,
-    /// Send Resume when a paused stream's unread bytes fall below this. Go: 256 KiB.
+    /// Send Resume when a paused stream's unread bytes fall below this, or below an eighth of
+    /// the mark it was paused at if that is smaller. Go: 256 KiB.
     pub low_watermark: usize,
-    /// A stream whose unread bytes exceed this is reset: the peer ignored Pause. Go has no
-    /// cap. What arrives after our Pause is whatever was in flight: the sender's queue and
-    /// both kernels' socket buffers (a Go sender on loopback overshot by 2.7 MB; Linux
-    /// autotuning can hold more), so this sits far above the high watermark.
+    /// The smallest pause mark: under memory pressure a stream whose reader does not keep up
+    /// is paused once it holds this much.
+    pub pause_floor: usize,
+    /// How much reading a stream's unread bytes may cover when the session is under pressure:
+    /// a stream whose reader consumed `r` bytes per `receive_horizon` keeps a pause mark of
+    /// about `r` (between [`pause_floor`](Self::pause_floor) and
+    /// [`high_watermark`](Self::high_watermark)).
+    pub receive_horizon: Duration,
+    /// A stream whose unread bytes exceed this is reset: the peer ignored Pause (or sent
+    /// beyond its credit). Go has no cap. What arrives after our Pause is whatever was in
+    /// flight: the sender's queue and both kernels' socket buffers (a Go sender on loopback
+    /// overshot by 2.7 MB; Linux autotuning can hold more), so this sits far above the high
+    /// watermark.
     pub stream_receive_cap: usize,
+    /// The session's receive budget: unread bytes (with Pause/Resume peers) or bytes granted
+    /// and unread (with credit) that the session aims to stay within. Pause marks shrink and
+    /// credit windows stop growing as the session approaches it; the websocket keeps being
+    /// read.
+    pub session_receive_budget: usize,
     /// Unread bytes over all streams above which the session stops reading the websocket
     /// ([`Session::wants_input`](crate::Session::wants_input)) until readers catch up: the
-    /// session-wide memory bound, applied as backpressure so that legitimate traffic slows
-    /// down rather than losing streams.
-    pub session_receive_pause: usize,
+    /// last resort against a peer that floods many streams at once. Counted as
+    /// [`Limit::SessionStall`](crate::Limit::SessionStall).
+    pub session_receive_ceiling: usize,
     /// Unread bytes over all streams beyond which Data is refused by resetting the stream it
     /// was for. Only a caller that ignores `wants_input` can get here.
     pub session_receive_cap: usize,
+    /// Use rd's credit extension instead of Pause/Resume (both ends must have negotiated it
+    /// at the upgrade; see docs/protocol.md). Off by default: Go peers never speak it.
+    pub credit: bool,
+    /// The largest credit window a stream's receiver auto-tunes to.
+    pub credit_max_window: usize,
     /// Bytes a stream's writer may queue before its writes wait for the websocket.
     pub stream_send_buffer: usize,
     /// Largest Data payload this side sends in one message, so streams interleave fairly.
@@ -55,9 +77,14 @@ impl Default for Config {
             sync_interval: Some(Duration::from_secs(60)),
             high_watermark: 2 * 1024 * 1024,
             low_watermark: 256 * 1024,
+            pause_floor: 32 * 1024,
+            receive_horizon: Duration::from_millis(250),
             stream_receive_cap: 16 * 1024 * 1024,
-            session_receive_pause: 64 * 1024 * 1024,
+            session_receive_budget: 64 * 1024 * 1024,
+            session_receive_ceiling: 192 * 1024 * 1024,
             session_receive_cap: 256 * 1024 * 1024,
+            credit: false,
+            credit_max_window: 16 * 1024 * 1024,
             stream_send_buffer: 256 * 1024,
             max_data_payload: 32 * 1024,
             max_streams: 65_536,
@@ -83,9 +110,21 @@ impl Config {
                 "stream_receive_cap must be at least high_watermark",
             ));
         }
-        if self.session_receive_pause > self.session_receive_cap {
+        if self.pause_floor == 0 || self.pause_floor > self.high_watermark {
             return Err(ConfigError(
-                "session_receive_pause must not exceed session_receive_cap",
+                "pause_floor must be positive and at most high_watermark",
+            ));
+        }
+        if self.session_receive_budget > self.session_receive_ceiling
+            || self.session_receive_ceiling > self.session_receive_cap
+        {
+            return Err(ConfigError(
+                "need session_receive_budget <= session_receive_ceiling <= session_receive_cap",
+            ));
+        }
+        if self.credit_max_window < crate::CREDIT_INITIAL_WINDOW as usize {
+            return Err(ConfigError(
+                "credit_max_window must be at least the initial credit window",
             ));
         }
         if self.session_receive_cap < self.stream_receive_cap {

@@ -1,11 +1,26 @@
-//! Receive-side flow control of one stream: Go's Pause/Resume hysteresis plus a hard cap.
+//! Receive-side flow control of one stream, in one of two modes.
 //!
-//! The wire only has XON/XOFF (Pause/Resume), so the "window" is a watermark pair: above the
-//! high mark we ask the peer to pause once, below the low mark we let it resume once. A Go
-//! sender only notices Pause at its next write, so some overshoot is normal; past the hard cap
-//! the peer is ignoring us and the stream is reset (Go would buffer without bound).
+//! - **Pause/Resume** (every Go peer): the wire only has XON/XOFF, so the "window" is a pause
+//!   mark. The mark adapts: a stream gets Go's 2 MiB while the session has memory to spare or
+//!   while its reader drains that much within [`Config::receive_horizon`]; a stream whose
+//!   reader does not keep up is paused earlier as the other streams' unread bytes approach
+//!   half the session budget, down to [`Config::pause_floor`]. A Go sender notices Pause
+//!   only at its next write, so some overshoot is normal; past the hard cap the peer is
+//!   ignoring us and the stream is reset.
+//! - **Credit** (rd peers that negotiated the extension): the sender may send only what the
+//!   receiver granted. Both ends start each stream at [`CREDIT_INITIAL_WINDOW`]; the
+//!   receiver grants more as its reader consumes and doubles a stream's window while the
+//!   reader finds its buffer empty (the window, not the reader, limits the stream), as long
+//!   as the session's granted bytes stay within its budget (like yamux's and quinn's
+//!   auto-tuning).
+
+use std::time::{Duration, Instant};
 
 use crate::config::Config;
+
+/// The credit each direction of a new stream starts with when the credit extension is on.
+/// Fixed by the extension so neither end has to announce it.
+pub const CREDIT_INITIAL_WINDOW: u32 = 32 * 1024;
 
 /// What the receiver must tell the peer after a change in buffered bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -14,6 +29,8 @@ pub enum FlowSignal {
     Pause,
     /// Send Resume for this stream.
     Resume,
+    /// Grant this many more bytes (credit extension).
+    Credit(u32),
 }
 
 /// Data arrived beyond the stream's hard cap.
@@ -25,60 +42,241 @@ pub struct Overflow {
     pub cap: usize,
 }
 
-/// Bytes delivered to a stream and not yet read, and whether we asked the peer to pause.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RecvFlow {
-    buffered: usize,
-    pause_sent: bool,
+/// What flow control needs to know about the rest of the session to decide about one stream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pressure {
+    /// Unread bytes of every other stream.
+    pub others_unread: usize,
+    /// Credit granted and not yet consumed, all streams (credit mode).
+    pub committed: usize,
 }
 
-impl RecvFlow {
-    /// Unread bytes.
-    pub fn buffered(&self) -> usize {
-        self.buffered
+/// Bytes a stream's reader consumed per [`Config::receive_horizon`], measured from reads
+/// (which carry no clock) and the data arrivals that sample them (which do).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct ReadMeter {
+    since: Option<Instant>,
+    consumed: usize,
+    per_horizon: usize,
+}
+
+impl ReadMeter {
+    fn recent(&mut self, now: Instant, horizon: Duration) -> usize {
+        let since = *self.since.get_or_insert(now);
+        let elapsed = now.saturating_duration_since(since);
+        if elapsed >= horizon && !elapsed.is_zero() {
+            let scaled = self.consumed as u128 * horizon.as_nanos() / elapsed.as_nanos();
+            self.per_horizon = usize::try_from(scaled).unwrap_or(usize::MAX);
+            self.consumed = 0;
+            self.since = Some(now);
+        }
+        self.per_horizon.max(self.consumed)
+    }
+}
+
+/// Pause/Resume state of one stream.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PauseFlow {
+    pause_sent: bool,
+    resume_below: usize,
+    /// Bytes received since our outstanding Pause was queued.
+    since_pause: usize,
+    meter: ReadMeter,
+}
+
+impl PauseFlow {
+    /// The pause mark for this stream now.
+    fn mark(&mut self, now: Instant, pressure: Pressure, config: &Config) -> usize {
+        let recent = self.meter.recent(now, config.receive_horizon);
+        // Memory to spare: every stream gets Go's mark. As the others' unread bytes approach
+        // half the budget the allowance falls to zero, leaving only what the reader earns.
+        let half = (config.session_receive_budget / 2).max(1);
+        let spare = half.saturating_sub(pressure.others_unread);
+        let allowance = (config.high_watermark as u128 * spare as u128 / half as u128) as usize;
+        recent
+            .max(allowance)
+            .clamp(config.pause_floor, config.high_watermark)
     }
 
     /// Whether a Pause is outstanding (sent and not yet followed by Resume).
     pub fn pause_sent(&self) -> bool {
         self.pause_sent
     }
+}
 
-    /// Accounts `n` received bytes. Over the cap the bytes are refused and nothing changes.
+/// Credit state of one stream's receiver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreditFlow {
+    window: usize,
+    credit: usize,
+    starved: bool,
+}
+
+impl Default for CreditFlow {
+    fn default() -> Self {
+        Self {
+            window: CREDIT_INITIAL_WINDOW as usize,
+            credit: CREDIT_INITIAL_WINDOW as usize,
+            starved: false,
+        }
+    }
+}
+
+impl CreditFlow {
+    /// The window the receiver currently aims to keep granted.
+    pub fn window(&self) -> usize {
+        self.window
+    }
+
+    /// Bytes the peer may still send.
+    pub fn credit(&self) -> usize {
+        self.credit
+    }
+}
+
+/// Receive flow control of one stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecvFlow {
+    /// Go's Pause/Resume, with adaptive marks.
+    Pause(PauseFlow),
+    /// rd's credit extension.
+    Credit(CreditFlow),
+}
+
+impl RecvFlow {
+    /// The state a new stream starts in.
+    pub fn new(config: &Config) -> Self {
+        if config.credit {
+            Self::Credit(CreditFlow::default())
+        } else {
+            Self::Pause(PauseFlow::default())
+        }
+    }
+
+    /// Whether a Pause is outstanding.
+    pub fn pause_sent(&self) -> bool {
+        matches!(self, Self::Pause(p) if p.pause_sent)
+    }
+
+    /// Bytes received since our outstanding Pause was queued (0 without one, and always 0
+    /// with credit): more than the link can hold in flight means the peer ignores Pause.
+    pub fn since_pause(&self) -> usize {
+        match self {
+            Self::Pause(p) if p.pause_sent => p.since_pause,
+            _ => 0,
+        }
+    }
+
+    /// Credit granted to the peer and not yet used (0 in Pause mode).
+    pub fn credit(&self) -> usize {
+        match self {
+            Self::Pause(_) => 0,
+            Self::Credit(c) => c.credit,
+        }
+    }
+
+    /// Accounts `n` received bytes, the stream holding `unread` unread bytes before them.
+    /// Over the cap the bytes are refused and nothing changes.
     #[must_use = "a Pause signal must be sent to the peer"]
-    pub fn on_data(&mut self, n: usize, config: &Config) -> Result<Option<FlowSignal>, Overflow> {
-        let buffered = self.buffered.saturating_add(n);
+    pub fn on_data(
+        &mut self,
+        n: usize,
+        unread: usize,
+        now: Instant,
+        pressure: Pressure,
+        config: &Config,
+    ) -> Result<Option<FlowSignal>, Overflow> {
+        let buffered = unread.saturating_add(n);
         if buffered > config.stream_receive_cap {
             return Err(Overflow {
                 buffered,
                 cap: config.stream_receive_cap,
             });
         }
-        self.buffered = buffered;
-        if buffered > config.high_watermark && !self.pause_sent {
-            self.pause_sent = true;
-            return Ok(Some(FlowSignal::Pause));
+        match self {
+            Self::Pause(p) => {
+                if p.pause_sent {
+                    p.since_pause = p.since_pause.saturating_add(n);
+                    return Ok(None);
+                }
+                let mark = p.mark(now, pressure, config);
+                if buffered > mark {
+                    p.pause_sent = true;
+                    p.since_pause = 0;
+                    p.resume_below = (mark / 8).min(config.low_watermark).max(1);
+                    return Ok(Some(FlowSignal::Pause));
+                }
+                Ok(None)
+            }
+            Self::Credit(c) => {
+                // Beyond the credit only by a released sender's last bytes (it may send its
+                // queued data and EOF whatever the credit); the cap above bounds it.
+                c.credit = c.credit.saturating_sub(n);
+                Ok(None)
+            }
         }
-        Ok(None)
     }
 
-    /// Accounts `n` bytes handed to the reader.
-    #[must_use = "a Resume signal must be sent to the peer"]
-    pub fn on_consumed(&mut self, n: usize, config: &Config) -> Option<FlowSignal> {
-        debug_assert!(n <= self.buffered, "consumed more than buffered");
-        self.buffered -= n.min(self.buffered);
-        if self.pause_sent && self.buffered < config.low_watermark {
-            self.pause_sent = false;
-            return Some(FlowSignal::Resume);
+    /// The reader found nothing to read.
+    pub fn on_starved(&mut self) {
+        if let Self::Credit(c) = self {
+            c.starved = true;
         }
-        None
+    }
+
+    /// Accounts `n` bytes handed to the reader, leaving `unread`.
+    #[must_use = "a Resume or Credit signal must be sent to the peer"]
+    pub fn on_consumed(
+        &mut self,
+        n: usize,
+        unread: usize,
+        pressure: Pressure,
+        config: &Config,
+    ) -> Option<FlowSignal> {
+        match self {
+            Self::Pause(p) => {
+                p.meter.consumed = p.meter.consumed.saturating_add(n);
+                if p.pause_sent && unread < p.resume_below {
+                    p.pause_sent = false;
+                    return Some(FlowSignal::Resume);
+                }
+                None
+            }
+            Self::Credit(c) => {
+                let initial = CREDIT_INITIAL_WINDOW as usize;
+                let budget = config.session_receive_budget;
+                if c.starved
+                    && c.window < config.credit_max_window
+                    && pressure.committed.saturating_add(c.window) <= budget
+                {
+                    c.window = (c.window * 2).min(config.credit_max_window);
+                } else if pressure.committed > budget && c.window > initial {
+                    c.window = (c.window / 2).max(initial);
+                }
+                let outstanding = c.credit.saturating_add(unread);
+                let increment = c.window.saturating_sub(outstanding);
+                // Grant in halves of the window, as yamux does, not after every read.
+                if increment == 0 || increment < c.window / 2 {
+                    return None;
+                }
+                let increment = u32::try_from(increment).unwrap_or(u32::MAX);
+                c.credit += increment as usize;
+                c.starved = false;
+                Some(FlowSignal::Credit(increment))
+            }
+        }
     }
 
     /// Panics if an invariant is broken; for tests and debug builds.
-    pub fn assert_invariants(&self, config: &Config) {
+    pub fn assert_invariants(&self, unread: usize, config: &Config) {
         assert!(
-            self.buffered <= config.stream_receive_cap,
+            unread <= config.stream_receive_cap,
             "buffered over the hard cap"
         );
+        if let Self::Credit(c) = self {
+            assert!(c.window <= config.credit_max_window.max(CREDIT_INITIAL_WINDOW as usize));
+            assert!(c.window >= CREDIT_INITIAL_WINDOW as usize);
+        }
     }
 }
 
@@ -87,63 +285,198 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    fn quiet() -> Pressure {
+        Pressure::default()
+    }
+
     #[test]
-    fn pause_once_above_high_resume_once_below_low() {
+    fn pause_once_above_high_resume_once_below_low_without_pressure() {
         let c = Config::default();
-        let mut f = RecvFlow::default();
+        let now = Instant::now();
+        let mut f = RecvFlow::new(&c);
         assert_eq!(
-            f.on_data(c.high_watermark, &c),
+            f.on_data(c.high_watermark, 0, now, quiet(), &c),
             Ok(None),
             "at the mark is not above it"
         );
-        assert_eq!(f.on_data(1, &c), Ok(Some(FlowSignal::Pause)));
-        assert_eq!(f.on_data(1000, &c), Ok(None), "only one Pause outstanding");
-        assert_eq!(f.on_consumed(1001, &c), None);
+        let mut unread = c.high_watermark;
         assert_eq!(
-            f.on_consumed(c.high_watermark - c.low_watermark, &c),
+            f.on_data(1, unread, now, quiet(), &c),
+            Ok(Some(FlowSignal::Pause))
+        );
+        unread += 1;
+        assert_eq!(
+            f.on_data(1000, unread, now, quiet(), &c),
+            Ok(None),
+            "only one Pause outstanding"
+        );
+        unread += 1000;
+        unread -= 1001;
+        assert_eq!(f.on_consumed(1001, unread, quiet(), &c), None);
+        let n = c.high_watermark - c.low_watermark;
+        unread -= n;
+        assert_eq!(
+            f.on_consumed(n, unread, quiet(), &c),
             None,
             "at low is not below"
         );
-        assert_eq!(f.on_consumed(1, &c), Some(FlowSignal::Resume));
-        assert_eq!(f.on_consumed(1, &c), None, "only one Resume");
+        unread -= 1;
+        assert_eq!(
+            f.on_consumed(1, unread, quiet(), &c),
+            Some(FlowSignal::Resume)
+        );
+        assert_eq!(
+            f.on_consumed(1, unread - 1, quiet(), &c),
+            None,
+            "only one Resume"
+        );
+    }
+
+    #[test]
+    fn a_stream_that_is_not_read_is_paused_at_the_floor_under_pressure() {
+        let c = Config::default();
+        let now = Instant::now();
+        let mut f = RecvFlow::new(&c);
+        let pressure = Pressure {
+            others_unread: c.session_receive_budget / 2,
+            committed: 0,
+        };
+        assert_eq!(f.on_data(c.pause_floor, 0, now, pressure, &c), Ok(None));
+        assert_eq!(
+            f.on_data(1, c.pause_floor, now, pressure, &c),
+            Ok(Some(FlowSignal::Pause))
+        );
+        // Half way to the pressure point the mark is half of Go's.
+        let mut g = RecvFlow::new(&c);
+        let halfway = Pressure {
+            others_unread: c.session_receive_budget / 4,
+            committed: 0,
+        };
+        let half_mark = c.high_watermark / 2;
+        assert_eq!(g.on_data(half_mark, 0, now, halfway, &c), Ok(None));
+        assert_eq!(
+            g.on_data(1, half_mark, now, halfway, &c),
+            Ok(Some(FlowSignal::Pause))
+        );
+    }
+
+    #[test]
+    fn a_fast_reader_keeps_the_high_mark_under_pressure() {
+        let c = Config::default();
+        let t0 = Instant::now();
+        let pressure = Pressure {
+            others_unread: c.session_receive_budget,
+            committed: 0,
+        };
+        let mut f = RecvFlow::new(&c);
+        let mut unread = 0;
+        // The reader drains 8 MiB within one horizon.
+        let mut now = t0;
+        for _ in 0..256 {
+            assert_eq!(f.on_data(32 * 1024, unread, now, pressure, &c), Ok(None));
+            unread += 32 * 1024;
+            unread -= 32 * 1024;
+            assert_eq!(f.on_consumed(32 * 1024, unread, pressure, &c), None);
+            now += c.receive_horizon / 256;
+        }
+        // Next horizon: it may hold up to Go's mark.
+        now += c.receive_horizon;
+        assert_eq!(f.on_data(c.high_watermark, 0, now, pressure, &c), Ok(None));
     }
 
     #[test]
     fn overflow_is_refused_without_accounting() {
         let c = Config::default();
-        let mut f = RecvFlow::default();
-        assert!(f.on_data(c.stream_receive_cap, &c).is_ok());
+        let mut f = RecvFlow::new(&c);
+        let now = Instant::now();
         assert_eq!(
-            f.on_data(1, &c),
+            f.on_data(1, c.stream_receive_cap, now, quiet(), &c),
             Err(Overflow {
                 buffered: c.stream_receive_cap + 1,
                 cap: c.stream_receive_cap
             })
         );
-        assert_eq!(f.buffered(), c.stream_receive_cap);
+    }
+
+    #[test]
+    fn credit_is_granted_in_halves_and_grows_while_the_reader_starves() {
+        let c = Config {
+            credit: true,
+            ..Config::default()
+        };
+        let now = Instant::now();
+        let w = CREDIT_INITIAL_WINDOW as usize;
+        let mut f = RecvFlow::new(&c);
+        assert_eq!(f.on_data(w / 4, 0, now, quiet(), &c), Ok(None));
+        assert_eq!(
+            f.on_consumed(w / 4, 0, quiet(), &c),
+            None,
+            "a quarter: not yet"
+        );
+        assert_eq!(f.on_data(w / 4, 0, now, quiet(), &c), Ok(None));
+        assert_eq!(
+            f.on_consumed(w / 4, 0, quiet(), &c),
+            Some(FlowSignal::Credit((w / 2) as u32))
+        );
+        assert_eq!(f.credit(), w);
+        // The reader waits on an empty buffer: the window doubles at the next grant.
+        f.on_starved();
+        assert_eq!(f.on_data(w / 2, 0, now, quiet(), &c), Ok(None));
+        assert_eq!(
+            f.on_consumed(w / 2, 0, quiet(), &c),
+            Some(FlowSignal::Credit((w + w / 2) as u32))
+        );
+        assert_eq!(f.credit(), 2 * w);
+        // No growth past the budget.
+        let full = Pressure {
+            others_unread: 0,
+            committed: c.session_receive_budget,
+        };
+        f.on_starved();
+        assert_eq!(f.on_data(2 * w, 0, now, full, &c), Ok(None));
+        let RecvFlow::Credit(cf) = &f else { panic!() };
+        let before = cf.window();
+        let _ = f.on_consumed(2 * w, 0, full, &c);
+        let RecvFlow::Credit(cf) = &f else { panic!() };
+        assert!(
+            cf.window() <= before,
+            "an over-budget session does not grow windows"
+        );
     }
 
     proptest! {
         #[test]
-        fn random_sequences_keep_invariants(ops in proptest::collection::vec((any::<bool>(), 0usize..3_000_000), 0..200)) {
-            let c = Config::default();
-            let mut f = RecvFlow::default();
+        fn random_sequences_keep_invariants(
+            credit in any::<bool>(),
+            ops in proptest::collection::vec((any::<bool>(), 0usize..3_000_000, 0usize..200_000_000, 0u64..1000), 0..200),
+        ) {
+            let c = Config { credit, ..Config::default() };
+            let mut f = RecvFlow::new(&c);
+            let mut now = Instant::now();
+            let mut unread = 0usize;
             let mut outstanding_pause = false;
-            for (is_data, n) in ops {
+            for (is_data, n, others, ms) in ops {
+                now += Duration::from_millis(ms);
+                let pressure = Pressure { others_unread: others, committed: others };
                 let signal = if is_data {
-                    f.on_data(n, &c).unwrap_or_default()
+                    match f.on_data(n, unread, now, pressure, &c) {
+                        Ok(s) => { unread += n; s }
+                        Err(_) => None,
+                    }
                 } else {
-                    let n = n.min(f.buffered());
-                    f.on_consumed(n, &c)
+                    let n = n.min(unread);
+                    unread -= n;
+                    f.on_consumed(n, unread, pressure, &c)
                 };
                 match signal {
                     Some(FlowSignal::Pause) => { prop_assert!(!outstanding_pause); outstanding_pause = true; }
                     Some(FlowSignal::Resume) => { prop_assert!(outstanding_pause); outstanding_pause = false; }
+                    Some(FlowSignal::Credit(_)) => prop_assert!(credit),
                     None => {}
                 }
                 prop_assert_eq!(outstanding_pause, f.pause_sent());
-                f.assert_invariants(&c);
-                if f.buffered() > c.high_watermark { prop_assert!(f.pause_sent()); }
+                f.assert_invariants(unread, &c);
+                if !credit && unread > c.high_watermark { prop_assert!(f.pause_sent()); }
             }
         }
     }

@@ -38,18 +38,24 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod budget;
 mod codec;
 mod config;
 mod flow;
 mod message;
+mod recv;
+mod send;
 mod session;
 mod stream;
+mod streams;
 mod target;
 pub mod varint;
 
 pub use codec::{decode, DecodeError, HeaderField};
 pub use config::{Config, ConfigError};
-pub use flow::{FlowSignal, Overflow, RecvFlow};
+pub use flow::{
+    CreditFlow, FlowSignal, Overflow, PauseFlow, Pressure, RecvFlow, CREDIT_INITIAL_WINDOW,
+};
 pub use message::{
     data_header_len, put_data_header, ClientSession, ConnId, Frame, Message, MessageType, EOF_TEXT,
     LEGACY_DEADLINE_MS, MAX_CLIENT_PAYLOAD, MAX_ERROR_TEXT,

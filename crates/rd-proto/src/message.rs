@@ -1,4 +1,5 @@
-//! The eight remotedialer messages, one variant each, and their wire encoding.
+//! The eight remotedialer messages (plus rd's negotiated Credit), one variant each, and their
+//! wire encoding.
 
 use std::fmt;
 
@@ -46,6 +47,9 @@ pub enum MessageType {
     Resume = 7,
     /// The client's list of live connection ids.
     SyncConnections = 8,
+    /// rd extension (negotiated, never sent to Go peers): the receiver lets the sender send
+    /// this many more bytes on a connection.
+    Credit = 64,
 }
 
 impl MessageType {
@@ -60,6 +64,7 @@ impl MessageType {
             6 => Self::Pause,
             7 => Self::Resume,
             8 => Self::SyncConnections,
+            64 => Self::Credit,
             _ => return None,
         })
     }
@@ -128,6 +133,14 @@ pub enum Message {
         /// The ids.
         ids: Vec<i64>,
     },
+    /// rd's credit extension: the sender may send `increment` more payload bytes on the
+    /// connection. Only sent when both ends negotiated the extension at the upgrade.
+    Credit {
+        /// The connection.
+        conn_id: ConnId,
+        /// Bytes granted, added to what the sender may still send.
+        increment: u32,
+    },
     /// A type this implementation does not know; receivers ignore it, as Go does.
     Unknown {
         /// The type code.
@@ -158,6 +171,7 @@ impl Message {
             Self::Pause { .. } => MessageType::Pause as i64,
             Self::Resume { .. } => MessageType::Resume as i64,
             Self::SyncConnections { .. } => MessageType::SyncConnections as i64,
+            Self::Credit { .. } => MessageType::Credit as i64,
             Self::Unknown { type_code, .. } => *type_code,
         }
     }
@@ -170,6 +184,7 @@ impl Message {
             | Self::Error { conn_id, .. }
             | Self::Pause { conn_id }
             | Self::Resume { conn_id }
+            | Self::Credit { conn_id, .. }
             | Self::Unknown { conn_id, .. } => *conn_id,
             Self::AddClient(_) | Self::RemoveClient(_) | Self::SyncConnections { .. } => ConnId(0),
         }
@@ -184,6 +199,7 @@ impl Message {
                 c.client_key.len() + 1 + decimal_len(c.session_key)
             }
             Self::SyncConnections { ids } => ids.len() * 8,
+            Self::Credit { increment, .. } => varint_len(i64::from(*increment)),
             Self::Pause { .. } | Self::Resume { .. } | Self::Unknown { .. } => 0,
         }
     }
@@ -216,6 +232,7 @@ impl Message {
             Self::Error { text, .. } => buf.put_slice(text.as_bytes()),
             Self::AddClient(c) | Self::RemoveClient(c) => buf.put_slice(c.to_string().as_bytes()),
             Self::SyncConnections { ids } => ids.iter().for_each(|id| buf.put_i64_le(*id)),
+            Self::Credit { increment, .. } => put_varint(buf, i64::from(*increment)),
             Self::Pause { .. } | Self::Resume { .. } | Self::Unknown { .. } => {}
         }
     }

@@ -1,15 +1,17 @@
 //! The sans-IO session: messages and application calls in, messages and events out.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 
+use crate::budget::ReceiveBudget;
 use crate::codec::{decode, DecodeError};
 use crate::config::Config;
-use crate::flow::FlowSignal;
-use crate::message::{data_header_len, put_data_header, ClientSession, ConnId, Message, EOF_TEXT};
-use crate::stream::{Origin, Stream, StreamEnd, Wire};
+use crate::flow::{FlowSignal, Pressure};
+use crate::message::{ClientSession, ConnId, Message, EOF_TEXT};
+use crate::stream::{Lifecycle, Origin, Stream, StreamEnd};
+use crate::streams::Streams;
 use crate::target::Target;
 
 /// Which end of the websocket this session is.
@@ -140,6 +142,13 @@ pub enum Limit {
     SessionReceiveCap,
     /// [`Config::max_streams`]: a Connect was refused.
     MaxStreams,
+    /// [`Config::session_receive_ceiling`]: the session stopped reading the websocket until
+    /// readers catch up (the last resort; every stream of the session waits).
+    SessionStall,
+    /// A websocket message above the runtime's size limit ended the session.
+    MaxMessageSize,
+    /// Too many incoming Connects were still dialing; one was refused.
+    MaxPendingConnects,
 }
 
 impl Limit {
@@ -149,6 +158,9 @@ impl Limit {
             Self::StreamReceiveCap => "stream_receive_cap",
             Self::SessionReceiveCap => "session_receive_cap",
             Self::MaxStreams => "max_streams",
+            Self::SessionStall => "session_receive_ceiling",
+            Self::MaxMessageSize => "max_message_size",
+            Self::MaxPendingConnects => "max_pending_connects",
         }
     }
 }
@@ -203,6 +215,9 @@ pub struct SessionStats {
     pub paused_by_peer: usize,
     /// Received bytes not yet read, all streams.
     pub receive_buffered: usize,
+    /// Received bytes not yet read plus credit granted and unused, all streams: what the
+    /// peer may make this session hold (equals `receive_buffered` without credit).
+    pub receive_committed: usize,
     /// Bytes queued to send, all streams.
     pub send_buffered: usize,
 }
@@ -216,16 +231,16 @@ pub struct Session {
     config: Config,
     identity: Identity,
     next_message_id: i64,
-    next_conn_id: i64,
-    streams: HashMap<ConnId, Stream>,
+    streams: Streams,
+    budget: ReceiveBudget,
     control: VecDeque<Bytes>,
-    ready: VecDeque<ConnId>,
     events: VecDeque<Event>,
     ping_due: bool,
     last_keepalive: Instant,
     next_ping: Option<Instant>,
     next_sync: Option<Instant>,
-    receive_buffered: usize,
+    /// The ceiling was reached and input stopped; reported once per episode.
+    stalled: bool,
     ended: Option<SessionEnd>,
 }
 
@@ -249,17 +264,16 @@ impl Session {
             } else {
                 None
             },
-            next_conn_id: if is_client { 0 } else { 1 },
             config,
             identity,
             next_message_id: first_message_id,
-            streams: HashMap::new(),
+            streams: Streams::new(side),
+            budget: ReceiveBudget::default(),
             control: VecDeque::new(),
-            ready: VecDeque::new(),
             events: VecDeque::new(),
             ping_due: false,
             last_keepalive: now,
-            receive_buffered: 0,
+            stalled: false,
             ended: None,
         }
     }
@@ -282,11 +296,12 @@ impl Session {
     /// Whether the caller should read more websocket messages now. False while more than
     /// [`Config::max_queued_control`] replies wait to be sent (a peer that floods us and does
     /// not read cannot grow that queue without bound), and while the streams' unread bytes
-    /// exceed [`Config::session_receive_pause`] (the session's memory bound). It turns true
-    /// again as the caller drains [`poll_transmit`](Self::poll_transmit) and readers read.
+    /// exceed [`Config::session_receive_ceiling`] (the last resort against a peer that floods
+    /// many streams at once; honest peers are held back per stream long before). It turns
+    /// true again as the caller drains [`poll_transmit`](Self::poll_transmit) and readers
+    /// read.
     pub fn wants_input(&self) -> bool {
-        self.control.len() < self.config.max_queued_control
-            && self.receive_buffered < self.config.session_receive_pause
+        self.control.len() < self.config.max_queued_control && !self.input_stalled_by_readers()
     }
 
     /// Whether a ping or a control message (Pause, Resume, Error, ...) waits to be sent. A
@@ -299,27 +314,33 @@ impl Session {
     /// Whether the streams' unread bytes keep [`wants_input`](Self::wants_input) false: our
     /// own readers, not the peer, are why the websocket is not read.
     fn input_stalled_by_readers(&self) -> bool {
-        self.receive_buffered >= self.config.session_receive_pause
+        self.budget.unread() >= self.config.session_receive_ceiling
     }
 
     /// Counters for metrics.
     pub fn stats(&self) -> SessionStats {
         let mut stats = SessionStats {
             streams: self.streams.len(),
-            receive_buffered: self.receive_buffered,
+            receive_buffered: self.budget.unread(),
+            receive_committed: self.budget.committed(),
             ..SessionStats::default()
         };
-        for s in self.streams.values() {
-            stats.paused_by_us += usize::from(s.flow.pause_sent());
-            stats.paused_by_peer += usize::from(s.paused_by_peer);
-            stats.send_buffered += s.send_queued;
+        for (_, s) in self.streams.iter() {
+            stats.paused_by_us += usize::from(s.recv.pause_sent());
+            stats.paused_by_peer += usize::from(s.send.paused_by_peer());
+            stats.send_buffered += s.send.queued();
         }
         stats
     }
 
+    /// Received bytes of a stream not yet read.
+    pub fn unread(&self, id: ConnId) -> Option<usize> {
+        self.streams.get(id).map(|s| s.recv.held().unread)
+    }
+
     /// The target a stream was opened for.
     pub fn target(&self, id: ConnId) -> Option<&Target> {
-        self.streams.get(&id).map(|s| &s.target)
+        self.streams.get(id).map(|s| &s.target)
     }
 
     fn message_id(&mut self) -> i64 {
@@ -334,6 +355,25 @@ impl Session {
         }
         let id = self.message_id();
         self.control.push_back(msg.to_bytes(id));
+    }
+
+    fn send_signal(&mut self, conn_id: ConnId, signal: Option<FlowSignal>) {
+        let msg = match signal {
+            None => return,
+            Some(FlowSignal::Pause) => Message::Pause { conn_id },
+            Some(FlowSignal::Resume) => Message::Resume { conn_id },
+            Some(FlowSignal::Credit(increment)) => Message::Credit { conn_id, increment },
+        };
+        self.queue_control(&msg);
+    }
+
+    /// What the rest of the session holds, seen from stream `id`.
+    fn pressure(&self, id: ConnId) -> Pressure {
+        let own = self.streams.get(id).map_or(0, |s| s.recv.held().unread);
+        Pressure {
+            others_unread: self.budget.unread().saturating_sub(own),
+            committed: self.budget.committed(),
+        }
     }
 
     // ----- input: the websocket -----------------------------------------------------------
@@ -362,7 +402,7 @@ impl Session {
         };
         tracing::trace!(target: "rd_proto::wire", message_id = frame.message_id, message = ?frame.message, "received");
         match frame.message {
-            Message::Data { conn_id, payload } => self.on_data(conn_id, payload),
+            Message::Data { conn_id, payload } => self.on_data(now, conn_id, payload),
             Message::Connect { conn_id, target } => self.on_connect(now, conn_id, target),
             Message::Error { conn_id, text } => self.on_error(conn_id, text),
             Message::AddClient(c) => {
@@ -375,12 +415,9 @@ impl Session {
                     self.events.push_back(Event::ClientRemoved(c));
                 }
             }
-            Message::Pause { conn_id } => {
-                if let Some(s) = self.streams.get_mut(&conn_id).filter(|s| s.receiving()) {
-                    s.paused_by_peer = true;
-                }
-            }
-            Message::Resume { conn_id } => self.on_resume(conn_id),
+            Message::Pause { conn_id } => self.on_pause(conn_id, true),
+            Message::Resume { conn_id } => self.on_pause(conn_id, false),
+            Message::Credit { conn_id, increment } => self.on_credit(conn_id, increment),
             Message::SyncConnections { ids } => self.on_sync(now, &ids),
             Message::Unknown { type_code, conn_id } => {
                 tracing::debug!(type_code, %conn_id, "ignoring message of unknown type");
@@ -394,10 +431,10 @@ impl Session {
         self.last_keepalive = now;
     }
 
-    fn on_data(&mut self, conn_id: ConnId, payload: Bytes) {
+    fn on_data(&mut self, now: Instant, conn_id: ConnId, payload: Bytes) {
         let n = payload.len();
-        let config = &self.config;
-        let Some(s) = self.streams.get_mut(&conn_id).filter(|s| s.receiving()) else {
+        let pressure = self.pressure(conn_id);
+        let Some(s) = self.streams.get_mut(conn_id).filter(|s| s.receiving()) else {
             let text = format!(
                 "connection not found {}/{}/{}",
                 self.identity.client_key, self.identity.session_key, conn_id
@@ -409,43 +446,82 @@ impl Session {
             // Nobody will read it; the stream is only waiting for its EOF to go out.
             return;
         }
-        if self.receive_buffered + n > config.session_receive_cap {
+        if self.budget.unread().saturating_add(n) > self.config.session_receive_cap {
             let text = format!(
                 "session receive buffer of {} bytes exceeded",
-                config.session_receive_cap
+                self.config.session_receive_cap
             );
             self.reset(conn_id, &text).ok();
             self.events
                 .push_back(Event::LimitExceeded(Limit::SessionReceiveCap));
             return;
         }
-        match s.flow.on_data(n, config) {
+        let before = s.recv.held();
+        match s.recv.on_data(payload, now, pressure, &self.config) {
             Err(overflow) => {
                 let text = format!(
-                    "receive buffer limit of {} bytes exceeded: the peer ignored Pause",
+                    "receive buffer limit of {} bytes exceeded: the peer ignored flow control",
                     overflow.cap
                 );
                 self.reset(conn_id, &text).ok();
                 self.events
                     .push_back(Event::LimitExceeded(Limit::StreamReceiveCap));
             }
-            Ok(signal) => {
-                self.receive_buffered += n;
-                if n > 0 {
-                    s.recv.push_back(payload);
-                }
-                if std::mem::take(&mut s.reader_waiting) {
+            Ok((reader_was_waiting, signal)) => {
+                self.budget.apply(before, s.recv.held());
+                if reader_was_waiting {
                     self.events.push_back(Event::StreamReadable { id: conn_id });
                 }
-                if signal == Some(FlowSignal::Pause) {
-                    self.queue_control(&Message::Pause { conn_id });
+                self.send_signal(conn_id, signal);
+                if self.input_stalled_by_readers() {
+                    self.shed_pause_ignorers();
+                }
+                if self.input_stalled_by_readers() && !self.stalled {
+                    self.stalled = true;
+                    tracing::warn!(
+                        unread = self.budget.unread(),
+                        ceiling = self.config.session_receive_ceiling,
+                        "session stops reading until its readers catch up: the peer sends on \
+                         many streams beyond flow control"
+                    );
+                    self.events
+                        .push_back(Event::LimitExceeded(Limit::SessionStall));
                 }
             }
         }
     }
 
+    /// At the ceiling: if the streams together received more after their Pause than a link
+    /// holds in flight (half the stream cap), the peer ignores Pause somewhere. Reset the
+    /// streams that received most after their Pause, worst first, until the session is below
+    /// the ceiling or the rest is within that allowance. Only if honest streams alone fill
+    /// the ceiling does the session stop reading.
+    fn shed_pause_ignorers(&mut self) {
+        let allowance = self.config.stream_receive_cap / 2;
+        let mut ignorers: Vec<(usize, ConnId)> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| s.receiving() && s.recv.since_pause() > 0)
+            .map(|(id, s)| (s.recv.since_pause(), *id))
+            .collect();
+        let mut total: usize = ignorers.iter().map(|(n, _)| n).sum();
+        ignorers.sort_unstable_by(|a, b| b.cmp(a));
+        for (since_pause, id) in ignorers {
+            if !self.input_stalled_by_readers() || total <= allowance {
+                break;
+            }
+            total -= since_pause;
+            tracing::warn!(conn_id = %id, since_pause, "resetting a stream whose peer ignores Pause");
+            let text =
+                format!("received {since_pause} bytes after Pause: the peer ignored flow control");
+            self.reset(id, &text).ok();
+            self.events
+                .push_back(Event::LimitExceeded(Limit::StreamReceiveCap));
+        }
+    }
+
     fn on_connect(&mut self, now: Instant, conn_id: ConnId, target: Target) {
-        if let Some(s) = self.streams.get(&conn_id) {
+        if let Some(s) = self.streams.get(conn_id) {
             const IN_USE: &str = "connection id already in use";
             if s.receiving() {
                 // Go would silently replace the live connection; refusing keeps both ends sane.
@@ -467,16 +543,21 @@ impl Session {
                 .push_back(Event::LimitExceeded(Limit::MaxStreams));
             return;
         }
-        self.streams
-            .insert(conn_id, Stream::new(target.clone(), Origin::Remote, now));
+        self.insert_stream(conn_id, target.clone(), Origin::Remote, now);
         self.events.push_back(Event::StreamRequested {
             id: conn_id,
             target,
         });
     }
 
+    fn insert_stream(&mut self, id: ConnId, target: Target, origin: Origin, now: Instant) {
+        let stream = Stream::new(target, origin, now, &self.config);
+        self.budget.apply(Default::default(), stream.recv.held());
+        self.streams.insert(id, stream);
+    }
+
     fn on_error(&mut self, conn_id: ConnId, text: String) {
-        let Some(s) = self.streams.get(&conn_id).filter(|s| s.receiving()) else {
+        let Some(s) = self.streams.get(conn_id).filter(|s| s.receiving()) else {
             return;
         };
         let end = if text == EOF_TEXT {
@@ -485,21 +566,30 @@ impl Session {
             StreamEnd::PeerError(text.clone())
         };
         // Go's close path always writes an Error back; Go peers ignore it as an unknown id.
-        if s.wire != Wire::FinSent {
+        if s.life != Lifecycle::FinSent {
             self.queue_control(&Message::Error { conn_id, text });
         }
         self.leave_wire(conn_id, end);
     }
 
-    fn on_resume(&mut self, conn_id: ConnId) {
-        let Some(s) = self.streams.get_mut(&conn_id).filter(|s| s.receiving()) else {
+    fn on_pause(&mut self, conn_id: ConnId, paused: bool) {
+        let Some(s) = self.streams.get_mut(conn_id).filter(|s| s.receiving()) else {
             return;
         };
-        s.paused_by_peer = false;
-        if s.has_output() && !s.scheduled {
-            s.scheduled = true;
-            self.ready.push_back(conn_id);
+        s.send.set_paused_by_peer(paused);
+        self.streams.schedule(conn_id);
+    }
+
+    fn on_credit(&mut self, conn_id: ConnId, increment: u32) {
+        if !self.config.credit {
+            tracing::debug!(%conn_id, "ignoring credit: the extension was not negotiated");
+            return;
         }
+        let Some(s) = self.streams.get_mut(conn_id).filter(|s| s.receiving()) else {
+            return;
+        };
+        s.send.add_credit(increment);
+        self.streams.schedule(conn_id);
     }
 
     fn on_sync(&mut self, now: Instant, ids: &[i64]) {
@@ -523,18 +613,25 @@ impl Session {
         }
     }
 
-    /// Takes a stream off the wire with `end`, drops what it had queued to send and tells
-    /// the application. Sends nothing.
+    /// Takes a stream off the wire with `end`, drops what it had queued to send (and any
+    /// credit it granted) and tells the application. Sends nothing.
     fn leave_wire(&mut self, id: ConnId, end: StreamEnd) {
-        let Some(s) = self.streams.get_mut(&id) else {
+        let Some(s) = self.streams.get_mut(id) else {
             return;
         };
-        s.wire = Wire::Gone;
+        s.life = Lifecycle::Gone;
         s.send.clear();
-        s.send_queued = 0;
         s.end.get_or_insert(end.clone());
-        s.reader_waiting = false;
-        s.writer_waiting = false;
+        s.recv.stop_waiting();
+        let before = s.recv.held();
+        // Unread bytes stay for the application's last reads; granted credit is void.
+        let after = crate::recv::Held {
+            unread: before.unread,
+            committed: before.unread,
+        };
+        s.recv.void_credit();
+        self.budget.apply(before, after);
+        s.assert_invariants();
         if s.released {
             self.remove(id);
         }
@@ -542,8 +639,8 @@ impl Session {
     }
 
     fn remove(&mut self, id: ConnId) {
-        if let Some(s) = self.streams.remove(&id) {
-            self.receive_buffered -= s.flow.buffered();
+        if let Some(s) = self.streams.remove(id) {
+            self.budget.apply(s.recv.held(), Default::default());
         }
     }
 
@@ -587,7 +684,7 @@ impl Session {
         let mut ids: Vec<i64> = self
             .streams
             .iter()
-            .filter(|(_, s)| matches!(s.wire, Wire::Open | Wire::FinQueued))
+            .filter(|(_, s)| matches!(s.life, Lifecycle::Open | Lifecycle::Finishing))
             .map(|(id, _)| id.0)
             .collect();
         ids.sort_unstable();
@@ -618,7 +715,7 @@ impl Session {
     // ----- output ---------------------------------------------------------------------------
 
     /// The next thing to send: pings, then control messages (Connect, Error, Pause, Resume,
-    /// sync, announcements), then Data one message per stream in turn.
+    /// Credit, sync, announcements), then Data one message per stream in turn.
     #[must_use]
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         if self.ended.is_some() && self.control.is_empty() {
@@ -630,7 +727,7 @@ impl Session {
         if let Some(msg) = self.control.pop_front() {
             return Some(Transmit::Message(msg));
         }
-        while let Some(id) = self.ready.pop_front() {
+        while let Some(id) = self.streams.next_ready() {
             if let Some(msg) = self.next_data(id) {
                 return Some(Transmit::Message(msg));
             }
@@ -639,23 +736,20 @@ impl Session {
     }
 
     fn next_data(&mut self, id: ConnId) -> Option<Bytes> {
-        let s = self.streams.get_mut(&id)?;
-        s.scheduled = false;
+        let s = self.streams.get_mut(id)?;
         if !s.has_output() {
             return None;
         }
-        let msg = if let Some((msg, len)) = s.send.pop_front() {
-            s.send_queued -= len;
-            if s.writer_waiting && s.send_queued < self.config.stream_send_buffer {
-                s.writer_waiting = false;
+        let msg = if let Some((msg, _)) = s.send.pop(id, s.released, &mut self.next_message_id) {
+            if s.send.writer_waiting && s.send.queued() < self.config.stream_send_buffer {
+                s.send.writer_waiting = false;
                 self.events.push_back(Event::StreamWritable { id });
             }
             msg
         } else {
             // Only the EOF is left: it goes after all of the stream's Data.
-            s.wire = Wire::FinSent;
-            let done = s.is_done();
-            if done {
+            s.life = Lifecycle::FinSent;
+            if s.is_done() {
                 self.remove(id);
             }
             let message_id = self.message_id();
@@ -667,10 +761,7 @@ impl Session {
                 .to_bytes(message_id),
             );
         };
-        if s.has_output() {
-            s.scheduled = true;
-            self.ready.push_back(id);
-        }
+        self.streams.schedule(id);
         Some(msg)
     }
 
@@ -690,63 +781,52 @@ impl Session {
         if self.streams.len() >= self.config.max_streams {
             return Err(OpenError::TooManyStreams(self.config.max_streams));
         }
-        let id = loop {
-            self.next_conn_id = self.next_conn_id.checked_add(1).unwrap_or(1);
-            let id = ConnId(self.next_conn_id);
-            if !self.streams.contains_key(&id) {
-                break id;
-            }
-        };
+        let id = self.streams.allocate_id();
         self.queue_control(&Message::Connect {
             conn_id: id,
             target: target.clone(),
         });
-        self.streams
-            .insert(id, Stream::new(target, Origin::Local, now));
+        self.insert_stream(id, target, Origin::Local, now);
         Ok(id)
     }
 
     /// Queues `data` (or as much as fits in the stream's send buffer) and returns how many
     /// bytes were taken. [`StreamError::Blocked`] means the buffer is full.
     pub fn write(&mut self, id: ConnId, data: &[u8]) -> Result<usize, StreamError> {
-        let max_payload = self.config.max_data_payload;
-        let room = self.config.stream_send_buffer;
-        let s = self.streams.get_mut(&id).ok_or(StreamError::Unknown(id))?;
-        match (s.wire, &s.end) {
-            (Wire::Open, _) => {}
+        let s = self.streams.get_mut(id).ok_or(StreamError::Unknown(id))?;
+        match (s.life, &s.end) {
+            (Lifecycle::Open, _) => {}
             (_, Some(end)) => return Err(StreamError::Closed(end.clone())),
             (_, None) => return Err(StreamError::Finished),
         }
-        let room = room.saturating_sub(s.send_queued);
+        let room = self
+            .config
+            .stream_send_buffer
+            .saturating_sub(s.send.queued());
         if room == 0 {
-            s.writer_waiting = true;
+            s.send.writer_waiting = true;
             return Err(StreamError::Blocked);
         }
         let taken = &data[..data.len().min(room)];
-        for chunk in taken.chunks(max_payload.max(1)) {
-            let message_id = self.next_message_id;
-            self.next_message_id = message_id.wrapping_add(1);
-            let mut buf = BytesMut::with_capacity(data_header_len(message_id, id) + chunk.len());
-            put_data_header(&mut buf, message_id, id);
-            buf.put_slice(chunk);
-            s.send.push_back((buf.freeze(), chunk.len()));
-        }
-        s.send_queued += taken.len();
-        if s.has_output() && !s.scheduled {
-            s.scheduled = true;
-            self.ready.push_back(id);
-        }
+        s.send.push(
+            id,
+            taken,
+            self.config.max_data_payload,
+            &mut self.next_message_id,
+        );
+        s.assert_invariants();
+        self.streams.schedule(id);
         Ok(taken.len())
     }
 
     /// Whether everything written to the stream has been handed to the websocket.
     /// [`StreamError::Blocked`] means not yet; wait for [`Event::StreamWritable`].
     pub fn flush(&mut self, id: ConnId) -> Result<(), StreamError> {
-        let s = self.streams.get_mut(&id).ok_or(StreamError::Unknown(id))?;
-        if s.send_queued == 0 || s.wire == Wire::Gone {
+        let s = self.streams.get_mut(id).ok_or(StreamError::Unknown(id))?;
+        if s.send.queued() == 0 || s.life == Lifecycle::Gone {
             return Ok(());
         }
-        s.writer_waiting = true;
+        s.send.writer_waiting = true;
         Err(StreamError::Blocked)
     }
 
@@ -754,26 +834,26 @@ impl Session {
     /// for a clean end, [`StreamError::Closed`] for any other end, else
     /// [`StreamError::Blocked`].
     pub fn read(&mut self, id: ConnId, max: usize) -> Result<ReadOutcome, StreamError> {
-        let s = self.streams.get_mut(&id).ok_or(StreamError::Unknown(id))?;
-        let Some(front) = s.recv.front_mut() else {
-            return match &s.end {
+        let pressure = self.pressure(id);
+        let s = self.streams.get_mut(id).ok_or(StreamError::Unknown(id))?;
+        let before = s.recv.held();
+        let Some((chunk, signal)) = s.recv.read(max, pressure, &self.config) else {
+            let outcome = match &s.end {
                 Some(StreamEnd::Finished) => Ok(ReadOutcome::Eof),
                 Some(end) => Err(StreamError::Closed(end.clone())),
-                None => {
-                    s.reader_waiting = true;
-                    Err(StreamError::Blocked)
-                }
+                None => return Err(StreamError::Blocked),
             };
+            s.recv.stop_waiting();
+            return outcome;
         };
-        let chunk = if front.len() <= max {
-            s.recv.pop_front().unwrap_or_default()
-        } else {
-            front.split_to(max)
-        };
-        let n = chunk.len();
-        self.receive_buffered -= n;
-        if s.flow.on_consumed(n, &self.config) == Some(FlowSignal::Resume) && s.receiving() {
-            self.queue_control(&Message::Resume { conn_id: id });
+        let receiving = s.receiving();
+        self.budget.apply(before, s.recv.held());
+        if receiving {
+            self.send_signal(id, signal);
+        }
+        if self.stalled && !self.input_stalled_by_readers() {
+            self.stalled = false;
+            tracing::info!("session reads again: its readers caught up");
         }
         Ok(ReadOutcome::Data(chunk))
     }
@@ -782,30 +862,26 @@ impl Session {
     /// goes on until the peer's Error arrives (the protocol has no half-close, so the peer
     /// closes its side on our EOF).
     pub fn finish(&mut self, id: ConnId) -> Result<(), StreamError> {
-        let s = self.streams.get_mut(&id).ok_or(StreamError::Unknown(id))?;
-        if s.wire != Wire::Open {
+        let s = self.streams.get_mut(id).ok_or(StreamError::Unknown(id))?;
+        if s.life != Lifecycle::Open {
             return Ok(());
         }
-        s.wire = Wire::FinQueued;
-        if s.has_output() && !s.scheduled {
-            s.scheduled = true;
-            self.ready.push_back(id);
-        }
+        s.life = Lifecycle::Finishing;
+        self.streams.schedule(id);
         Ok(())
     }
 
     /// Closes the stream now with `reason`, sent to the peer as its Error text; queued Data is
     /// dropped. Also how an incoming stream is refused.
     pub fn reset(&mut self, id: ConnId, reason: &str) -> Result<(), StreamError> {
-        let s = self.streams.get_mut(&id).ok_or(StreamError::Unknown(id))?;
-        if s.wire == Wire::Gone {
+        let s = self.streams.get_mut(id).ok_or(StreamError::Unknown(id))?;
+        if s.life == Lifecycle::Gone {
             return Ok(());
         }
-        let already_sent_eof = s.wire == Wire::FinSent;
-        let buffered = s.flow.buffered();
-        s.recv.clear();
-        s.flow = Default::default();
-        self.receive_buffered -= buffered;
+        let already_sent_eof = s.life == Lifecycle::FinSent;
+        let before = s.recv.held();
+        s.recv.discard();
+        self.budget.apply(before, s.recv.held());
         if !already_sent_eof {
             self.queue_control(&Message::Error {
                 conn_id: id,
@@ -819,22 +895,21 @@ impl Session {
     /// The application dropped its handle: finish the stream if it is still open and forget
     /// it once nothing is left to send.
     pub fn release(&mut self, id: ConnId) {
-        let Some(s) = self.streams.get_mut(&id) else {
+        let Some(s) = self.streams.get_mut(id) else {
             return;
         };
         s.released = true;
-        let buffered = s.flow.buffered();
-        s.recv.clear();
-        s.flow = Default::default();
-        self.receive_buffered -= buffered;
-        if s.wire == Wire::Open {
+        let before = s.recv.held();
+        s.recv.discard();
+        self.budget.apply(before, s.recv.held());
+        if s.life == Lifecycle::Open {
             self.finish(id).ok();
         } else if s.is_done() {
             self.remove(id);
-        } else if s.has_output() && !s.scheduled {
-            // Already finished but held back by the peer's Pause, which no longer applies.
-            s.scheduled = true;
-            self.ready.push_back(id);
+        } else {
+            // Already finished but held back by the peer's flow control, which no longer
+            // applies to a released stream.
+            self.streams.schedule(id);
         }
     }
 
@@ -855,27 +930,44 @@ impl Session {
         if self.ended.is_some() {
             return;
         }
-        let ids: Vec<ConnId> = self.streams.keys().copied().collect();
-        for id in ids {
+        for id in self.streams.ids() {
             let notify_peer = end == SessionEnd::Local
                 && self
                     .streams
-                    .get(&id)
-                    .is_some_and(|s| matches!(s.wire, Wire::Open | Wire::FinQueued));
+                    .get(id)
+                    .is_some_and(|s| matches!(s.life, Lifecycle::Open | Lifecycle::Finishing));
             if notify_peer {
                 self.queue_control(&Message::Error {
                     conn_id: id,
                     text: StreamEnd::Disconnected.to_string(),
                 });
             }
-            if self.streams.get(&id).is_some_and(|s| s.wire != Wire::Gone) {
+            if self.streams.get(id).is_some_and(|s| s.receiving()) {
                 self.leave_wire(id, StreamEnd::Disconnected);
             }
         }
-        self.ready.clear();
+        self.streams.clear_ready();
         self.ping_due = false;
         self.ended = Some(end.clone());
         self.events.push_back(Event::SessionClosed(end));
+    }
+
+    /// Panics if the session's totals disagree with its streams; for tests and fuzzing.
+    pub fn assert_invariants(&self) {
+        let mut unread = 0usize;
+        let mut committed = 0usize;
+        for (_, s) in self.streams.iter() {
+            let held = s.recv.held();
+            unread += held.unread;
+            committed += held.committed;
+            assert!(held.unread <= self.config.stream_receive_cap);
+        }
+        assert_eq!(unread, self.budget.unread(), "session unread total");
+        assert_eq!(
+            committed,
+            self.budget.committed(),
+            "session committed total"
+        );
     }
 }
 

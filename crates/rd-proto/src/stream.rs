@@ -1,12 +1,11 @@
 //! One virtual connection's state inside a [`Session`](crate::Session).
 
-use std::collections::VecDeque;
 use std::fmt;
 use std::time::Instant;
 
-use bytes::Bytes;
-
-use crate::flow::RecvFlow;
+use crate::config::Config;
+use crate::recv::RecvHalf;
+use crate::send::SendHalf;
 use crate::target::Target;
 
 /// Which side sent the Connect.
@@ -45,75 +44,79 @@ impl fmt::Display for StreamEnd {
     }
 }
 
-/// What the websocket knows of a stream.
+/// Where a stream is in its life, as the websocket sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Wire {
+pub(crate) enum Lifecycle {
     /// Both directions open.
     Open,
     /// The application finished: Error `EOF` goes out once queued Data has.
-    FinQueued,
+    Finishing,
     /// Error `EOF` sent; we still take Data until the peer's Error arrives.
     FinSent,
     /// Gone from the wire; the entry only serves the application's last reads.
     Gone,
 }
 
-/// Per-stream state. Fields are crate-visible; [`crate::Session`] keeps them consistent.
+/// Per-stream state: a lifecycle, a receive half and a send half. [`crate::Session`] and
+/// [`crate::streams::Streams`] keep them consistent.
 #[derive(Debug)]
 pub(crate) struct Stream {
     pub(crate) target: Target,
     pub(crate) origin: Origin,
     pub(crate) opened_at: Instant,
-    pub(crate) wire: Wire,
+    pub(crate) life: Lifecycle,
     pub(crate) end: Option<StreamEnd>,
-    pub(crate) recv: VecDeque<Bytes>,
-    pub(crate) flow: RecvFlow,
-    /// Encoded Data messages with their payload lengths.
-    pub(crate) send: VecDeque<(Bytes, usize)>,
-    pub(crate) send_queued: usize,
-    pub(crate) paused_by_peer: bool,
+    pub(crate) recv: RecvHalf,
+    pub(crate) send: SendHalf,
+    /// In the ready queue.
     pub(crate) scheduled: bool,
-    pub(crate) reader_waiting: bool,
-    pub(crate) writer_waiting: bool,
+    /// The application dropped its handle.
     pub(crate) released: bool,
 }
 
 impl Stream {
-    pub(crate) fn new(target: Target, origin: Origin, now: Instant) -> Self {
+    pub(crate) fn new(target: Target, origin: Origin, now: Instant, config: &Config) -> Self {
         Self {
             target,
             origin,
             opened_at: now,
-            wire: Wire::Open,
+            life: Lifecycle::Open,
             end: None,
-            recv: VecDeque::new(),
-            flow: RecvFlow::default(),
-            send: VecDeque::new(),
-            send_queued: 0,
-            paused_by_peer: false,
+            recv: RecvHalf::new(config),
+            send: SendHalf::new(config.credit),
             scheduled: false,
-            reader_waiting: false,
-            writer_waiting: false,
             released: false,
         }
     }
 
     /// Whether Data from the peer is still expected.
     pub(crate) fn receiving(&self) -> bool {
-        self.wire != Wire::Gone
+        self.life != Lifecycle::Gone
     }
 
-    /// Whether the scheduler has something to send for this stream right now. A released
-    /// stream ignores the peer's Pause: like Go's `Close`, which sends its Error whatever the
-    /// pause state, it must get its EOF out (after at most a send buffer of Data the writer
-    /// was already told was written), or two ends that paused each other never close.
+    /// Whether the scheduler has something to send for this stream right now: Data the
+    /// flow control lets out, or the EOF once all Data has gone (held back by the peer's
+    /// Pause as the Data is, but not by credit, which only counts Data).
     pub(crate) fn has_output(&self) -> bool {
-        (!self.paused_by_peer || self.released)
-            && (!self.send.is_empty() || self.wire == Wire::FinQueued)
+        if self.send.is_empty() {
+            self.life == Lifecycle::Finishing && (self.released || !self.send.paused_by_peer())
+        } else {
+            self.send.can_send(self.released)
+        }
     }
 
     /// Whether the entry can be dropped: nothing left for the wire or the application.
     pub(crate) fn is_done(&self) -> bool {
-        self.released && matches!(self.wire, Wire::Gone | Wire::FinSent)
+        self.released && matches!(self.life, Lifecycle::Gone | Lifecycle::FinSent)
+    }
+
+    pub(crate) fn assert_invariants(&self) {
+        if cfg!(debug_assertions) {
+            self.send.assert_invariants();
+            if self.life == Lifecycle::Gone {
+                debug_assert!(self.send.is_empty(), "a stream off the wire sends nothing");
+                debug_assert!(self.end.is_some(), "a stream off the wire has an end");
+            }
+        }
     }
 }

@@ -58,6 +58,7 @@ fn type_name(code: i64) -> &'static str {
         Some(MessageType::Pause) => "Pause",
         Some(MessageType::Resume) => "Resume",
         Some(MessageType::SyncConnections) => "SyncConnections",
+        Some(MessageType::Credit) => "Credit",
         None => "Unknown",
     }
 }
@@ -143,7 +144,9 @@ fn check_message(section: &str, index: usize, m: &Value) -> String {
             assert_eq!(ids, &want, "{ctx} sync ids");
             assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ctx} sorted");
         }
-        Message::Unknown { .. } => panic!("{ctx}: Go never sent an unknown type"),
+        Message::Unknown { .. } | Message::Credit { .. } => {
+            panic!("{ctx}: Go never sent an unknown type or rd's Credit")
+        }
     }
 
     // Re-encode: identical bytes, both through `encode` and `to_bytes`.

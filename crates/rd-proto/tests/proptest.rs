@@ -226,8 +226,10 @@ fn small_config() -> Config {
     let mut c = Config::default();
     c.high_watermark = 4096;
     c.low_watermark = 1024;
+    c.pause_floor = 1024;
     c.stream_receive_cap = 12 * 1024;
-    c.session_receive_pause = 24 * 1024;
+    c.session_receive_budget = 24 * 1024;
+    c.session_receive_ceiling = 24 * 1024;
     c.session_receive_cap = 32 * 1024;
     c.stream_send_buffer = 2048;
     c.max_data_payload = 700;

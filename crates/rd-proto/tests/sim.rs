@@ -694,7 +694,8 @@ fn session_receive_cap_resets_the_stream_that_overflows_it() {
     config.low_watermark = 1 << 17;
     config.stream_receive_cap = 2 << 20;
     config.session_receive_cap = 3 << 20;
-    config.session_receive_pause = 3 << 20;
+    config.session_receive_budget = 3 << 20;
+    config.session_receive_ceiling = 3 << 20;
     config.validate().unwrap();
     let mut sim = Sim::new(config);
     let target = rd_proto::Target::new("tcp", "127.0.0.1:80").unwrap();
@@ -973,9 +974,11 @@ fn mutual_pause_then_release_does_not_leak_streams() {
     let mut config = Config::default();
     config.high_watermark = 4096;
     config.low_watermark = 1024;
+    config.pause_floor = 1024;
     config.stream_receive_cap = 64 * 1024;
     config.session_receive_cap = 64 * 1024;
-    config.session_receive_pause = 64 * 1024;
+    config.session_receive_budget = 64 * 1024;
+    config.session_receive_ceiling = 64 * 1024;
     config.stream_send_buffer = 2048;
     config.max_data_payload = 512;
     config.validate().unwrap();

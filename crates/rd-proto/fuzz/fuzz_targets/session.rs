@@ -13,8 +13,12 @@ fuzz_target!(|data: &[u8]| {
     let mut config = Config::default();
     config.high_watermark = 4096;
     config.low_watermark = 1024;
+    config.pause_floor = 1024;
     config.stream_receive_cap = 16 * 1024;
+    config.session_receive_budget = 24 * 1024;
+    config.session_receive_ceiling = 32 * 1024;
     config.session_receive_cap = 32 * 1024;
+    config.credit = data.first().is_some_and(|b| b & 2 == 2);
     config.stream_send_buffer = 2048;
     config.max_data_payload = 512;
     config.max_streams = 64;
@@ -57,6 +61,7 @@ fuzz_target!(|data: &[u8]| {
         while s.poll_event().is_some() {}
         let stats = s.stats();
         assert!(stats.receive_buffered <= config.session_receive_cap);
+        s.assert_invariants();
         assert!(stats.streams <= config.max_streams);
     }
 });

@@ -1,0 +1,159 @@
+//! The send half of a stream: Data the application wrote that the websocket has not taken.
+
+use std::collections::VecDeque;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::flow::CREDIT_INITIAL_WINDOW;
+use crate::message::{data_header_len, put_data_header, ConnId};
+
+/// One encoded Data message and where its payload starts.
+#[derive(Debug)]
+struct Queued {
+    message: Bytes,
+    header_len: usize,
+}
+
+impl Queued {
+    fn payload_len(&self) -> usize {
+        self.message.len() - self.header_len
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct SendHalf {
+    queue: VecDeque<Queued>,
+    queued: usize,
+    /// The peer sent Pause and no Resume since.
+    paused_by_peer: bool,
+    /// Bytes the peer still lets us send (credit extension); `None` with Pause/Resume peers.
+    credit: Option<usize>,
+    /// The application's writer is waiting for [`Event::StreamWritable`](crate::Event).
+    pub(crate) writer_waiting: bool,
+}
+
+impl SendHalf {
+    pub(crate) fn new(credit: bool) -> Self {
+        Self {
+            queue: VecDeque::new(),
+            queued: 0,
+            paused_by_peer: false,
+            credit: credit.then_some(CREDIT_INITIAL_WINDOW as usize),
+            writer_waiting: false,
+        }
+    }
+
+    pub(crate) fn queued(&self) -> usize {
+        self.queued
+    }
+
+    pub(crate) fn paused_by_peer(&self) -> bool {
+        self.paused_by_peer
+    }
+
+    pub(crate) fn set_paused_by_peer(&mut self, paused: bool) {
+        self.paused_by_peer = paused;
+    }
+
+    pub(crate) fn add_credit(&mut self, increment: u32) {
+        if let Some(credit) = &mut self.credit {
+            *credit = credit.saturating_add(increment as usize);
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// Whether Data may go out now. A released stream ignores the peer's Pause and credit:
+    /// like Go's `Close`, which sends its Error whatever the pause state, it must get its EOF
+    /// out (after at most a send buffer of Data the writer was already told was written), or
+    /// two ends that paused each other never close.
+    pub(crate) fn can_send(&self, released: bool) -> bool {
+        released || (!self.paused_by_peer && self.credit != Some(0))
+    }
+
+    /// Queues `data` as Data messages of at most `max_payload` bytes, numbering them from
+    /// `next_message_id`.
+    pub(crate) fn push(
+        &mut self,
+        id: ConnId,
+        data: &[u8],
+        max_payload: usize,
+        next_message_id: &mut i64,
+    ) {
+        for chunk in data.chunks(max_payload.max(1)) {
+            let message = encode_data(id, chunk, next_message_id);
+            let header_len = message.len() - chunk.len();
+            self.queue.push_back(Queued {
+                message,
+                header_len,
+            });
+        }
+        self.queued += data.len();
+    }
+
+    /// The next Data message that may go out, cut to the credit left; the payload length
+    /// comes with it.
+    pub(crate) fn pop(
+        &mut self,
+        id: ConnId,
+        released: bool,
+        next_message_id: &mut i64,
+    ) -> Option<(Bytes, usize)> {
+        if !self.can_send(released) {
+            return None;
+        }
+        let front = self.queue.front_mut()?;
+        let len = front.payload_len();
+        let allowed = match self.credit {
+            Some(credit) if !released => credit.min(len),
+            _ => len,
+        };
+        let message = if allowed == len {
+            self.queue.pop_front()?.message
+        } else {
+            // Rare: the credit left is smaller than the message. Send what it allows and
+            // keep the rest as a message of its own (the only case that copies again).
+            let payload = front.message.slice(front.header_len..);
+            let message = encode_data(id, &payload[..allowed], next_message_id);
+            let rest = encode_data(id, &payload[allowed..], next_message_id);
+            *front = Queued {
+                header_len: rest.len() - (len - allowed),
+                message: rest,
+            };
+            message
+        };
+        if let Some(credit) = &mut self.credit {
+            *credit = credit.saturating_sub(allowed);
+        }
+        self.queued -= allowed;
+        Some((message, allowed))
+    }
+
+    /// Drops everything queued.
+    pub(crate) fn clear(&mut self) {
+        self.queue.clear();
+        self.queued = 0;
+        self.writer_waiting = false;
+    }
+
+    pub(crate) fn assert_invariants(&self) {
+        if cfg!(debug_assertions) {
+            debug_assert_eq!(
+                self.queued,
+                self.queue.iter().map(Queued::payload_len).sum::<usize>(),
+                "queued count matches the messages"
+            );
+        }
+    }
+}
+
+fn encode_data(id: ConnId, payload: &[u8], next_message_id: &mut i64) -> Bytes {
+    let message_id = *next_message_id;
+    *next_message_id = message_id.wrapping_add(1);
+    let mut buf = BytesMut::with_capacity(data_header_len(message_id, id) + payload.len());
+    put_data_header(&mut buf, message_id, id);
+    buf.put_slice(payload);
+    buf.freeze()
+}

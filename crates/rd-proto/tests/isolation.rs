@@ -1,0 +1,357 @@
+//! Isolation with bounded memory (issue 10): 1,000 streams whose readers never read beside
+//! one stream whose reader reads everything, over a link with a delay and a fixed bandwidth,
+//! on a virtual clock.
+//!
+//! The receiving session is rd's (the side that dialed the streams, as rd-server receiving
+//! responses). The sender is either
+//! - a model of a Go peer, which only speaks Pause/Resume: it keeps sending on a stream
+//!   until the Pause has crossed the link, then stops until Resume; or
+//! - an rd session with the credit extension.
+//!
+//! Checked at every step: no stream is reset and the session never stops reading (honest
+//! peers are held back per stream), the session's unread bytes stay within the budget plus
+//! the per-stream slack, and the fast stream keeps moving at a good share of the link.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rd_proto::{
+    decode, Config, ConnId, Event, Identity, Message, ReadOutcome, Session, Side, StreamError,
+    Target, Transmit, CREDIT_INITIAL_WINDOW,
+};
+
+const STALLED: usize = 1000;
+/// Each direction of the link delays a message this long.
+const DELAY: Duration = Duration::from_millis(1);
+const STEP: Duration = Duration::from_micros(100);
+/// The link carries this many bytes per step (1 GB/s).
+const BYTES_PER_STEP: usize = 100_000;
+const STEPS: usize = 20_000;
+const MESSAGE: usize = 32 * 1024;
+
+/// One direction of the link: messages arrive `DELAY` after they were sent.
+#[derive(Default)]
+struct Link(VecDeque<(Instant, Bytes)>);
+
+impl Link {
+    fn send(&mut self, now: Instant, msg: Bytes) {
+        self.0.push_back((now + DELAY, msg));
+    }
+
+    fn arrived(&mut self, now: Instant) -> Vec<Bytes> {
+        let mut out = Vec::new();
+        while self.0.front().is_some_and(|(at, _)| *at <= now) {
+            out.push(self.0.pop_front().unwrap().1);
+        }
+        out
+    }
+}
+
+/// What the sending side does each step.
+trait Sender {
+    /// Handles messages from the receiver.
+    fn handle(&mut self, now: Instant, msg: Bytes);
+    /// Sends up to `budget` bytes of messages.
+    fn transmit(&mut self, now: Instant, budget: usize, link: &mut Link);
+}
+
+/// A Go remotedialer peer: every known stream has endless data; Data goes out round-robin
+/// on streams the receiver has not paused (as far as the sender has seen).
+#[derive(Default)]
+struct GoLikeSender {
+    /// Streams not paused, in turn.
+    active: VecDeque<ConnId>,
+    paused: HashSet<ConnId>,
+    message_id: i64,
+    /// Streams on which this peer ignores Pause (a broken or hostile peer).
+    ignores_pause: HashSet<ConnId>,
+    /// Streams the receiver reset.
+    reset: HashSet<ConnId>,
+}
+
+impl Sender for GoLikeSender {
+    fn handle(&mut self, _now: Instant, msg: Bytes) {
+        match decode(msg).unwrap().message {
+            Message::Connect { conn_id, .. } => self.active.push_back(conn_id),
+            Message::Pause { conn_id } if !self.ignores_pause.contains(&conn_id) => {
+                self.paused.insert(conn_id);
+            }
+            Message::Resume { conn_id } => {
+                if self.paused.remove(&conn_id) {
+                    self.active.push_back(conn_id);
+                }
+            }
+            Message::Pause { .. } => {}
+            Message::Error { conn_id, .. } => {
+                assert!(
+                    self.ignores_pause.contains(&conn_id),
+                    "honest stream {conn_id} reset"
+                );
+                self.reset.insert(conn_id);
+                self.paused.insert(conn_id);
+            }
+            other => panic!("the receiver sent {other:?}"),
+        }
+    }
+
+    fn transmit(&mut self, now: Instant, budget: usize, link: &mut Link) {
+        let mut sent = 0;
+        while sent < budget {
+            let Some(id) = self.active.pop_front() else {
+                break;
+            };
+            if self.paused.contains(&id) {
+                // Leaves the turn until its Resume puts it back.
+                continue;
+            }
+            self.active.push_back(id);
+            self.message_id += 1;
+            let msg = Message::Data {
+                conn_id: id,
+                payload: Bytes::from(vec![7u8; MESSAGE]),
+            }
+            .to_bytes(self.message_id);
+            sent += msg.len();
+            link.send(now, msg);
+        }
+    }
+}
+
+/// An rd peer with the credit extension whose applications always have data to write.
+struct CreditSender {
+    session: Session,
+}
+
+impl CreditSender {
+    fn fill(&mut self, id: ConnId) {
+        let chunk = [7u8; MESSAGE];
+        loop {
+            match self.session.write(id, &chunk) {
+                Ok(_) => {}
+                Err(StreamError::Blocked) => break,
+                Err(e) => panic!("sender: {e}"),
+            }
+        }
+    }
+
+    fn drain_events(&mut self) {
+        while let Some(ev) = self.session.poll_event() {
+            match ev {
+                Event::StreamRequested { id, .. } | Event::StreamWritable { id } => self.fill(id),
+                other => panic!("sender: {other:?}"),
+            }
+        }
+    }
+}
+
+impl Sender for CreditSender {
+    fn handle(&mut self, now: Instant, msg: Bytes) {
+        self.session.handle_message(now, msg).unwrap();
+        self.drain_events();
+    }
+
+    fn transmit(&mut self, now: Instant, budget: usize, link: &mut Link) {
+        let mut sent = 0;
+        while sent < budget {
+            match self.session.poll_transmit() {
+                Some(Transmit::Message(msg)) => {
+                    sent += msg.len();
+                    link.send(now, msg);
+                }
+                Some(Transmit::Ping) => {}
+                None => break,
+            }
+            self.drain_events();
+        }
+    }
+}
+
+struct Outcome {
+    fast_read: usize,
+    fast_read_second_half: usize,
+    max_unread: usize,
+    max_committed: usize,
+}
+
+fn run(config: Config, sender: Box<dyn Sender>) -> Outcome {
+    run_with(config, sender, false)
+}
+
+/// `flood`: the sender ignores Pause on some streams; the receiver may reset those.
+fn run_with(config: Config, mut sender: Box<dyn Sender>, flood: bool) -> Outcome {
+    let t0 = Instant::now();
+    let mut now = t0;
+    let mut receiver = Session::new(Side::Server, config.clone(), Identity::client(), t0, 1);
+    let target = Target::new("tcp", "127.0.0.1:80").unwrap();
+    let fast = receiver.open_stream(now, target.clone()).unwrap();
+    let stalled: Vec<ConnId> = (0..STALLED)
+        .map(|_| receiver.open_stream(now, target.clone()).unwrap())
+        .collect();
+    let mut to_sender = Link::default();
+    let mut to_receiver = Link::default();
+    let mut fast_read = 0;
+    let mut fast_read_second_half = 0;
+    let mut max_unread = 0;
+    let mut max_committed = 0;
+    let mut per_stream_max: HashMap<ConnId, usize> = HashMap::new();
+    for step in 0..STEPS {
+        now += STEP;
+        for msg in to_receiver.arrived(now) {
+            assert!(
+                receiver.wants_input(),
+                "step {step}: the session stopped reading its websocket"
+            );
+            receiver.handle_message(now, msg).unwrap();
+        }
+        loop {
+            match receiver.read(fast, usize::MAX) {
+                Ok(ReadOutcome::Data(b)) => {
+                    fast_read += b.len();
+                    if step >= STEPS / 2 {
+                        fast_read_second_half += b.len();
+                    }
+                }
+                Err(StreamError::Blocked) => break,
+                other => panic!("fast stream: {other:?}"),
+            }
+        }
+        while let Some(t) = receiver.poll_transmit() {
+            if let Transmit::Message(msg) = t {
+                if let Message::Error { conn_id, text } = decode(msg.clone()).unwrap().message {
+                    assert!(
+                        flood,
+                        "step {step}: the receiver reset stream {conn_id}: {text}"
+                    );
+                }
+                to_sender.send(now, msg);
+            }
+        }
+        while let Some(ev) = receiver.poll_event() {
+            if let Event::LimitExceeded(limit) = ev {
+                assert!(
+                    flood && limit == rd_proto::Limit::StreamReceiveCap,
+                    "step {step}: limit {limit:?}"
+                );
+            }
+        }
+        for msg in to_sender.arrived(now) {
+            sender.handle(now, msg);
+        }
+        sender.transmit(now, BYTES_PER_STEP, &mut to_receiver);
+
+        receiver.assert_invariants();
+        let stats = receiver.stats();
+        max_unread = max_unread.max(stats.receive_buffered);
+        max_committed = max_committed.max(stats.receive_committed);
+        if step % 100 == 99 && !flood {
+            for &id in &stalled {
+                let unread = receiver.unread(id).unwrap();
+                let max = per_stream_max.entry(id).or_default();
+                *max = (*max).max(unread);
+            }
+        }
+    }
+    let worst_stalled = per_stream_max.values().copied().max().unwrap_or(0);
+    let per_stream_bound = if config.credit {
+        CREDIT_INITIAL_WINDOW as usize
+    } else {
+        config.high_watermark + 2 * MESSAGE
+    };
+    assert!(
+        worst_stalled <= per_stream_bound,
+        "a stalled stream holds {worst_stalled} bytes"
+    );
+    eprintln!(
+        "fast stream read {fast_read} bytes ({fast_read_second_half} in the second half); \
+         session unread peaked at {max_unread}, committed at {max_committed}; \
+         worst stalled stream {worst_stalled}"
+    );
+    Outcome {
+        fast_read,
+        fast_read_second_half,
+        max_unread,
+        max_committed,
+    }
+}
+
+fn link_bytes(steps: usize) -> usize {
+    steps * BYTES_PER_STEP
+}
+
+#[test]
+fn pause_only_peer_stalled_streams_do_not_stall_the_fast_one() {
+    let config = Config::default();
+    let out = run(config.clone(), Box::<GoLikeSender>::default());
+    // Every stalled stream holds at most a floor plus what was in flight once the session
+    // is under pressure; the total stays far below the ceiling.
+    let slack = STALLED * (config.pause_floor + 2 * MESSAGE);
+    assert!(
+        out.max_unread <= config.session_receive_budget / 2 + slack + config.high_watermark,
+        "session unread peaked at {} bytes",
+        out.max_unread
+    );
+    assert!(out.max_unread < config.session_receive_ceiling);
+    // Once the stalled streams are paused the fast one gets most of the link.
+    let second_half = link_bytes(STEPS / 2);
+    assert!(
+        out.fast_read_second_half * 2 >= second_half,
+        "fast stream moved {} of {} bytes in the second half",
+        out.fast_read_second_half,
+        second_half
+    );
+    assert!(out.fast_read > 0);
+}
+
+#[test]
+fn credit_peer_stalled_streams_hold_one_window_and_the_fast_one_moves() {
+    let mut config = Config::default();
+    config.credit = true;
+    let t0 = Instant::now();
+    let sender = CreditSender {
+        session: Session::new(Side::Client, config.clone(), Identity::client(), t0, 1),
+    };
+    let out = run(config.clone(), Box::new(sender));
+    // Exact: a stream that is never read never gets more than its initial window.
+    let initial = STALLED * CREDIT_INITIAL_WINDOW as usize;
+    assert!(
+        out.max_committed <= config.session_receive_budget + initial,
+        "committed peaked at {} bytes",
+        out.max_committed
+    );
+    assert!(out.max_unread <= out.max_committed);
+    let second_half = link_bytes(STEPS / 2);
+    assert!(
+        out.fast_read_second_half * 2 >= second_half,
+        "fast stream moved {} of {} bytes in the second half",
+        out.fast_read_second_half,
+        second_half
+    );
+}
+
+#[test]
+fn a_peer_ignoring_pause_on_many_streams_loses_those_streams_only() {
+    let config = Config::default();
+    // The sender learns the ids from the Connects, in the order they were opened: the fast
+    // stream first, then the stalled ones; the first 40 stalled ones flood.
+    let ignores_pause = (0..40).map(|i| ConnId(4 + 2 * i)).collect();
+    let sender = GoLikeSender {
+        ignores_pause,
+        ..GoLikeSender::default()
+    };
+    let out = run_with(config.clone(), Box::new(sender), true);
+    // The ceiling is reached, the floods are shed, and the session never stops reading.
+    assert!(
+        out.max_unread <= config.session_receive_ceiling + 4 * MESSAGE,
+        "session unread peaked at {}",
+        out.max_unread
+    );
+    let second_half = link_bytes(STEPS / 2);
+    assert!(
+        out.fast_read_second_half * 2 >= second_half,
+        "fast stream moved {} of {} bytes in the second half",
+        out.fast_read_second_half,
+        second_half
+    );
+}
