@@ -8,9 +8,9 @@
 //! - a session that has handled Pause(id) and not yet Resume(id) transmits no Data for id
 //!   (unless the application released the stream: then its last Data and EOF go out);
 //! - deliveries wait while the receiver says `wants_input() == false`, as a driver would;
-//! - per stream, unread bytes (tracked from the deltas of `stats().receive_buffered` around
-//!   each per-stream operation) stay within `0..=stream_receive_cap`, and operations that are
-//!   about no stream leave `receive_buffered` unchanged;
+//! - per stream, unread bytes stay within `stream_receive_cap`, the session's totals equal
+//!   the sum over its streams, and operations that are about no stream leave
+//!   `receive_buffered` unchanged;
 //! - `receive_buffered <= session_receive_cap`;
 //! - no event for a stream after its `StreamClosed` (until a new stream takes the id), no
 //!   second `StreamClosed`, and no event at all after `SessionClosed`.
@@ -140,11 +140,14 @@ impl Peer {
             "session buffered {} over cap",
             stats.receive_buffered
         );
+        self.session.assert_invariants();
         match id {
             Some(id) => {
+                // A message for one stream may reset others (a peer ignoring Pause is shed at
+                // the session ceiling), so each stream's count comes from the session, whose
+                // totals `assert_invariants` checked against its streams.
                 let unread = self.unread.entry(id).or_insert(0);
-                *unread += delta;
-                assert!(*unread >= 0, "stream {id} unread went negative");
+                *unread = self.session.unread(id).map_or(0, |n| n as i64);
                 assert!(
                     *unread <= config.stream_receive_cap as i64,
                     "stream {id} holds {unread} unread bytes, over the cap"
