@@ -6,12 +6,14 @@ use std::time::{Duration, Instant};
 
 use http::{HeaderName, HeaderValue};
 use rd_proto::{Config, SessionEnd, Target};
-use rd_session::{Backoff, BoxFuture, BoxedIo, ConnectRefused, SessionBuilder, SessionHandle};
+use rd_session::{
+    Backoff, BoxFuture, BoxedIo, ConnectRefused, Extensions, SessionBuilder, SessionHandle,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::allow::{ConnectAuthorizer, DenyAll};
 use crate::dial::{LocalDialer, NetDialer, DEFAULT_DIAL_TIMEOUT};
-use crate::transport::{connect_websocket, ConnectError, ConnectOptions};
+use crate::transport::{connect_websocket_negotiated, ConnectError, ConnectOptions};
 
 /// An error a callback returns.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -60,7 +62,8 @@ impl ClientBuilder {
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
-            options: ConnectOptions::default(),
+            // A Client runs its own session, so it can use whatever the server accepts.
+            options: ConnectOptions::default().with_extensions(Extensions::SUPPORTED),
             authorizer: Arc::new(DenyAll),
             dialer: Arc::new(NetDialer),
             dial_timeout: DEFAULT_DIAL_TIMEOUT,
@@ -77,10 +80,20 @@ impl ClientBuilder {
     }
 
     /// TLS, proxy, handshake timeout and message size options for the websocket.
+    /// The extensions offered stay those of [`extensions`](Self::extensions).
     pub fn connect_options(mut self, options: ConnectOptions) -> Self {
         let headers = std::mem::take(&mut self.options.headers);
+        let extensions = self.options.extensions;
         self.options = options;
         self.options.headers.extend(headers);
+        self.options.extensions = extensions;
+        self
+    }
+
+    /// rd protocol extensions to offer (default: all this build speaks; a Go server accepts
+    /// none). [`Extensions::NONE`] keeps the plain Go protocol even with an rd server.
+    pub fn extensions(mut self, extensions: Extensions) -> Self {
+        self.options.extensions = extensions;
         self
     }
 
@@ -180,13 +193,14 @@ impl Client {
     /// why it ended.
     pub async fn connect(&self, cancel: &CancellationToken) -> Result<SessionEnd, ClientError> {
         tracing::info!(url = %self.inner.url, "Connecting to proxy");
-        let ws = tokio::select! {
-            r = connect_websocket(&self.inner.url, &self.inner.options) => r?,
+        let (ws, extensions) = tokio::select! {
+            r = connect_websocket_negotiated(&self.inner.url, &self.inner.options) => r?,
             () = cancel.cancelled() => return Ok(SessionEnd::Local),
         };
-        tracing::info!(url = %self.inner.url, "Connected to proxy");
+        tracing::info!(url = %self.inner.url, flow_control = extensions.flow_control(), "Connected to proxy");
         let session = SessionBuilder::client()
             .config(self.inner.session_config.clone())
+            .extensions(extensions)
             .connect_handler(self.handler())
             .spawn(ws);
         let session_cancel = cancel.child_token();

@@ -29,4 +29,7 @@ pub mod transport;
 pub use allow::{AllowAll, AllowRule, AllowRuleError, AllowRules, ConnectAuthorizer, DenyAll};
 pub use client::{BoxError, Client, ClientBuilder, ClientError, OnConnect};
 pub use dial::{LocalDialer, NetDialer, DEFAULT_DIAL_TIMEOUT};
-pub use transport::{connect_websocket, ConnectError, ConnectOptions, ProxyMode, TlsOptions};
+pub use transport::{
+    connect_websocket, connect_websocket_negotiated, ConnectError, ConnectOptions, ProxyMode,
+    TlsOptions,
+};

@@ -43,8 +43,13 @@ impl RecvHalf {
         }
     }
 
-    pub(crate) fn pause_sent(&self) -> bool {
-        self.flow.pause_sent()
+    /// Whether flow control holds the peer back: our Pause is outstanding, or the peer has
+    /// used all its credit.
+    pub(crate) fn holding_back(&self) -> bool {
+        match &self.flow {
+            RecvFlow::Pause(p) => p.pause_sent(),
+            RecvFlow::Credit(c) => c.credit() == 0,
+        }
     }
 
     pub(crate) fn since_pause(&self) -> usize {

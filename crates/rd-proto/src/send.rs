@@ -51,6 +51,11 @@ impl SendHalf {
         self.paused_by_peer
     }
 
+    /// Whether the peer's flow control holds this side back: its Pause, or no credit left.
+    pub(crate) fn held_back(&self) -> bool {
+        self.paused_by_peer || self.credit == Some(0)
+    }
+
     pub(crate) fn set_paused_by_peer(&mut self, paused: bool) {
         self.paused_by_peer = paused;
     }

@@ -209,9 +209,10 @@ pub enum ReadOutcome {
 pub struct SessionStats {
     /// Streams in the table.
     pub streams: usize,
-    /// Streams we asked the peer to pause.
+    /// Streams on which flow control holds the peer back: we sent Pause, or (credit) the
+    /// peer has used all the credit we granted.
     pub paused_by_us: usize,
-    /// Streams the peer asked us to pause.
+    /// Streams on which the peer's flow control holds us back: its Pause, or no credit left.
     pub paused_by_peer: usize,
     /// Received bytes not yet read, all streams.
     pub receive_buffered: usize,
@@ -326,8 +327,8 @@ impl Session {
             ..SessionStats::default()
         };
         for (_, s) in self.streams.iter() {
-            stats.paused_by_us += usize::from(s.recv.pause_sent());
-            stats.paused_by_peer += usize::from(s.send.paused_by_peer());
+            stats.paused_by_us += usize::from(s.recv.holding_back());
+            stats.paused_by_peer += usize::from(s.send.held_back());
             stats.send_buffered += s.send.queued();
         }
         stats

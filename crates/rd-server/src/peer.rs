@@ -100,16 +100,20 @@ async fn run_link(
     while !cancel.is_cancelled() {
         metrics.peer_attempt(&id);
         let connected = tokio::select! {
-            r = rd_client::connect_websocket(&url, &options) => r,
+            r = rd_client::connect_websocket_negotiated(&url, &options) => r,
             () = cancel.cancelled() => break,
         };
         match connected {
-            Ok(ws) => {
+            Ok((ws, extensions)) => {
                 metrics.peer_connected(&id);
-                tracing::info!("connected to peer");
+                tracing::info!(
+                    flow_control = extensions.flow_control(),
+                    "connected to peer"
+                );
                 let started = Instant::now();
                 let session = SessionBuilder::client()
                     .config(server.inner.session_config.clone())
+                    .extensions(extensions)
                     .connect_handler(PeerConnects(server.clone()))
                     .spawn(ws);
                 let listener = server.registry().add_listener(session.clone());

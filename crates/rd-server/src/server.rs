@@ -9,7 +9,10 @@ use std::time::Duration;
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use rd_proto::{ClientSession, Config, Target};
-use rd_session::{ConnectHandler, RefuseAll, SessionBuilder, SessionHandle, SessionObserver};
+use rd_session::{
+    ConnectHandler, Extensions, RefuseAll, SessionBuilder, SessionHandle, SessionObserver,
+    EXTENSIONS_HEADER,
+};
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
@@ -39,6 +42,7 @@ pub(crate) struct Inner {
     pub(crate) peer_identity: Option<(String, String)>,
     pub(crate) client_connect: Arc<dyn ConnectHandler>,
     pub(crate) session_config: Config,
+    pub(crate) extensions: Extensions,
     pub(crate) max_message_size: usize,
     pub(crate) max_sessions_per_client: usize,
     pub(crate) peer_connect: rd_client::ConnectOptions,
@@ -73,6 +77,7 @@ pub struct ServerBuilder {
     peer_identity: Option<(String, String)>,
     client_connect: Arc<dyn ConnectHandler>,
     session_config: Config,
+    extensions: Extensions,
     max_message_size: usize,
     max_sessions_per_client: usize,
     peer_connect: rd_client::ConnectOptions,
@@ -94,6 +99,7 @@ impl ServerBuilder {
             peer_identity: None,
             client_connect: Arc::new(RefuseAll),
             session_config: Config::default(),
+            extensions: Extensions::SUPPORTED,
             max_message_size: rd_session::DEFAULT_MAX_MESSAGE_SIZE,
             max_sessions_per_client: DEFAULT_MAX_SESSIONS_PER_CLIENT,
             peer_connect: rd_client::ConnectOptions::default(),
@@ -155,10 +161,18 @@ impl ServerBuilder {
         self
     }
 
+    /// rd protocol extensions this server accepts from rd clients and offers on its peer
+    /// links (default: all this build speaks). Go peers never ask for any.
+    pub fn extensions(mut self, extensions: Extensions) -> Self {
+        self.extensions = extensions;
+        self
+    }
+
     /// Builds the server.
     pub fn build(self) -> Server {
         let mut peer_connect = self.peer_connect;
         peer_connect.proxy = rd_client::ProxyMode::None;
+        peer_connect.extensions = self.extensions;
         Server {
             inner: Arc::new(Inner {
                 authorizer: self.authorizer,
@@ -166,6 +180,7 @@ impl ServerBuilder {
                 peer_identity: self.peer_identity,
                 client_connect: self.client_connect,
                 session_config: self.session_config,
+                extensions: self.extensions,
                 max_message_size: self.max_message_size,
                 max_sessions_per_client: self.max_sessions_per_client,
                 peer_connect,
@@ -204,8 +219,8 @@ impl SessionObserver for StreamMetrics {
     fn reset(&self, text: &str) {
         self.bytes.transmit_error.inc_by(text.len() as u64);
     }
-    fn limit_exceeded(&self, limit: &'static str) {
-        self.metrics.limit_hit(limit);
+    fn limit_exceeded(&self, limit: rd_proto::Limit) {
+        self.metrics.limit_hit(limit.name());
     }
 }
 
@@ -365,6 +380,7 @@ impl Server {
                 return inner.error_writer.write_error(bad.status, &text);
             }
         };
+        let extensions = Extensions::from_headers(&parts.headers).intersect(inner.extensions);
         let session_key = rand::random::<i64>() & i64::MAX;
         let span = tracing::info_span!(parent: None, "session", side = "server", %client_key, session_key, peer);
         let server = self.clone();
@@ -372,8 +388,9 @@ impl Server {
             async move {
                 match on_upgrade.await {
                     Ok(upgraded) => {
+                        let io = TokioIo::new(upgraded);
                         server
-                            .run_session(TokioIo::new(upgraded), client_key, session_key, peer)
+                            .run_session(io, client_key, session_key, peer, extensions)
                             .await
                     }
                     Err(e) => tracing::info!(error = %e, "websocket upgrade failed"),
@@ -388,6 +405,10 @@ impl Server {
         h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
         if let Ok(v) = HeaderValue::from_str(&accept) {
             h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+        }
+        // Only to a client that asked: a Go client sees Go's response, header for header.
+        if let Some(v) = extensions.header_value() {
+            h.insert(EXTENSIONS_HEADER, v);
         }
         response
     }
@@ -407,8 +428,14 @@ impl Server {
         constant_time_eq(link.token.as_bytes(), token.as_bytes()).then(|| id.to_owned())
     }
 
-    async fn run_session<S>(&self, io: S, client_key: String, session_key: i64, peer: bool)
-    where
+    async fn run_session<S>(
+        &self,
+        io: S,
+        client_key: String,
+        session_key: i64,
+        peer: bool,
+        extensions: Extensions,
+    ) where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let inner = &self.inner;
@@ -425,6 +452,7 @@ impl Server {
         });
         let mut builder = SessionBuilder::server(client_key.clone(), session_key)
             .config(inner.session_config.clone())
+            .extensions(extensions)
             .observer(observer);
         if peer {
             let server = self.clone();
@@ -461,7 +489,10 @@ impl Server {
     {
         let metrics = &self.inner.metrics;
         metrics.session_added(client_key, peer);
-        tracing::info!("Handling backend connection request [{client_key}]");
+        tracing::info!(
+            flow_control = handle.extensions().flow_control(),
+            "Handling backend connection request [{client_key}]"
+        );
         let end = driver.await;
         if peer {
             self.registry().remove_peer_session(&handle);

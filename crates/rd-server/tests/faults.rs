@@ -436,11 +436,13 @@ async fn producer(len: usize) -> SocketAddr {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readers_that_stall_the_whole_session_do_not_get_it_killed_by_keepalive() {
-    // Readers that leave more than `session_receive_pause` unread make the server stop
-    // reading the websocket (backpressure), pings included. That is our own doing, not a
-    // dead peer: the session must survive it, however long it lasts.
+    // Readers that leave more than `session_receive_ceiling` unread make the server stop
+    // reading the websocket (the last resort), pings included. That is our own doing, not a
+    // dead peer: the session must survive it, however long it lasts. With Pause/Resume and
+    // a ceiling at Go's pause mark, one paused stream reaches it.
     let mut config = fast_keepalive();
-    config.session_receive_pause = 4 << 20;
+    config.session_receive_budget = 2 << 20;
+    config.session_receive_ceiling = 2 << 20;
     let ts = serve(
         Server::builder(TunnelIdHeader)
             .session_config(config.clone())
@@ -450,6 +452,7 @@ async fn readers_that_stall_the_whole_session_do_not_get_it_killed_by_keepalive(
     let (tx, mut sessions) = mpsc::unbounded_channel();
     let client = agent(&ts.ws_url(), "foo")
         .session_config(config)
+        .extensions(rd_session::Extensions::NONE)
         .on_connect(move |session, _ended| {
             tx.send(session).ok();
             async { Ok::<(), rd_client::BoxError>(()) }
@@ -472,10 +475,10 @@ async fn readers_that_stall_the_whole_session_do_not_get_it_killed_by_keepalive(
                 .unwrap(),
         );
     }
-    // Three paused streams hold over 4 MiB: the server stops reading.
-    wait_until("the server to buffer past its session pause", || {
+    // The paused streams hold the ceiling: the server stops reading.
+    wait_until("the server to buffer up to its ceiling", || {
         let m = server.encode_metrics();
-        sample(&m, "rd_buffered_bytes").is_some_and(|b| b >= (4 << 20) as f64)
+        sample(&m, "rd_buffered_bytes").is_some_and(|b| b >= (2 << 20) as f64)
     })
     .await;
     // Two keepalive timeouts of not reading.
@@ -558,7 +561,9 @@ async fn a_busy_client_honours_pause_before_the_stream_cap() {
             .enable_all()
             .build()
             .unwrap();
+        // Pause/Resume: what this test is about (a credit sender cannot overshoot).
         let client = agent(&url, "foo")
+            .extensions(rd_session::Extensions::NONE)
             .local_dialer(|_: &Target| async { Ok::<BoxedIo, io::Error>(Box::new(Endless)) })
             .build();
         rt.block_on(client.run(stop));

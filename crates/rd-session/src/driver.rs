@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{Sink, Stream};
-use rd_proto::{ClientSession, Event, ProtocolError, SessionEnd, Transmit};
+use rd_proto::{ClientSession, Event, Limit, ProtocolError, SessionEnd, Transmit};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, Sleep};
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
@@ -19,18 +19,32 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::incoming::{self, ConnectHandler};
-use crate::shared::Shared;
+use crate::shared::{Inner, Shared};
 use crate::stream::TunnelStream;
 
-/// Messages read per poll before the driver gives other work a turn.
-const READ_BUDGET: usize = 64;
-/// Messages written per poll before flushing and giving other work a turn.
-const WRITE_BUDGET: usize = 256;
+/// How much one poll of the driver may do before it gives other tasks a turn.
+#[derive(Debug, Clone, Copy)]
+struct TurnBudget {
+    /// Websocket messages read per turn.
+    read_messages: usize,
+    /// Websocket messages written per turn, then one flush.
+    write_messages: usize,
+    /// Bytes written after which the driver waits for the runtime to poll its I/O driver
+    /// before writing more (see [`IoPolled`]).
+    io_yield_bytes: usize,
+    /// Turns per poll while there is progress; then the driver yields.
+    turns_per_poll: usize,
+}
+
+const BUDGET: TurnBudget = TurnBudget {
+    read_messages: 64,
+    write_messages: 256,
+    io_yield_bytes: 1 << 20,
+    turns_per_poll: 16,
+};
+
 /// How long a locally closed session may spend flushing its last messages.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
-/// Bytes written after which the driver waits for the runtime to poll its I/O driver before
-/// writing more (see [`IoPolled`]).
-const IO_YIELD_BYTES: usize = 1 << 20;
 
 /// Receives AddClient/RemoveClient announcements (`true` = added) from a peer server.
 pub type AnnouncementFn = Arc<dyn Fn(ClientSession, bool) + Send + Sync>;
@@ -51,7 +65,10 @@ pub struct SessionDriver<S> {
     written_since_yield: usize,
     /// Set while writing waits for the runtime to poll its I/O driver.
     io_yield: Option<Arc<IoPolled>>,
+    /// Events to act on once the state's lock is released.
     events: Vec<Event>,
+    /// Limits hit, reported to the observer once the lock is released.
+    limits: Vec<Limit>,
     pending_dials: Arc<AtomicUsize>,
     max_pending_connects: usize,
 }
@@ -94,23 +111,18 @@ where
             written_since_yield: 0,
             io_yield: None,
             events: Vec::new(),
+            limits: Vec::new(),
             pending_dials: Arc::new(AtomicUsize::new(0)),
             max_pending_connects,
         }
-    }
-
-    fn end(&mut self, end: SessionEnd) {
-        let mut inner = self.shared.lock();
-        inner.proto.close(end);
     }
 
     /// Handles one message; returns whether to read more now: the state machine wants
     /// input, and the message did not queue a control message (a Pause, say) that should
     /// go out before we read on (every further read lets the peer send more before it
     /// sees the Pause).
-    fn on_ws_message(&mut self, msg: WsMessage) -> bool {
+    fn on_ws_message(inner: &mut Inner, msg: WsMessage) -> bool {
         let now = now();
-        let mut inner = self.shared.lock();
         let control_was_queued = inner.proto.has_control_queued();
         match msg {
             WsMessage::Binary(bytes) => {
@@ -128,17 +140,18 @@ where
         inner.proto.wants_input() && (control_was_queued || !inner.proto.has_control_queued())
     }
 
-    fn poll_read(&mut self, cx: &mut Context<'_>) -> bool {
+    fn read(&mut self, cx: &mut Context<'_>, inner: &mut Inner) -> bool {
         let mut progress = false;
-        if !self.shared.lock().proto.wants_input() {
-            // Replies are piling up unsent: read again once poll_write has drained them.
+        if !inner.proto.wants_input() {
+            // Replies are piling up unsent, or readers are at the ceiling: read again once
+            // the write half has drained them or readers have read.
             return false;
         }
-        for _ in 0..READ_BUDGET {
+        for _ in 0..BUDGET.read_messages {
             match Pin::new(&mut self.ws).poll_next(cx) {
                 Poll::Ready(Some(Ok(msg))) => {
                     progress = true;
-                    if !self.on_ws_message(msg) {
+                    if !Self::on_ws_message(inner, msg) {
                         break;
                     }
                 }
@@ -146,21 +159,21 @@ where
                     size,
                     max_size,
                 })))) => {
-                    self.shared.observer.limit_exceeded("max_message_size");
+                    self.limits.push(Limit::MaxMessageSize);
                     let err = ProtocolError::MessageTooLarge {
                         size,
                         max: max_size,
                     };
                     tracing::debug!(error = %err, "peer broke the protocol");
-                    self.end(SessionEnd::Protocol(err));
+                    inner.proto.close(SessionEnd::Protocol(err));
                     return true;
                 }
                 Poll::Ready(Some(Err(e))) => {
-                    self.end(SessionEnd::Transport(e.to_string()));
+                    inner.proto.close(SessionEnd::Transport(e.to_string()));
                     return true;
                 }
                 Poll::Ready(None) => {
-                    self.end(SessionEnd::PeerClosed);
+                    inner.proto.close(SessionEnd::PeerClosed);
                     return true;
                 }
                 Poll::Pending => break,
@@ -169,7 +182,7 @@ where
         progress
     }
 
-    fn poll_write(&mut self, cx: &mut Context<'_>) -> bool {
+    fn write(&mut self, cx: &mut Context<'_>, inner: &mut Inner) -> bool {
         let mut progress = false;
         if self
             .io_yield
@@ -179,14 +192,14 @@ where
             self.io_yield = None;
             self.written_since_yield = 0;
         }
-        for _ in 0..WRITE_BUDGET {
-            if self.written_since_yield >= IO_YIELD_BYTES {
+        for _ in 0..BUDGET.write_messages {
+            if self.written_since_yield >= BUDGET.io_yield_bytes {
                 // Pause and Resume from the peer reach us only once the runtime's I/O driver
                 // has marked the socket readable, and a runtime kept busy (by this driver
                 // and the writers it wakes, which wake it back) polls its I/O driver only
                 // every few dozen task polls. Meanwhile we would keep sending a paused
                 // stream's data, megabytes of it, until the peer resets the stream for
-                // ignoring Pause. So after each IO_YIELD_BYTES, wait for that poll.
+                // ignoring Pause. So after each io_yield_bytes, wait for that poll.
                 if self.io_yield.is_none() {
                     self.io_yield = Some(IoPolled::after_next_io_poll(cx));
                 }
@@ -195,13 +208,12 @@ where
             match Pin::new(&mut self.ws).poll_ready(cx) {
                 Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(e)) => {
-                    self.end(SessionEnd::Transport(e.to_string()));
+                    inner.proto.close(SessionEnd::Transport(e.to_string()));
                     return true;
                 }
                 Poll::Pending => break,
             }
-            let transmit = self.shared.lock().proto.poll_transmit();
-            let msg = match transmit {
+            let msg = match inner.proto.poll_transmit() {
                 None => break,
                 Some(Transmit::Message(bytes)) => {
                     tracing::trace!(target: "rd_proto::wire", len = bytes.len(), "sending");
@@ -213,7 +225,7 @@ where
             progress = true;
             self.needs_flush = true;
             if let Err(e) = Pin::new(&mut self.ws).start_send(msg) {
-                self.end(SessionEnd::Transport(e.to_string()));
+                inner.proto.close(SessionEnd::Transport(e.to_string()));
                 return true;
             }
         }
@@ -222,7 +234,7 @@ where
                 Poll::Ready(Ok(())) => self.needs_flush = false,
                 Poll::Ready(Err(e)) => {
                     self.needs_flush = false;
-                    self.end(SessionEnd::Transport(e.to_string()));
+                    inner.proto.close(SessionEnd::Transport(e.to_string()));
                     return true;
                 }
                 Poll::Pending => {}
@@ -231,23 +243,28 @@ where
         progress
     }
 
-    fn dispatch_events(&mut self) {
-        {
-            let mut inner = self.shared.lock();
-            while let Some(event) = inner.proto.poll_event() {
-                match event {
-                    Event::StreamReadable { id } => inner.wake_stream(id, true, false),
-                    Event::StreamWritable { id } => inner.wake_stream(id, false, true),
-                    Event::StreamClosed { id, ref end } => {
-                        tracing::debug!(conn_id = %id, %end, "stream closed");
-                        inner.wake_stream(id, true, true);
-                    }
-                    Event::LimitExceeded(limit) => {
-                        self.shared.observer.limit_exceeded(limit.name())
-                    }
-                    other => self.events.push(other),
+    /// Wakes the streams the state machine's events concern and keeps the rest for
+    /// [`dispatch`](Self::dispatch), which runs without the lock.
+    fn collect_events(&mut self, inner: &mut Inner) {
+        while let Some(event) = inner.proto.poll_event() {
+            match event {
+                Event::StreamReadable { id } => inner.wake_stream(id, true, false),
+                Event::StreamWritable { id } => inner.wake_stream(id, false, true),
+                Event::StreamClosed { id, ref end } => {
+                    tracing::debug!(conn_id = %id, %end, "stream closed");
+                    inner.wake_stream(id, true, true);
                 }
+                Event::LimitExceeded(limit) => self.limits.push(limit),
+                other => self.events.push(other),
             }
+        }
+    }
+
+    /// Acts on collected events: spawns the dial of each incoming stream, passes on
+    /// announcements, reports limits. Takes locks of its own, so never under the state's.
+    fn dispatch(&mut self) {
+        for limit in self.limits.drain(..) {
+            self.shared.observer.limit_exceeded(limit);
         }
         for event in std::mem::take(&mut self.events) {
             match event {
@@ -263,7 +280,9 @@ where
                             );
                             tracing::debug!(%id, "{text}");
                             stream.reset(&text);
-                            self.shared.observer.limit_exceeded("max_pending_connects");
+                            self.shared
+                                .observer
+                                .limit_exceeded(Limit::MaxPendingConnects);
                         }
                         Some(handler) => {
                             tokio::spawn(incoming::serve(
@@ -292,14 +311,12 @@ where
     }
 
     /// Runs due timers and arms the sleep for the next one. True if it fired.
-    fn poll_timer(&mut self, cx: &mut Context<'_>) -> bool {
-        let mut inner = self.shared.lock();
+    fn timer(&mut self, cx: &mut Context<'_>, inner: &mut Inner) -> bool {
         let at = inner.proto.poll_timeout();
         if at.is_some_and(|at| at <= now()) {
             inner.proto.handle_timeout(now());
             return true;
         }
-        drop(inner);
         if at != self.timer_at {
             self.timer_at = at;
             let deadline = at.map_or_else(
@@ -309,6 +326,28 @@ where
             self.timer.as_mut().reset(deadline);
         }
         self.timer.as_mut().poll(cx).is_ready()
+    }
+
+    /// One turn under one lock: read, timers, write, collect events; then, unlocked, act on
+    /// them. Returns whether anything moved, and the end once the session has ended.
+    fn turn(&mut self, cx: &mut Context<'_>) -> (bool, Option<SessionEnd>) {
+        let shared = self.shared.clone();
+        let mut inner = shared.lock();
+        match &inner.driver {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => inner.driver = Some(cx.waker().clone()),
+        }
+        let mut progress = false;
+        if inner.proto.end().is_none() {
+            progress |= self.read(cx, &mut inner);
+            progress |= self.timer(cx, &mut inner);
+            progress |= self.write(cx, &mut inner);
+        }
+        self.collect_events(&mut inner);
+        let ended = inner.proto.end().cloned();
+        drop(inner);
+        self.dispatch();
+        (progress, ended)
     }
 
     /// After the state machine ended: flush what it still queued (a local close tells the
@@ -324,7 +363,8 @@ where
         if deadline.as_mut().poll(cx).is_ready() {
             return Poll::Ready(());
         }
-        self.poll_write(cx);
+        let shared = self.shared.clone();
+        self.write(cx, &mut shared.lock());
         if self.needs_flush {
             return Poll::Pending;
         }
@@ -343,17 +383,9 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<SessionEnd> {
         let this = self.get_mut();
-        {
-            let mut inner = this.shared.lock();
-            match &inner.driver {
-                Some(w) if w.will_wake(cx.waker()) => {}
-                _ => inner.driver = Some(cx.waker().clone()),
-            }
-        }
-        for _ in 0..16 {
-            let ended = this.shared.lock().proto.end().cloned();
+        for _ in 0..BUDGET.turns_per_poll {
+            let (progress, ended) = this.turn(cx);
             if let Some(end) = ended {
-                this.dispatch_events();
                 if this.poll_closing(cx, &end).is_pending() {
                     return Poll::Pending;
                 }
@@ -362,11 +394,6 @@ where
                 tracing::debug!(reason = %end, "session ended");
                 return Poll::Ready(end);
             }
-            let mut progress = this.poll_read(cx);
-            progress |= this.poll_timer(cx);
-            this.dispatch_events();
-            progress |= this.poll_write(cx);
-            this.dispatch_events();
             if !progress {
                 return Poll::Pending;
             }

@@ -3,6 +3,7 @@
 use std::fmt;
 use std::sync::Arc;
 
+use crate::extensions::Extensions;
 use rd_proto::{ClientSession, Config, Identity, Session, SessionEnd, SessionStats, Side, Target};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::WebSocketStream;
@@ -97,6 +98,13 @@ impl SessionHandle {
         self.shared.session_key
     }
 
+    /// The rd extensions in force on this session (none with a Go peer).
+    pub fn extensions(&self) -> Extensions {
+        Extensions {
+            credit: self.shared.lock().proto.config().credit,
+        }
+    }
+
     /// Whether two handles are the same session.
     pub fn same_session(&self, other: &SessionHandle) -> bool {
         Arc::ptr_eq(&self.shared, &other.shared)
@@ -166,6 +174,13 @@ impl SessionBuilder {
     /// Intervals, watermarks and caps; Go's values by default.
     pub fn config(mut self, config: Config) -> Self {
         self.config = config;
+        self
+    }
+
+    /// The rd extensions negotiated at the upgrade ([`Extensions::NONE`], the plain Go
+    /// protocol, unless set).
+    pub fn extensions(mut self, extensions: Extensions) -> Self {
+        extensions.apply(&mut self.config);
         self
     }
 

@@ -1,6 +1,6 @@
 //! A hook for metrics: what happens to a session's streams.
 
-use rd_proto::Target;
+use rd_proto::{Limit, Target};
 
 /// Told about every stream of a session; calls happen on hot paths, so keep them cheap
 /// (atomic counters). Every method has an empty default.
@@ -15,10 +15,9 @@ pub trait SessionObserver: Send + Sync + 'static {
     fn received(&self, _bytes: usize) {}
     /// A stream was reset with this Error text.
     fn reset(&self, _text: &str) {}
-    /// A configured limit refused something the peer sent: `limit` is the config field's
-    /// name (`stream_receive_cap`, `session_receive_cap`, `max_streams`,
-    /// `max_pending_connects`, `max_message_size`).
-    fn limit_exceeded(&self, _limit: &'static str) {}
+    /// A configured limit refused something the peer sent ([`Limit::name`] is a stable
+    /// label for it).
+    fn limit_exceeded(&self, _limit: Limit) {}
 }
 
 /// Observes nothing.

@@ -10,6 +10,7 @@
 //! (`--no-docs` to skip). `RD_BENCH_SCALE` (default 1) scales sizes and durations.
 //! Exits 0 whatever the numbers; non-zero only when something breaks.
 
+mod isolation;
 mod load;
 mod procs;
 mod report;
@@ -39,6 +40,8 @@ struct Options {
     out: PathBuf,
     docs: Option<PathBuf>,
     scale: f64,
+    /// Run only this scenario (`isolation`); the table is printed, nothing is written.
+    only: Option<String>,
 }
 
 fn workspace_root() -> PathBuf {
@@ -54,6 +57,7 @@ fn parse_options() -> Result<Options, BoxError> {
         out: root.join("target/bench/report.json"),
         docs: (scale == 1.0).then(|| root.join("docs/benchmarks.md")),
         scale,
+        only: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -63,9 +67,10 @@ fn parse_options() -> Result<Options, BoxError> {
             "--out" => o.out = PathBuf::from(value()?),
             "--docs" => o.docs = Some(PathBuf::from(value()?)),
             "--no-docs" => o.docs = None,
+            "--only" => o.only = Some(value()?),
             "-h" | "--help" => {
                 println!(
-                    "usage: rd-bench [--bin-dir DIR] [--out FILE] [--docs FILE | --no-docs]\n\
+                    "usage: rd-bench [--bin-dir DIR] [--out FILE] [--docs FILE | --no-docs] [--only isolation]\n\
                           env: RD_BENCH_SCALE (default 1; 0.1 for a quick run)"
                 );
                 std::process::exit(0);
@@ -132,7 +137,7 @@ fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
-fn say(msg: impl AsRef<str>) {
+pub(crate) fn say(msg: impl AsRef<str>) {
     eprintln!("[rd-bench] {}", msg.as_ref());
 }
 
@@ -248,6 +253,14 @@ async fn run(o: Options) -> Result<(), BoxError> {
         started.elapsed().as_secs_f64()
     ));
 
+    if o.only.as_deref() == Some("isolation") {
+        let r = isolation::run(&paths[TUNNEL], &files, 400, server.pid(), s).await?;
+        println!("\n{}", report::text_table(&isolation::rows(&r)));
+        return Ok(());
+    } else if let Some(other) = &o.only {
+        return Err(format!("unknown scenario {other} (known: isolation)").into());
+    }
+
     let bench = Bench {
         paths,
         pids: [server.pid(), client.pid(), dummy.pid()],
@@ -261,6 +274,10 @@ async fn run(o: Options) -> Result<(), BoxError> {
     };
     let mut rows = Vec::new();
     bench.run_all(&mut rows, s).await?;
+
+    say("isolation: 400 stalled readers of 4 MiB on one session");
+    let r = isolation::run(&bench.paths[TUNNEL], &files, 400, server.pid(), s).await?;
+    rows.extend(isolation::rows(&r));
 
     let rss_streams = 10_000usize;
     let rss_sessions = 2_000usize;

@@ -3,6 +3,7 @@
 use std::{future::Future, time::Duration};
 
 use http::{header, HeaderMap, HeaderName};
+use rd_session::{Extensions, EXTENSIONS_HEADER};
 use tokio::{net::TcpStream, time::Instant};
 use tokio_rustls::TlsConnector;
 use tokio_tungstenite::WebSocketStream;
@@ -48,6 +49,10 @@ pub struct ConnectOptions {
     pub handshake_timeout: Duration,
     /// Largest websocket message (and frame) accepted from the server; `None` for no limit.
     pub max_message_size: Option<usize>,
+    /// rd protocol extensions to offer (`X-Rd-Extensions`); in force only if the server
+    /// accepts them, see [`connect_websocket_negotiated`]. None by default: a caller that
+    /// runs its own session over the websocket must apply what was negotiated.
+    pub extensions: Extensions,
 }
 
 impl Default for ConnectOptions {
@@ -58,6 +63,7 @@ impl Default for ConnectOptions {
             proxy: ProxyMode::default(),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             max_message_size: Some(DEFAULT_MAX_MESSAGE_SIZE),
+            extensions: Extensions::NONE,
         }
     }
 }
@@ -97,6 +103,13 @@ impl ConnectOptions {
         self.max_message_size = limit;
         self
     }
+
+    /// Replaces [`extensions`](Self::extensions).
+    #[must_use]
+    pub fn with_extensions(mut self, extensions: Extensions) -> Self {
+        self.extensions = extensions;
+        self
+    }
 }
 
 /// Opens a client websocket to `url` (`ws://`, `wss://`, or `http://`/`https://` as aliases).
@@ -107,8 +120,21 @@ pub async fn connect_websocket(
     url: &str,
     opts: &ConnectOptions,
 ) -> Result<ClientWebSocket, ConnectError> {
+    Ok(connect_websocket_negotiated(url, opts).await?.0)
+}
+
+/// [`connect_websocket`], offering [`ConnectOptions::extensions`]: returns the websocket and
+/// the extensions the server accepted (none from a Go server), to give to the session
+/// ([`SessionBuilder::extensions`](rd_session::SessionBuilder::extensions)).
+pub async fn connect_websocket_negotiated(
+    url: &str,
+    opts: &ConnectOptions,
+) -> Result<(ClientWebSocket, Extensions), ConnectError> {
     let target = Target::parse(url)?;
-    let request = build_request(&target, &opts.headers)?;
+    let mut request = build_request(&target, &opts.headers)?;
+    if let Some(offer) = opts.extensions.header_value() {
+        request.headers_mut().insert(EXTENSIONS_HEADER, offer);
+    }
     let proxy = opts
         .proxy
         .proxy_for(target.secure, &target.host, target.port)?;
@@ -171,15 +197,19 @@ pub async fn connect_websocket(
 
     // The same buffers and limits as the server side's tunnel websockets.
     let config = rd_session::websocket_config(opts.max_message_size.unwrap_or(usize::MAX));
-    let (ws, _response) = deadline
+    let (ws, response) = deadline
         .run(ConnectStage::WebSocket, async {
             tokio_tungstenite::client_async_with_config(request, stream, Some(config))
                 .await
                 .map_err(handshake_error)
         })
         .await?;
-    tracing::debug!(%url, "websocket connected");
-    Ok(ws)
+    // Only what we offered counts, whatever the server claims.
+    let extensions = opts
+        .extensions
+        .intersect(Extensions::from_headers(response.headers()));
+    tracing::debug!(%url, ?extensions, "websocket connected");
+    Ok((ws, extensions))
 }
 
 /// One deadline shared by all steps, so that the timeout bounds the whole attempt.
