@@ -15,6 +15,7 @@ use http::{HeaderName, HeaderValue};
 use rd_client::{
     AllowAll, AllowRule, AllowRules, Client, ClientBuilder, ConnectOptions, TlsOptions,
 };
+use rd_session::Extensions;
 use tokio_util::sync::CancellationToken;
 
 /// Reverse-tunnel client: dials out to an rd (or Go remotedialer) server and lets it open
@@ -49,6 +50,17 @@ struct Args {
     /// Do not verify the server's TLS certificate (test setups only).
     #[arg(long)]
     insecure_skip_verify: bool,
+    /// Flow control to ask for: `credit` (per-stream windows, used when the server is rd;
+    /// a Go server always gets Pause/Resume) or `pause` (Go's Pause/Resume even with rd).
+    #[arg(long, value_enum, default_value_t = FlowControl::Credit)]
+    flow_control: FlowControl,
+}
+
+/// `--flow-control`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum FlowControl {
+    Credit,
+    Pause,
 }
 
 fn header(spec: &str) -> Result<(HeaderName, HeaderValue), String> {
@@ -68,8 +80,13 @@ fn build(args: &Args) -> Result<Client, String> {
         tls = tls.with_ca_file(ca);
     }
     let id = HeaderValue::try_from(args.id.as_str()).map_err(|e| format!("invalid id: {e}"))?;
+    let extensions = match args.flow_control {
+        FlowControl::Credit => Extensions::SUPPORTED,
+        FlowControl::Pause => Extensions::NONE,
+    };
     let mut builder = ClientBuilder::new(&args.connect)
         .connect_options(ConnectOptions::default().with_tls(tls))
+        .extensions(extensions)
         .header(HeaderName::from_static("x-tunnel-id"), id);
     for spec in &args.headers {
         let (name, value) = header(spec)?;

@@ -103,6 +103,8 @@ where
         // Bounds a slow client that never finishes its request head (slowloris).
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(std::time::Duration::from_secs(10))
+        // A slow downloader holds at most this much of its response here (see PROXY_BUFFER).
+        .max_buf_size(rd_server::proxy::PROXY_BUFFER)
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     if let Err(e) = conn.await {

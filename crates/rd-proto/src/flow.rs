@@ -110,6 +110,8 @@ pub struct CreditFlow {
     window: usize,
     credit: usize,
     starved: bool,
+    /// Bytes consumed since the window last grew (or the stream opened).
+    since_growth: usize,
 }
 
 impl Default for CreditFlow {
@@ -118,6 +120,7 @@ impl Default for CreditFlow {
             window: CREDIT_INITIAL_WINDOW as usize,
             credit: CREDIT_INITIAL_WINDOW as usize,
             starved: false,
+            since_growth: 0,
         }
     }
 }
@@ -245,11 +248,17 @@ impl RecvFlow {
             Self::Credit(c) => {
                 let initial = CREDIT_INITIAL_WINDOW as usize;
                 let budget = config.session_receive_budget;
+                c.since_growth = c.since_growth.saturating_add(n);
+                // Grow only for a reader that keeps up over two windows' worth, not one that
+                // is merely hungry at the start (a download whose socket absorbs a few hundred
+                // KiB and then stalls would otherwise keep a large window it never uses).
                 if c.starved
+                    && c.since_growth >= 2 * c.window
                     && c.window < config.credit_max_window
                     && pressure.committed.saturating_add(c.window) <= budget
                 {
                     c.window = (c.window * 2).min(config.credit_max_window);
+                    c.since_growth = 0;
                 } else if pressure.committed > budget && c.window > initial {
                     c.window = (c.window / 2).max(initial);
                 }
@@ -407,6 +416,8 @@ mod tests {
         let now = Instant::now();
         let w = CREDIT_INITIAL_WINDOW as usize;
         let mut f = RecvFlow::new(&c);
+        // Hungry from the start, but nothing moved yet: no growth.
+        f.on_starved();
         assert_eq!(f.on_data(w / 4, 0, now, quiet(), &c), Ok(None));
         assert_eq!(
             f.on_consumed(w / 4, 0, quiet(), &c),
@@ -419,12 +430,19 @@ mod tests {
             Some(FlowSignal::Credit((w / 2) as u32))
         );
         assert_eq!(f.credit(), w);
-        // The reader waits on an empty buffer: the window doubles at the next grant.
+        // Starving, but less than two windows moved so far: the window stays.
         f.on_starved();
-        assert_eq!(f.on_data(w / 2, 0, now, quiet(), &c), Ok(None));
+        assert_eq!(f.on_data(w, 0, now, quiet(), &c), Ok(None));
         assert_eq!(
-            f.on_consumed(w / 2, 0, quiet(), &c),
-            Some(FlowSignal::Credit((w + w / 2) as u32))
+            f.on_consumed(w, 0, quiet(), &c),
+            Some(FlowSignal::Credit(w as u32))
+        );
+        // Starving after two windows' worth: the window doubles at the next grant.
+        f.on_starved();
+        assert_eq!(f.on_data(w, 0, now, quiet(), &c), Ok(None));
+        assert_eq!(
+            f.on_consumed(w, 0, quiet(), &c),
+            Some(FlowSignal::Credit((2 * w) as u32))
         );
         assert_eq!(f.credit(), 2 * w);
         // No growth past the budget.

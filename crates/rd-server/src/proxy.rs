@@ -97,6 +97,9 @@ pub struct ClientProxy {
     clients: Mutex<HashMap<String, Client<ProxyConnector, Body>>>,
 }
 
+/// Largest read or write buffer of each HTTP connection on either side of the proxy.
+pub const PROXY_BUFFER: usize = 64 * 1024;
+
 impl ClientProxy {
     /// A proxy over `server`'s tunnels.
     pub fn new(server: Server) -> Self {
@@ -126,6 +129,10 @@ impl ClientProxy {
             .entry(key.to_owned())
             .or_insert_with(|| {
                 Client::builder(TokioExecutor::new())
+                    // hyper's buffers grow to ~400 KiB per connection by default, beyond the
+                    // session's receive budget: a few hundred stalled downloads would hold
+                    // hundreds of MiB there.
+                    .http1_max_buf_size(PROXY_BUFFER)
                     // Without a timer hyper-util never expires idle pooled connections, so
                     // every idle tunnel stream (and the client's socket behind it) would live
                     // as long as the session.

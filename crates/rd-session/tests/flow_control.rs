@@ -9,9 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use rd_proto::{Config, Message, Target};
-use rd_session::{SessionHandle, TunnelStream};
+use rd_proto::{Config, ConnId, Message, Target};
+use rd_session::{SessionBuilder, SessionHandle, TunnelStream};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -407,4 +408,102 @@ async fn dropping_a_stream_paused_both_ways_still_closes_it() {
     })
     .await;
     assert!(!pair.server.is_closed() && !pair.client.is_closed());
+}
+
+/// A peer that ignores Pause on many streams at once: those streams are reset, the session
+/// keeps reading and serving the others, and what it holds stays within its ceiling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_ignoring_pause_on_many_streams_loses_only_those_streams() {
+    let mut config = Config::default();
+    config.high_watermark = 256 << 10;
+    config.low_watermark = 32 << 10;
+    config.stream_receive_cap = 4 << 20;
+    config.session_receive_budget = 8 << 20;
+    config.session_receive_ceiling = 16 << 20;
+    config.session_receive_cap = 32 << 20;
+    config.validate().unwrap();
+    let ceiling = config.session_receive_ceiling;
+    let (server, mut peer) =
+        raw_client_of(SessionBuilder::server(CLIENT_KEY, SESSION_KEY).config(config)).await;
+    let mut flooded = Vec::new();
+    for _ in 0..20 {
+        let stream = server.dial_addr("tcp", "127.0.0.1:8125").unwrap();
+        let (id, _) = peer.expect_connect().await;
+        flooded.push((id, stream));
+    }
+    let mut honest = server.dial_addr("tcp", "127.0.0.1:8126").unwrap();
+    let (honest_id, _) = peer.expect_connect().await;
+
+    // 3 MiB on each of the 20 streams, Pause or not: 60 MiB against a 16 MiB ceiling.
+    let chunk = bytes::Bytes::from(vec![7u8; 256 << 10]);
+    let ids: Vec<ConnId> = flooded.iter().map(|(id, _)| *id).collect();
+    let (mut sink, mut source) = futures_util::StreamExt::split(peer.ws);
+    let flood = tokio::spawn(async move {
+        let mut message_id = 1;
+        for _ in 0..12 {
+            for &id in &ids {
+                message_id += 1;
+                let msg = Message::Data {
+                    conn_id: id,
+                    payload: chunk.clone(),
+                };
+                futures_util::SinkExt::send(&mut sink, WsMessage::Binary(msg.to_bytes(message_id)))
+                    .await
+                    .unwrap();
+            }
+        }
+        // Then a little on the honest stream, below any pause mark.
+        let msg = Message::Data {
+            conn_id: honest_id,
+            payload: bytes::Bytes::from(vec![9u8; 16 << 10]),
+        };
+        futures_util::SinkExt::send(&mut sink, WsMessage::Binary(msg.to_bytes(message_id + 1)))
+            .await
+            .unwrap();
+        sink
+    });
+    // Meanwhile the session answers: Pause, then Errors for the streams that ignore it.
+    let mut reset = std::collections::HashSet::new();
+    let replies = tokio::spawn(async move {
+        while let Some(Ok(msg)) = futures_util::StreamExt::next(&mut source).await {
+            let WsMessage::Binary(raw) = msg else {
+                continue;
+            };
+            match rd_proto::decode(raw).unwrap().message {
+                // The test's own drops and close at the end.
+                Message::Error { text, .. } if text == "EOF" || text == "tunnel disconnect" => {}
+                Message::Error { conn_id, text } => {
+                    assert_ne!(conn_id, honest_id, "the honest stream was reset: {text}");
+                    if text.contains("connection not found") {
+                        // The flood goes on after the reset, as a peer ignoring us does.
+                        assert!(reset.contains(&conn_id), "{text}");
+                    } else {
+                        assert!(text.contains("ignored flow control"), "{text}");
+                        reset.insert(conn_id);
+                    }
+                }
+                Message::Pause { .. } => {}
+                other => panic!("unexpected {}", summary(&other)),
+            }
+        }
+        reset
+    });
+    let _sink = within(BOUND, "the flood is taken", flood).await.unwrap();
+    let mut got = vec![0u8; 16 << 10];
+    within(
+        BOUND,
+        "the honest stream's data",
+        honest.read_exact(&mut got),
+    )
+    .await
+    .unwrap();
+    assert!(got.iter().all(|b| *b == 9));
+    assert!(!server.is_closed());
+    assert!(server.stats().receive_buffered <= ceiling);
+    // Some of the flooded streams were reset for ignoring Pause.
+    drop(flooded);
+    drop(honest);
+    server.close();
+    let reset = within(BOUND, "the replies", replies).await.unwrap();
+    assert!(!reset.is_empty(), "no flooded stream was reset");
 }
