@@ -249,11 +249,18 @@ impl RecvFlow {
                 let initial = CREDIT_INITIAL_WINDOW as usize;
                 let budget = config.session_receive_budget;
                 c.since_growth = c.since_growth.saturating_add(n);
-                // Grow only for a reader that keeps up over two windows' worth, not one that
-                // is merely hungry at the start (a download whose socket absorbs a few hundred
-                // KiB and then stalls would otherwise keep a large window it never uses).
+                // While the session has credit to spare, a starving reader doubles its
+                // window at every grant (slow start, so a long link fills quickly). Past
+                // half the budget it must first keep up over two windows' worth: a
+                // download whose socket absorbed a few hundred KiB and then stalled must
+                // not keep a large window it never uses.
+                let proven = if pressure.committed.saturating_add(c.window) <= budget / 2 {
+                    c.since_growth >= c.window / 2
+                } else {
+                    c.since_growth >= 2 * c.window
+                };
                 if c.starved
-                    && c.since_growth >= 2 * c.window
+                    && proven
                     && c.window < config.credit_max_window
                     && pressure.committed.saturating_add(c.window) <= budget
                 {
@@ -409,52 +416,64 @@ mod tests {
 
     #[test]
     fn credit_is_granted_in_halves_and_grows_while_the_reader_starves() {
-        let c = Config {
-            credit: true,
-            ..Config::default()
-        };
+        let mut c = Config::default();
+        c.credit = true;
         let now = Instant::now();
         let w = CREDIT_INITIAL_WINDOW as usize;
+        // Granted credit past half the budget: growth must be earned.
+        let busy = Pressure {
+            others_unread: 0,
+            committed: c.session_receive_budget / 2,
+        };
         let mut f = RecvFlow::new(&c);
-        // Hungry from the start, but nothing moved yet: no growth.
+        // Hungry from the start, but nothing moved yet: no growth, and no grant for a
+        // quarter of the window.
         f.on_starved();
-        assert_eq!(f.on_data(w / 4, 0, now, quiet(), &c), Ok(None));
+        assert_eq!(f.on_data(w / 4, 0, now, busy, &c), Ok(None));
         assert_eq!(
-            f.on_consumed(w / 4, 0, quiet(), &c),
+            f.on_consumed(w / 4, 0, busy, &c),
             None,
             "a quarter: not yet"
         );
-        assert_eq!(f.on_data(w / 4, 0, now, quiet(), &c), Ok(None));
+        assert_eq!(f.on_data(w / 4, 0, now, busy, &c), Ok(None));
         assert_eq!(
-            f.on_consumed(w / 4, 0, quiet(), &c),
-            Some(FlowSignal::Credit((w / 2) as u32))
+            f.on_consumed(w / 4, 0, busy, &c),
+            Some(FlowSignal::Credit((w / 2) as u32)),
+            "half the window: granted back"
         );
         assert_eq!(f.credit(), w);
-        // Starving, but less than two windows moved so far: the window stays.
+        // Starving, but less than two windows moved so far: the window stays...
         f.on_starved();
-        assert_eq!(f.on_data(w, 0, now, quiet(), &c), Ok(None));
+        assert_eq!(f.on_data(w, 0, now, busy, &c), Ok(None));
         assert_eq!(
-            f.on_consumed(w, 0, quiet(), &c),
+            f.on_consumed(w, 0, busy, &c),
             Some(FlowSignal::Credit(w as u32))
         );
-        // Starving after two windows' worth: the window doubles at the next grant.
+        // ...and doubles once it has moved two windows.
         f.on_starved();
-        assert_eq!(f.on_data(w, 0, now, quiet(), &c), Ok(None));
+        assert_eq!(f.on_data(w, 0, now, busy, &c), Ok(None));
         assert_eq!(
-            f.on_consumed(w, 0, quiet(), &c),
+            f.on_consumed(w, 0, busy, &c),
             Some(FlowSignal::Credit((2 * w) as u32))
         );
         assert_eq!(f.credit(), 2 * w);
+        // Without pressure a starving reader doubles at every grant.
+        f.on_starved();
+        assert_eq!(f.on_data(2 * w, 0, now, quiet(), &c), Ok(None));
+        assert_eq!(
+            f.on_consumed(2 * w, 0, quiet(), &c),
+            Some(FlowSignal::Credit((4 * w) as u32))
+        );
         // No growth past the budget.
         let full = Pressure {
             others_unread: 0,
             committed: c.session_receive_budget,
         };
         f.on_starved();
-        assert_eq!(f.on_data(2 * w, 0, now, full, &c), Ok(None));
+        assert_eq!(f.on_data(4 * w, 0, now, full, &c), Ok(None));
         let RecvFlow::Credit(cf) = &f else { panic!() };
         let before = cf.window();
-        let _ = f.on_consumed(2 * w, 0, full, &c);
+        let _ = f.on_consumed(4 * w, 0, full, &c);
         let RecvFlow::Credit(cf) = &f else { panic!() };
         assert!(
             cf.window() <= before,

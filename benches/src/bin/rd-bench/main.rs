@@ -12,6 +12,7 @@
 
 mod isolation;
 mod load;
+mod longlink;
 mod procs;
 mod report;
 mod scale;
@@ -70,7 +71,7 @@ fn parse_options() -> Result<Options, BoxError> {
             "--only" => o.only = Some(value()?),
             "-h" | "--help" => {
                 println!(
-                    "usage: rd-bench [--bin-dir DIR] [--out FILE] [--docs FILE | --no-docs] [--only isolation]\n\
+                    "usage: rd-bench [--bin-dir DIR] [--out FILE] [--docs FILE | --no-docs] [--only isolation|longlink]\n\
                           env: RD_BENCH_SCALE (default 1; 0.1 for a quick run)"
                 );
                 std::process::exit(0);
@@ -253,12 +254,30 @@ async fn run(o: Options) -> Result<(), BoxError> {
         started.elapsed().as_secs_f64()
     ));
 
-    if o.only.as_deref() == Some("isolation") {
-        let r = isolation::run(&paths[TUNNEL], &files, 400, server.pid(), s).await?;
-        println!("\n{}", report::text_table(&isolation::rows(&r)));
-        return Ok(());
-    } else if let Some(other) = &o.only {
-        return Err(format!("unknown scenario {other} (known: isolation)").into());
+    match o.only.as_deref() {
+        None => {}
+        Some("isolation") => {
+            let r = isolation::run(&paths[TUNNEL], &files, 400, server.pid(), s).await?;
+            println!("\n{}", report::text_table(&isolation::rows(&r)));
+            return Ok(());
+        }
+        Some("longlink") => {
+            let size = medium_size;
+            let r = longlink::run(
+                &o.bin_dir,
+                &tmp.0,
+                server_addr,
+                dummy_addr,
+                "medium.bin",
+                size,
+            )
+            .await?;
+            println!("\n{}", report::text_table(&longlink::rows(&r)));
+            return Ok(());
+        }
+        Some(other) => {
+            return Err(format!("unknown scenario {other} (known: isolation, longlink)").into())
+        }
     }
 
     let bench = Bench {
@@ -278,6 +297,18 @@ async fn run(o: Options) -> Result<(), BoxError> {
     say("isolation: 400 stalled readers of 4 MiB on one session");
     let r = isolation::run(&bench.paths[TUNNEL], &files, 400, server.pid(), s).await?;
     rows.extend(isolation::rows(&r));
+
+    say("long link: one bulk download over a 50 ms round trip, credit vs Pause/Resume vs relay");
+    let r = longlink::run(
+        &o.bin_dir,
+        &tmp.0,
+        server_addr,
+        dummy_addr,
+        "medium.bin",
+        medium_size,
+    )
+    .await?;
+    rows.extend(longlink::rows(&r));
 
     let rss_streams = 10_000usize;
     let rss_sessions = 2_000usize;
