@@ -27,6 +27,9 @@ pub enum ForwardSpecError {
     /// Not of the form `LISTEN=CLIENT:PROTO/ADDRESS`.
     #[error("invalid forward {0:?}: want LISTEN=CLIENT:PROTO/ADDRESS, e.g. 127.0.0.1:2222=foo:tcp/127.0.0.1:22")]
     Syntax(String),
+    /// A `tcp` target without a numeric port.
+    #[error("invalid forward {0:?}: a tcp address needs host:port")]
+    NoPort(String),
     /// The target does not fit the protocol.
     #[error("invalid forward {spec:?}: {error}")]
     Target {
@@ -61,6 +64,13 @@ impl FromStr for ForwardSpec {
         let (proto, address) = rest.split_once('/').ok_or_else(syntax)?;
         if listen.is_empty() || client_key.is_empty() || proto.is_empty() || address.is_empty() {
             return Err(syntax());
+        }
+        let has_port = address
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if proto.starts_with("tcp") && !has_port {
+            // Caught here rather than as every connection's dial error on the agent.
+            return Err(ForwardSpecError::NoPort(spec.to_owned()));
         }
         let target = Target::new(proto, address).map_err(|error| ForwardSpecError::Target {
             spec: spec.to_owned(),
