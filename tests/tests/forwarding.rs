@@ -144,6 +144,26 @@ async fn connect_with_curl_through_an_agent_and_its_errors() {
     assert!(ok, "curl failed: {err}");
     assert_eq!(out, HELLO);
 
+    // Without -p curl sends the request in absolute form, as http_proxy users do: it is
+    // proxied through the agent named by the proxy user too.
+    let (ok, out, err) = curl(vec![
+        "-x".into(),
+        format!("http://foo@{addr}"),
+        format!("http://{dummy}/hello.txt"),
+    ])
+    .await;
+    assert!(ok, "curl -x without -p failed: {err}");
+    assert_eq!(out, HELLO);
+    // The server's own routes still answer absolute-form requests without credentials.
+    let (ok, out, err) = curl(vec![
+        "-x".into(),
+        format!("http://{addr}"),
+        format!("http://{addr}/healthz"),
+    ])
+    .await;
+    assert!(ok, "{err}");
+    assert_eq!(out, "ok\n");
+
     // An agent nobody connected: 502 with one clear line, and a log line.
     let (ok, _, err) = curl_via_connect(addr, "bar", dummy).await;
     assert!(!ok && err.contains("502"), "{err}");

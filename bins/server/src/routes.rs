@@ -44,6 +44,13 @@ impl App {
         if req.method() == http::Method::CONNECT {
             return self.connect.handle(req).await;
         }
+        // `curl -x http://foo@rd-server:8123 http://...`: plain HTTP through agent foo.
+        if let Some(route) = self.connect.absolute_form_route(&req) {
+            return match route {
+                Ok(rest) => self.proxy.handle(req, &rest).await,
+                Err(e) => ConnectProxy::error_response(&e),
+            };
+        }
         let path = req.uri().path().to_owned();
         if path == "/connect" {
             return self.server.handle(req).await;

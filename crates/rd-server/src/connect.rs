@@ -184,16 +184,45 @@ impl ConnectProxy {
                     client = %client.unwrap_or_default(), target = %authority,
                     status = status.as_u16(), error = %e, "CONNECT refused"
                 );
-                let mut response = crate::text_response(status, format!("{e}\n"));
-                if status == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
-                    response.headers_mut().insert(
-                        header::PROXY_AUTHENTICATE,
-                        HeaderValue::from_static("Basic realm=\"rd\""),
-                    );
-                }
-                response
+                Self::error_response(&e)
             }
         }
+    }
+
+    /// For a plain-HTTP proxy request (absolute form, `GET http://host:port/path`, as sent
+    /// by `curl -x http://foo@rd-server:8123 http://...` or `http_proxy=...`) carrying proxy
+    /// credentials: the `/client/{rest}` route that serves it (`foo/http/host:port/path`), or
+    /// why not (bad credentials). `None` for any other request, to be routed as usual; so
+    /// absolute-form requests without credentials still reach the server's own routes.
+    pub fn absolute_form_route<B>(&self, req: &Request<B>) -> Option<Result<String, ConnectError>> {
+        let uri = req.uri();
+        if uri.scheme_str() != Some("http") {
+            return None;
+        }
+        let authority = uri.authority()?.as_str().to_owned();
+        let (client, password) = basic_user_password(req.headers())?;
+        if client.is_empty() || client.contains('/') {
+            return Some(Err(ConnectError::NoCredentials));
+        }
+        if let Some(check) = &self.credentials {
+            if !check.check(&client, &password) {
+                return Some(Err(ConnectError::BadPassword(client)));
+            }
+        }
+        Some(Ok(format!("{client}/http/{authority}{}", uri.path())))
+    }
+
+    /// The one-line answer for `error`, with a `Proxy-Authenticate` challenge on `407`.
+    pub fn error_response(error: &ConnectError) -> Response<Body> {
+        let status = error.status();
+        let mut response = crate::text_response(status, format!("{error}\n"));
+        if status == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
+            response.headers_mut().insert(
+                header::PROXY_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"rd\""),
+            );
+        }
+        response
     }
 
     /// Checks the request, dials, and waits for the dial's first event; returns the stream
@@ -279,6 +308,37 @@ mod tests {
         assert_eq!(basic_user_password(&headers("Bearer Zm9vOg==")), None);
         assert_eq!(basic_user_password(&headers("Basic !!!")), None);
         assert_eq!(basic_user_password(&http::HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn absolute_form_requests_with_credentials_map_to_the_client_route() {
+        let proxy = ConnectProxy::new(crate::Server::builder(crate::TunnelIdHeader).build());
+        let req = |uri: &str, auth: Option<&str>| {
+            let mut b = Request::get(uri);
+            if let Some(a) = auth {
+                b = b.header(header::PROXY_AUTHORIZATION, a);
+            }
+            b.body(()).expect("valid request")
+        };
+        let route = proxy.absolute_form_route(&req(
+            "http://127.0.0.1:8125/a/b.txt?x=1",
+            Some("Basic Zm9vOg=="),
+        ));
+        assert_eq!(route, Some(Ok("foo/http/127.0.0.1:8125/a/b.txt".into())));
+        // Without credentials, or in origin form, the server's own routes answer.
+        assert_eq!(
+            proxy.absolute_form_route(&req("http://127.0.0.1:8123/metrics", None)),
+            None
+        );
+        assert_eq!(
+            proxy.absolute_form_route(&req("/metrics", Some("Basic Zm9vOg=="))),
+            None
+        );
+        let checked = proxy.credentials(|_: &str, p: &str| p == "s");
+        assert_eq!(
+            checked.absolute_form_route(&req("http://h:1/", Some("Basic Zm9vOg=="))),
+            Some(Err(ConnectError::BadPassword("foo".into())))
+        );
     }
 
     #[test]
