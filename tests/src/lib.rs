@@ -53,6 +53,7 @@ pub struct Proc {
     name: String,
     child: Child,
     stderr: Arc<Mutex<String>>,
+    stdout: Arc<Mutex<Vec<String>>>,
     listening: mpsc::Receiver<String>,
 }
 
@@ -81,9 +82,12 @@ impl Proc {
         let stdout = child.stdout.take().unwrap();
         let stderr_pipe = child.stderr.take().unwrap();
         let (tx, listening) = mpsc::channel();
+        let stdout_lines = Arc::new(Mutex::new(Vec::new()));
+        let lines_sink = stdout_lines.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { return };
+                lines_sink.lock().unwrap().push(line.clone());
                 if let Some(url) = line.strip_prefix("listening on ") {
                     tx.send(url.trim().to_owned()).ok();
                 }
@@ -108,6 +112,7 @@ impl Proc {
             name: name.to_owned(),
             child,
             stderr,
+            stdout: stdout_lines,
             listening,
         }
     }
@@ -164,6 +169,12 @@ impl Proc {
     /// Everything the process wrote to stderr so far.
     pub fn stderr(&self) -> String {
         self.stderr.lock().unwrap().clone()
+    }
+
+    /// Every line the process wrote to stdout so far. Lines before the `listening on` line
+    /// are all here once [`wait_listening`](Self::wait_listening) has returned.
+    pub fn stdout_lines(&self) -> Vec<String> {
+        self.stdout.lock().unwrap().clone()
     }
 
     /// Kills the process (SIGKILL) and reaps it.

@@ -2,6 +2,7 @@
 
 #[path = "../../common/cli.rs"]
 mod cli;
+mod forwards;
 #[path = "../../common/go_flags.rs"]
 mod go_flags;
 mod routes;
@@ -53,6 +54,15 @@ struct Args {
     /// Do not verify peers' TLS certificates (what Go remotedialer always does).
     #[arg(long)]
     peer_insecure_skip_verify: bool,
+    /// Forward a local port through an agent, like ssh -L: every connection to LISTEN is
+    /// dialed through client CLIENT to PROTO/ADDRESS on its side; repeatable.
+    /// E.g. 127.0.0.1:2222=foo:tcp/127.0.0.1:22 (":2222" listens on every interface).
+    #[arg(long = "forward", value_name = "LISTEN=CLIENT:PROTO/ADDRESS")]
+    forward: Vec<rd_server::forward::ForwardSpec>,
+    /// How long an HTTP CONNECT waits for the agent to refuse or fail the dial before
+    /// answering 200 (a refusal is answered 502 with the agent's text); 0 answers at once.
+    #[arg(long, value_name = "DURATION", default_value = "100ms", value_parser = forwards::parse_duration)]
+    connect_wait: Duration,
 }
 
 /// A `--peers` entry.
@@ -118,10 +128,12 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
         _ => None,
     };
+    let _forwards = forwards::start(&server, &args.forward).await?;
     let listener = cli::bind(&args.listen).await?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     println!("listening on {scheme}://{}", listener.local_addr()?);
-    let app = Arc::new(routes::App::new(server.clone(), args.metrics));
+    let app =
+        Arc::new(routes::App::new(server.clone(), args.metrics).connect_wait(args.connect_wait));
     tokio::select! {
         r = routes::serve(listener, tls, app) => r?,
         () = cli::shutdown_signal() => tracing::info!("shutting down"),

@@ -1,4 +1,5 @@
-//! The example server's routes: /connect, /client/..., /metrics, /healthz.
+//! The example server's routes: /connect, /client/..., /metrics, /healthz, and HTTP
+//! CONNECT through an agent.
 
 use std::sync::Arc;
 
@@ -8,6 +9,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use rd_server::connect::ConnectProxy;
 use rd_server::proxy::ClientProxy;
 use rd_server::{text_response, Body, Server};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -18,6 +20,7 @@ use tokio_rustls::TlsAcceptor;
 pub struct App {
     server: Server,
     proxy: ClientProxy,
+    connect: ConnectProxy,
     metrics: bool,
 }
 
@@ -25,12 +28,29 @@ impl App {
     pub fn new(server: Server, metrics: bool) -> Self {
         Self {
             proxy: ClientProxy::new(server.clone()),
+            connect: ConnectProxy::new(server.clone()),
             server,
             metrics,
         }
     }
 
+    /// How long CONNECT waits for the agent's refusal before answering 200.
+    pub fn connect_wait(mut self, wait: std::time::Duration) -> Self {
+        self.connect = self.connect.connect_wait(wait);
+        self
+    }
+
     async fn route(&self, req: Request<Incoming>) -> Response<Body> {
+        if req.method() == http::Method::CONNECT {
+            return self.connect.handle(req).await;
+        }
+        // `curl -x http://foo@rd-server:8123 http://...`: plain HTTP through agent foo.
+        if let Some(route) = self.connect.absolute_form_route(&req) {
+            return match route {
+                Ok(rest) => self.proxy.handle(req, &rest).await,
+                Err(e) => ConnectProxy::error_response(&e),
+            };
+        }
         let path = req.uri().path().to_owned();
         if path == "/connect" {
             return self.server.handle(req).await;

@@ -21,13 +21,17 @@
 #![warn(missing_docs)]
 
 mod auth;
+pub mod connect;
 mod dialer;
+pub mod forward;
 mod metrics;
 mod peer;
 pub mod proxy;
 mod proxy_connector;
+mod proxy_upgrade;
 mod registry;
 mod server;
+pub mod splice;
 mod upgrade;
 
 pub use auth::{

@@ -7,6 +7,8 @@
 //! the wait for response headers, not the body: Go's bound on the whole exchange would cut
 //! large downloads. `https` targets get TLS inside the tunnel, their certificate verified
 //! against the system's roots (or [`ClientProxy::tls_options`]), as Go's `http.Transport` does.
+//! A request with `Connection: upgrade` keeps its upgrade headers and, once the target
+//! answers `101`, both connections are spliced as raw bytes (websockets, `kubectl exec`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -190,6 +192,25 @@ impl ClientProxy {
                 return text_response(StatusCode::BAD_REQUEST, format!("invalid target: {e}"))
             }
         };
+        if crate::proxy_upgrade::wants_upgrade(req.headers()) {
+            let started = std::time::Instant::now();
+            let method = req.method().clone();
+            let connector = ProxyConnector {
+                dialer: self.server.dialer(&target.client),
+                tls: self.tls.clone(),
+            };
+            let response =
+                crate::proxy_upgrade::forward(connector, req, uri, &target.host, timeout).await;
+            tracing::info!(
+                client = %target.client,
+                %method,
+                url = %format!("{}://{}{}", target.scheme, target.host, target.path),
+                status = response.status().as_u16(),
+                elapsed = ?started.elapsed(),
+                "proxied upgrade request"
+            );
+            return response;
+        }
         let (mut parts, body) = req.into_parts();
         parts.uri = uri;
         parts.version = http::Version::HTTP_11;

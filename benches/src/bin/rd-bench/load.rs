@@ -19,15 +19,17 @@ use tokio::net::{TcpListener, TcpStream};
 
 pub use rd_benches::BoxError;
 
-/// One of the three ways to reach rd-dummy.
+/// One of the ways to reach rd-dummy.
 #[derive(Debug, Clone)]
 pub struct Path {
-    /// `direct`, `relay` or `tunnel`.
+    /// `direct`, `relay`, `tunnel`, `forward` or `connect`.
     pub name: &'static str,
     /// Where the load generator connects.
     pub addr: SocketAddr,
     /// Prepended to `/FILE` (the tunnel's `/client/bench/http/DUMMY`).
     pub prefix: String,
+    /// Sends `CONNECT` to this `host:port` (as client `bench`) before speaking HTTP.
+    pub connect: Option<SocketAddr>,
 }
 
 impl Path {
@@ -42,9 +44,35 @@ impl Path {
     }
 }
 
-async fn connect(addr: SocketAddr) -> Result<SendRequest<Empty<Bytes>>, BoxError> {
-    let tcp = TcpStream::connect(addr).await?;
+/// `CONNECT target` on `tcp` as client `bench`; returns once the `200` head is read.
+async fn connect_tunnel(tcp: &mut TcpStream, target: SocketAddr) -> Result<(), BoxError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // "bench:" in base64.
+    let head = format!(
+        "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nProxy-Authorization: Basic YmVuY2g6\r\n\r\n"
+    );
+    tcp.write_all(head.as_bytes()).await?;
+    // Byte by byte: nothing behind the head may be consumed (once per connection).
+    let mut answer = Vec::new();
+    while !answer.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        if tcp.read(&mut b).await? == 0 {
+            return Err("CONNECT: closed before the answer".into());
+        }
+        answer.push(b[0]);
+    }
+    if !answer.starts_with(b"HTTP/1.1 200") {
+        return Err(format!("CONNECT: {}", String::from_utf8_lossy(&answer).trim()).into());
+    }
+    Ok(())
+}
+
+async fn connect(path: &Path) -> Result<SendRequest<Empty<Bytes>>, BoxError> {
+    let mut tcp = TcpStream::connect(path.addr).await?;
     tcp.set_nodelay(true)?;
+    if let Some(target) = path.connect {
+        connect_tunnel(&mut tcp, target).await?;
+    }
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
     tokio::spawn(async move {
         conn.await.ok();
@@ -77,7 +105,7 @@ async fn get(
 
 /// One request on a fresh connection, for readiness checks.
 pub async fn fetch_once(path: &Path, file: &str) -> Result<u64, BoxError> {
-    let mut sender = connect(path.addr).await?;
+    let mut sender = connect(path).await?;
     get(&mut sender, &path.addr.to_string(), &path.path(file)).await
 }
 
@@ -104,8 +132,9 @@ pub async fn bulk(
     for _ in 0..parallel {
         let addr = path.addr;
         let p = path.path(file);
+        let path = path.clone();
         tasks.push(tokio::spawn(async move {
-            let mut sender = connect(addr).await?;
+            let mut sender = connect(&path).await?;
             sender.ready().await?;
             let req = Request::get(&p)
                 .header(HOST, addr.to_string())
@@ -178,7 +207,7 @@ pub async fn closed_loop(
 ) -> Result<LoopResult, BoxError> {
     let mut senders = Vec::with_capacity(conns);
     for _ in 0..conns {
-        let mut s = connect(path.addr).await?;
+        let mut s = connect(path).await?;
         // Warm the connection (and, for the tunnel, its pooled tunnel stream).
         get(&mut s, &path.addr.to_string(), &path.path(file)).await?;
         senders.push(s);
@@ -189,6 +218,7 @@ pub async fn closed_loop(
     for mut sender in senders {
         let host = path.addr.to_string();
         let p = path.path(file);
+        let path = path.clone();
         tasks.push(tokio::spawn(async move {
             let mut r = LoopResult::default();
             while Instant::now() < deadline {
@@ -200,7 +230,7 @@ pub async fn closed_loop(
                     }
                     Err(_) => {
                         r.errors += 1;
-                        match connect(sender_addr(&host)).await {
+                        match connect(&path).await {
                             Ok(s) => sender = s,
                             Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
                         }
@@ -216,10 +246,6 @@ pub async fn closed_loop(
     }
     total.elapsed = start.elapsed();
     Ok(total)
-}
-
-fn sender_addr(host: &str) -> SocketAddr {
-    host.parse().expect("host is a socket address")
 }
 
 /// A pooled keep-alive client for open-loop load.
@@ -301,7 +327,7 @@ pub async fn background_bulk(
     moved: Arc<AtomicU64>,
 ) {
     while !stop.load(Ordering::Relaxed) {
-        let Ok(mut sender) = connect(path.addr).await else {
+        let Ok(mut sender) = connect(&path).await else {
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };

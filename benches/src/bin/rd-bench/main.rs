@@ -2,7 +2,8 @@
 //!
 //! Starts release builds of rd-dummy, rd-server and rd-client on loopback, plus two ideal TCP
 //! relays in this process, and measures three paths to rd-dummy, interleaved: direct, the
-//! relay chain (the same three TCP hops as the tunnel, no framing) and the tunnel. Then
+//! relay chain (the same three TCP hops as the tunnel, no framing) and the tunnel; bulk and
+//! small requests also through the server's `--forward` listener and HTTP CONNECT. Then
 //! library-level scale measurements in child processes. Prints the table, writes
 //! `target/bench/report.json` and, for full-scale runs, `docs/benchmarks.md`.
 //!
@@ -114,6 +115,9 @@ fn main() -> ExitCode {
 /// The three paths, the tunnel processes' pids, and what the files are.
 struct Bench {
     paths: [Path; 3],
+    /// Raw TCP through the tunnel: `--forward` and CONNECT, each in the tunnel column of
+    /// its own rows, next to the same direct and relay figures.
+    raw_paths: [Path; 2],
     /// rd-server, rd-client, rd-dummy.
     pids: [u32; 3],
     small: &'static str,
@@ -180,14 +184,17 @@ async fn run(o: Options) -> Result<(), BoxError> {
         &tmp.0,
         true,
     )?;
+    let dummy_addr = dummy.addr.ok_or("no dummy address")?;
+    // A port for `--forward` that was free a moment ago (the bench is not a test).
+    let forward_addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let forward = format!("{forward_addr}=bench:tcp/{dummy_addr}");
     let server = Proc::spawn(
         "rd-server",
         &bin("rd-server"),
-        &["--listen", "127.0.0.1:0"],
+        &["--listen", "127.0.0.1:0", "--forward", &forward],
         &tmp.0,
         true,
     )?;
-    let dummy_addr = dummy.addr.ok_or("no dummy address")?;
     let server_addr = server.addr.ok_or("no server address")?;
     let connect = format!("ws://{server_addr}/connect");
     let mut client = Proc::spawn(
@@ -211,16 +218,33 @@ async fn run(o: Options) -> Result<(), BoxError> {
             name: "direct",
             addr: dummy_addr,
             prefix: String::new(),
+            connect: None,
         },
         Path {
             name: "relay",
             addr: r1_addr,
             prefix: String::new(),
+            connect: None,
         },
         Path {
             name: "tunnel",
             addr: server_addr,
             prefix: format!("/client/bench/http/{dummy_addr}"),
+            connect: None,
+        },
+    ];
+    let raw_paths = [
+        Path {
+            name: "forward",
+            addr: forward_addr,
+            prefix: String::new(),
+            connect: None,
+        },
+        Path {
+            name: "connect",
+            addr: server_addr,
+            prefix: String::new(),
+            connect: Some(dummy_addr),
         },
     ];
 
@@ -244,7 +268,7 @@ async fn run(o: Options) -> Result<(), BoxError> {
             }
         }
     }
-    for p in &paths {
+    for p in paths.iter().chain(&raw_paths) {
         load::fetch_once(p, "small.bin")
             .await
             .map_err(|e| format!("{}: {e}", p.name))?;
@@ -282,6 +306,7 @@ async fn run(o: Options) -> Result<(), BoxError> {
 
     let bench = Bench {
         paths,
+        raw_paths,
         pids: [server.pid(), client.pid(), dummy.pid()],
         small: "small.bin",
         medium: ("medium.bin", medium_size),
@@ -510,6 +535,7 @@ impl Bench {
                 *last = last.clone().note(format!("{errors} failed requests"));
             }
         }
+        self.raw_tcp_rows(rows, &single, &multi, &mut small).await?;
 
         // 3. Fixed rate, open loop.
         say(format!(
@@ -720,6 +746,95 @@ impl Bench {
                     "RD_BENCH_SCALE={s}: sizes and durations scaled down"
                 ));
             }
+        }
+        Ok(())
+    }
+}
+
+impl Bench {
+    /// Bulk and small-request rows through `--forward` and CONNECT: the tunnel column is
+    /// the raw path, the direct and relay columns the figures measured for `/client`.
+    async fn raw_tcp_rows(
+        &self,
+        rows: &mut Vec<Row>,
+        single: &[f64; 3],
+        multi: &[f64; 3],
+        small: &mut [LoopResult; 3],
+    ) -> Result<(), BoxError> {
+        let large_label = format!("{} MiB", self.large.1 / MIB);
+        let medium_label = format!("{} MiB", self.medium.1 / MIB);
+        let small_p50 = us(small[DIRECT].latencies.percentile(50.0));
+        let small_p99 = us(small[DIRECT].latencies.percentile(99.0));
+        let relay_p50 = us(small[RELAY].latencies.percentile(50.0));
+        let relay_p99 = us(small[RELAY].latencies.percentile(99.0));
+        for p in &self.raw_paths {
+            let via = if p.name == "forward" {
+                "--forward"
+            } else {
+                "CONNECT"
+            };
+            let one = load::bulk(p, self.large.0, self.large.1, 1).await?;
+            let one_rate = mb_per_s(one.bytes, one.elapsed);
+            let eight = load::bulk(p, self.medium.0, self.medium.1, 8).await?;
+            let eight_rate = mb_per_s(eight.bytes, eight.elapsed);
+            let mut looped = LoopResult::default();
+            for _ in 0..self.rounds {
+                looped.merge(
+                    load::closed_loop(p, self.small, self.conns, self.duration / self.rounds)
+                        .await?,
+                );
+            }
+            say(format!(
+                "  {:<7} bulk {:>8.1} MB/s, 8 x {:>8.1} MB/s ({} + {} truncated), small {:>8.0} req/s ({} errors)",
+                p.name,
+                one_rate,
+                eight_rate,
+                one.failed,
+                eight.failed,
+                looped.rate(),
+                looped.errors
+            ));
+            let mut row = Row::new(
+                &format!("bulk 1 x {large_label} via {via}"),
+                "throughput",
+                "MB/s",
+            )
+            .paths(single[DIRECT], single[RELAY], one_rate)
+            .target(">= 0.75 x relay", one_rate >= 0.75 * single[RELAY]);
+            if one.failed > 0 {
+                row = row.note("the download was truncated");
+            }
+            rows.push(row);
+            rows.push(
+                Row::new(
+                    &format!("bulk 8 x {medium_label} via {via}"),
+                    "throughput",
+                    "MB/s",
+                )
+                .paths(multi[DIRECT], multi[RELAY], eight_rate)
+                .target(">= 0.75 x relay", eight_rate >= 0.75 * multi[RELAY]),
+            );
+            let label = format!("small 1 KiB, 50 conns via {via}");
+            let mut row = Row::new(&label, "requests", "req/s")
+                .paths(small[DIRECT].rate(), small[RELAY].rate(), looped.rate())
+                .target(
+                    ">= 0.4 x direct",
+                    looped.rate() >= 0.4 * small[DIRECT].rate(),
+                );
+            if looped.errors > 0 {
+                row = row.note(format!("{} failed requests", looped.errors));
+            }
+            rows.push(row);
+            rows.push(Row::new(&label, "latency p50", "µs").paths(
+                small_p50,
+                relay_p50,
+                us(looped.latencies.percentile(50.0)),
+            ));
+            rows.push(Row::new(&label, "latency p99", "µs").paths(
+                small_p99,
+                relay_p99,
+                us(looped.latencies.percentile(99.0)),
+            ));
         }
         Ok(())
     }

@@ -1,0 +1,360 @@
+//! HTTP `CONNECT` through an agent: `curl -p -x http://foo@rd-server:8123 ...` or
+//! `https_proxy=http://foo@rd-server:8123`. The proxy user name is the agent's client key;
+//! the target (`host:port`) is dialed over `tcp` on the agent's side, through a peer server
+//! if the agent is connected to another replica, and the agent's allow rules decide as for
+//! any dial.
+//!
+//! The Go protocol has no "connected" reply: a dial the agent refuses or fails is only known
+//! when its Error arrives. So before answering `200` the proxy waits up to
+//! [`ConnectProxy::connect_wait`] for the stream's first event: an Error is answered `502`
+//! with the agent's text, data or the wait running out is answered `200`. A failure that
+//! arrives later closes the tunnelled connection instead (and is logged).
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use rd_session::TunnelStream;
+use tokio::io::AsyncWriteExt;
+
+use crate::splice::{splice, SpliceError};
+use crate::{Body, DialError, Server};
+
+/// Default of [`ConnectProxy::connect_wait`].
+pub const DEFAULT_CONNECT_WAIT: Duration = Duration::from_millis(100);
+
+/// Checks a CONNECT's proxy password for a client key (see [`ConnectProxy::credentials`]).
+/// Closures `Fn(&str, &str) -> bool` (client key, password) implement it.
+pub trait ProxyCredentials: Send + Sync + 'static {
+    /// Whether `password` admits the caller to client `client_key`.
+    fn check(&self, client_key: &str, password: &str) -> bool;
+}
+
+impl<F> ProxyCredentials for F
+where
+    F: Fn(&str, &str) -> bool + Send + Sync + 'static,
+{
+    fn check(&self, client_key: &str, password: &str) -> bool {
+        self(client_key, password)
+    }
+}
+
+/// Why a CONNECT was not tunnelled; its `Display` is the one-line response body.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// The request target is not `host:port`.
+    #[error("CONNECT needs host:port, got {0:?}")]
+    BadTarget(String),
+    /// No usable `Proxy-Authorization: Basic` naming the agent.
+    #[error(
+        "proxy authentication required: the proxy user name is the agent's client key \
+         (curl -x http://CLIENT@host:port)"
+    )]
+    NoCredentials,
+    /// The password check said no.
+    #[error("proxy authentication failed for client {0}")]
+    BadPassword(String),
+    /// The dial could not start: no session for the agent here or at a peer, or the
+    /// session refused it.
+    #[error(transparent)]
+    Dial(#[from] DialError),
+    /// The agent refused or failed the dial (its text, such as `connect not allowed` or
+    /// `dial tcp 127.0.0.1:9: connect: connection refused`).
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl ConnectError {
+    /// The response status for this error.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadTarget(_) | Self::Dial(DialError::InvalidTarget(_)) => StatusCode::BAD_REQUEST,
+            Self::NoCredentials | Self::BadPassword(_) => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+            Self::Dial(_) | Self::Refused(_) => StatusCode::BAD_GATEWAY,
+        }
+    }
+}
+
+/// Serves HTTP `CONNECT` requests by tunnelling them through the agent named in the proxy
+/// credentials. Mount it on the listener that serves the `/client` route: its callers are the
+/// same operators.
+#[derive(Clone)]
+pub struct ConnectProxy {
+    server: Server,
+    connect_wait: Duration,
+    credentials: Option<Arc<dyn ProxyCredentials>>,
+}
+
+impl fmt::Debug for ConnectProxy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConnectProxy")
+            .field("connect_wait", &self.connect_wait)
+            .field("credentials", &self.credentials.is_some())
+            .finish()
+    }
+}
+
+impl ConnectProxy {
+    /// A CONNECT proxy over `server`'s tunnels. Any password is accepted until
+    /// [`credentials`](Self::credentials) sets a check.
+    pub fn new(server: Server) -> Self {
+        Self {
+            server,
+            connect_wait: DEFAULT_CONNECT_WAIT,
+            credentials: None,
+        }
+    }
+
+    /// How long to wait for the agent to refuse or fail the dial before answering `200`
+    /// (default 100 ms). Longer reports more failures as `502`s (a refusal takes one round
+    /// trip to the agent, a failed dial as long as the agent's dial) but delays every
+    /// connection to a target that waits for its client to speak first, such as HTTP or
+    /// TLS. Zero answers `200` at once.
+    pub fn connect_wait(mut self, wait: Duration) -> Self {
+        self.connect_wait = wait;
+        self
+    }
+
+    /// Checks the password of `Proxy-Authorization: Basic` against the client key in its
+    /// user name; a refusal is answered `407`.
+    pub fn credentials(mut self, check: impl ProxyCredentials) -> Self {
+        self.credentials = Some(Arc::new(check));
+        self
+    }
+
+    /// Handles a `CONNECT` request: answers `200` and splices the upgraded connection to the
+    /// tunnel stream, or answers the error as one line of text.
+    pub async fn handle<B: Send + 'static>(&self, mut req: Request<B>) -> Response<Body> {
+        let started = Instant::now();
+        let authority = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .unwrap_or_default();
+        let client = basic_user_password(req.headers()).map(|(user, _)| user);
+        match self.open(&req, &authority).await {
+            Ok((tunnel, first)) => {
+                let on_upgrade = hyper::upgrade::on(&mut req);
+                let client = client.unwrap_or_default();
+                tracing::info!(%client, target = %authority, elapsed = ?started.elapsed(), "CONNECT tunnel open");
+                tokio::spawn(async move {
+                    let upgraded = match on_upgrade.await {
+                        Ok(upgraded) => upgraded,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "CONNECT upgrade failed");
+                            return;
+                        }
+                    };
+                    let mut local = TokioIo::new(upgraded);
+                    if let Some(first) = first {
+                        if let Err(e) = local.write_all(&first).await {
+                            tracing::debug!(error = %e, "CONNECT client went away");
+                            return;
+                        }
+                    }
+                    match splice(tunnel, local).await {
+                        Ok(moved) => tracing::debug!(
+                            %client, target = %authority,
+                            to_target = moved.to_tunnel, from_target = moved.from_tunnel,
+                            "CONNECT tunnel closed"
+                        ),
+                        Err(e @ SpliceError::Tunnel(_)) => tracing::info!(
+                            %client, target = %authority, error = %rd_session::error_chain(&e),
+                            "CONNECT tunnel failed"
+                        ),
+                        Err(e) => tracing::debug!(
+                            %client, target = %authority, error = %rd_session::error_chain(&e),
+                            "CONNECT tunnel ended"
+                        ),
+                    }
+                });
+                let mut response = Response::new(empty());
+                *response.status_mut() = StatusCode::OK;
+                response
+            }
+            Err(e) => {
+                let status = e.status();
+                tracing::warn!(
+                    client = %client.unwrap_or_default(), target = %authority,
+                    status = status.as_u16(), error = %e, "CONNECT refused"
+                );
+                Self::error_response(&e)
+            }
+        }
+    }
+
+    /// For a plain-HTTP proxy request (absolute form, `GET http://host:port/path`, as sent
+    /// by `curl -x http://foo@rd-server:8123 http://...` or `http_proxy=...`) carrying proxy
+    /// credentials: the `/client/{rest}` route that serves it (`foo/http/host:port/path`), or
+    /// why not (bad credentials). `None` for any other request, to be routed as usual; so
+    /// absolute-form requests without credentials still reach the server's own routes.
+    pub fn absolute_form_route<B>(&self, req: &Request<B>) -> Option<Result<String, ConnectError>> {
+        let uri = req.uri();
+        if uri.scheme_str() != Some("http") {
+            return None;
+        }
+        let authority = uri.authority()?.as_str().to_owned();
+        let (client, password) = basic_user_password(req.headers())?;
+        if client.is_empty() || client.contains('/') {
+            return Some(Err(ConnectError::NoCredentials));
+        }
+        if let Some(check) = &self.credentials {
+            if !check.check(&client, &password) {
+                return Some(Err(ConnectError::BadPassword(client)));
+            }
+        }
+        Some(Ok(format!("{client}/http/{authority}{}", uri.path())))
+    }
+
+    /// The one-line answer for `error`, with a `Proxy-Authenticate` challenge on `407`.
+    pub fn error_response(error: &ConnectError) -> Response<Body> {
+        let status = error.status();
+        let mut response = crate::text_response(status, format!("{error}\n"));
+        if status == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
+            response.headers_mut().insert(
+                header::PROXY_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"rd\""),
+            );
+        }
+        response
+    }
+
+    /// Checks the request, dials, and waits for the dial's first event; returns the stream
+    /// and any bytes the target already sent.
+    async fn open<B>(
+        &self,
+        req: &Request<B>,
+        authority: &str,
+    ) -> Result<(TunnelStream, Option<Bytes>), ConnectError> {
+        let has_port = req.uri().authority().and_then(|a| a.port_u16()).is_some();
+        if authority.is_empty() || !has_port {
+            return Err(ConnectError::BadTarget(authority.to_owned()));
+        }
+        let (client, password) =
+            basic_user_password(req.headers()).ok_or(ConnectError::NoCredentials)?;
+        if client.is_empty() {
+            return Err(ConnectError::NoCredentials);
+        }
+        if let Some(check) = &self.credentials {
+            if !check.check(&client, &password) {
+                return Err(ConnectError::BadPassword(client));
+            }
+        }
+        // Brackets of an IPv6 literal stay: the agent's Go-style dialer expects them.
+        let tunnel = self.server.dialer(&client).dial("tcp", authority).await?;
+        if self.connect_wait.is_zero() {
+            return Ok((tunnel, None));
+        }
+        match tokio::time::timeout(self.connect_wait, tunnel.read_chunk(64 * 1024)).await {
+            // No news is good news: most targets wait for the client to speak.
+            Err(_elapsed) => Ok((tunnel, None)),
+            Ok(Ok(first)) => Ok((tunnel, first)),
+            Ok(Err(e)) => Err(ConnectError::Refused(rd_session::error_chain(&e))),
+        }
+    }
+}
+
+fn empty() -> Body {
+    Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// User name and password of `Proxy-Authorization: Basic`.
+fn basic_user_password(headers: &http::HeaderMap) -> Option<(String, String)> {
+    let value = headers.get(header::PROXY_AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, encoded) = value.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let decoded = String::from_utf8(decoded).ok()?;
+    let (user, password) = decoded.split_once(':').unwrap_or((&decoded, ""));
+    Some((user.to_owned(), password.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(value: &str) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            header::PROXY_AUTHORIZATION,
+            HeaderValue::from_str(value).expect("valid header"),
+        );
+        h
+    }
+
+    #[test]
+    fn basic_credentials_are_decoded() {
+        // curl -x http://foo@host sends "foo:".
+        assert_eq!(
+            basic_user_password(&headers("Basic Zm9vOg==")),
+            Some(("foo".into(), String::new()))
+        );
+        assert_eq!(
+            basic_user_password(&headers("basic Zm9vOmE6Yg==")),
+            Some(("foo".into(), "a:b".into()))
+        );
+        assert_eq!(basic_user_password(&headers("Bearer Zm9vOg==")), None);
+        assert_eq!(basic_user_password(&headers("Basic !!!")), None);
+        assert_eq!(basic_user_password(&http::HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn absolute_form_requests_with_credentials_map_to_the_client_route() {
+        let proxy = ConnectProxy::new(crate::Server::builder(crate::TunnelIdHeader).build());
+        let req = |uri: &str, auth: Option<&str>| {
+            let mut b = Request::get(uri);
+            if let Some(a) = auth {
+                b = b.header(header::PROXY_AUTHORIZATION, a);
+            }
+            b.body(()).expect("valid request")
+        };
+        let route = proxy.absolute_form_route(&req(
+            "http://127.0.0.1:8125/a/b.txt?x=1",
+            Some("Basic Zm9vOg=="),
+        ));
+        assert_eq!(route, Some(Ok("foo/http/127.0.0.1:8125/a/b.txt".into())));
+        // Without credentials, or in origin form, the server's own routes answer.
+        assert_eq!(
+            proxy.absolute_form_route(&req("http://127.0.0.1:8123/metrics", None)),
+            None
+        );
+        assert_eq!(
+            proxy.absolute_form_route(&req("/metrics", Some("Basic Zm9vOg=="))),
+            None
+        );
+        let checked = proxy.credentials(|_: &str, p: &str| p == "s");
+        assert_eq!(
+            checked.absolute_form_route(&req("http://h:1/", Some("Basic Zm9vOg=="))),
+            Some(Err(ConnectError::BadPassword("foo".into())))
+        );
+    }
+
+    #[test]
+    fn errors_map_to_statuses_and_one_line() {
+        assert_eq!(
+            ConnectError::Dial(DialError::NoSession("foo".into())).to_string(),
+            "failed to find Session for client foo"
+        );
+        assert_eq!(
+            ConnectError::Dial(DialError::NoSession("foo".into())).status(),
+            StatusCode::BAD_GATEWAY
+        );
+        assert_eq!(
+            ConnectError::NoCredentials.status(),
+            StatusCode::PROXY_AUTHENTICATION_REQUIRED
+        );
+        assert!(!ConnectError::NoCredentials.to_string().contains('\n'));
+    }
+}

@@ -1,0 +1,285 @@
+//! Port forwards: a local listener whose every connection is dialed through an agent to a
+//! fixed target, like `ssh -L` through the tunnel (`rd-server --forward
+//! 127.0.0.1:2222=foo:tcp/127.0.0.1:22`).
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use rd_proto::{Target, TargetError};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::splice::{splice, SpliceError};
+use crate::Server;
+
+/// Default of [`Forward::max_connections`].
+pub const DEFAULT_MAX_FORWARD_CONNECTIONS: usize = 1024;
+
+/// A `--forward` value that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ForwardSpecError {
+    /// Not of the form `LISTEN=CLIENT:PROTO/ADDRESS`.
+    #[error("invalid forward {0:?}: want LISTEN=CLIENT:PROTO/ADDRESS, e.g. 127.0.0.1:2222=foo:tcp/127.0.0.1:22")]
+    Syntax(String),
+    /// A `tcp` target without a numeric port.
+    #[error("invalid forward {0:?}: a tcp address needs host:port")]
+    NoPort(String),
+    /// The target does not fit the protocol.
+    #[error("invalid forward {spec:?}: {error}")]
+    Target {
+        /// The whole value.
+        spec: String,
+        /// What is wrong with the target.
+        error: TargetError,
+    },
+}
+
+/// Where a forward listens and what it reaches: `LISTEN=CLIENT:PROTO/ADDRESS`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardSpec {
+    /// The local listen address as written (`127.0.0.1:2222`, or `:2222` for every
+    /// interface).
+    pub listen: String,
+    /// The agent's client key.
+    pub client_key: String,
+    /// The target on the agent's side.
+    pub target: Target,
+}
+
+impl FromStr for ForwardSpec {
+    type Err = ForwardSpecError;
+
+    /// Parses `LISTEN=CLIENT:PROTO/ADDRESS`; the address keeps any `:` and `/` of its own
+    /// (`foo:unix//run/docker.sock`, `foo:tcp/[::1]:22`).
+    fn from_str(spec: &str) -> Result<Self, Self::Err> {
+        let syntax = || ForwardSpecError::Syntax(spec.to_owned());
+        let (listen, rest) = spec.split_once('=').ok_or_else(syntax)?;
+        let (client_key, rest) = rest.split_once(':').ok_or_else(syntax)?;
+        let (proto, address) = rest.split_once('/').ok_or_else(syntax)?;
+        if listen.is_empty() || client_key.is_empty() || proto.is_empty() || address.is_empty() {
+            return Err(syntax());
+        }
+        let has_port = address
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if proto.starts_with("tcp") && !has_port {
+            // Caught here rather than as every connection's dial error on the agent.
+            return Err(ForwardSpecError::NoPort(spec.to_owned()));
+        }
+        let target = Target::new(proto, address).map_err(|error| ForwardSpecError::Target {
+            spec: spec.to_owned(),
+            error,
+        })?;
+        Ok(Self {
+            listen: listen.to_owned(),
+            client_key: client_key.to_owned(),
+            target,
+        })
+    }
+}
+
+impl fmt::Display for ForwardSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}={}:{}/{}",
+            self.listen,
+            self.client_key,
+            self.target.proto(),
+            self.target.address()
+        )
+    }
+}
+
+/// A port forward to configure and [`spawn`](Self::spawn).
+#[derive(Debug, Clone)]
+pub struct Forward {
+    server: Server,
+    spec: ForwardSpec,
+    max_connections: usize,
+}
+
+impl Forward {
+    /// A forward of `spec` through `server`'s tunnels.
+    pub fn new(server: Server, spec: ForwardSpec) -> Self {
+        Self {
+            server,
+            spec,
+            max_connections: DEFAULT_MAX_FORWARD_CONNECTIONS,
+        }
+    }
+
+    /// Connections carried at once (default 1024); beyond it the listener stops accepting
+    /// until one ends, so further connections wait in the kernel's backlog.
+    pub fn max_connections(mut self, limit: usize) -> Self {
+        self.max_connections = limit.max(1);
+        self
+    }
+
+    /// Serves `listener` (bound to the spec's listen address by the caller) until the
+    /// returned handle is stopped or dropped, or the server shuts down.
+    pub fn spawn(self, listener: TcpListener) -> ForwardHandle {
+        let cancel = self.server.inner.shutdown.child_token();
+        let tracker = TaskTracker::new();
+        let local_addr = listener.local_addr().ok();
+        let span = tracing::info_span!(parent: None, "forward", forward = %self.spec);
+        tracker
+            .spawn(accept_loop(self, listener, cancel.clone(), tracker.clone()).instrument(span));
+        ForwardHandle {
+            local_addr,
+            cancel,
+            tracker,
+        }
+    }
+}
+
+/// A running forward. Dropping it stops the forward as [`stop`](Self::stop) does, without
+/// waiting.
+#[derive(Debug)]
+pub struct ForwardHandle {
+    local_addr: Option<SocketAddr>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl ForwardHandle {
+    /// The address the listener is bound to.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.local_addr
+    }
+
+    /// Tasks still running: the accept loop and one per carried connection.
+    pub fn tasks(&self) -> usize {
+        self.tracker.len()
+    }
+
+    /// Closes the listener and every connection it carries, and waits for their tasks.
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}
+
+impl Drop for ForwardHandle {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+        self.tracker.close();
+    }
+}
+
+async fn accept_loop(
+    forward: Forward,
+    listener: TcpListener,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let limit = Arc::new(Semaphore::new(forward.max_connections));
+    let dialer = forward.server.dialer(&forward.spec.client_key);
+    loop {
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_closed) => return,
+            },
+            () = cancel.cancelled() => return,
+        };
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = cancel.cancelled() => return,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(conn) => conn,
+            Err(e) => {
+                // Out of file descriptors and the like: a pause, not a busy loop.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::select! {
+                    () = tokio::time::sleep(std::time::Duration::from_millis(100)) => continue,
+                    () = cancel.cancelled() => return,
+                }
+            }
+        };
+        tcp.set_nodelay(true).ok();
+        let (dialer, target, cancel) =
+            (dialer.clone(), forward.spec.target.clone(), cancel.clone());
+        let span = tracing::debug_span!("connection", %peer);
+        tracker.spawn(
+            async move {
+                let _permit = permit;
+                let tunnel = match dialer.dial_target(target).await {
+                    Ok(tunnel) => tunnel,
+                    Err(e) => {
+                        // Dropping `tcp` closes the connection at once.
+                        tracing::warn!(%peer, error = %e, "forwarded connection closed");
+                        return;
+                    }
+                };
+                tokio::select! {
+                    r = splice(tunnel, tcp) => match r {
+                        Ok(moved) => tracing::debug!(
+                            to_target = moved.to_tunnel, from_target = moved.from_tunnel,
+                            "forwarded connection ended"
+                        ),
+                        Err(e @ SpliceError::Tunnel(_)) => tracing::warn!(
+                            %peer, error = %rd_session::error_chain(&e), "forwarded connection failed"
+                        ),
+                        Err(e) => tracing::debug!(
+                            error = %rd_session::error_chain(&e), "forwarded connection ended"
+                        ),
+                    },
+                    () = cancel.cancelled() => tracing::debug!("forward stopped"),
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_parse_and_print_back() {
+        let spec: ForwardSpec = "127.0.0.1:2222=foo:tcp/127.0.0.1:22"
+            .parse()
+            .expect("valid");
+        assert_eq!(spec.listen, "127.0.0.1:2222");
+        assert_eq!(spec.client_key, "foo");
+        assert_eq!(
+            (spec.target.proto(), spec.target.address()),
+            ("tcp", "127.0.0.1:22")
+        );
+        assert_eq!(spec.to_string(), "127.0.0.1:2222=foo:tcp/127.0.0.1:22");
+        let unix: ForwardSpec = ":2375=bar:unix//var/run/docker.sock"
+            .parse()
+            .expect("valid");
+        assert_eq!(unix.target.address(), "/var/run/docker.sock");
+        let v6: ForwardSpec = "[::1]:2222=foo:tcp/[::1]:22".parse().expect("valid");
+        assert_eq!(v6.listen, "[::1]:2222");
+    }
+
+    #[test]
+    fn bad_specs_say_what_is_wanted() {
+        for bad in [
+            "127.0.0.1:2222",
+            "127.0.0.1:2222=foo",
+            "127.0.0.1:2222=foo:tcp",
+            "=foo:tcp/127.0.0.1:22",
+            "127.0.0.1:2222=:tcp/127.0.0.1:22",
+            "127.0.0.1:2222=foo:/127.0.0.1:22",
+        ] {
+            let err = bad.parse::<ForwardSpec>().expect_err(bad);
+            assert!(
+                err.to_string().contains("LISTEN=CLIENT:PROTO/ADDRESS"),
+                "{err}"
+            );
+        }
+    }
+}

@@ -1,0 +1,328 @@
+//! [`splice`]: raw bytes both ways between a tunnel stream and a local connection, for
+//! HTTP CONNECT, port forwards and upgraded `/client` requests.
+//!
+//! Each direction is copied until its source ends, and then only the *write* side of its
+//! destination is shut down, as TCP half-close would: the other direction keeps flowing.
+//! With the Go protocol a tunnel stream has no half-close (an EOF either way closes the
+//! connection on the agent's side in both directions), so once the tunnel has delivered
+//! its end and no longer accepts writes, the splice ends at once instead of waiting for the
+//! local side to close too. When an rd-to-rd half-close exists, the tunnel stays writable
+//! after its EOF and this code carries the half-closed connection unchanged.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes};
+use rd_session::TunnelStream;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// First read buffer of the local side: most connections idle, so they hold no more.
+const FIRST_READ: usize = 128;
+/// Read buffer of a busy local side: Go's copy size times two, one Data message each.
+const LOCAL_READ: usize = 64 * 1024;
+/// Most bytes taken from the tunnel for one vectored write to the local side.
+const TUNNEL_READ: usize = 256 * 1024;
+
+/// Bytes a finished [`splice`] moved.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Spliced {
+    /// From the local side into the tunnel.
+    pub to_tunnel: u64,
+    /// From the tunnel to the local side.
+    pub from_tunnel: u64,
+}
+
+/// Which side of a [`splice`] failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SpliceError {
+    /// The tunnel stream ended with an error: the agent's dial failed or was refused (the
+    /// agent's text, such as `connect not allowed`), the peer reset it, or the session ended.
+    #[error("tunnel: {0}")]
+    Tunnel(#[source] io::Error),
+    /// Reading or writing the local connection failed.
+    #[error("local connection: {0}")]
+    Local(#[source] io::Error),
+}
+
+/// Copies `local` to `tunnel` and `tunnel` to `local` until both directions have ended (or
+/// the tunnel has ended and no longer takes writes, which is always the case with the Go
+/// protocol). A local failure resets the tunnel stream with the error's text, so the agent
+/// drops its connection at once; a tunnel failure is returned for the caller to log, and
+/// the local connection is closed when the caller drops it.
+pub async fn splice<L>(tunnel: TunnelStream, local: L) -> Result<Spliced, SpliceError>
+where
+    L: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut splice = Splice {
+        tunnel,
+        local,
+        out_buf: vec![0; FIRST_READ],
+        out_pos: 0,
+        out_end: 0,
+        out: Direction::Copying,
+        in_chunks: Vec::new(),
+        inbound: Direction::Copying,
+        moved: Spliced::default(),
+    };
+    let result = (&mut splice).await;
+    if let Err(SpliceError::Local(e)) = &result {
+        splice.tunnel.reset(&e.to_string());
+    }
+    result
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    Copying,
+    ShuttingDown,
+    Done,
+}
+
+struct Splice<L> {
+    tunnel: TunnelStream,
+    local: L,
+    out_buf: Vec<u8>,
+    out_pos: usize,
+    out_end: usize,
+    out: Direction,
+    in_chunks: Vec<Bytes>,
+    inbound: Direction,
+    moved: Spliced,
+}
+
+impl<L: AsyncRead + AsyncWrite + Unpin> Splice<L> {
+    /// Local to tunnel; `Ready(Ok)` once the tunnel's write side is shut down.
+    fn poll_out(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), SpliceError>> {
+        loop {
+            match self.out {
+                Direction::Done => return Poll::Ready(Ok(())),
+                Direction::ShuttingDown => {
+                    // An error here means the stream already ended; the inbound side
+                    // reports how.
+                    let _ = std::task::ready!(Pin::new(&mut self.tunnel).poll_shutdown(cx));
+                    self.out = Direction::Done;
+                }
+                Direction::Copying if self.out_pos < self.out_end => {
+                    let pending = &self.out_buf[self.out_pos..self.out_end];
+                    let n = std::task::ready!(self.tunnel.poll_write_shared(cx, pending))
+                        .map_err(SpliceError::Tunnel)?;
+                    self.out_pos += n;
+                    self.moved.to_tunnel += n as u64;
+                }
+                Direction::Copying => {
+                    let mut buf = ReadBuf::new(&mut self.out_buf);
+                    std::task::ready!(Pin::new(&mut self.local).poll_read(cx, &mut buf))
+                        .map_err(SpliceError::Local)?;
+                    let n = buf.filled().len();
+                    if n == 0 {
+                        self.out = Direction::ShuttingDown;
+                        continue;
+                    }
+                    (self.out_pos, self.out_end) = (0, n);
+                    if self.out_buf.len() < LOCAL_READ {
+                        // The connection carries data: take the large buffer from now on.
+                        self.out_buf.resize(LOCAL_READ, 0);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Tunnel to local; `Ready(Ok)` once the local write side is shut down.
+    fn poll_in(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), SpliceError>> {
+        loop {
+            match self.inbound {
+                Direction::Done => return Poll::Ready(Ok(())),
+                Direction::ShuttingDown => {
+                    let local = Pin::new(&mut self.local);
+                    // The local peer may be gone already; nothing is lost either way.
+                    let _ = std::task::ready!(local.poll_shutdown(cx));
+                    self.inbound = Direction::Done;
+                }
+                Direction::Copying if !self.in_chunks.is_empty() => {
+                    let slices: Vec<io::IoSlice<'_>> =
+                        self.in_chunks.iter().map(|c| io::IoSlice::new(c)).collect();
+                    let local = Pin::new(&mut self.local);
+                    let mut n = std::task::ready!(local.poll_write_vectored(cx, &slices))
+                        .map_err(SpliceError::Local)?;
+                    if n == 0 {
+                        return Poll::Ready(Err(SpliceError::Local(
+                            io::ErrorKind::WriteZero.into(),
+                        )));
+                    }
+                    self.moved.from_tunnel += n as u64;
+                    let mut done = 0;
+                    for chunk in &mut self.in_chunks {
+                        let step = n.min(chunk.len());
+                        chunk.advance(step);
+                        n -= step;
+                        if !chunk.is_empty() {
+                            break;
+                        }
+                        done += 1;
+                    }
+                    self.in_chunks.drain(..done);
+                }
+                Direction::Copying => {
+                    let read = self
+                        .tunnel
+                        .poll_read_chunks(cx, TUNNEL_READ, &mut self.in_chunks);
+                    if std::task::ready!(read).map_err(SpliceError::Tunnel)? == 0 {
+                        self.inbound = Direction::ShuttingDown;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether the tunnel stream still takes writes after delivering its end: never with the
+    /// Go protocol, whose EOF closes both directions.
+    fn tunnel_writable(&self, cx: &mut Context<'_>) -> bool {
+        !matches!(self.tunnel.poll_write_shared(cx, &[]), Poll::Ready(Err(_)))
+    }
+}
+
+impl<L: AsyncRead + AsyncWrite + Unpin> Future for Splice<L> {
+    type Output = Result<Spliced, SpliceError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let out = this.poll_out(cx)?;
+        let inbound = this.poll_in(cx)?;
+        match (out, inbound) {
+            (Poll::Ready(()), Poll::Ready(())) => Poll::Ready(Ok(this.moved)),
+            (Poll::Pending, Poll::Ready(())) if !this.tunnel_writable(cx) => {
+                // The agent closed the connection both ways; a local side that keeps its
+                // half open would otherwise hold this task and its socket forever.
+                Poll::Ready(Ok(this.moved))
+            }
+            _ => Poll::Pending,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use rd_session::{BoxedIo, ConnectRefused, SessionBuilder, SessionHandle};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    use tokio_tungstenite::WebSocketStream;
+
+    const BOUND: std::time::Duration = std::time::Duration::from_secs(10);
+
+    /// A server session whose client answers every Connect with `serve`'s duplex end, or
+    /// refuses targets on port 9.
+    async fn session(
+        serve: impl Fn() -> BoxedIo + Send + Sync + 'static,
+    ) -> (SessionHandle, SessionHandle) {
+        let (a, b) = tokio::io::duplex(256 * 1024);
+        let server_ws = WebSocketStream::from_raw_socket(a, Role::Server, None).await;
+        let client_ws = WebSocketStream::from_raw_socket(b, Role::Client, None).await;
+        let serve = std::sync::Arc::new(serve);
+        let client = SessionBuilder::client()
+            .connect_handler(move |target: rd_proto::Target| {
+                let serve = serve.clone();
+                async move {
+                    if target.address().ends_with(":9") {
+                        return Err(ConnectRefused("connect not allowed".into()));
+                    }
+                    Ok::<BoxedIo, ConnectRefused>(serve())
+                }
+            })
+            .spawn(client_ws);
+        (SessionBuilder::server("foo", 1).spawn(server_ws), client)
+    }
+
+    fn echo() -> BoxedIo {
+        let (service, io) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            let (mut r, mut w) = tokio::io::split(service);
+            tokio::io::copy(&mut r, &mut w).await.ok();
+        });
+        Box::new(io)
+    }
+
+    #[tokio::test]
+    async fn carries_bytes_both_ways_and_ends_when_the_local_side_closes() {
+        let (server, _client) = session(echo).await;
+        let tunnel = server.dial_addr("tcp", "127.0.0.1:7").unwrap();
+        let (mut user, local) = tokio::io::duplex(8 * 1024);
+        let task = tokio::spawn(splice(tunnel, local));
+        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+        let (mut r, mut w) = tokio::io::split(&mut user);
+        let expected = data.clone();
+        let write = async move {
+            w.write_all(&data).await.unwrap();
+            // Half-close: with the Go protocol the agent closes both directions, so the
+            // echo may be cut short; the splice must still end.
+            w.shutdown().await.unwrap();
+        };
+        let read = async move {
+            let mut got = Vec::new();
+            r.read_to_end(&mut got).await.unwrap();
+            got
+        };
+        let ((), got) = tokio::time::timeout(BOUND, async { tokio::join!(write, read) })
+            .await
+            .unwrap();
+        assert!(
+            expected.starts_with(&got),
+            "echo is a prefix of what was sent"
+        );
+        let moved = tokio::time::timeout(BOUND, task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(moved.to_tunnel, 1_000_000);
+        assert_eq!(moved.from_tunnel, got.len() as u64);
+    }
+
+    #[tokio::test]
+    async fn ends_when_the_agent_closes_even_if_the_local_side_stays_open() {
+        // The target says hello and closes at once.
+        let (server, _client) = session(|| {
+            let (mut service, io) = tokio::io::duplex(1024);
+            tokio::spawn(async move {
+                service.write_all(b"bye\n").await.ok();
+            });
+            Box::new(io)
+        })
+        .await;
+        let tunnel = server.dial_addr("tcp", "127.0.0.1:7").unwrap();
+        let (mut user, local) = tokio::io::duplex(1024);
+        let task = tokio::spawn(splice(tunnel, local));
+        let mut got = Vec::new();
+        tokio::time::timeout(BOUND, user.read_to_end(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, b"bye\n");
+        // `user` is still open for writing: the splice must not wait for it.
+        let moved = tokio::time::timeout(BOUND, task)
+            .await
+            .expect("the splice ends once the agent has closed")
+            .unwrap()
+            .unwrap();
+        assert_eq!(moved.from_tunnel, 4);
+        drop(user);
+    }
+
+    #[tokio::test]
+    async fn a_refused_dial_is_a_tunnel_error_with_the_agents_text() {
+        let (server, _client) = session(echo).await;
+        let tunnel = server.dial_addr("tcp", "127.0.0.1:9").unwrap();
+        let (_user, local) = tokio::io::duplex(1024);
+        let err = tokio::time::timeout(BOUND, splice(tunnel, local))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(matches!(err, SpliceError::Tunnel(_)), "{err:?}");
+        assert!(err.to_string().contains("connect not allowed"), "{err}");
+    }
+}
