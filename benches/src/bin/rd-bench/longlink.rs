@@ -131,16 +131,19 @@ pub async fn run(
             name: "relay",
             addr: near,
             prefix: String::new(),
+            connect: None,
         },
         Path {
             name: "credit",
             addr: server,
             prefix: format!("/client/long-credit/http/{dummy}"),
+            connect: None,
         },
         Path {
             name: "pause",
             addr: server,
             prefix: format!("/client/long-pause/http/{dummy}"),
+            connect: None,
         },
     ];
     for p in &paths[1..] {
