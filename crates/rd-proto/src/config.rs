@@ -52,7 +52,8 @@ pub struct Config {
     /// Use rd's credit extension instead of Pause/Resume (both ends must have negotiated it
     /// at the upgrade; see docs/protocol.md). Off by default: Go peers never speak it.
     pub credit: bool,
-    /// The largest credit window a stream's receiver auto-tunes to.
+    /// The largest credit window a stream's receiver auto-tunes to; at most
+    /// [`stream_receive_cap`](Self::stream_receive_cap).
     pub credit_max_window: usize,
     /// Bytes a stream's writer may queue before its writes wait for the websocket.
     pub stream_send_buffer: usize,
@@ -79,12 +80,12 @@ impl Default for Config {
             low_watermark: 256 * 1024,
             pause_floor: 32 * 1024,
             receive_horizon: Duration::from_millis(250),
-            stream_receive_cap: 16 * 1024 * 1024,
+            stream_receive_cap: 32 * 1024 * 1024,
             session_receive_budget: 64 * 1024 * 1024,
             session_receive_ceiling: 192 * 1024 * 1024,
             session_receive_cap: 256 * 1024 * 1024,
             credit: false,
-            credit_max_window: 16 * 1024 * 1024,
+            credit_max_window: 32 * 1024 * 1024,
             stream_send_buffer: 256 * 1024,
             max_data_payload: 32 * 1024,
             max_streams: 65_536,
@@ -122,9 +123,14 @@ impl Config {
                 "need session_receive_budget <= session_receive_ceiling <= session_receive_cap",
             ));
         }
-        if self.credit_max_window < crate::CREDIT_INITIAL_WINDOW as usize {
+        // A credit peer may fill the whole window before our reader reads: the cap that
+        // resets a stream for ignoring flow control must not be below it.
+        if self.credit
+            && (self.credit_max_window < crate::CREDIT_INITIAL_WINDOW as usize
+                || self.credit_max_window > self.stream_receive_cap)
+        {
             return Err(ConfigError(
-                "credit_max_window must be at least the initial credit window",
+                "credit_max_window must be between the initial credit window and stream_receive_cap",
             ));
         }
         if self.session_receive_cap < self.stream_receive_cap {

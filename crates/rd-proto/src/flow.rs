@@ -9,10 +9,10 @@
 //!   ignoring us and the stream is reset.
 //! - **Credit** (rd peers that negotiated the extension): the sender may send only what the
 //!   receiver granted. Both ends start each stream at [`CREDIT_INITIAL_WINDOW`]; the
-//!   receiver grants more as its reader consumes and doubles a stream's window while the
-//!   reader finds its buffer empty (the window, not the reader, limits the stream), as long
-//!   as the session's granted bytes stay within its budget (like yamux's and quinn's
-//!   auto-tuning).
+//!   receiver grants more as its reader consumes (in quarters of the window) and doubles a
+//!   stream's window while the reader finds its buffer empty (the window, not the reader,
+//!   limits the stream), as long as the session's granted bytes stay within its budget (like
+//!   yamux's and quinn's auto-tuning).
 
 use std::time::{Duration, Instant};
 
@@ -254,25 +254,35 @@ impl RecvFlow {
                 // half the budget it must first keep up over two windows' worth: a
                 // download whose socket absorbed a few hundred KiB and then stalled must
                 // not keep a large window it never uses.
-                let proven = if pressure.committed.saturating_add(c.window) <= budget / 2 {
+                let committed = pressure.committed;
+                let proven = if committed.saturating_add(c.window) <= budget / 2 {
                     c.since_growth >= c.window / 2
                 } else {
                     c.since_growth >= 2 * c.window
                 };
+                // With most of the budget free, quadruple: a long link reaches its
+                // bandwidth-delay product in half the round trips.
+                let factor = if committed.saturating_add(4 * c.window) <= budget / 4 {
+                    4
+                } else {
+                    2
+                };
+                let max_window = config.credit_max_window.min(config.stream_receive_cap);
                 if c.starved
                     && proven
-                    && c.window < config.credit_max_window
-                    && pressure.committed.saturating_add(c.window) <= budget
+                    && c.window < max_window
+                    && committed.saturating_add(c.window) <= budget
                 {
-                    c.window = (c.window * 2).min(config.credit_max_window);
+                    c.window = (c.window * factor).min(max_window);
                     c.since_growth = 0;
                 } else if pressure.committed > budget && c.window > initial {
                     c.window = (c.window / 2).max(initial);
                 }
                 let outstanding = c.credit.saturating_add(unread);
                 let increment = c.window.saturating_sub(outstanding);
-                // Grant in halves of the window, as yamux does, not after every read.
-                if increment == 0 || increment < c.window / 2 {
+                // Grant in quarters of the window, not after every read: the sender then has
+                // at least three quarters of the window to send while a grant crosses the link.
+                if increment == 0 || increment < c.window / 4 {
                     return None;
                 }
                 let increment = u32::try_from(increment).unwrap_or(u32::MAX);
@@ -426,20 +436,20 @@ mod tests {
             committed: c.session_receive_budget / 2,
         };
         let mut f = RecvFlow::new(&c);
-        // Hungry from the start, but nothing moved yet: no growth, and no grant for a
-        // quarter of the window.
+        // Hungry from the start, but nothing moved yet: no growth, and no grant for an
+        // eighth of the window.
         f.on_starved();
-        assert_eq!(f.on_data(w / 4, 0, now, busy, &c), Ok(None));
+        assert_eq!(f.on_data(w / 8, 0, now, busy, &c), Ok(None));
         assert_eq!(
-            f.on_consumed(w / 4, 0, busy, &c),
+            f.on_consumed(w / 8, 0, busy, &c),
             None,
-            "a quarter: not yet"
+            "an eighth: not yet"
         );
-        assert_eq!(f.on_data(w / 4, 0, now, busy, &c), Ok(None));
+        assert_eq!(f.on_data(w / 8, 0, now, busy, &c), Ok(None));
         assert_eq!(
-            f.on_consumed(w / 4, 0, busy, &c),
-            Some(FlowSignal::Credit((w / 2) as u32)),
-            "half the window: granted back"
+            f.on_consumed(w / 8, 0, busy, &c),
+            Some(FlowSignal::Credit((w / 4) as u32)),
+            "a quarter of the window: granted back"
         );
         assert_eq!(f.credit(), w);
         // Starving, but less than two windows moved so far: the window stays...
@@ -457,12 +467,12 @@ mod tests {
             Some(FlowSignal::Credit((2 * w) as u32))
         );
         assert_eq!(f.credit(), 2 * w);
-        // Without pressure a starving reader doubles at every grant.
+        // Without pressure a starving reader quadruples its window at every grant.
         f.on_starved();
         assert_eq!(f.on_data(2 * w, 0, now, quiet(), &c), Ok(None));
         assert_eq!(
             f.on_consumed(2 * w, 0, quiet(), &c),
-            Some(FlowSignal::Credit((4 * w) as u32))
+            Some(FlowSignal::Credit((8 * w) as u32))
         );
         // No growth past the budget.
         let full = Pressure {
@@ -470,10 +480,10 @@ mod tests {
             committed: c.session_receive_budget,
         };
         f.on_starved();
-        assert_eq!(f.on_data(4 * w, 0, now, full, &c), Ok(None));
+        assert_eq!(f.on_data(8 * w, 0, now, full, &c), Ok(None));
         let RecvFlow::Credit(cf) = &f else { panic!() };
         let before = cf.window();
-        let _ = f.on_consumed(4 * w, 0, full, &c);
+        let _ = f.on_consumed(8 * w, 0, full, &c);
         let RecvFlow::Credit(cf) = &f else { panic!() };
         assert!(
             cf.window() <= before,

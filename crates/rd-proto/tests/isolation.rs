@@ -355,3 +355,66 @@ fn a_peer_ignoring_pause_on_many_streams_loses_those_streams_only() {
         second_half
     );
 }
+
+/// One credit stream over a long link (25 ms each way): the window auto-tunes to the
+/// bandwidth-delay product, so the stream moves close to what the link carries.
+#[test]
+fn credit_fills_a_long_link() {
+    let mut config = Config::default();
+    config.credit = true;
+    let t0 = Instant::now();
+    let mut now = t0;
+    let delay = Duration::from_millis(25);
+    let step = Duration::from_millis(1);
+    // 256 KiB per millisecond: about 268 MB/s, a BDP of 13 MiB over the round trip.
+    let per_step = 256 * 1024;
+    let mut receiver = Session::new(Side::Server, config.clone(), Identity::client(), t0, 1);
+    let mut sender = CreditSender {
+        session: Session::new(Side::Client, config.clone(), Identity::client(), t0, 1),
+    };
+    let id = receiver
+        .open_stream(now, Target::new("tcp", "127.0.0.1:80").unwrap())
+        .unwrap();
+    let mut to_sender: VecDeque<(Instant, Bytes)> = VecDeque::new();
+    let mut to_receiver: VecDeque<(Instant, Bytes)> = VecDeque::new();
+    let mut read_per_second = Vec::new();
+    let mut read = 0usize;
+    for ms in 1..=3000u32 {
+        now += step;
+        while to_receiver.front().is_some_and(|(at, _)| *at <= now) {
+            let (_, msg) = to_receiver.pop_front().unwrap();
+            receiver.handle_message(now, msg).unwrap();
+        }
+        while let Ok(ReadOutcome::Data(b)) = receiver.read(id, usize::MAX) {
+            read += b.len();
+        }
+        let _ = receiver.read(id, usize::MAX);
+        while let Some(t) = receiver.poll_transmit() {
+            if let Transmit::Message(m) = t {
+                to_sender.push_back((now + delay, m));
+            }
+        }
+        while to_sender.front().is_some_and(|(at, _)| *at <= now) {
+            let (_, msg) = to_sender.pop_front().unwrap();
+            sender.handle(now, msg);
+        }
+        let mut link = Link::default();
+        sender.transmit(now, per_step, &mut link);
+        for (at, msg) in link.0 {
+            to_receiver.push_back((at - DELAY + delay, msg));
+        }
+        if ms % 1000 == 0 {
+            read_per_second.push(read);
+            read = 0;
+        }
+    }
+    eprintln!("bytes read per second: {read_per_second:?}");
+    let link_per_second = per_step * 1000;
+    // After the first second the window covers the round trip.
+    for (second, bytes) in read_per_second.iter().enumerate().skip(1) {
+        assert!(
+            *bytes * 10 >= link_per_second * 8,
+            "second {second}: {bytes} of {link_per_second} bytes"
+        );
+    }
+}

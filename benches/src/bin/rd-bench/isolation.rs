@@ -198,10 +198,17 @@ pub async fn run(
     // a test: waiting is the point).
     tokio::time::sleep(Duration::from_secs(3)).await;
     let mut rss_peak = proc::status_kib(server_pid, "VmRSS").unwrap_or(0);
+    let held = load::metric(path.addr, "rd_buffered_bytes")
+        .await
+        .unwrap_or(0.0);
+    let paused = load::metric(path.addr, "rd_streams_paused_by_us")
+        .await
+        .unwrap_or(0.0);
     crate::say(format!(
-        "  {stalled} stalled readers; rd-server RSS {} -> {} MiB",
+        "  {stalled} stalled readers; rd-server RSS {} -> {} MiB; the session holds {:.1} MiB unread, {paused} streams held back",
         rss_before >> 10,
-        rss_peak >> 10
+        rss_peak >> 10,
+        held / f64::from(1 << 20)
     ));
 
     // Fresh requests and the large download beside them.

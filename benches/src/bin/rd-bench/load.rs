@@ -103,6 +103,29 @@ async fn get(
     Ok(n)
 }
 
+/// The value of a metric sample (`name` plus labels, as printed) from rd-server's
+/// `/metrics`, if present.
+pub async fn metric(server: SocketAddr, sample: &str) -> Option<f64> {
+    let path = Path {
+        name: "metrics",
+        addr: server,
+        prefix: String::new(),
+        connect: None,
+    };
+    let mut sender = connect(&path).await.ok()?;
+    sender.ready().await.ok()?;
+    let req = Request::get("/metrics")
+        .header(HOST, server.to_string())
+        .body(Empty::new())
+        .ok()?;
+    let body = sender.send_request(req).await.ok()?.into_body();
+    let text = body.collect().await.ok()?.to_bytes();
+    String::from_utf8_lossy(&text).lines().find_map(|l| {
+        let rest = l.strip_prefix(sample)?.strip_prefix(' ')?;
+        rest.trim().parse().ok()
+    })
+}
+
 /// One request on a fresh connection, for readiness checks.
 pub async fn fetch_once(path: &Path, file: &str) -> Result<u64, BoxError> {
     let mut sender = connect(path).await?;

@@ -197,13 +197,11 @@ async fn run(o: Options) -> Result<(), BoxError> {
     )?;
     let server_addr = server.addr.ok_or("no server address")?;
     let connect = format!("ws://{server_addr}/connect");
-    let mut client = Proc::spawn(
-        "rd-client",
-        &bin("rd-client"),
-        &["--connect", &connect, "--id", "bench"],
-        &tmp.0,
-        false,
-    )?;
+    // RD_BENCH_CLIENT_ARGS: extra rd-client flags, e.g. `--flow-control pause` to compare.
+    let extra = std::env::var("RD_BENCH_CLIENT_ARGS").unwrap_or_default();
+    let mut client_args = vec!["--connect", connect.as_str(), "--id", "bench"];
+    client_args.extend(extra.split_whitespace());
+    let mut client = Proc::spawn("rd-client", &bin("rd-client"), &client_args, &tmp.0, false)?;
 
     // The relay chain: this process, two hops of plain TCP in front of rd-dummy.
     let r2 = TcpListener::bind("127.0.0.1:0").await?;
