@@ -213,7 +213,15 @@ impl RecvFlow {
             }
             Self::Credit(c) => {
                 // Beyond the credit only by a released sender's last bytes (it may send its
-                // queued data and EOF whatever the credit); the cap above bounds it.
+                // queued data, at most a send buffer, and EOF whatever the credit). More than
+                // that is a peer ignoring the credit it negotiated.
+                let allowed = c.credit.saturating_add(config.stream_send_buffer);
+                if n > allowed {
+                    return Err(Overflow {
+                        buffered,
+                        cap: unread.saturating_add(allowed),
+                    });
+                }
                 c.credit = c.credit.saturating_sub(n);
                 Ok(None)
             }

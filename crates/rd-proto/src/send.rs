@@ -4,6 +4,7 @@ use std::collections::VecDeque;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+use crate::config::Config;
 use crate::flow::CREDIT_INITIAL_WINDOW;
 use crate::message::{data_header_len, put_data_header, ConnId};
 
@@ -45,6 +46,19 @@ impl SendHalf {
 
     pub(crate) fn queued(&self) -> usize {
         self.queued
+    }
+
+    /// Bytes a write may still queue: the send buffer, and with credit no more than the
+    /// credit left (at least one message), so a stream the peer does not read holds its data
+    /// in the writer (a socket's kernel buffer, for a pipe) rather than in rd's memory.
+    pub(crate) fn room(&self, config: &Config) -> usize {
+        let limit = match self.credit {
+            Some(credit) => config
+                .stream_send_buffer
+                .min(credit.max(config.max_data_payload)),
+            None => config.stream_send_buffer,
+        };
+        limit.saturating_sub(self.queued)
     }
 
     pub(crate) fn paused_by_peer(&self) -> bool {

@@ -313,9 +313,11 @@ impl Session {
     }
 
     /// Whether the streams' unread bytes keep [`wants_input`](Self::wants_input) false: our
-    /// own readers, not the peer, are why the websocket is not read.
+    /// own readers, not the peer, are why the websocket is not read. Never with credit: every
+    /// unread byte was granted (a stream sent more is reset), so what the session holds is
+    /// what it chose to grant, and stopping would only stall honest streams.
     fn input_stalled_by_readers(&self) -> bool {
-        self.budget.unread() >= self.config.session_receive_ceiling
+        !self.config.credit && self.budget.unread() >= self.config.session_receive_ceiling
     }
 
     /// Counters for metrics.
@@ -590,6 +592,10 @@ impl Session {
             return;
         };
         s.send.add_credit(increment);
+        if s.send.writer_waiting && s.send.room(&self.config) > 0 {
+            s.send.writer_waiting = false;
+            self.events.push_back(Event::StreamWritable { id: conn_id });
+        }
         self.streams.schedule(conn_id);
     }
 
@@ -742,7 +748,7 @@ impl Session {
             return None;
         }
         let msg = if let Some((msg, _)) = s.send.pop(id, s.released, &mut self.next_message_id) {
-            if s.send.writer_waiting && s.send.queued() < self.config.stream_send_buffer {
+            if s.send.writer_waiting && s.send.room(&self.config) > 0 {
                 s.send.writer_waiting = false;
                 self.events.push_back(Event::StreamWritable { id });
             }
@@ -800,10 +806,7 @@ impl Session {
             (_, Some(end)) => return Err(StreamError::Closed(end.clone())),
             (_, None) => return Err(StreamError::Finished),
         }
-        let room = self
-            .config
-            .stream_send_buffer
-            .saturating_sub(s.send.queued());
+        let room = s.send.room(&self.config);
         if room == 0 {
             s.send.writer_waiting = true;
             return Err(StreamError::Blocked);

@@ -17,6 +17,7 @@ mod longlink;
 mod procs;
 mod report;
 mod scale;
+mod slow_streams;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -72,7 +73,7 @@ fn parse_options() -> Result<Options, BoxError> {
             "--only" => o.only = Some(value()?),
             "-h" | "--help" => {
                 println!(
-                    "usage: rd-bench [--bin-dir DIR] [--out FILE] [--docs FILE | --no-docs] [--only isolation|longlink]\n\
+                    "usage: rd-bench [--bin-dir DIR] [--out FILE] [--docs FILE | --no-docs] [--only isolation|longlink|slow-streams]\n\
                           env: RD_BENCH_SCALE (default 1; 0.1 for a quick run)"
                 );
                 std::process::exit(0);
@@ -297,8 +298,15 @@ async fn run(o: Options) -> Result<(), BoxError> {
             println!("\n{}", report::text_table(&longlink::rows(&r)));
             return Ok(());
         }
+        Some("slow-streams") => {
+            println!("\n{}", report::text_table(&slow_stream_rows(10_000)?));
+            return Ok(());
+        }
         Some(other) => {
-            return Err(format!("unknown scenario {other} (known: isolation, longlink)").into())
+            return Err(format!(
+                "unknown scenario {other} (known: isolation, longlink, slow-streams)"
+            )
+            .into())
         }
     }
 
@@ -339,6 +347,8 @@ async fn run(o: Options) -> Result<(), BoxError> {
         "scale: {rss_streams} idle streams, {rss_sessions} idle sessions"
     ));
     scale_rows(&mut rows, rss_streams, rss_sessions)?;
+    say("slow streams: 10000 streams moving data slowly on one session (library level)");
+    rows.extend(slow_stream_rows(10_000)?);
 
     drop((client, server, dummy));
     let elapsed = started.elapsed();
@@ -836,6 +846,33 @@ impl Bench {
         }
         Ok(())
     }
+}
+
+/// The `slow-streams` child's rows.
+fn slow_stream_rows(n: usize) -> Result<Vec<Row>, BoxError> {
+    let v = scale::child_json("slow-streams", n)?;
+    let f = |k: &str| v[k].as_f64().unwrap_or(0.0);
+    say(format!(
+        "  echo p50/p99 {:.0}/{:.0} µs alone, {:.0}/{:.0} µs beside ({} failed); 64 MiB {:.0} MB/s alone, {:.0} beside; RSS +{:.0} MiB, {:.1} MiB held",
+        f("base_p50_us"), f("base_p99_us"), f("p50_us"), f("p99_us"), f("failed"),
+        f("solo_mb_s"), f("beside_mb_s"), f("rss_growth_mib"), f("held_mib")
+    ));
+    let label = format!("{n} slow streams, one session (library)");
+    let p99_ok = f("failed") == 0.0 && f("p99_us") <= 2.0 * f("base_p99_us").max(1.0);
+    Ok(vec![
+        Row::new(&label, "echo 1 KiB p99, alone / beside", "µs")
+            .paths(f("base_p99_us"), 0.0, f("p99_us"))
+            .target("<= 2x alone, no failure", p99_ok),
+        Row::new(&label, "64 MiB download, alone / beside", "MB/s")
+            .paths(f("solo_mb_s"), 0.0, f("beside_mb_s"))
+            .target(
+                ">= 0.5x alone",
+                f("beside_mb_s") >= 0.5 * f("solo_mb_s") && f("solo_mb_s") > 0.0,
+            ),
+        Row::new(&label, "RSS growth, both ends in one process", "MiB")
+            .tunnel_only(f("rss_growth_mib"))
+            .target("<= 128 MiB", f("rss_growth_mib") <= 128.0),
+    ])
 }
 
 fn scale_rows(rows: &mut Vec<Row>, streams: usize, sessions: usize) -> Result<(), BoxError> {

@@ -252,6 +252,7 @@ pub fn child_main(kind: &str, n: usize) -> Result<(), BoxError> {
             "streams-server" => server_streams(n).await,
             "streams-client" => client_streams(n).await,
             "sessions" => sessions(n).await,
+            "slow-streams" => crate::slow_streams::run(n).await,
             other => Err(format!("unknown scale measurement {other}").into()),
         }
     })?;
@@ -267,8 +268,8 @@ pub struct ScaleResult {
     pub open_s: f64,
 }
 
-/// Runs `rd-bench --scale-child KIND N` and parses its answer.
-pub fn run_child(kind: &str, n: usize) -> Result<ScaleResult, BoxError> {
+/// Runs `rd-bench --scale-child KIND N` and returns its JSON line.
+pub fn child_json(kind: &str, n: usize) -> Result<serde_json::Value, BoxError> {
     let exe = std::env::current_exe()?;
     let out = std::process::Command::new(exe)
         .args(["--scale-child", kind, &n.to_string()])
@@ -278,7 +279,12 @@ pub fn run_child(kind: &str, n: usize) -> Result<ScaleResult, BoxError> {
         return Err(format!("scale child {kind} failed: {}", out.status).into());
     }
     let text = String::from_utf8_lossy(&out.stdout);
-    let v: serde_json::Value = serde_json::from_str(text.trim())?;
+    Ok(serde_json::from_str(text.trim())?)
+}
+
+/// Runs `rd-bench --scale-child KIND N` and parses its answer.
+pub fn run_child(kind: &str, n: usize) -> Result<ScaleResult, BoxError> {
+    let v = child_json(kind, n)?;
     let get = |k: &str| v[k].as_f64().unwrap_or(0.0);
     Ok(ScaleResult {
         live: get("live") as usize,
