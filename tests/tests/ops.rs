@@ -10,6 +10,9 @@ use rd_e2e_tests::*;
 /// only separates "exited" from "kept retrying" on a loaded machine.
 const EXIT_BOUND: Duration = Duration::from_secs(5);
 
+/// A binary, its arguments, extra environment variables and what its one line must say.
+type Case<'a> = (&'a str, &'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+
 /// Each configuration mistake that cannot fix itself stops the binary with status 2 and one
 /// line that names the flag (or variable) at fault, instead of a service retrying forever.
 #[test]
@@ -18,7 +21,7 @@ fn configuration_mistakes_exit_at_once_naming_the_flag() {
     let not_pem = dir.path().join("not.pem");
     std::fs::write(&not_pem, "not a certificate\n").unwrap();
     let not_pem = not_pem.to_str().unwrap();
-    let cases: &[(&str, &[&str], &[(&str, &str)], &str)] = &[
+    let cases: &[Case<'_>] = &[
         (
             "rd-client",
             &["-connect", "localhost:8123/connect"],
@@ -213,4 +216,172 @@ async fn server_with_a_closed_stderr_still_serves() {
     .await;
     assert_eq!(reply.text(), "hello\n");
     assert!(server.is_running());
+}
+
+/// The JSON log lines of rd-server's stderr whose `message` is `message`.
+fn json_lines(stderr: &str, message: &str) -> Vec<serde_json::Value> {
+    stderr
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {l}"))
+        })
+        .filter(|v| v["message"] == message)
+        .collect()
+}
+
+/// Waits until `p`'s stderr has `n` JSON lines with `message`; returns them.
+fn wait_json_lines(p: &Proc, message: &str, n: usize) -> Vec<serde_json::Value> {
+    wait_until(&format!("{n} {message:?} lines"), START_BOUND, || {
+        json_lines(&p.stderr(), message).len() >= n
+    });
+    json_lines(&p.stderr(), message)
+}
+
+/// With `--log-format json` every line parses, and the request lines carry their fields: a
+/// refused target, an unknown client and a rejected agent each make exactly one line with
+/// the reason; a completed transfer says so with its byte count. The 502 body is Go's text.
+#[tokio::test]
+async fn request_and_rejection_lines_in_json() {
+    let dir = TempDir::new("ops-json");
+    std::fs::write(dir.path().join("a.txt"), "hello\n").unwrap();
+    let (_dummy, target) = start_dummy(dir.path());
+    let (server, addr) = Proc::start_listening(
+        "rd-server",
+        &["-listen", "127.0.0.1:0", "--log-format", "json"],
+    );
+    let url = format!("ws://{addr}/connect");
+    let _client = Proc::start("rd-client", &["-connect", &url, "-id", "foo"]);
+    poll_get(
+        addr,
+        &format!("/client/foo/http/{target}/a.txt"),
+        START_BOUND,
+        |r| r.status == 200,
+    )
+    .await;
+    let ok = wait_until_outcome(&server, "completed");
+    assert_eq!(ok["outcome"], "completed", "{ok}");
+    assert_eq!(ok["client"], "foo");
+    assert_eq!(ok["method"], "GET");
+    assert_eq!(ok["url"], format!("http://{target}/a.txt"));
+    assert_eq!(ok["status"], 200);
+    assert_eq!(ok["bytes_received"], 6);
+    assert_eq!(ok["bytes_sent"], 0);
+    assert!(ok["session"].is_i64() && ok["stream"].is_i64(), "{ok}");
+    assert!(ok["duration_ms"].is_f64(), "{ok}");
+    assert!(ok["timestamp"].is_string() && ok["level"] == "INFO", "{ok}");
+
+    // A refused target: 502 with Go's dial error, and one line saying why.
+    let closed = free_port();
+    let reply = try_get(
+        addr,
+        &format!("/client/foo/http/127.0.0.1:{closed}/"),
+        START_BOUND,
+    )
+    .await
+    .unwrap();
+    let go_text = format!("dial tcp 127.0.0.1:{closed}: connect: connection refused\n");
+    assert_eq!((reply.status, reply.text()), (502, go_text.clone()));
+    wait_until_outcome(&server, "refused");
+    let lines = json_lines(&server.stderr(), "tunnel request");
+    let refused: Vec<_> = lines.iter().filter(|l| l["outcome"] == "refused").collect();
+    assert_eq!(refused.len(), 1, "{lines:?}");
+    assert_eq!(refused[0]["reason"], go_text.trim_end());
+    assert_eq!(refused[0]["status"], 502);
+
+    // An unknown client: 500, one line.
+    let reply = try_get(addr, "/client/nobody/http/127.0.0.1:1/", START_BOUND)
+        .await
+        .unwrap();
+    assert_eq!(
+        (reply.status, reply.text()),
+        (500, "failed to find Session for client nobody\n".to_owned())
+    );
+    wait_until("the unknown client's line", START_BOUND, || {
+        json_lines(&server.stderr(), "tunnel request")
+            .iter()
+            .any(|l| l["client"] == "nobody")
+    });
+    let lines = json_lines(&server.stderr(), "tunnel request");
+    let rejected: Vec<_> = lines.iter().filter(|l| l["client"] == "nobody").collect();
+    assert_eq!(rejected.len(), 1, "{lines:?}");
+    assert_eq!(rejected[0]["outcome"], "rejected");
+    assert_eq!(
+        rejected[0]["reason"],
+        "failed to find Session for client nobody"
+    );
+
+    // A rejected agent (no id): 401 on the wire, one line with the reason and address.
+    let mut ws = tokio::net::TcpStream::connect(addr).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    ws.write_all(
+        b"GET /connect HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: 1z1yQIVmVC0jLv/0IZkOtg==\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = vec![0u8; 12];
+    ws.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 401");
+    let rejected = wait_json_lines(&server, "tunnel handshake rejected", 1);
+    assert_eq!(rejected.len(), 1, "{rejected:?}");
+    assert_eq!(rejected[0]["status"], 401);
+    assert_eq!(rejected[0]["reason"], "the authorizer refused the client");
+    let local = ws.local_addr().unwrap().to_string();
+    assert_eq!(rejected[0]["remote"], local);
+    // The handshake refusal is not also counted as a tunnel request.
+    assert_eq!(
+        json_lines(&server.stderr(), "tunnel request").len(),
+        lines.len()
+    );
+}
+
+/// A transfer the client's side cuts in the middle is logged as cut, not completed.
+#[tokio::test]
+async fn a_cut_transfer_is_logged_as_cut() {
+    // A target that promises 1 MiB, sends a little and then resets the connection.
+    let target = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let target_addr = target.local_addr().unwrap();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for conn in target.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut buf = [0u8; 1024];
+            let _ = conn.read(&mut buf);
+            let _ =
+                conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1048576\r\n\r\npartial body");
+            let _ = conn.flush();
+            // Dropping it mid-body: the server sees the stream end early.
+        }
+    });
+    let (server, addr) = Proc::start_listening(
+        "rd-server",
+        &["-listen", "127.0.0.1:0", "--log-format", "json"],
+    );
+    let url = format!("ws://{addr}/connect");
+    let _client = Proc::start("rd-client", &["-connect", &url, "-id", "foo"]);
+    wait_for_client(addr).await;
+    let r = try_get(
+        addr,
+        &format!("/client/foo/http/{target_addr}/big"),
+        START_BOUND,
+    )
+    .await;
+    assert!(r.is_err(), "a cut body must not read as complete: {r:?}");
+    let lines = wait_until_outcome(&server, "cut");
+    assert_eq!(lines["status"], 200);
+    assert_eq!(lines["url"], format!("http://{target_addr}/big"));
+    assert!(lines["reason"].is_string(), "{lines}");
+}
+
+fn wait_until_outcome(p: &Proc, outcome: &str) -> serde_json::Value {
+    wait_until(&format!("a {outcome} line"), START_BOUND, || {
+        json_lines(&p.stderr(), "tunnel request")
+            .iter()
+            .any(|l| l["outcome"] == outcome)
+    });
+    json_lines(&p.stderr(), "tunnel request")
+        .into_iter()
+        .find(|l| l["outcome"] == outcome)
+        .unwrap()
 }

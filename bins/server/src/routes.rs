@@ -9,7 +9,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use rd_server::proxy::ClientProxy;
-use rd_server::{text_response, Body, Server};
+use rd_server::{text_response, Body, RemoteAddr, Server};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -81,9 +81,9 @@ pub async fn serve(
         let tls = tls.clone();
         tokio::spawn(async move {
             match tls {
-                None => serve_connection(tcp, app).await,
+                None => serve_connection(tcp, remote, app).await,
                 Some(acceptor) => match acceptor.accept(tcp).await {
-                    Ok(stream) => serve_connection(stream, app).await,
+                    Ok(stream) => serve_connection(stream, remote, app).await,
                     Err(e) => tracing::debug!(%remote, error = %e, "TLS handshake failed"),
                 },
             }
@@ -91,11 +91,12 @@ pub async fn serve(
     }
 }
 
-async fn serve_connection<S>(io: S, app: Arc<App>)
+async fn serve_connection<S>(io: S, remote: std::net::SocketAddr, app: Arc<App>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let service = service_fn(move |req| {
+    let service = service_fn(move |mut req: Request<Incoming>| {
+        req.extensions_mut().insert(RemoteAddr(remote));
         let app = app.clone();
         async move { Ok::<_, std::convert::Infallible>(app.route(req).await) }
     });

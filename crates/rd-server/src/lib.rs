@@ -22,6 +22,7 @@
 
 mod auth;
 mod dialer;
+mod log_limit;
 mod metrics;
 mod peer;
 pub mod proxy;
@@ -33,10 +34,11 @@ mod upgrade;
 pub use auth::{
     text_response, Authorization, Authorizer, ErrorWriter, PlainTextErrors, TunnelIdHeader,
 };
-pub use dialer::{DialError, Dialer, TunnelConnection};
+pub use dialer::{DialError, Dialer, TimedStream, TunnelConnection, TunnelInfo};
 pub use metrics::{GoCounter, Metrics};
 pub use server::{
-    Server, ServerBuilder, DEFAULT_MAX_SESSIONS_PER_CLIENT, PEER_ID_HEADER, PEER_TOKEN_HEADER,
+    RemoteAddr, Server, ServerBuilder, DEFAULT_MAX_SESSIONS_PER_CLIENT, PEER_ID_HEADER,
+    PEER_TOKEN_HEADER,
 };
 
 /// Errors inside response bodies.
