@@ -385,3 +385,85 @@ fn wait_until_outcome(p: &Proc, outcome: &str) -> serde_json::Value {
         .find(|l| l["outcome"] == outcome)
         .unwrap()
 }
+
+/// rd-client's `--metrics-listen`: /healthz follows the session (503 without one, 200 with
+/// one), /metrics counts sessions, reconnects, streams and bytes; both binaries export
+/// `process_*` and the build info.
+#[tokio::test]
+async fn client_metrics_and_health_follow_the_session() {
+    let dir = TempDir::new("ops-metrics");
+    std::fs::write(dir.path().join("a.txt"), "hello\n").unwrap();
+    let (_dummy, target) = start_dummy(dir.path());
+    // The client starts first, against a server that is not there yet.
+    let port = free_port();
+    let url = format!("ws://127.0.0.1:{port}/connect");
+    let (_client, metrics) = Proc::start_listening(
+        "rd-client",
+        &[
+            "-connect",
+            &url,
+            "-id",
+            "foo",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let down = poll_get(metrics, "/healthz", START_BOUND, |_| true).await;
+    assert_eq!(down.status, 503, "{}", down.text());
+    poll_get(metrics, "/metrics", START_BOUND, |r| {
+        sample(&r.text(), "rd_client_reconnects_total").is_some_and(|n| n >= 1.0)
+    })
+    .await;
+
+    let listen = format!("127.0.0.1:{port}");
+    let (_server, addr) = Proc::start_listening("rd-server", &["-listen", &listen]);
+    let up = poll_get(metrics, "/healthz", START_BOUND, |r| r.status == 200).await;
+    assert_eq!(up.text(), "ok: session up\n");
+    let reply = poll_get(
+        addr,
+        &format!("/client/foo/http/{target}/a.txt"),
+        START_BOUND,
+        |r| r.status == 200,
+    )
+    .await;
+    assert_eq!(reply.text(), "hello\n");
+    let text = poll_get(metrics, "/metrics", START_BOUND, |r| {
+        sample(&r.text(), "rd_client_streams_opened_total").is_some_and(|n| n >= 1.0)
+    })
+    .await
+    .text();
+    assert_eq!(sample(&text, "rd_client_session_up"), Some(1.0), "{text}");
+    assert_eq!(
+        sample(&text, "rd_client_sessions_total"),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(
+        sample(&text, "rd_client_transmit_bytes_total").unwrap() > 6.0,
+        "{text}"
+    );
+    assert!(
+        sample(&text, "rd_client_receive_bytes_total").unwrap() > 0.0,
+        "{text}"
+    );
+    for name in [
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_cpu_seconds_total",
+    ] {
+        assert!(sample(&text, name).is_some(), "{name} missing:\n{text}");
+    }
+    assert!(text.contains("rd_build_info{version=\""), "{text}");
+
+    let server_text = try_get(addr, "/metrics", START_BOUND).await.unwrap().text();
+    assert!(
+        sample(&server_text, "process_resident_memory_bytes").is_some(),
+        "{server_text}"
+    );
+    assert!(
+        server_text.contains("rd_build_info{version=\""),
+        "{server_text}"
+    );
+    let health = try_get(addr, "/healthz", START_BOUND).await.unwrap();
+    assert_eq!((health.status, health.text()), (200, "ok\n".to_owned()));
+}

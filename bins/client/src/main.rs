@@ -1,14 +1,20 @@
 //! `rd-client`: the tunnel agent, command-line compatible with Go remotedialer's example.
 
+mod agent_metrics;
 #[path = "../../common/checks.rs"]
 mod checks;
 #[path = "../../common/cli.rs"]
 mod cli;
 #[path = "../../common/go_flags.rs"]
 mod go_flags;
+#[path = "../../common/process_metrics.rs"]
+mod process_metrics;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+
+use agent_metrics::AgentMetrics;
 
 use clap::{ArgAction, Parser};
 use http::{HeaderName, HeaderValue};
@@ -87,7 +93,7 @@ fn header(spec: &str) -> Result<(HeaderName, HeaderValue), String> {
 
 /// Checks what cannot fix itself by retrying, then builds the client. Every error names the
 /// flag (or variable) at fault.
-async fn build(args: &Args) -> Result<Client, String> {
+async fn build(args: &Args, metrics: Option<Arc<AgentMetrics>>) -> Result<Client, String> {
     rd_client::transport::validate_url(&args.connect).map_err(|e| format!("--connect: {e}"))?;
     if args.id.is_empty() {
         return Err("--id: empty; the server needs a client id".into());
@@ -124,6 +130,9 @@ async fn build(args: &Args) -> Result<Client, String> {
     } else {
         builder.allow(AllowRules(args.allow.clone()))
     };
+    if let Some(m) = metrics {
+        builder = builder.observer(m.clone()).state_observer(m);
+    }
     Ok(builder.build())
 }
 
@@ -131,13 +140,30 @@ async fn build(args: &Args) -> Result<Client, String> {
 async fn main() -> ExitCode {
     let args = Args::parse_from(go_flags::normalize(std::env::args_os()));
     let _log = cli::init_tracing(args.debug, args.log_format);
-    let client = match build(&args).await {
+    let metrics = args
+        .metrics_listen
+        .as_ref()
+        .map(|_| Arc::new(AgentMetrics::new()));
+    let client = match build(&args, metrics.clone()).await {
         Ok(c) => c,
         Err(e) => {
             cli::say_err(&format!("rd-client: {e}"));
             return ExitCode::from(2);
         }
     };
+    if let (Some(listen), Some(metrics)) = (&args.metrics_listen, metrics) {
+        let listener = match cli::bind(listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                cli::say_err(&format!("rd-client: --metrics-listen: {e}"));
+                return ExitCode::FAILURE;
+            }
+        };
+        if let Ok(addr) = agent_metrics::local_addr(&listener) {
+            cli::say_out(&format!("listening on http://{addr}"));
+        }
+        tokio::spawn(agent_metrics::serve(listener, metrics));
+    }
     let cancel = CancellationToken::new();
     let stop = cancel.clone();
     tokio::spawn(async move {

@@ -6,6 +6,8 @@ mod checks;
 mod cli;
 #[path = "../../common/go_flags.rs"]
 mod go_flags;
+#[path = "../../common/process_metrics.rs"]
+mod process_metrics;
 mod routes;
 mod tls;
 
@@ -167,7 +169,11 @@ async fn run(args: Args, checked: Checked) -> Result<(), Box<dyn std::error::Err
     for ca in &args.peer_ca_cert {
         peer_tls = peer_tls.with_ca_file(ca);
     }
+    let metrics = rd_server::Metrics::new_with(|registry| {
+        process_metrics::register(registry, env!("CARGO_PKG_VERSION"), env!("RD_COMMIT"));
+    });
     let mut builder = Server::builder(TunnelIdHeader)
+        .metrics(metrics)
         .peer_connect_options(rd_client::ConnectOptions::default().with_tls(peer_tls));
     if !args.id.is_empty() && !args.token.is_empty() {
         builder = builder.peer_identity(&args.id, &args.token);

@@ -39,7 +39,7 @@ impl App {
             return self.proxy.handle(req, rest).await;
         }
         match path.as_str() {
-            "/healthz" => text_response(StatusCode::OK, "ok\n".into()),
+            "/healthz" => health(&self.server).await,
             "/metrics" if self.metrics => {
                 let mut r = Response::new(
                     Full::new(Bytes::from(self.server.encode_metrics()))
@@ -56,6 +56,25 @@ impl App {
             }
             _ => text_response(StatusCode::NOT_FOUND, "404 page not found\n".into()),
         }
+    }
+}
+
+/// How long the runtime may take to run a fresh task before /healthz calls it stuck.
+const RUNTIME_BOUND: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// `/healthz`: 200 `ok` when this request came through the listener (so it accepts and
+/// serves), the runtime runs a freshly spawned task within a second (no worker starved by a
+/// blocking call) and the server is not shutting down; 503 with the reason otherwise.
+async fn health(server: &Server) -> Response<Body> {
+    if !server.is_accepting() {
+        return text_response(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n".into());
+    }
+    match tokio::time::timeout(RUNTIME_BOUND, tokio::spawn(async {})).await {
+        Ok(Ok(())) => text_response(StatusCode::OK, "ok\n".into()),
+        _ => text_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "runtime unresponsive: a new task did not run within 1s\n".into(),
+        ),
     }
 }
 

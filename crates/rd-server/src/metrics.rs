@@ -74,7 +74,9 @@ pub struct Metrics {
     pub streams_paused_by_peer: Gauge,
     /// Received bytes waiting for readers, over all sessions.
     pub buffered_bytes: Gauge,
-    /// Time from a dial request to a stream handed back (includes finding the session).
+    /// Time from a dial to the first bytes or error from the far side (the dial's outcome,
+    /// as the dialer can see it), or to the connection being dropped before either; for
+    /// connections made through a [`Dialer`](crate::Dialer)'s connector (the /client route).
     pub dial_seconds: Histogram,
     /// Connections refused at the handshake, by reason.
     pub handshake_rejects: Family<Labels, GoCounter>,
@@ -93,7 +95,14 @@ impl Default for Metrics {
 impl Metrics {
     /// A fresh registry with every metric registered.
     pub fn new() -> Self {
+        Self::new_with(|_| {})
+    }
+
+    /// A fresh registry with every metric registered, plus what `extra` registers (for
+    /// example process metrics or a build info metric from the binary).
+    pub fn new_with(extra: impl FnOnce(&mut Registry)) -> Self {
         let mut registry = Registry::default();
+        extra(&mut registry);
         let fam = Family::<Labels, GoCounter>::default;
         let m = Self {
             registry: Arc::new(Registry::default()),
@@ -203,7 +212,7 @@ impl Metrics {
         );
         rd.register(
             "dial_seconds",
-            "Time to dial a stream through a session",
+            "Time from a dial through a session to the first bytes or error from the far side",
             m.dial_seconds.clone(),
         );
         rd.register(

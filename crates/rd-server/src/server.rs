@@ -327,6 +327,11 @@ impl Server {
         }
     }
 
+    /// Whether the server still accepts tunnels (false once [`shutdown`](Self::shutdown) began).
+    pub fn is_accepting(&self) -> bool {
+        self.inner.accepting.load(Ordering::SeqCst)
+    }
+
     /// Whether the server has no sessions (used after shutdown).
     pub fn is_idle(&self) -> bool {
         self.registry().is_empty()
