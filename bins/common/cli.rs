@@ -114,7 +114,7 @@ pub fn init_tracing(debug: bool, format: LogFormat) -> tracing_appender::non_blo
             .json()
             .flatten_event(true)
             .with_current_span(true)
-            .with_span_list(false)
+            .with_span_list(true)
             .init(),
     }
     guard

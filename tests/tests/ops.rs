@@ -467,3 +467,28 @@ async fn client_metrics_and_health_follow_the_session() {
     let health = try_get(addr, "/healthz", START_BOUND).await.unwrap();
     assert_eq!((health.status, health.text()), (200, "ok\n".to_owned()));
 }
+
+/// rd-client's JSON lines parse and each carries the agent's id in its span list.
+#[test]
+fn client_json_lines_carry_the_agent_id() {
+    let url = format!("ws://127.0.0.1:{}/connect", free_port());
+    let client = Proc::start(
+        "rd-client",
+        &["-connect", &url, "-id", "agent-7", "--log-format", "json"],
+    );
+    let lines = wait_json_lines(&client, "redialing", 1);
+    assert!(!lines.is_empty());
+    for line in client.stderr().lines() {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+        if v["target"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("rd_client::client"))
+        {
+            let spans = v["spans"]
+                .as_array()
+                .unwrap_or_else(|| panic!("no spans: {line}"));
+            assert_eq!(spans[0]["client_id"], "agent-7", "{line}");
+        }
+    }
+}

@@ -191,22 +191,31 @@ impl Client {
         &self,
     ) -> impl Fn(Target) -> BoxFuture<Result<BoxedIo, ConnectRefused>> + Send + Sync + 'static {
         let inner = self.inner.clone();
+        // The session runs Connects in tasks of their own, outside this attempt's span; its
+        // lines (with the agent's id) are carried over explicitly.
+        let span = tracing::Span::current();
         move |target: Target| {
             let inner = inner.clone();
-            Box::pin(async move {
-                if !inner.authorizer.allow(&target) {
-                    tracing::info!(%target, "refusing target not allowed by the allow rules");
-                    return Err(ConnectRefused::not_allowed());
+            Box::pin(
+                async move {
+                    if !inner.authorizer.allow(&target) {
+                        tracing::info!(%target, "refusing target not allowed by the allow rules");
+                        return Err(ConnectRefused::not_allowed());
+                    }
+                    let dial = tokio::time::timeout(inner.dial_timeout, inner.dialer.dial(&target));
+                    let refused = match dial.await {
+                        Ok(Ok(io)) => return Ok(io),
+                        Ok(Err(e)) => ConnectRefused::dial_failed(&target, &e),
+                        Err(_) => ConnectRefused::dial_failed(
+                            &target,
+                            &std::io::Error::from(std::io::ErrorKind::TimedOut),
+                        ),
+                    };
+                    tracing::info!(%target, reason = %refused, "target dial failed");
+                    Err(refused)
                 }
-                match tokio::time::timeout(inner.dial_timeout, inner.dialer.dial(&target)).await {
-                    Ok(Ok(io)) => Ok(io),
-                    Ok(Err(e)) => Err(ConnectRefused::dial_failed(&target, &e)),
-                    Err(_) => Err(ConnectRefused::dial_failed(
-                        &target,
-                        &std::io::Error::from(std::io::ErrorKind::TimedOut),
-                    )),
-                }
-            }) as BoxFuture<_>
+                .instrument(span.clone()),
+            ) as BoxFuture<_>
         }
     }
 
