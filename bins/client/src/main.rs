@@ -54,8 +54,15 @@ struct Args {
     /// Exit after the first session ends, as Go's example does, instead of redialing.
     #[arg(long, env = "RD_ONCE")]
     once: bool,
-    /// Extra header for the upgrade request, as Name:Value; repeatable.
-    #[arg(long = "header", value_name = "NAME:VALUE")]
+    /// Extra header for the upgrade request, as Name:Value; repeatable (one per line in the
+    /// environment variable, whose value --help never shows: headers often carry credentials).
+    #[arg(
+        long = "header",
+        env = "RD_HEADER",
+        value_delimiter = '\n',
+        hide_env_values = true,
+        value_name = "NAME:VALUE"
+    )]
     headers: Vec<String>,
     /// Targets the server may reach, as proto:address with * wildcards (tcp:127.0.0.1:*,
     /// unix:/var/run/docker.sock); repeatable (comma-separated in the environment variable).
