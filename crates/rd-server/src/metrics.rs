@@ -84,6 +84,8 @@ pub struct Metrics {
     pub runtime_alive_tasks: Gauge,
     /// Limits the peers hit after the handshake, by limit (the `Config` field's name).
     pub limit_exceeded: Family<Labels, GoCounter>,
+    /// Whether the connection counters carry the target address (Go's `addr` label).
+    per_address: bool,
 }
 
 impl Default for Metrics {
@@ -125,6 +127,7 @@ impl Metrics {
             handshake_rejects: fam(),
             runtime_alive_tasks: Gauge::default(),
             limit_exceeded: fam(),
+            per_address: false,
         };
         let go: [(&str, &str, &Family<Labels, GoCounter>); 10] = [
             (
@@ -236,6 +239,16 @@ impl Metrics {
         }
     }
 
+    /// Gives `session_server_total_add_connections` and `..._remove_connections` the target
+    /// address in their `addr` label, as Go does. Off by default: whoever sends requests
+    /// chooses the addresses, so every new one would be a new series kept forever (memory
+    /// and scrape size grow without bound). Off, `addr` is empty, which Prometheus stores as
+    /// no label, and the counters still sum per client and protocol.
+    pub fn with_address_labels(mut self, on: bool) -> Self {
+        self.per_address = on;
+        self
+    }
+
     /// The registry, to encode or to nest in an application's own.
     pub fn registry(&self) -> &Registry {
         &self.registry
@@ -263,16 +276,24 @@ impl Metrics {
         self.sessions.dec();
     }
 
+    fn addr_label<'a>(&self, addr: &'a str) -> &'a str {
+        if self.per_address {
+            addr
+        } else {
+            ""
+        }
+    }
+
     pub(crate) fn connection_added(&self, client_key: &str, proto: &str, addr: &str) {
         self.add_conn
-            .get_or_create(&conn_labels(client_key, proto, addr))
+            .get_or_create(&conn_labels(client_key, proto, self.addr_label(addr)))
             .inc();
         self.streams.inc();
     }
 
     pub(crate) fn connection_removed(&self, client_key: &str, proto: &str, addr: &str) {
         self.remove_conn
-            .get_or_create(&conn_labels(client_key, proto, addr))
+            .get_or_create(&conn_labels(client_key, proto, self.addr_label(addr)))
             .inc();
         self.streams.dec();
     }
@@ -352,7 +373,7 @@ mod tests {
 
     #[test]
     fn go_names_without_total_suffix() {
-        let m = Metrics::new();
+        let m = Metrics::new().with_address_labels(true);
         m.session_added("foo", false);
         m.connection_added("foo", "tcp", "127.0.0.1:8125");
         m.byte_counters("foo").transmit.inc_by(42);
@@ -375,5 +396,20 @@ mod tests {
         let text = m.encode();
         assert!(text.contains("# HELP session_server_total_peer_ws_disconnected"));
         assert!(text.contains("session_server_total_peer_ws_disconnected{peer=\"second\"} 1\n"));
+    }
+
+    #[test]
+    fn addresses_make_no_series_by_default() {
+        let m = Metrics::new();
+        for port in 1..=100 {
+            m.connection_added("foo", "tcp", &format!("127.0.0.1:{port}"));
+        }
+        let text = m.encode();
+        assert!(
+            text.contains(
+                "session_server_total_add_connections{clientkey=\"foo\",proto=\"tcp\",addr=\"\"} 100\n"
+            ),
+            "{text}"
+        );
     }
 }
