@@ -101,6 +101,34 @@ fn configuration_mistakes_exit_at_once_naming_the_flag() {
             &[("RD_LISTEN", "8123")],
             "--listen \"8123\"",
         ),
+        (
+            "rd-server",
+            &[
+                "-listen",
+                "127.0.0.1:0",
+                "--token-file",
+                "/nonexistent/token",
+            ],
+            &[],
+            "--token-file /nonexistent/token",
+        ),
+        (
+            "rd-server",
+            &[
+                "-listen",
+                "127.0.0.1:0",
+                "--agent-tokens",
+                "/nonexistent/agents",
+            ],
+            &[],
+            "--agent-tokens",
+        ),
+        (
+            "rd-client",
+            &["--token-file", "/nonexistent/token"],
+            &[],
+            "--token-file /nonexistent/token",
+        ),
     ];
     for (bin, args, env, want) in cases {
         let mut p = Proc::start_with(bin, args, env, false);

@@ -45,6 +45,14 @@ struct Args {
     /// Client id, sent as the X-Tunnel-ID header (the example server's client key).
     #[arg(long, env = "RD_CLIENT_ID", default_value = "foo")]
     id: String,
+    /// Token for a server that authenticates agents (rd-server --agent-tokens), sent as the
+    /// X-API-Tunnel-Token header. Prefer RD_CLIENT_TOKEN or --token-file: a command line is
+    /// visible to every user of the machine.
+    #[arg(long, env = "RD_CLIENT_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// File holding the token (its first line), instead of --token.
+    #[arg(long, env = "RD_CLIENT_TOKEN_FILE", conflicts_with = "token")]
+    token_file: Option<PathBuf>,
     /// Debug logging, including a dump of every tunnel message. (Go's example defaults to on.)
     #[arg(long, env = "RD_DEBUG", num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = ArgAction::Set)]
     debug: bool,
@@ -66,7 +74,7 @@ struct Args {
     headers: Vec<String>,
     /// Targets the server may reach, as proto:address with * wildcards (tcp:127.0.0.1:*,
     /// unix:/var/run/docker.sock); repeatable (comma-separated in the environment variable).
-    /// Default: everything, as Go's example.
+    /// Default: every target this machine can reach, as Go's example (logged at start-up).
     #[arg(
         long = "allow",
         env = "RD_ALLOW",
@@ -98,6 +106,16 @@ fn header(spec: &str) -> Result<(HeaderName, HeaderValue), String> {
     Ok((name, value))
 }
 
+/// The first line of a secret file. The error names the file, never its content.
+fn read_secret(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let secret = text.lines().next().unwrap_or("").trim().to_owned();
+    if secret.is_empty() {
+        return Err(format!("{}: empty", path.display()));
+    }
+    Ok(secret)
+}
+
 /// Checks what cannot fix itself by retrying, then builds the client. Every error names the
 /// flag (or variable) at fault.
 async fn build(args: &Args, metrics: Option<Arc<AgentMetrics>>) -> Result<Client, String> {
@@ -121,6 +139,11 @@ async fn build(args: &Args, metrics: Option<Arc<AgentMetrics>>) -> Result<Client
     for ca in &args.ca_cert {
         tls = tls.with_ca_file(ca);
     }
+    let token = match (&args.token, &args.token_file) {
+        (Some(t), _) => Some(t.clone()),
+        (None, Some(path)) => Some(read_secret(path).map_err(|e| format!("--token-file {e}"))?),
+        (None, None) => None,
+    };
     let mut builder = ClientBuilder::new(&args.connect)
         .connect_options(
             ConnectOptions::default()
@@ -128,13 +151,26 @@ async fn build(args: &Args, metrics: Option<Arc<AgentMetrics>>) -> Result<Client
                 .with_proxy(ProxyMode::Env(proxy_env)),
         )
         .header(HeaderName::from_static("x-tunnel-id"), id);
+    if let Some(token) = token {
+        let mut value = HeaderValue::try_from(token.as_str())
+            .map_err(|_| "--token: not a valid header value".to_owned())?;
+        // Marked sensitive: hyper and http's Debug output leave it out.
+        value.set_sensitive(true);
+        builder = builder.header(HeaderName::from_static("x-api-tunnel-token"), value);
+    }
     for spec in &args.headers {
         let (name, value) = header(spec)?;
         builder = builder.header(name, value);
     }
     builder = if args.allow.is_empty() {
+        tracing::warn!(
+            "the server may open connections to every target this machine can reach (the \
+             default, as Go's example); restrict them with --allow, e.g. --allow tcp:127.0.0.1:*"
+        );
         builder.allow(AllowAll)
     } else {
+        let rules: Vec<String> = args.allow.iter().map(ToString::to_string).collect();
+        tracing::info!(rules = %rules.join(","), "the server may open connections only to these targets");
         builder.allow(AllowRules(args.allow.clone()))
     };
     if let Some(m) = metrics {

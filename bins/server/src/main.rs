@@ -36,7 +36,8 @@ struct Args {
     /// This server's peer id, for HA peering (needs --token).
     #[arg(long, env = "RD_ID", default_value = "")]
     id: String,
-    /// The token peers share, for HA peering (needs --id).
+    /// The token peers share, for HA peering (needs --id). Prefer --token-file or RD_TOKEN:
+    /// a command line is visible to every user of the machine.
     #[arg(
         long,
         env = "RD_TOKEN",
@@ -45,6 +46,18 @@ struct Args {
         hide_default_value = true
     )]
     token: String,
+    /// File holding the peer token (its first line), instead of --token.
+    #[arg(long, env = "RD_TOKEN_FILE", conflicts_with = "token")]
+    token_file: Option<PathBuf>,
+    /// Authenticate agents: a file of "client-id token" lines ('#' comments). An agent must
+    /// send its id (X-Tunnel-ID) and token (X-API-Tunnel-Token). Reloaded on SIGHUP and when
+    /// the file changes. Without it any X-Tunnel-ID is accepted, as Go's example.
+    #[arg(long, env = "RD_AGENT_TOKENS", value_name = "FILE")]
+    agent_tokens: Option<PathBuf>,
+    /// Label connection counters with the target address, as Go does (an outsider then
+    /// chooses how many series there are).
+    #[arg(long, env = "RD_METRICS_PER_ADDRESS")]
+    metrics_per_address: bool,
     /// Peers to link to: id:token:url,id:token:url (the url may contain colons).
     #[arg(
         long,
@@ -119,9 +132,20 @@ struct ConfigError(String);
 async fn check_config(args: &Args) -> Result<Checked, ConfigError> {
     cli::check_listen("--listen", &args.listen).map_err(ConfigError)?;
     let peers = parse_peers(&args.peers).map_err(ConfigError)?;
-    if !peers.is_empty() && (args.id.is_empty() || args.token.is_empty()) {
+    let peer_token = match &args.token_file {
+        Some(path) => read_secret(path).map_err(|e| ConfigError(format!("--token-file {e}")))?,
+        None => args.token.clone(),
+    };
+    if !peers.is_empty() && (args.id.is_empty() || peer_token.is_empty()) {
         return Err(ConfigError("--peers needs --id and --token".into()));
     }
+    let agent_tokens = match &args.agent_tokens {
+        Some(path) => Some(
+            rd_server::AgentTokens::load(path)
+                .map_err(|e| ConfigError(format!("--agent-tokens: {e}")))?,
+        ),
+        None => None,
+    };
     for ca in &args.peer_ca_cert {
         checks::check_ca_file("--peer-ca-cert", ca)
             .await
@@ -133,13 +157,75 @@ async fn check_config(args: &Args) -> Result<Checked, ConfigError> {
         }
         _ => None,
     };
-    Ok(Checked { peers, tls })
+    Ok(Checked {
+        peers,
+        peer_token,
+        agent_tokens,
+        tls,
+    })
+}
+
+/// The first line of a secret file, without its line ending. The error names the file,
+/// never its content.
+fn read_secret(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let secret = text.lines().next().unwrap_or("").trim().to_owned();
+    if secret.is_empty() {
+        return Err(format!("{}: empty", path.display()));
+    }
+    Ok(secret)
 }
 
 /// What [`check_config`] built on the way.
 struct Checked {
     peers: Vec<PeerSpec>,
+    peer_token: String,
+    agent_tokens: Option<rd_server::AgentTokens>,
     tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+/// Reloads the agent tokens on SIGHUP and when the file's size or modification time
+/// changes (checked every 2 s). A file that does not parse leaves the table in use.
+async fn watch_agent_tokens(tokens: rd_server::AgentTokens) {
+    let stamp = |p: &std::path::Path| {
+        std::fs::metadata(p)
+            .ok()
+            .map(|m| (m.modified().ok(), m.len()))
+    };
+    let mut last = stamp(tokens.path());
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        #[cfg(unix)]
+        let hangup = async {
+            match hup.as_mut() {
+                Some(h) => {
+                    h.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hangup = std::future::pending::<()>();
+        let trigger = tokio::select! {
+            () = hangup => "SIGHUP",
+            _ = tick.tick() => {
+                let now = stamp(tokens.path());
+                if now == last {
+                    continue;
+                }
+                "file changed"
+            }
+        };
+        last = stamp(tokens.path());
+        match tokens.reload() {
+            Ok(agents) => tracing::info!(agents, trigger, "agent tokens reloaded"),
+            Err(e) => {
+                tracing::warn!(error = %e, trigger, "agent tokens not reloaded; the previous ones stay in force")
+            }
+        }
+    }
 }
 
 #[tokio::main]
@@ -163,7 +249,12 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args, checked: Checked) -> Result<(), Box<dyn std::error::Error>> {
-    let Checked { peers, tls } = checked;
+    let Checked {
+        peers,
+        peer_token,
+        agent_tokens,
+        tls,
+    } = checked;
     let mut peer_tls =
         rd_client::TlsOptions::default().with_insecure_skip_verify(args.peer_insecure_skip_verify);
     for ca in &args.peer_ca_cert {
@@ -171,12 +262,25 @@ async fn run(args: Args, checked: Checked) -> Result<(), Box<dyn std::error::Err
     }
     let metrics = rd_server::Metrics::new_with(|registry| {
         process_metrics::register(registry, env!("CARGO_PKG_VERSION"), env!("RD_COMMIT"));
-    });
-    let mut builder = Server::builder(TunnelIdHeader)
+    })
+    .with_address_labels(args.metrics_per_address);
+    let builder = match &agent_tokens {
+        Some(tokens) => {
+            tracing::info!(
+                agents = tokens.len(),
+                file = %tokens.path().display(),
+                "agents authenticate with tokens"
+            );
+            tokio::spawn(watch_agent_tokens(tokens.clone()));
+            Server::builder(tokens.clone())
+        }
+        None => Server::builder(TunnelIdHeader),
+    };
+    let mut builder = builder
         .metrics(metrics)
         .peer_connect_options(rd_client::ConnectOptions::default().with_tls(peer_tls));
-    if !args.id.is_empty() && !args.token.is_empty() {
-        builder = builder.peer_identity(&args.id, &args.token);
+    if !args.id.is_empty() && !peer_token.is_empty() {
+        builder = builder.peer_identity(&args.id, &peer_token);
     }
     let server = builder.build();
     for p in peers {
@@ -185,6 +289,14 @@ async fn run(args: Args, checked: Checked) -> Result<(), Box<dyn std::error::Err
     let listener = cli::bind(&args.listen)
         .await
         .map_err(|e| format!("--listen: {e}"))?;
+    let local = listener.local_addr()?;
+    if agent_tokens.is_none() && !local.ip().is_loopback() {
+        tracing::warn!(
+            %local,
+            "agents are not authenticated: any X-Tunnel-ID is accepted from anywhere this \
+             address is reachable; use --agent-tokens (see docs/security.md)"
+        );
+    }
     let scheme = if tls.is_some() { "https" } else { "http" };
     cli::say_out(&format!(
         "listening on {scheme}://{}",

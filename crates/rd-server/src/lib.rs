@@ -20,6 +20,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod agent_auth;
 mod auth;
 mod dialer;
 mod log_limit;
@@ -31,6 +32,7 @@ mod registry;
 mod server;
 mod upgrade;
 
+pub use agent_auth::{AgentTokens, TokenFileError, AGENT_TOKEN_HEADER};
 pub use auth::{
     text_response, Authorization, Authorizer, ErrorWriter, PlainTextErrors, TunnelIdHeader,
 };

@@ -1,0 +1,189 @@
+//! Agent authentication (issue 12): rd-server --agent-tokens and rd-client --token.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use rd_e2e_tests::*;
+
+const SECRET: &str = "s3cret-agent-token-4711";
+const PEER_SECRET: &str = "peer-secret-0815";
+
+/// Starts rd-server with `--agent-tokens FILE` (and a peer token, to check it stays secret).
+fn server_with_tokens(file: &std::path::Path) -> (Proc, SocketAddr) {
+    Proc::start_listening(
+        "rd-server",
+        &[
+            "-listen",
+            "127.0.0.1:0",
+            "-debug",
+            "--agent-tokens",
+            file.to_str().unwrap(),
+            "-id",
+            "first",
+            "--token",
+            PEER_SECRET,
+        ],
+    )
+}
+
+fn agent(addr: SocketAddr, id: &str, token: Option<&str>) -> Proc {
+    let url = format!("ws://{addr}/connect");
+    let mut args = vec!["-connect", &url, "-id", id, "-debug"];
+    if let Some(t) = token {
+        args.extend(["--token", t]);
+    }
+    Proc::start("rd-client", &args)
+}
+
+/// Until `id` is routable: a request to a closed port gets the agent's 502, not the 500.
+async fn wait_routable(addr: SocketAddr, id: &str) {
+    let closed = free_port();
+    poll_get(
+        addr,
+        &format!("/client/{id}/http/127.0.0.1:{closed}/"),
+        START_BOUND,
+        |r| r.status == 502,
+    )
+    .await;
+}
+
+fn rejections(server: &Proc) -> Vec<String> {
+    server
+        .stderr()
+        .lines()
+        .filter(|l| l.contains("tunnel handshake rejected"))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test]
+async fn tokens_right_wrong_missing_impostor_and_reload() {
+    let dir = TempDir::new("auth");
+    let file = dir.path().join("agents");
+    std::fs::write(&file, format!("# id token\nfoo {SECRET}\n")).unwrap();
+    let (mut server, addr) = server_with_tokens(&file);
+
+    // Right token: routable.
+    let mut good = agent(addr, "foo", Some(SECRET));
+    wait_routable(addr, "foo").await;
+
+    // Missing and wrong tokens: refused with 401, logged with the claimed id, never a token.
+    let mut missing = agent(addr, "bar", None);
+    let mut wrong = agent(addr, "baz", Some("not-the-token"));
+    wait_until("two refusals", START_BOUND, || {
+        rejections(&server).len() >= 2
+    });
+    for p in [&mut missing, &mut wrong] {
+        wait_until("the refused agent to report 401", START_BOUND, || {
+            p.stderr().contains("401")
+        });
+    }
+    let lines = rejections(&server).join("\n");
+    assert!(
+        lines.contains("claimed_id=\"bar\"") && lines.contains("claimed_id=\"baz\""),
+        "{lines}"
+    );
+    assert!(
+        lines.contains("status=401") && lines.contains("remote=127.0.0.1:"),
+        "{lines}"
+    );
+
+    // An impostor with a connected agent's id but a wrong token is refused, and the real
+    // agent keeps its session.
+    let mut impostor = agent(addr, "foo", Some("guess"));
+    wait_until("the impostor's refusal", START_BOUND, || {
+        rejections(&server)
+            .iter()
+            .any(|l| l.contains("claimed_id=\"foo\""))
+    });
+    impostor.kill();
+    wait_routable(addr, "foo").await;
+    assert!(good.is_running());
+
+    // Reload on SIGHUP: bar's token becomes valid; bar (still redialing) gets in.
+    std::fs::write(&file, format!("foo {SECRET}\nbar fresh-token\n")).unwrap();
+    missing.kill();
+    let _bar = agent(addr, "bar", Some("fresh-token"));
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &server.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    wait_routable(addr, "bar").await;
+    assert!(server.is_running(), "SIGHUP must reload, not stop");
+
+    // Secrets never appear in logs, even at debug level with the wire dump on.
+    good.terminate();
+    good.wait_exit(Duration::from_secs(5));
+    wrong.kill();
+    server.terminate();
+    server.wait_exit(Duration::from_secs(10));
+    for (name, text) in [
+        ("rd-server", server.stderr()),
+        ("rd-client", good.stderr()),
+        ("rd-client (wrong)", wrong.stderr()),
+    ] {
+        for secret in [SECRET, PEER_SECRET, "fresh-token"] {
+            assert!(!text.contains(secret), "{name} logged a secret:\n{text}");
+        }
+    }
+}
+
+/// Without --agent-tokens nothing changes: the seed's loopback walk-through works with no
+/// flags (any X-Tunnel-ID is accepted) and no warning is given on loopback.
+#[tokio::test]
+async fn without_tokens_the_loopback_walkthrough_still_works() {
+    let (server, addr) = Proc::start_listening("rd-server", &["-listen", "127.0.0.1:0"]);
+    let _client = agent(addr, "foo", None);
+    wait_routable(addr, "foo").await;
+    assert!(
+        !server.stderr().contains("not authenticated"),
+        "{}",
+        server.stderr()
+    );
+}
+
+/// A malformed token file stops rd-server at start-up, naming the line and not the token.
+#[test]
+fn a_malformed_token_file_fails_at_start_up() {
+    let dir = TempDir::new("auth-bad");
+    let file = dir.path().join("agents");
+    std::fs::write(&file, format!("foo {SECRET} extra\n")).unwrap();
+    let (status, _, err) = run_to_end(
+        "rd-server",
+        &[
+            "-listen",
+            "127.0.0.1:0",
+            "--agent-tokens",
+            file.to_str().unwrap(),
+        ],
+        Duration::from_secs(10),
+    );
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--agent-tokens") && err.contains("line 1"),
+        "{err}"
+    );
+    assert!(!err.contains(SECRET), "{err}");
+}
+
+/// The token file is also reloaded when it changes, without a signal.
+#[tokio::test]
+async fn a_changed_token_file_is_reloaded() {
+    let dir = TempDir::new("auth-reload");
+    let file = dir.path().join("agents");
+    std::fs::write(&file, "# nobody yet\n").unwrap();
+    let (server, addr) = server_with_tokens(&file);
+    let _late = agent(addr, "late", Some("late-token"));
+    wait_until("the first refusal", START_BOUND, || {
+        !rejections(&server).is_empty()
+    });
+    std::fs::write(&file, "late late-token\n").unwrap();
+    wait_routable(addr, "late").await;
+    assert!(
+        server.stderr().contains("agent tokens reloaded"),
+        "{}",
+        server.stderr()
+    );
+}
