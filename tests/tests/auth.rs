@@ -187,3 +187,74 @@ async fn a_changed_token_file_is_reloaded() {
         server.stderr()
     );
 }
+
+/// `GET path` over HTTP/1.0 with an optional `Authorization` value; status and body.
+async fn raw_get(addr: SocketAddr, path: &str, authorization: Option<&str>) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let auth = authorization
+        .map(|a| format!("Authorization: {a}\r\n"))
+        .unwrap_or_default();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n{auth}\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(START_BOUND, s.read_to_end(&mut raw))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text[9..12].parse().unwrap();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// `--admin-listen`: /client, /metrics and /healthz move to their own listener (and /client
+/// wants the credentials of `--admin-auth`); the agents' port serves only /connect.
+#[tokio::test]
+async fn admin_listener_is_separate_and_guarded() {
+    let dir = TempDir::new("auth-admin");
+    std::fs::write(dir.path().join("a.txt"), "hello\n").unwrap();
+    let creds = dir.path().join("admin");
+    std::fs::write(&creds, "bearer adm1n-t0ken\n").unwrap();
+    let (_dummy, target) = start_dummy(dir.path());
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let (server, addr) = Proc::start_listening(
+        "rd-server",
+        &[
+            "-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            &admin.to_string(),
+            "--admin-auth",
+            creds.to_str().unwrap(),
+        ],
+    );
+    let _client = agent(addr, "foo", None);
+    let path = format!("/client/foo/http/{target}/a.txt");
+    // The agents' port: the tunnel works (the client registers), nothing else is served.
+    wait_until("the agent's session", START_BOUND, || {
+        server
+            .stderr()
+            .contains("Handling backend connection request [foo]")
+    });
+    for p in [path.as_str(), "/metrics", "/healthz"] {
+        assert_eq!(
+            raw_get(addr, p, Some("Bearer adm1n-t0ken")).await.0,
+            404,
+            "{p}"
+        );
+    }
+    // The admin port: no tunnel endpoint, /client only with credentials.
+    assert_eq!(raw_get(admin, "/connect", None).await.0, 404);
+    assert_eq!(raw_get(admin, &path, None).await.0, 401);
+    assert_eq!(raw_get(admin, &path, Some("Bearer wrong")).await.0, 401);
+    let (status, body) = raw_get(admin, &path, Some("Bearer adm1n-t0ken")).await;
+    assert_eq!((status, body.as_str()), (200, "hello\n"));
+    assert_eq!(raw_get(admin, "/healthz", None).await.0, 200);
+    assert_eq!(raw_get(admin, "/metrics", None).await.0, 200);
+    assert!(!server.stderr().contains("adm1n-t0ken"));
+}

@@ -1,5 +1,6 @@
 //! `rd-server`: the tunnel server, command-line compatible with Go remotedialer's example.
 
+mod admin_auth;
 #[path = "../../common/checks.rs"]
 mod checks;
 #[path = "../../common/cli.rs"]
@@ -54,6 +55,15 @@ struct Args {
     /// the file changes. Without it any X-Tunnel-ID is accepted, as Go's example.
     #[arg(long, env = "RD_AGENT_TOKENS", value_name = "FILE")]
     agent_tokens: Option<PathBuf>,
+    /// Serve /client, /metrics and /healthz on this address instead (":PORT" or
+    /// "HOST:PORT", e.g. 127.0.0.1:8124); --listen then serves only /connect, the tunnel
+    /// endpoint agents need. Default: everything on --listen, as Go's example.
+    #[arg(long, env = "RD_ADMIN_LISTEN", value_name = "ADDR")]
+    admin_listen: Option<String>,
+    /// Require credentials for /client: a file of "bearer TOKEN" and "basic USER:PASSWORD"
+    /// lines ('#' comments).
+    #[arg(long, env = "RD_ADMIN_AUTH", value_name = "FILE")]
+    admin_auth: Option<PathBuf>,
     /// Label connection counters with the target address, as Go does (an outsider then
     /// chooses how many series there are).
     #[arg(long, env = "RD_METRICS_PER_ADDRESS")]
@@ -139,6 +149,16 @@ async fn check_config(args: &Args) -> Result<Checked, ConfigError> {
     if !peers.is_empty() && (args.id.is_empty() || peer_token.is_empty()) {
         return Err(ConfigError("--peers needs --id and --token".into()));
     }
+    if let Some(admin) = &args.admin_listen {
+        cli::check_listen("--admin-listen", admin).map_err(ConfigError)?;
+    }
+    let admin_auth = match &args.admin_auth {
+        Some(path) => Some(Arc::new(
+            admin_auth::AdminAuth::load(path)
+                .map_err(|e| ConfigError(format!("--admin-auth {e}")))?,
+        )),
+        None => None,
+    };
     let agent_tokens = match &args.agent_tokens {
         Some(path) => Some(
             rd_server::AgentTokens::load(path)
@@ -161,6 +181,7 @@ async fn check_config(args: &Args) -> Result<Checked, ConfigError> {
         peers,
         peer_token,
         agent_tokens,
+        admin_auth,
         tls,
     })
 }
@@ -181,6 +202,7 @@ struct Checked {
     peers: Vec<PeerSpec>,
     peer_token: String,
     agent_tokens: Option<rd_server::AgentTokens>,
+    admin_auth: Option<Arc<admin_auth::AdminAuth>>,
     tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
@@ -253,6 +275,7 @@ async fn run(args: Args, checked: Checked) -> Result<(), Box<dyn std::error::Err
         peers,
         peer_token,
         agent_tokens,
+        admin_auth,
         tls,
     } = checked;
     let mut peer_tls =
@@ -302,9 +325,37 @@ async fn run(args: Args, checked: Checked) -> Result<(), Box<dyn std::error::Err
         "listening on {scheme}://{}",
         listener.local_addr()?
     ));
-    let app = Arc::new(routes::App::new(server.clone(), args.metrics));
+    let proxy = Arc::new(rd_server::proxy::ClientProxy::new(server.clone()));
+    let app = |role| {
+        Arc::new(routes::App::new(
+            server.clone(),
+            proxy.clone(),
+            args.metrics,
+            role,
+            admin_auth.clone(),
+        ))
+    };
+    let admin = match &args.admin_listen {
+        Some(admin) => {
+            let admin = cli::bind(admin)
+                .await
+                .map_err(|e| format!("--admin-listen: {e}"))?;
+            cli::say_out(&format!(
+                "admin listening on {scheme}://{}",
+                admin.local_addr()?
+            ));
+            let served = routes::serve(admin, tls.clone(), app(routes::Role::Admin));
+            Some(tokio::spawn(served))
+        }
+        None => None,
+    };
+    let role = if admin.is_some() {
+        routes::Role::Agents
+    } else {
+        routes::Role::All
+    };
     tokio::select! {
-        r = routes::serve(listener, tls, app) => r?,
+        r = routes::serve(listener, tls, app(role)) => r?,
         () = cli::shutdown_signal() => tracing::info!("shutting down"),
     }
     server.shutdown(Duration::from_secs(5)).await;

@@ -10,32 +10,88 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use rd_server::proxy::ClientProxy;
 use rd_server::{text_response, Body, RemoteAddr, Server};
+
+use crate::admin_auth::AdminAuth;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
+/// Which routes a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Everything on one listener (the default, as Go's example).
+    All,
+    /// Only the tunnel endpoint `/connect`: the port agents reach.
+    Agents,
+    /// `/client`, `/metrics` and `/healthz`, not `/connect` (`--admin-listen`).
+    Admin,
+}
+
 /// What the routes need.
 pub struct App {
     server: Server,
-    proxy: ClientProxy,
+    proxy: Arc<ClientProxy>,
     metrics: bool,
+    role: Role,
+    admin_auth: Option<Arc<AdminAuth>>,
 }
 
+/// Refused `/client` requests without credentials, logged at most a few a second.
+static UNAUTHENTICATED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 impl App {
-    pub fn new(server: Server, metrics: bool) -> Self {
+    pub fn new(
+        server: Server,
+        proxy: Arc<ClientProxy>,
+        metrics: bool,
+        role: Role,
+        admin_auth: Option<Arc<AdminAuth>>,
+    ) -> Self {
         Self {
-            proxy: ClientProxy::new(server.clone()),
+            proxy,
             server,
             metrics,
+            role,
+            admin_auth,
         }
     }
 
     async fn route(&self, req: Request<Incoming>) -> Response<Body> {
         let path = req.uri().path().to_owned();
-        if path == "/connect" {
+        let (tunnel, admin) = match self.role {
+            Role::All => (true, true),
+            Role::Agents => (true, false),
+            Role::Admin => (false, true),
+        };
+        if path == "/connect" && tunnel {
             return self.server.handle(req).await;
         }
+        if !admin {
+            return text_response(StatusCode::NOT_FOUND, "404 page not found\n".into());
+        }
         if let Some(rest) = path.strip_prefix("/client/") {
+            if let Some(auth) = &self.admin_auth {
+                let given = req.headers().get(http::header::AUTHORIZATION);
+                if !auth.allows(given.map(|v| v.as_bytes())) {
+                    let n = UNAUTHENTICATED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    // The first refusal, then one in a hundred: an outsider sets the pace.
+                    if n % 100 == 0 {
+                        let remote = req.extensions().get::<RemoteAddr>().map(|r| r.0);
+                        tracing::info!(
+                            remote = remote.map(tracing::field::display),
+                            credentials = given.is_some(),
+                            refused_so_far = n + 1,
+                            "tunnel request rejected: no valid admin credentials"
+                        );
+                    }
+                    let mut r = text_response(StatusCode::UNAUTHORIZED, "unauthorized\n".into());
+                    r.headers_mut().insert(
+                        http::header::WWW_AUTHENTICATE,
+                        http::HeaderValue::from_static("Bearer, Basic realm=\"rd\""),
+                    );
+                    return r;
+                }
+            }
             return self.proxy.handle(req, rest).await;
         }
         match path.as_str() {
