@@ -258,3 +258,54 @@ async fn admin_listener_is_separate_and_guarded() {
     assert_eq!(raw_get(admin, "/metrics", None).await.0, 200);
     assert!(!server.stderr().contains("adm1n-t0ken"));
 }
+
+/// Peered servers and an agent, all at `-debug` (wire dump on), moving a request whose
+/// body holds a secret: neither the peer token nor the payload appears in any log.
+#[tokio::test]
+async fn peer_token_and_payloads_stay_out_of_debug_logs() {
+    const PAYLOAD_SECRET: &str = "payload-secret-31337";
+    let dir = TempDir::new("auth-peers");
+    std::fs::write(dir.path().join("s.txt"), format!("{PAYLOAD_SECRET}\n")).unwrap();
+    let (_dummy, target) = start_dummy(dir.path());
+    let (p1, p2) = (free_port(), free_port());
+    let peer = |id: &str, port: u16, other: &str, other_port: u16| {
+        let listen = format!("127.0.0.1:{port}");
+        let peers = format!("{other}:{PEER_SECRET}:ws://127.0.0.1:{other_port}/connect");
+        Proc::start_listening(
+            "rd-server",
+            &[
+                "-debug",
+                "-listen",
+                &listen,
+                "-id",
+                id,
+                "-token",
+                PEER_SECRET,
+                "-peers",
+                &peers,
+            ],
+        )
+    };
+    let (first, first_addr) = peer("first", p1, "second", p2);
+    let (second, second_addr) = peer("second", p2, "first", p1);
+    let client = agent(first_addr, "foo", None);
+    // Through the peer link: both servers and the agent carry the request.
+    let reply = poll_get(
+        second_addr,
+        &format!("/client/foo/http/{target}/s.txt"),
+        START_BOUND,
+        |r| r.status == 200,
+    )
+    .await;
+    assert_eq!(reply.text(), format!("{PAYLOAD_SECRET}\n"));
+    for (name, p) in [("first", &first), ("second", &second), ("agent", &client)] {
+        let text = p.stderr();
+        assert!(
+            text.contains("rd_proto::wire"),
+            "{name}: no wire dump:\n{text}"
+        );
+        for secret in [PEER_SECRET, PAYLOAD_SECRET] {
+            assert!(!text.contains(secret), "{name} logged {secret}:\n{text}");
+        }
+    }
+}
