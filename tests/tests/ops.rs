@@ -520,3 +520,40 @@ fn client_json_lines_carry_the_agent_id() {
         }
     }
 }
+
+/// Started with stderr closed outright (`2>&-`, no pipe at all): the first socket must not
+/// become fd 2 and receive log lines; the client connects, serves and exits on SIGTERM.
+#[tokio::test]
+async fn client_started_with_fd_2_closed_works_and_exits_on_sigterm() {
+    let (_server, addr) = Proc::start_listening("rd-server", &["-listen", "127.0.0.1:0"]);
+    let bin = bin("rd-client");
+    let script = format!(
+        "exec '{}' -connect ws://{addr}/connect -id foo 2>&-",
+        bin.display()
+    );
+    let mut child = std::process::Command::new("sh")
+        .args(["-c", &script])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_client(addr).await;
+    wait_for_client(addr).await;
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let exited = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if std::time::Instant::now() >= deadline {
+            child.kill().ok();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(exited.is_some_and(|s| s.success()), "{exited:?}");
+}
