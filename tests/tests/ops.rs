@@ -192,6 +192,17 @@ fn flags_come_from_the_environment_and_version_names_the_commit() {
         assert!(help.contains(var), "{var} missing from:\n{help}");
     }
     assert!(!help.contains("The rd-client binary"), "{help}");
+    let dir = TempDir::new("ops-env-dummy");
+    let mut dummy = Proc::start_with(
+        "rd-dummy",
+        &[],
+        &[
+            ("RD_DUMMY_LISTEN", "127.0.0.1:0"),
+            ("RD_DUMMY_DIR", dir.path().to_str().unwrap()),
+        ],
+        false,
+    );
+    assert!(dummy.wait_listening().ip().is_loopback());
 }
 
 /// Waits until rd-server routes to client `foo`: a tunnel request to a closed port gets the

@@ -34,11 +34,16 @@ use clap::Parser;
 struct Args {
     /// Address to listen on: `:PORT` (all interfaces), `HOST:PORT` or `[V6]:PORT`.
     /// Port 0 picks a free port; the `listening on` line shows which.
-    #[arg(long, value_name = "ADDR", default_value = ":8125")]
+    #[arg(
+        long,
+        env = "RD_DUMMY_LISTEN",
+        value_name = "ADDR",
+        default_value = ":8125"
+    )]
     listen: String,
 
     /// Directory to serve [default: the current directory].
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, env = "RD_DUMMY_DIR", value_name = "PATH")]
     dir: Option<PathBuf>,
 }
 
