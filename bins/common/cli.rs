@@ -1,13 +1,94 @@
 //! What every rd binary does the same way: logging, Go-style listen addresses, signals.
 
-use std::io;
+// Each binary includes this file and uses a different part of it.
+#![allow(dead_code)]
+
+use std::io::{self, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::net::TcpListener;
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One human-readable line per event (tracing-subscriber's default format).
+    #[default]
+    Text,
+    /// One JSON object per line (tracing-subscriber's JSON format, event fields at the top).
+    Json,
+}
+
+/// Set once a write to stderr failed: its reader went away, and nothing more is written.
+static STDERR_GONE: AtomicBool = AtomicBool::new(false);
+
+/// Stderr that never fails and never panics. A closed pipe (the log reader went away) turns
+/// logging off instead of reaching tracing-subscriber's error path, whose `eprintln!` panics
+/// on a broken pipe (and a panic in a task that logs kills a session or the signal handler).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QuietStderr;
+
+impl Write for QuietStderr {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if !STDERR_GONE.load(Ordering::Relaxed) && io::stderr().write_all(buf).is_err() {
+            STDERR_GONE.store(true, Ordering::Relaxed);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if !STDERR_GONE.load(Ordering::Relaxed) {
+            io::stderr().flush().ok();
+        }
+        Ok(())
+    }
+}
+
+/// Prints one line to stderr, never panicking (unlike `eprintln!` on a closed pipe).
+pub fn say_err(line: &str) {
+    QuietStderr.write_all(format!("{line}\n").as_bytes()).ok();
+}
+
+/// Prints one line to stdout, never panicking (unlike `println!` on a closed pipe).
+pub fn say_out(line: &str) {
+    let mut out = io::stdout();
+    out.write_all(format!("{line}\n").as_bytes()).ok();
+    out.flush().ok();
+}
+
+/// Makes sure file descriptors 0, 1 and 2 are open (on /dev/null if they were closed).
+/// A process started with stderr closed would otherwise hand fd 2 to the first socket it
+/// opens, and every log line would be written into that connection.
+#[cfg(unix)]
+pub fn guard_standard_fds() {
+    for _ in 0..3 {
+        match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+        {
+            // The lowest free descriptor is taken: one of 0..=2 means it was closed, and
+            // /dev/null now holds its place for the life of the process.
+            Ok(f) if std::os::fd::AsRawFd::as_raw_fd(&f) <= 2 => {
+                let _kept_open = std::os::fd::IntoRawFd::into_raw_fd(f);
+            }
+            _ => return,
+        }
+    }
+}
+
+/// No standard descriptors to guard outside Unix.
+#[cfg(not(unix))]
+pub fn guard_standard_fds() {}
 
 /// Logs to stderr at info (debug with `debug`); `RUST_LOG` overrides. The wire dump of every
 /// message (target `rd_proto::wire`) is on with `debug` or `CATTLE_TUNNEL_DATA_DEBUG=true`,
 /// as Go's `PrintTunnelData`.
-pub fn init_tracing(debug: bool) {
+///
+/// Lines go through a bounded queue to a writer thread that drops lines when the queue is
+/// full, so a stalled log reader never blocks the process; keep the guard until exit so the
+/// last lines are written.
+pub fn init_tracing(debug: bool, format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
+    guard_standard_fds();
     let wire = debug || std::env::var("CATTLE_TUNNEL_DATA_DEBUG").is_ok_and(|v| v == "true");
     let base = if debug { "debug" } else { "info" };
     let default = if wire {
@@ -17,11 +98,61 @@ pub fn init_tracing(debug: bool) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .thread_name("rd-log")
+        .finish(QuietStderr);
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(io::stderr)
-        .with_ansi(io::IsTerminal::is_terminal(&io::stderr()))
-        .init();
+        .with_writer(writer)
+        .log_internal_errors(false);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(io::IsTerminal::is_terminal(&io::stderr()))
+            .init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(true)
+            .init(),
+    }
+    guard
+}
+
+/// `--version` text: the package version and the commit it was built from.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("RD_COMMIT"),
+    ")"
+);
+
+/// Checks a listen address's form before anything starts, naming `flag` in the error and
+/// suggesting the likely intent for the common slips (`8123` for `:8123`).
+pub fn check_listen(flag: &str, listen: &str) -> Result<(), String> {
+    let bad = |why: &str| Err(format!("{flag} {listen:?}: {why}"));
+    if listen.is_empty() {
+        return bad("empty; want :PORT or HOST:PORT");
+    }
+    if listen.bytes().all(|b| b.is_ascii_digit()) {
+        return bad(&format!("not an address; did you mean \":{listen}\"?"));
+    }
+    let Some((host, port)) = listen.rsplit_once(':') else {
+        return bad("no port; want :PORT or HOST:PORT");
+    };
+    if port.parse::<u16>().is_err() {
+        return bad(&format!(
+            "invalid port {port:?}; want a number from 0 to 65535"
+        ));
+    }
+    if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
+        return bad("an IPv6 address needs brackets, as [::1]:8123");
+    }
+    if host.contains("://") || host.contains('/') {
+        return bad("want :PORT or HOST:PORT, not a URL");
+    }
+    Ok(())
 }
 
 /// Binds a listen address the way Go's `net.Listen` reads it: `:8123` is every interface
@@ -75,6 +206,29 @@ pub async fn shutdown_signal() {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn listen_mistakes_are_named_with_a_hint() {
+        let err = check_listen("--listen", "8123").unwrap_err();
+        assert_eq!(
+            err,
+            "--listen \"8123\": not an address; did you mean \":8123\"?"
+        );
+        for bad in [
+            "",
+            "localhost",
+            ":http",
+            "host:99999",
+            "::1:80",
+            "http://x:80",
+        ] {
+            let err = check_listen("--listen", bad).unwrap_err();
+            assert!(err.starts_with("--listen "), "{err}");
+        }
+        for good in [":8123", "127.0.0.1:0", "[::1]:8123", "localhost:8123", ":0"] {
+            assert_eq!(check_listen("--listen", good), Ok(()), "{good}");
+        }
+    }
 
     #[tokio::test]
     async fn port_zero_binds_an_ephemeral_port() {

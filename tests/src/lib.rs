@@ -61,6 +61,13 @@ impl Proc {
     /// Starts binary `name` with `args`, without waiting for anything. Proxy variables are
     /// removed from its environment.
     pub fn start(name: &str, args: &[&str]) -> Self {
+        Self::start_with(name, args, &[], false)
+    }
+
+    /// Like [`start`](Self::start), with extra environment variables; with `drop_stderr` the
+    /// read end of its stderr pipe is closed at once (a log reader that went away), so every
+    /// write to stderr fails with a broken pipe.
+    pub fn start_with(name: &str, args: &[&str], env: &[(&str, &str)], drop_stderr: bool) -> Self {
         let mut cmd = Command::new(bin(name));
         cmd.args(args)
             .stdin(Stdio::null())
@@ -76,6 +83,7 @@ impl Proc {
         ] {
             cmd.env_remove(var);
         }
+        cmd.envs(env.iter().copied());
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("starting {name}: {e}"));
@@ -95,6 +103,21 @@ impl Proc {
         });
         let stderr = Arc::new(Mutex::new(String::new()));
         let sink = stderr.clone();
+        if drop_stderr {
+            drop(stderr_pipe);
+        } else {
+            Self::collect(stderr_pipe, sink);
+        }
+        Self {
+            name: name.to_owned(),
+            child,
+            stderr,
+            stdout: stdout_lines,
+            listening,
+        }
+    }
+
+    fn collect(stderr_pipe: std::process::ChildStderr, sink: Arc<Mutex<String>>) {
         std::thread::spawn(move || {
             let mut reader = BufReader::new(stderr_pipe);
             let mut buf = [0u8; 4096];
@@ -108,13 +131,6 @@ impl Proc {
                 }
             }
         });
-        Self {
-            name: name.to_owned(),
-            child,
-            stderr,
-            stdout: stdout_lines,
-            listening,
-        }
     }
 
     /// Starts binary `name` and waits for its `listening on URL` line; returns the process

@@ -72,7 +72,7 @@ async fn second_server_routes_to_the_firsts_client_across_restarts() {
     let path = format!("/client/foo/http/{dummy}/hello.txt");
     let ok = |r: &Reply| r.status == 200;
     let no_session =
-        |r: &Reply| r.status == 500 && r.text() == "failed to find Session for client foo";
+        |r: &Reply| r.status == 500 && r.text() == "failed to find Session for client foo\n";
 
     // Directly, then through the peer once the first has announced the client.
     let r = poll_get(first_addr, &path, Duration::from_secs(15), ok).await;

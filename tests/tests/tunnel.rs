@@ -274,7 +274,7 @@ async fn wss_client_needs_the_ca() {
     });
     let reply = get(client_path("bar", dummy, "hello.txt")).await.unwrap();
     assert_eq!(reply.status, 500, "{}", reply.text());
-    assert_eq!(reply.text(), "failed to find Session for client bar");
+    assert_eq!(reply.text(), "failed to find Session for client bar\n");
     let metrics = get("/metrics".to_owned()).await.unwrap().text();
     assert!(
         !metrics.contains("clientkey=\"bar\""),

@@ -1,58 +1,102 @@
 //! `rd-client`: the tunnel agent, command-line compatible with Go remotedialer's example.
 
-// The client listens on nothing, so `cli::bind` goes unused here.
-#[allow(dead_code)]
+mod agent_metrics;
+#[path = "../../common/checks.rs"]
+mod checks;
 #[path = "../../common/cli.rs"]
 mod cli;
 #[path = "../../common/go_flags.rs"]
 mod go_flags;
+#[path = "../../common/process_metrics.rs"]
+mod process_metrics;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+
+use agent_metrics::AgentMetrics;
 
 use clap::{ArgAction, Parser};
 use http::{HeaderName, HeaderValue};
 use rd_client::{
-    AllowAll, AllowRule, AllowRules, Client, ClientBuilder, ConnectOptions, TlsOptions,
+    AllowAll, AllowRule, AllowRules, Client, ClientBuilder, ConnectOptions, ProxyMode, TlsOptions,
 };
 use rd_session::Extensions;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// Reverse-tunnel client: dials out to an rd (or Go remotedialer) server and lets it open
 /// connections to services on this side. Keeps redialing with backoff until stopped.
 ///
 /// Go-style single-dash flags work too: rd-client -connect ws://localhost:8123/connect -id foo
+///
+/// Every flag can also be set through the environment variable shown with it (RD_...); a
+/// flag on the command line wins. HTTP_PROXY, HTTPS_PROXY and NO_PROXY are read as Go does;
+/// an invalid proxy value stops the client at start-up.
 #[derive(Debug, Parser)]
-#[command(name = "rd-client", version, about, long_about)]
+#[command(name = "rd-client", version = cli::VERSION)]
 struct Args {
     /// Websocket URL of the server's tunnel endpoint (ws:// or wss://).
-    #[arg(long, default_value = "ws://localhost:8123/connect")]
+    #[arg(
+        long,
+        env = "RD_CONNECT",
+        default_value = "ws://localhost:8123/connect"
+    )]
     connect: String,
     /// Client id, sent as the X-Tunnel-ID header (the example server's client key).
-    #[arg(long, default_value = "foo")]
+    #[arg(long, env = "RD_CLIENT_ID", default_value = "foo")]
     id: String,
+    /// Token for a server that authenticates agents (rd-server --agent-tokens), sent as the
+    /// X-API-Tunnel-Token header. Prefer RD_CLIENT_TOKEN or --token-file: a command line is
+    /// visible to every user of the machine.
+    #[arg(long, env = "RD_CLIENT_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// File holding the token (its first line), instead of --token.
+    #[arg(long, env = "RD_CLIENT_TOKEN_FILE", conflicts_with = "token")]
+    token_file: Option<PathBuf>,
     /// Debug logging, including a dump of every tunnel message. (Go's example defaults to on.)
-    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = ArgAction::Set)]
+    #[arg(long, env = "RD_DEBUG", num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = ArgAction::Set)]
     debug: bool,
+    /// Log line format.
+    #[arg(long, env = "RD_LOG_FORMAT", value_enum, default_value_t = cli::LogFormat::Text)]
+    log_format: cli::LogFormat,
     /// Exit after the first session ends, as Go's example does, instead of redialing.
-    #[arg(long)]
+    #[arg(long, env = "RD_ONCE")]
     once: bool,
-    /// Extra header for the upgrade request, as Name:Value; repeatable.
-    #[arg(long = "header", value_name = "NAME:VALUE")]
+    /// Extra header for the upgrade request, as Name:Value; repeatable (one per line in the
+    /// environment variable, whose value --help never shows: headers often carry credentials).
+    #[arg(
+        long = "header",
+        env = "RD_HEADER",
+        value_delimiter = '\n',
+        hide_env_values = true,
+        value_name = "NAME:VALUE"
+    )]
     headers: Vec<String>,
     /// Targets the server may reach, as proto:address with * wildcards (tcp:127.0.0.1:*,
-    /// unix:/var/run/docker.sock); repeatable. Default: everything, as Go's example.
-    #[arg(long = "allow", value_name = "RULE")]
+    /// unix:/var/run/docker.sock); repeatable (comma-separated in the environment variable).
+    /// Default: every target this machine can reach, as Go's example (logged at start-up).
+    #[arg(
+        long = "allow",
+        env = "RD_ALLOW",
+        value_delimiter = ',',
+        value_name = "RULE"
+    )]
     allow: Vec<AllowRule>,
-    /// Extra CA certificate (PEM) to verify a wss:// server; repeatable.
-    #[arg(long)]
+    /// Extra CA certificate (PEM) to verify a wss:// server; repeatable (comma-separated in
+    /// the environment variable).
+    #[arg(long, env = "RD_CA_CERT", value_delimiter = ',')]
     ca_cert: Vec<PathBuf>,
     /// Do not verify the server's TLS certificate (test setups only).
-    #[arg(long)]
+    #[arg(long, env = "RD_INSECURE_SKIP_VERIFY")]
     insecure_skip_verify: bool,
+    /// Serve Prometheus metrics at /metrics and the session's health at /healthz on this
+    /// address (":PORT" or "HOST:PORT"). Off by default.
+    #[arg(long, env = "RD_METRICS_LISTEN", value_name = "ADDR")]
+    metrics_listen: Option<String>,
     /// Flow control to ask for: `credit` (per-stream windows, used when the server is rd;
     /// a Go server always gets Pause/Resume) or `pause` (Go's Pause/Resume even with rd).
-    #[arg(long, value_enum, default_value_t = FlowControl::Credit)]
+    #[arg(long, env = "RD_FLOW_CONTROL", value_enum, default_value_t = FlowControl::Credit)]
     flow_control: FlowControl,
 }
 
@@ -66,51 +110,120 @@ enum FlowControl {
 fn header(spec: &str) -> Result<(HeaderName, HeaderValue), String> {
     let (name, value) = spec
         .split_once(':')
-        .ok_or_else(|| format!("invalid header {spec:?}: want Name:Value"))?;
+        .ok_or_else(|| format!("--header {spec:?}: want Name:Value"))?;
     let name = HeaderName::try_from(name.trim())
-        .map_err(|e| format!("invalid header name in {spec:?}: {e}"))?;
+        .map_err(|e| format!("--header {spec:?}: invalid name: {e}"))?;
     let value = HeaderValue::try_from(value.trim())
-        .map_err(|e| format!("invalid header value in {spec:?}: {e}"))?;
+        .map_err(|e| format!("--header {spec:?}: invalid value: {e}"))?;
     Ok((name, value))
 }
 
-fn build(args: &Args) -> Result<Client, String> {
+/// The first line of a secret file. The error names the file, never its content.
+fn read_secret(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let secret = text.lines().next().unwrap_or("").trim().to_owned();
+    if secret.is_empty() {
+        return Err(format!("{}: empty", path.display()));
+    }
+    Ok(secret)
+}
+
+/// Checks what cannot fix itself by retrying, then builds the client. Every error names the
+/// flag (or variable) at fault.
+async fn build(args: &Args, metrics: Option<Arc<AgentMetrics>>) -> Result<Client, String> {
+    rd_client::transport::validate_url(&args.connect).map_err(|e| format!("--connect: {e}"))?;
+    if args.id.is_empty() {
+        return Err("--id: empty; the server needs a client id".into());
+    }
+    let id = HeaderValue::try_from(args.id.as_str())
+        .map_err(|_| format!("--id {:?}: not a valid header value", args.id))?;
+    for ca in &args.ca_cert {
+        checks::check_ca_file("--ca-cert", ca).await?;
+    }
+    if let Some(listen) = &args.metrics_listen {
+        cli::check_listen("--metrics-listen", listen)?;
+    }
+    // Read once, as Go does, and refuse a value that does not parse: Go's dial fails on it,
+    // and connecting directly instead would bypass a proxy the operator asked for.
+    let proxy_env = rd_client::transport::ProxyEnv::try_from_process_env()
+        .map_err(|e| format!("{}: {}", e.variable, e.error))?;
     let mut tls = TlsOptions::default().with_insecure_skip_verify(args.insecure_skip_verify);
     for ca in &args.ca_cert {
         tls = tls.with_ca_file(ca);
     }
-    let id = HeaderValue::try_from(args.id.as_str()).map_err(|e| format!("invalid id: {e}"))?;
+    let token = match (&args.token, &args.token_file) {
+        (Some(t), _) => Some(t.clone()),
+        (None, Some(path)) => Some(read_secret(path).map_err(|e| format!("--token-file {e}"))?),
+        (None, None) => None,
+    };
     let extensions = match args.flow_control {
         FlowControl::Credit => Extensions::SUPPORTED,
         FlowControl::Pause => Extensions::NONE,
     };
     let mut builder = ClientBuilder::new(&args.connect)
-        .connect_options(ConnectOptions::default().with_tls(tls))
+        .connect_options(
+            ConnectOptions::default()
+                .with_tls(tls)
+                .with_proxy(ProxyMode::Env(proxy_env)),
+        )
         .extensions(extensions)
         .header(HeaderName::from_static("x-tunnel-id"), id);
+    if let Some(token) = token {
+        let mut value = HeaderValue::try_from(token.as_str())
+            .map_err(|_| "--token: not a valid header value".to_owned())?;
+        // Marked sensitive: hyper and http's Debug output leave it out.
+        value.set_sensitive(true);
+        builder = builder.header(HeaderName::from_static("x-api-tunnel-token"), value);
+    }
     for spec in &args.headers {
         let (name, value) = header(spec)?;
         builder = builder.header(name, value);
     }
     builder = if args.allow.is_empty() {
+        tracing::warn!(
+            "the server may open connections to every target this machine can reach (the \
+             default, as Go's example); restrict them with --allow, e.g. --allow tcp:127.0.0.1:*"
+        );
         builder.allow(AllowAll)
     } else {
+        let rules: Vec<String> = args.allow.iter().map(ToString::to_string).collect();
+        tracing::info!(rules = %rules.join(","), "the server may open connections only to these targets");
         builder.allow(AllowRules(args.allow.clone()))
     };
+    if let Some(m) = metrics {
+        builder = builder.observer(m.clone()).state_observer(m);
+    }
     Ok(builder.build())
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse_from(go_flags::normalize(std::env::args_os()));
-    cli::init_tracing(args.debug);
-    let client = match build(&args) {
+    let _log = cli::init_tracing(args.debug, args.log_format);
+    let metrics = args
+        .metrics_listen
+        .as_ref()
+        .map(|_| Arc::new(AgentMetrics::new()));
+    let client = match build(&args, metrics.clone()).await {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("rd-client: {e}");
+            cli::say_err(&format!("rd-client: {e}"));
             return ExitCode::from(2);
         }
     };
+    if let (Some(listen), Some(metrics)) = (&args.metrics_listen, metrics) {
+        let listener = match cli::bind(listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                cli::say_err(&format!("rd-client: --metrics-listen: {e}"));
+                return ExitCode::FAILURE;
+            }
+        };
+        if let Ok(addr) = agent_metrics::local_addr(&listener) {
+            cli::say_out(&format!("listening on http://{addr}"));
+        }
+        tokio::spawn(agent_metrics::serve(listener, metrics));
+    }
     let cancel = CancellationToken::new();
     let stop = cancel.clone();
     tokio::spawn(async move {
@@ -118,15 +231,18 @@ async fn main() -> ExitCode {
         tracing::info!("shutting down");
         stop.cancel();
     });
+    // Every line of this agent carries its id: one log pipeline often collects many agents.
+    let span = tracing::info_span!("agent", client_id = %args.id);
+    run(args, client, cancel).instrument(span).await
+}
+
+async fn run(args: Args, client: Client, cancel: CancellationToken) -> ExitCode {
     if args.once {
         return match client.connect(&cancel).await {
-            Ok(end) => {
-                tracing::info!(reason = %end, "session ended");
-                ExitCode::SUCCESS
-            }
+            Ok(_) => ExitCode::SUCCESS,
             Err(e) => {
                 // The causes matter: a ConnectError's own text leaves them out.
-                eprintln!("rd-client: {}", rd_session::error_chain(&e));
+                cli::say_err(&format!("rd-client: {}", rd_session::error_chain(&e)));
                 ExitCode::FAILURE
             }
         };

@@ -30,26 +30,31 @@ use clap::Parser;
 /// Logs go to stderr (filter with RUST_LOG); stdout carries only the
 /// `listening on http://ADDR` line, printed once the socket is bound.
 #[derive(Debug, Parser)]
-#[command(name = "rd-dummy", version)]
+#[command(name = "rd-dummy", version = cli::VERSION)]
 struct Args {
     /// Address to listen on: `:PORT` (all interfaces), `HOST:PORT` or `[V6]:PORT`.
     /// Port 0 picks a free port; the `listening on` line shows which.
-    #[arg(long, value_name = "ADDR", default_value = ":8125")]
+    #[arg(
+        long,
+        env = "RD_DUMMY_LISTEN",
+        value_name = "ADDR",
+        default_value = ":8125"
+    )]
     listen: String,
 
     /// Directory to serve [default: the current directory].
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, env = "RD_DUMMY_DIR", value_name = "PATH")]
     dir: Option<PathBuf>,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse_from(go_flags::normalize(std::env::args_os()));
-    cli::init_tracing(false);
+    let _log = cli::init_tracing(false, cli::LogFormat::Text);
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("rd-dummy: {e}");
+            cli::say_err(&format!("rd-dummy: {e}"));
             ExitCode::FAILURE
         }
     }

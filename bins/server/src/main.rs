@@ -1,10 +1,15 @@
 //! `rd-server`: the tunnel server, command-line compatible with Go remotedialer's example.
 
+mod admin_auth;
+#[path = "../../common/checks.rs"]
+mod checks;
 #[path = "../../common/cli.rs"]
 mod cli;
 mod forwards;
 #[path = "../../common/go_flags.rs"]
 mod go_flags;
+#[path = "../../common/process_metrics.rs"]
+mod process_metrics;
 mod routes;
 mod tls;
 
@@ -21,47 +26,93 @@ use rd_server::{Server, TunnelIdHeader};
 ///
 /// Go-style single-dash flags work too: rd-server -listen :8123 -id first -token aaa
 /// -peers second:aaa:ws://localhost:8124/connect
+///
+/// Every flag can also be set through the environment variable shown with it (RD_...); a
+/// flag on the command line wins.
 #[derive(Debug, Parser)]
-#[command(name = "rd-server", version, about, long_about)]
+#[command(name = "rd-server", version = cli::VERSION)]
 struct Args {
-    /// Address to listen on; ":8123" means every interface.
-    #[arg(long, default_value = ":8123")]
+    /// Address to listen on: ":PORT" (every interface) or "HOST:PORT".
+    #[arg(long, env = "RD_LISTEN", default_value = ":8123")]
     listen: String,
     /// This server's peer id, for HA peering (needs --token).
-    #[arg(long, default_value = "")]
+    #[arg(long, env = "RD_ID", default_value = "")]
     id: String,
-    /// The token peers share, for HA peering (needs --id).
-    #[arg(long, default_value = "")]
+    /// The token peers share, for HA peering (needs --id). Prefer --token-file or RD_TOKEN:
+    /// a command line is visible to every user of the machine.
+    #[arg(
+        long,
+        env = "RD_TOKEN",
+        default_value = "",
+        hide_env_values = true,
+        hide_default_value = true
+    )]
     token: String,
+    /// File holding the peer token (its first line), instead of --token.
+    #[arg(long, env = "RD_TOKEN_FILE", conflicts_with = "token")]
+    token_file: Option<PathBuf>,
+    /// Authenticate agents: a file of "client-id token" lines ('#' comments). An agent must
+    /// send its id (X-Tunnel-ID) and token (X-API-Tunnel-Token). Reloaded on SIGHUP and when
+    /// the file changes. Without it any X-Tunnel-ID is accepted, as Go's example.
+    #[arg(long, env = "RD_AGENT_TOKENS", value_name = "FILE")]
+    agent_tokens: Option<PathBuf>,
+    /// Serve /client, /metrics and /healthz on this address instead (":PORT" or
+    /// "HOST:PORT", e.g. 127.0.0.1:8124); --listen then serves only /connect, the tunnel
+    /// endpoint agents need. Default: everything on --listen, as Go's example.
+    #[arg(long, env = "RD_ADMIN_LISTEN", value_name = "ADDR")]
+    admin_listen: Option<String>,
+    /// Require credentials for /client: a file of "bearer TOKEN" and "basic USER:PASSWORD"
+    /// lines ('#' comments).
+    #[arg(long, env = "RD_ADMIN_AUTH", value_name = "FILE")]
+    admin_auth: Option<PathBuf>,
+    /// Label connection counters with the target address, as Go does (an outsider then
+    /// chooses how many series there are).
+    #[arg(long, env = "RD_METRICS_PER_ADDRESS")]
+    metrics_per_address: bool,
     /// Peers to link to: id:token:url,id:token:url (the url may contain colons).
-    #[arg(long, default_value = "")]
+    #[arg(
+        long,
+        env = "RD_PEERS",
+        default_value = "",
+        hide_env_values = true,
+        hide_default_value = true
+    )]
     peers: String,
     /// Debug logging, including a dump of every tunnel message.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = ArgAction::Set)]
+    #[arg(long, env = "RD_DEBUG", num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = ArgAction::Set)]
     debug: bool,
+    /// Log line format.
+    #[arg(long, env = "RD_LOG_FORMAT", value_enum, default_value_t = cli::LogFormat::Text)]
+    log_format: cli::LogFormat,
     /// TLS certificate chain (PEM) to serve https/wss; needs --tls-key.
-    #[arg(long, requires = "tls_key")]
+    #[arg(long, env = "RD_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
     /// TLS private key (PEM) for --tls-cert.
-    #[arg(long, requires = "tls_cert")]
+    #[arg(long, env = "RD_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
     /// Serve Prometheus metrics at /metrics.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = true, action = ArgAction::Set)]
+    #[arg(long, env = "RD_METRICS", num_args = 0..=1, default_missing_value = "true", default_value_t = true, action = ArgAction::Set)]
     metrics: bool,
-    /// Extra CA certificate (PEM) to verify peers' TLS certificates; repeatable.
-    #[arg(long)]
+    /// Extra CA certificate (PEM) to verify peers' TLS certificates; repeatable (comma-separated
+    /// in the environment variable).
+    #[arg(long, env = "RD_PEER_CA_CERT", value_delimiter = ',')]
     peer_ca_cert: Vec<PathBuf>,
     /// Do not verify peers' TLS certificates (what Go remotedialer always does).
-    #[arg(long)]
+    #[arg(long, env = "RD_PEER_INSECURE_SKIP_VERIFY")]
     peer_insecure_skip_verify: bool,
     /// Forward a local port through an agent, like ssh -L: every connection to LISTEN is
     /// dialed through client CLIENT to PROTO/ADDRESS on its side; repeatable.
     /// E.g. 127.0.0.1:2222=foo:tcp/127.0.0.1:22 (":2222" listens on every interface).
-    #[arg(long = "forward", value_name = "LISTEN=CLIENT:PROTO/ADDRESS")]
+    #[arg(
+        long = "forward",
+        env = "RD_FORWARD",
+        value_delimiter = ',',
+        value_name = "LISTEN=CLIENT:PROTO/ADDRESS"
+    )]
     forward: Vec<rd_server::forward::ForwardSpec>,
     /// How long an HTTP CONNECT waits for the agent to refuse or fail the dial before
     /// answering 200 (a refusal is answered 502 with the agent's text); 0 answers at once.
-    #[arg(long, value_name = "DURATION", default_value = "100ms", value_parser = forwards::parse_duration)]
+    #[arg(long, env = "RD_CONNECT_WAIT", value_name = "DURATION", default_value = "100ms", value_parser = forwards::parse_duration)]
     connect_wait: Duration,
 }
 
@@ -73,69 +124,257 @@ struct PeerSpec {
     url: String,
 }
 
+/// Parses `--peers`. Errors name the entry by position, not by its text: it holds a token.
 fn parse_peers(list: &str) -> Result<Vec<PeerSpec>, String> {
     list.split(',')
         .map(str::trim)
         .filter(|p| !p.is_empty())
-        .map(|entry| {
+        .enumerate()
+        .map(|(i, entry)| {
             let mut parts = entry.splitn(3, ':');
             match (parts.next(), parts.next(), parts.next()) {
                 (Some(id), Some(token), Some(url)) if !id.is_empty() && !url.is_empty() => {
+                    rd_client::transport::validate_url(url)
+                        .map_err(|e| format!("--peers: peer {id:?}: {e}"))?;
                     Ok(PeerSpec {
                         id: id.into(),
                         token: token.into(),
                         url: url.into(),
                     })
                 }
-                _ => Err(format!("invalid peer {entry:?}: want id:token:url")),
+                _ => Err(format!("--peers: entry {} is not id:token:url", i + 1)),
             }
         })
         .collect()
 }
 
+/// A configuration mistake found at start-up: the process exits with status 2.
+#[derive(Debug)]
+struct ConfigError(String);
+
+/// Everything that can be checked without serving: the service would otherwise start and
+/// then fail (or retry) forever on a mistake that cannot fix itself.
+async fn check_config(args: &Args) -> Result<Checked, ConfigError> {
+    cli::check_listen("--listen", &args.listen).map_err(ConfigError)?;
+    let peers = parse_peers(&args.peers).map_err(ConfigError)?;
+    let peer_token = match &args.token_file {
+        Some(path) => read_secret(path).map_err(|e| ConfigError(format!("--token-file {e}")))?,
+        None => args.token.clone(),
+    };
+    if !peers.is_empty() && (args.id.is_empty() || peer_token.is_empty()) {
+        return Err(ConfigError("--peers needs --id and --token".into()));
+    }
+    if let Some(admin) = &args.admin_listen {
+        cli::check_listen("--admin-listen", admin).map_err(ConfigError)?;
+    }
+    let admin_auth = match &args.admin_auth {
+        Some(path) => Some(Arc::new(
+            admin_auth::AdminAuth::load(path)
+                .map_err(|e| ConfigError(format!("--admin-auth {e}")))?,
+        )),
+        None => None,
+    };
+    let agent_tokens = match &args.agent_tokens {
+        Some(path) => Some(
+            rd_server::AgentTokens::load(path)
+                .map_err(|e| ConfigError(format!("--agent-tokens: {e}")))?,
+        ),
+        None => None,
+    };
+    for ca in &args.peer_ca_cert {
+        checks::check_ca_file("--peer-ca-cert", ca)
+            .await
+            .map_err(ConfigError)?;
+    }
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            Some(tls::acceptor(cert, key).map_err(|e| ConfigError(e.to_string()))?)
+        }
+        _ => None,
+    };
+    Ok(Checked {
+        peers,
+        peer_token,
+        agent_tokens,
+        admin_auth,
+        tls,
+    })
+}
+
+/// The first line of a secret file, without its line ending. The error names the file,
+/// never its content.
+fn read_secret(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let secret = text.lines().next().unwrap_or("").trim().to_owned();
+    if secret.is_empty() {
+        return Err(format!("{}: empty", path.display()));
+    }
+    Ok(secret)
+}
+
+/// What [`check_config`] built on the way.
+struct Checked {
+    peers: Vec<PeerSpec>,
+    peer_token: String,
+    agent_tokens: Option<rd_server::AgentTokens>,
+    admin_auth: Option<Arc<admin_auth::AdminAuth>>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+/// Reloads the agent tokens on SIGHUP and when the file's size or modification time
+/// changes (checked every 2 s). A file that does not parse leaves the table in use.
+async fn watch_agent_tokens(tokens: rd_server::AgentTokens) {
+    let stamp = |p: &std::path::Path| {
+        std::fs::metadata(p)
+            .ok()
+            .map(|m| (m.modified().ok(), m.len()))
+    };
+    let mut last = stamp(tokens.path());
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        #[cfg(unix)]
+        let hangup = async {
+            match hup.as_mut() {
+                Some(h) => {
+                    h.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hangup = std::future::pending::<()>();
+        let trigger = tokio::select! {
+            () = hangup => "SIGHUP",
+            _ = tick.tick() => {
+                let now = stamp(tokens.path());
+                if now == last {
+                    continue;
+                }
+                "file changed"
+            }
+        };
+        last = stamp(tokens.path());
+        match tokens.reload() {
+            Ok(agents) => tracing::info!(agents, trigger, "agent tokens reloaded"),
+            Err(e) => {
+                tracing::warn!(error = %e, trigger, "agent tokens not reloaded; the previous ones stay in force")
+            }
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse_from(go_flags::normalize(std::env::args_os()));
-    cli::init_tracing(args.debug);
-    match run(args).await {
+    let _log = cli::init_tracing(args.debug, args.log_format);
+    let checked = match check_config(&args).await {
+        Ok(checked) => checked,
+        Err(ConfigError(e)) => {
+            cli::say_err(&format!("rd-server: {e}"));
+            return ExitCode::from(2);
+        }
+    };
+    match run(args, checked).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("rd-server: {e}");
+            cli::say_err(&format!("rd-server: {e}"));
             ExitCode::FAILURE
         }
     }
 }
 
-async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let peers = parse_peers(&args.peers)?;
+async fn run(args: Args, checked: Checked) -> Result<(), Box<dyn std::error::Error>> {
+    let Checked {
+        peers,
+        peer_token,
+        agent_tokens,
+        admin_auth,
+        tls,
+    } = checked;
     let mut peer_tls =
         rd_client::TlsOptions::default().with_insecure_skip_verify(args.peer_insecure_skip_verify);
     for ca in &args.peer_ca_cert {
         peer_tls = peer_tls.with_ca_file(ca);
     }
-    let mut builder = Server::builder(TunnelIdHeader)
+    let metrics = rd_server::Metrics::new_with(|registry| {
+        process_metrics::register(registry, env!("CARGO_PKG_VERSION"), env!("RD_COMMIT"));
+    })
+    .with_address_labels(args.metrics_per_address);
+    let builder = match &agent_tokens {
+        Some(tokens) => {
+            tracing::info!(
+                agents = tokens.len(),
+                file = %tokens.path().display(),
+                "agents authenticate with tokens"
+            );
+            tokio::spawn(watch_agent_tokens(tokens.clone()));
+            Server::builder(tokens.clone())
+        }
+        None => Server::builder(TunnelIdHeader),
+    };
+    let mut builder = builder
+        .metrics(metrics)
         .peer_connect_options(rd_client::ConnectOptions::default().with_tls(peer_tls));
-    if !args.id.is_empty() && !args.token.is_empty() {
-        builder = builder.peer_identity(&args.id, &args.token);
-    } else if !peers.is_empty() {
-        return Err("--peers needs --id and --token".into());
+    if !args.id.is_empty() && !peer_token.is_empty() {
+        builder = builder.peer_identity(&args.id, &peer_token);
     }
     let server = builder.build();
     for p in peers {
         server.add_peer(p.url, p.id, p.token);
     }
-    let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
-        _ => None,
-    };
     let _forwards = forwards::start(&server, &args.forward).await?;
-    let listener = cli::bind(&args.listen).await?;
+    let listener = cli::bind(&args.listen)
+        .await
+        .map_err(|e| format!("--listen: {e}"))?;
+    let local = listener.local_addr()?;
+    if agent_tokens.is_none() && !local.ip().is_loopback() {
+        tracing::warn!(
+            %local,
+            "agents are not authenticated: any X-Tunnel-ID is accepted from anywhere this \
+             address is reachable; use --agent-tokens (see docs/security.md)"
+        );
+    }
     let scheme = if tls.is_some() { "https" } else { "http" };
-    println!("listening on {scheme}://{}", listener.local_addr()?);
-    let app =
-        Arc::new(routes::App::new(server.clone(), args.metrics).connect_wait(args.connect_wait));
+    cli::say_out(&format!(
+        "listening on {scheme}://{}",
+        listener.local_addr()?
+    ));
+    let proxy = Arc::new(rd_server::proxy::ClientProxy::new(server.clone()));
+    let app = |role| {
+        Arc::new(
+            routes::App::new(
+                server.clone(),
+                proxy.clone(),
+                args.metrics,
+                role,
+                admin_auth.clone(),
+            )
+            .connect_wait(args.connect_wait),
+        )
+    };
+    let admin = match &args.admin_listen {
+        Some(admin) => {
+            let admin = cli::bind(admin)
+                .await
+                .map_err(|e| format!("--admin-listen: {e}"))?;
+            cli::say_out(&format!(
+                "admin listening on {scheme}://{}",
+                admin.local_addr()?
+            ));
+            let served = routes::serve(admin, tls.clone(), app(routes::Role::Admin));
+            Some(tokio::spawn(served))
+        }
+        None => None,
+    };
+    let role = if admin.is_some() {
+        routes::Role::Agents
+    } else {
+        routes::Role::All
+    };
     tokio::select! {
-        r = routes::serve(listener, tls, app) => r?,
+        r = routes::serve(listener, tls, app(role)) => r?,
         () = cli::shutdown_signal() => tracing::info!("shutting down"),
     }
     server.shutdown(Duration::from_secs(5)).await;
@@ -161,6 +400,9 @@ mod tests {
         assert_eq!(p[1].url, "wss://h:1/c");
         assert!(parse_peers("").expect("empty is fine").is_empty());
         assert!(parse_peers("nocolon").is_err());
+        let err = parse_peers("b:secret:localhost:1/connect").expect_err("no scheme");
+        assert!(err.starts_with("--peers: peer \"b\""), "{err}");
+        assert!(!err.contains("secret"), "{err}");
     }
 
     #[test]

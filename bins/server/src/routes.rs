@@ -11,26 +11,66 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use rd_server::connect::ConnectProxy;
 use rd_server::proxy::ClientProxy;
-use rd_server::{text_response, Body, Server};
+use rd_server::{text_response, Body, RemoteAddr, Server};
+
+use crate::admin_auth::AdminAuth;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
+/// Which routes a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Everything on one listener (the default, as Go's example).
+    All,
+    /// Only the tunnel endpoint `/connect`: the port agents reach.
+    Agents,
+    /// `/client`, `/metrics` and `/healthz`, not `/connect` (`--admin-listen`).
+    Admin,
+}
+
 /// What the routes need.
 pub struct App {
     server: Server,
-    proxy: ClientProxy,
+    proxy: Arc<ClientProxy>,
     connect: ConnectProxy,
     metrics: bool,
+    role: Role,
+    admin_auth: Option<Arc<AdminAuth>>,
 }
 
+/// The CONNECT proxy; with `--admin-auth`, its proxy password is checked against the file.
+fn connect_proxy(server: &Server, auth: Option<&Arc<AdminAuth>>) -> ConnectProxy {
+    let proxy = ConnectProxy::new(server.clone());
+    match auth {
+        Some(auth) => {
+            let auth = auth.clone();
+            proxy.credentials(move |client_key: &str, password: &str| {
+                auth.allows_proxy(client_key, password)
+            })
+        }
+        None => proxy,
+    }
+}
+
+/// Refused `/client` requests without credentials, logged at most a few a second.
+static UNAUTHENTICATED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 impl App {
-    pub fn new(server: Server, metrics: bool) -> Self {
+    pub fn new(
+        server: Server,
+        proxy: Arc<ClientProxy>,
+        metrics: bool,
+        role: Role,
+        admin_auth: Option<Arc<AdminAuth>>,
+    ) -> Self {
         Self {
-            proxy: ClientProxy::new(server.clone()),
-            connect: ConnectProxy::new(server.clone()),
+            proxy,
+            connect: connect_proxy(&server, admin_auth.as_ref()),
             server,
             metrics,
+            role,
+            admin_auth,
         }
     }
 
@@ -41,25 +81,59 @@ impl App {
     }
 
     async fn route(&self, req: Request<Incoming>) -> Response<Body> {
-        if req.method() == http::Method::CONNECT {
+        let (tunnel, admin) = match self.role {
+            Role::All => (true, true),
+            Role::Agents => (true, false),
+            Role::Admin => (false, true),
+        };
+        // CONNECT and proxy-style requests reach agents' networks: operator side only.
+        if admin && req.method() == http::Method::CONNECT {
             return self.connect.handle(req).await;
         }
         // `curl -x http://foo@rd-server:8123 http://...`: plain HTTP through agent foo.
-        if let Some(route) = self.connect.absolute_form_route(&req) {
+        if let Some(route) = admin
+            .then(|| self.connect.absolute_form_route(&req))
+            .flatten()
+        {
             return match route {
                 Ok(rest) => self.proxy.handle(req, &rest).await,
                 Err(e) => ConnectProxy::error_response(&e),
             };
         }
         let path = req.uri().path().to_owned();
-        if path == "/connect" {
+        if path == "/connect" && tunnel {
             return self.server.handle(req).await;
         }
+        if !admin {
+            return text_response(StatusCode::NOT_FOUND, "404 page not found\n".into());
+        }
         if let Some(rest) = path.strip_prefix("/client/") {
+            if let Some(auth) = &self.admin_auth {
+                let given = req.headers().get(http::header::AUTHORIZATION);
+                if !auth.allows(given.map(|v| v.as_bytes())) {
+                    let n = UNAUTHENTICATED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    // The first refusal, then one in a hundred: an outsider sets the pace.
+                    if n % 100 == 0 {
+                        let remote = req.extensions().get::<RemoteAddr>().map(|r| r.0);
+                        tracing::info!(
+                            remote = remote.map(tracing::field::display),
+                            credentials = given.is_some(),
+                            refused_so_far = n + 1,
+                            "tunnel request rejected: no valid admin credentials"
+                        );
+                    }
+                    let mut r = text_response(StatusCode::UNAUTHORIZED, "unauthorized\n".into());
+                    r.headers_mut().insert(
+                        http::header::WWW_AUTHENTICATE,
+                        http::HeaderValue::from_static("Bearer, Basic realm=\"rd\""),
+                    );
+                    return r;
+                }
+            }
             return self.proxy.handle(req, rest).await;
         }
         match path.as_str() {
-            "/healthz" => text_response(StatusCode::OK, "ok\n".into()),
+            "/healthz" => health(&self.server).await,
             "/metrics" if self.metrics => {
                 let mut r = Response::new(
                     Full::new(Bytes::from(self.server.encode_metrics()))
@@ -76,6 +150,25 @@ impl App {
             }
             _ => text_response(StatusCode::NOT_FOUND, "404 page not found\n".into()),
         }
+    }
+}
+
+/// How long the runtime may take to run a fresh task before /healthz calls it stuck.
+const RUNTIME_BOUND: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// `/healthz`: 200 `ok` when this request came through the listener (so it accepts and
+/// serves), the runtime runs a freshly spawned task within a second (no worker starved by a
+/// blocking call) and the server is not shutting down; 503 with the reason otherwise.
+async fn health(server: &Server) -> Response<Body> {
+    if !server.is_accepting() {
+        return text_response(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n".into());
+    }
+    match tokio::time::timeout(RUNTIME_BOUND, tokio::spawn(async {})).await {
+        Ok(Ok(())) => text_response(StatusCode::OK, "ok\n".into()),
+        _ => text_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "runtime unresponsive: a new task did not run within 1s\n".into(),
+        ),
     }
 }
 
@@ -101,9 +194,9 @@ pub async fn serve(
         let tls = tls.clone();
         tokio::spawn(async move {
             match tls {
-                None => serve_connection(tcp, app).await,
+                None => serve_connection(tcp, remote, app).await,
                 Some(acceptor) => match acceptor.accept(tcp).await {
-                    Ok(stream) => serve_connection(stream, app).await,
+                    Ok(stream) => serve_connection(stream, remote, app).await,
                     Err(e) => tracing::debug!(%remote, error = %e, "TLS handshake failed"),
                 },
             }
@@ -111,11 +204,12 @@ pub async fn serve(
     }
 }
 
-async fn serve_connection<S>(io: S, app: Arc<App>)
+async fn serve_connection<S>(io: S, remote: std::net::SocketAddr, app: Arc<App>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let service = service_fn(move |req| {
+    let service = service_fn(move |mut req: Request<Incoming>| {
+        req.extensions_mut().insert(RemoteAddr(remote));
         let app = app.clone();
         async move { Ok::<_, std::convert::Infallible>(app.route(req).await) }
     });

@@ -1,6 +1,7 @@
 //! [`Client`]: connect to a server, serve its Connects, and redial when the tunnel drops.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -8,8 +9,10 @@ use http::{HeaderName, HeaderValue};
 use rd_proto::{Config, SessionEnd, Target};
 use rd_session::{
     Backoff, BoxFuture, BoxedIo, ConnectRefused, Extensions, SessionBuilder, SessionHandle,
+    SessionObserver,
 };
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::allow::{ConnectAuthorizer, DenyAll};
 use crate::dial::{LocalDialer, NetDialer, DEFAULT_DIAL_TIMEOUT};
@@ -46,6 +49,8 @@ pub struct ClientBuilder {
     session_config: Config,
     on_connect: Option<OnConnect>,
     backoff: Backoff,
+    observer: Option<Arc<dyn SessionObserver>>,
+    state: Option<Arc<dyn StateObserver>>,
 }
 
 impl fmt::Debug for ClientBuilder {
@@ -70,6 +75,8 @@ impl ClientBuilder {
             session_config: Config::default(),
             on_connect: None,
             backoff: Backoff::default(),
+            observer: None,
+            state: None,
         }
     }
 
@@ -137,10 +144,23 @@ impl ClientBuilder {
         self
     }
 
+    /// Counts every session's streams and bytes (for example into metrics).
+    pub fn observer(mut self, observer: Arc<dyn SessionObserver>) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    /// Told when a session comes up, goes down and when the client redials.
+    pub fn state_observer(mut self, observer: Arc<dyn StateObserver>) -> Self {
+        self.state = Some(observer);
+        self
+    }
+
     /// Builds the client.
     pub fn build(self) -> Client {
         Client {
             inner: Arc::new(self),
+            attempts: Arc::new(AtomicU64::new(0)),
         }
     }
 }
@@ -150,6 +170,19 @@ impl ClientBuilder {
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<ClientBuilder>,
+    attempts: Arc<AtomicU64>,
+}
+
+/// What a [`Client`] tells about its connection state (see
+/// [`ClientBuilder::state_observer`]); each method is called from the client's task and
+/// must not block.
+pub trait StateObserver: Send + Sync + 'static {
+    /// A session is established.
+    fn session_up(&self);
+    /// The session ended (or the callback failed).
+    fn session_down(&self);
+    /// The client is about to wait and connect again.
+    fn redialing(&self);
 }
 
 impl fmt::Debug for Client {
@@ -170,39 +203,70 @@ impl Client {
         &self,
     ) -> impl Fn(Target) -> BoxFuture<Result<BoxedIo, ConnectRefused>> + Send + Sync + 'static {
         let inner = self.inner.clone();
+        // The session runs Connects in tasks of their own, outside this attempt's span; its
+        // lines (with the agent's id) are carried over explicitly.
+        let span = tracing::Span::current();
         move |target: Target| {
             let inner = inner.clone();
-            Box::pin(async move {
-                if !inner.authorizer.allow(&target) {
-                    tracing::info!(%target, "refusing target not allowed by the allow rules");
-                    return Err(ConnectRefused::not_allowed());
+            Box::pin(
+                async move {
+                    if !inner.authorizer.allow(&target) {
+                        tracing::info!(%target, "refusing target not allowed by the allow rules");
+                        return Err(ConnectRefused::not_allowed());
+                    }
+                    let dial = tokio::time::timeout(inner.dial_timeout, inner.dialer.dial(&target));
+                    let refused = match dial.await {
+                        Ok(Ok(io)) => return Ok(io),
+                        Ok(Err(e)) => ConnectRefused::dial_failed(&target, &e),
+                        Err(_) => ConnectRefused::dial_failed(
+                            &target,
+                            &std::io::Error::from(std::io::ErrorKind::TimedOut),
+                        ),
+                    };
+                    tracing::info!(%target, reason = %refused, "target dial failed");
+                    Err(refused)
                 }
-                match tokio::time::timeout(inner.dial_timeout, inner.dialer.dial(&target)).await {
-                    Ok(Ok(io)) => Ok(io),
-                    Ok(Err(e)) => Err(ConnectRefused::dial_failed(&target, &e)),
-                    Err(_) => Err(ConnectRefused::dial_failed(
-                        &target,
-                        &std::io::Error::from(std::io::ErrorKind::TimedOut),
-                    )),
-                }
-            }) as BoxFuture<_>
+                .instrument(span.clone()),
+            ) as BoxFuture<_>
         }
     }
 
     /// One attempt: connect, serve the session until it ends (or `cancel` fires), and say
     /// why it ended.
+    ///
+    /// Every line it logs is inside a `session{session=N}` span (N counts this client's
+    /// attempts from 1), a child of the caller's span, so an agent's id set there is on
+    /// every line, including those of the session's streams. The server's session key is
+    /// not known on this side.
     pub async fn connect(&self, cancel: &CancellationToken) -> Result<SessionEnd, ClientError> {
-        tracing::info!(url = %self.inner.url, "Connecting to proxy");
+        let n = self.attempts.fetch_add(1, Ordering::Relaxed) + 1;
+        let span = tracing::info_span!("session", session = n);
+        self.connect_once(cancel).instrument(span).await
+    }
+
+    async fn connect_once(&self, cancel: &CancellationToken) -> Result<SessionEnd, ClientError> {
+        tracing::info!(url = %self.inner.url, "connecting to the tunnel server");
         let (ws, extensions) = tokio::select! {
             r = connect_websocket_negotiated(&self.inner.url, &self.inner.options) => r?,
             () = cancel.cancelled() => return Ok(SessionEnd::Local),
         };
-        tracing::info!(url = %self.inner.url, flow_control = extensions.flow_control(), "Connected to proxy");
-        let session = SessionBuilder::client()
+        tracing::info!(
+            url = %self.inner.url,
+            flow_control = extensions.flow_control(),
+            "connected to the tunnel server"
+        );
+        let mut builder = SessionBuilder::client()
             .config(self.inner.session_config.clone())
             .extensions(extensions)
-            .connect_handler(self.handler())
-            .spawn(ws);
+            .connect_handler(self.handler());
+        if let Some(observer) = &self.inner.observer {
+            builder = builder.observer(observer.clone());
+        }
+        let (session, driver) = builder.start(ws);
+        tokio::spawn(driver.instrument(tracing::Span::current()));
+        if let Some(state) = &self.inner.state {
+            state.session_up();
+        }
         let session_cancel = cancel.child_token();
         let callback = self
             .inner
@@ -231,7 +295,13 @@ impl Client {
             },
         };
         session_cancel.cancel();
-        tracing::info!("Proxy done");
+        if let Some(state) = &self.inner.state {
+            state.session_down();
+        }
+        match &result {
+            Ok(end) => tracing::info!(reason = %end, "session ended"),
+            Err(e) => tracing::info!(error = %e, "session ended"),
+        }
         result
     }
 
@@ -245,18 +315,21 @@ impl Client {
                 Ok(end) => {
                     backoff.session_ended(started.elapsed());
                     if !cancel.is_cancelled() {
-                        tracing::warn!(reason = %end, "tunnel session ended");
+                        tracing::warn!(reason = %end, "tunnel session lost");
                     }
                 }
                 Err(ClientError::Connect(e)) if e.is_auth_failure() => {
                     tracing::error!(error = %rd_session::error_chain(&e), "the server refused our credentials");
                 }
                 Err(e) => {
-                    tracing::warn!(error = %rd_session::error_chain(&e), "Remotedialer proxy error")
+                    tracing::warn!(error = %rd_session::error_chain(&e), "cannot reach the tunnel server")
                 }
             }
             if cancel.is_cancelled() {
                 break;
+            }
+            if let Some(state) = &self.inner.state {
+                state.redialing();
             }
             let delay = backoff.next_delay();
             tracing::info!(?delay, "redialing");

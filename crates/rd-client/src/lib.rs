@@ -27,7 +27,7 @@ mod dial;
 pub mod transport;
 
 pub use allow::{AllowAll, AllowRule, AllowRuleError, AllowRules, ConnectAuthorizer, DenyAll};
-pub use client::{BoxError, Client, ClientBuilder, ClientError, OnConnect};
+pub use client::{BoxError, Client, ClientBuilder, ClientError, OnConnect, StateObserver};
 pub use dial::{LocalDialer, NetDialer, DEFAULT_DIAL_TIMEOUT};
 pub use transport::{
     connect_websocket, connect_websocket_negotiated, ConnectError, ConnectOptions, ProxyMode,

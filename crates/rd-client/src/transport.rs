@@ -23,6 +23,12 @@ pub use connect::{
 };
 pub use error::{ConnectError, ConnectStage};
 pub use no_proxy::NoProxy;
-pub use proxy::{ProxyEnv, ProxyMode, ProxyScheme, ProxyUrl};
+pub use proxy::{InvalidProxySetting, ProxyEnv, ProxyMode, ProxyScheme, ProxyUrl};
 pub use stream::TransportStream;
 pub use tls::{build_client_config, TlsOptions};
+
+/// Checks a websocket URL the way [`connect_websocket`] reads it (scheme `ws`, `wss`, `http`
+/// or `https`, a host, no user information) without connecting: for start-up checks.
+pub fn validate_url(url: &str) -> Result<(), ConnectError> {
+    target::Target::parse(url).map(|_| ())
+}

@@ -91,7 +91,11 @@ impl fmt::Display for ClientSession {
 }
 
 /// One remotedialer message (the header's message id travels beside it in [`Frame`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// `Debug` shows a Data message's length, not its bytes: the wire dump (`-debug`, target
+/// `rd_proto::wire`) prints messages with it, and payloads are the application's data
+/// (credentials, personal data) that must not end up in logs.
+#[derive(Clone, PartialEq, Eq)]
 pub enum Message {
     /// Application bytes for a connection; the payload is a slice of the received buffer.
     Data {
@@ -148,6 +152,45 @@ pub enum Message {
         /// The header's connection id.
         conn_id: ConnId,
     },
+}
+
+impl fmt::Debug for Message {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Data { conn_id, payload } => f
+                .debug_struct("Data")
+                .field("conn_id", conn_id)
+                .field("len", &payload.len())
+                .finish(),
+            Self::Connect { conn_id, target } => f
+                .debug_struct("Connect")
+                .field("conn_id", conn_id)
+                .field("target", target)
+                .finish(),
+            Self::Error { conn_id, text } => f
+                .debug_struct("Error")
+                .field("conn_id", conn_id)
+                .field("text", text)
+                .finish(),
+            Self::AddClient(c) => f.debug_tuple("AddClient").field(c).finish(),
+            Self::RemoveClient(c) => f.debug_tuple("RemoveClient").field(c).finish(),
+            Self::Pause { conn_id } => f.debug_struct("Pause").field("conn_id", conn_id).finish(),
+            Self::Resume { conn_id } => f.debug_struct("Resume").field("conn_id", conn_id).finish(),
+            Self::SyncConnections { ids } => {
+                f.debug_struct("SyncConnections").field("ids", ids).finish()
+            }
+            Self::Credit { conn_id, increment } => f
+                .debug_struct("Credit")
+                .field("conn_id", conn_id)
+                .field("increment", increment)
+                .finish(),
+            Self::Unknown { type_code, conn_id } => f
+                .debug_struct("Unknown")
+                .field("type_code", type_code)
+                .field("conn_id", conn_id)
+                .finish(),
+        }
+    }
 }
 
 /// A decoded websocket message: the informational message id and the message.
@@ -274,6 +317,17 @@ fn decimal_len(v: i64) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_shows_a_payload_length_not_its_bytes() {
+        let m = Message::Data {
+            conn_id: ConnId(3),
+            payload: Bytes::from_static(b"Authorization: Bearer s3cret"),
+        };
+        let text = format!("{m:?}");
+        assert_eq!(text, "Data { conn_id: ConnId(3), len: 28 }");
+        assert!(!text.contains("s3cret"));
+    }
 
     #[test]
     fn decimal_len_counts_digits_and_sign() {

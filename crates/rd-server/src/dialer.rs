@@ -9,6 +9,7 @@ use std::time::Instant;
 use http::Uri;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::histogram::Histogram;
 use rd_proto::{Target, TargetError};
 use rd_session::TunnelStream;
 
@@ -66,37 +67,162 @@ impl Dialer {
 
     /// Same as [`dial`](Self::dial) with a parsed target.
     pub async fn dial_target(&self, target: Target) -> Result<TunnelStream, DialError> {
-        let started = Instant::now();
+        self.dial_routed(target).await.map(|(stream, _)| stream)
+    }
+
+    /// Dials and says through which session (for logs).
+    async fn dial_routed(&self, target: Target) -> Result<(TunnelStream, TunnelInfo), DialError> {
         let route = self.server.registry().route(&self.client_key);
-        let stream = match route {
-            Some(Route::Local(session)) => session.dial(target)?,
-            Some(Route::Peer(link)) => link.dial(target.routed_via(self.client_key.clone())?)?,
+        let (stream, session_key, via_peer) = match route {
+            Some(Route::Local(session)) => (session.dial(target)?, session.session_key(), false),
+            Some(Route::Peer(link)) => (
+                link.dial(target.routed_via(self.client_key.clone())?)?,
+                link.session_key(),
+                true,
+            ),
             None => return Err(DialError::NoSession(self.client_key.clone())),
         };
-        self.server
-            .metrics()
-            .dial_seconds
-            .observe(started.elapsed().as_secs_f64());
-        Ok(stream)
+        let info = TunnelInfo {
+            session_key,
+            stream_id: stream.id().0,
+            via_peer,
+        };
+        Ok((stream, info))
+    }
+
+    /// Dials and returns the stream timed for `rd_dial_seconds` (see [`TimedStream`]).
+    pub(crate) async fn dial_timed(
+        &self,
+        proto: &str,
+        address: &str,
+    ) -> Result<(TimedStream, TunnelInfo), DialError> {
+        let started = Instant::now();
+        let (stream, info) = self.dial_routed(Target::new(proto, address)?).await?;
+        Ok((
+            TimedStream::new(stream, started, self.server.metrics().dial_seconds.clone()),
+            info,
+        ))
+    }
+}
+
+/// Which session and stream a proxied connection went through. The proxy's connections
+/// carry it as hyper-util "extra" connection info, so responses have it in their extensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TunnelInfo {
+    /// The session's key (for a peer route, the peer link's session).
+    pub session_key: i64,
+    /// The stream's id in that session.
+    pub stream_id: i64,
+    /// Whether the stream goes through a peer server.
+    pub via_peer: bool,
+}
+
+/// A tunnel stream that records in `rd_dial_seconds` how long the dial took to reach an
+/// outcome the dialer can see: the first bytes or error from the far side (Go's protocol
+/// acknowledges no Connect, so a refused target shows only as the first read's error), or
+/// the connection being dropped before either (a timeout or a caller that gave up).
+#[derive(Debug)]
+pub struct TimedStream {
+    stream: TunnelStream,
+    timer: DialTimer,
+}
+
+/// The running dial timer; observes when dropped unless stopped before.
+#[derive(Debug)]
+struct DialTimer(Option<(Instant, Histogram)>);
+
+impl DialTimer {
+    fn observe(&mut self) {
+        if let Some((started, histogram)) = self.0.take() {
+            histogram.observe(started.elapsed().as_secs_f64());
+        }
+    }
+}
+
+impl Drop for DialTimer {
+    fn drop(&mut self) {
+        self.observe();
+    }
+}
+
+impl TimedStream {
+    fn new(stream: TunnelStream, started: Instant, histogram: Histogram) -> Self {
+        Self {
+            stream,
+            timer: DialTimer(Some((started, histogram))),
+        }
+    }
+
+    /// The stream inside (not timed any more).
+    pub fn into_inner(mut self) -> TunnelStream {
+        self.timer.0 = None;
+        self.stream
+    }
+}
+
+impl tokio::io::AsyncRead for TimedStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let r = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if r.is_ready() {
+            self.timer.observe();
+        }
+        r
+    }
+}
+
+impl tokio::io::AsyncWrite for TimedStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 
 /// A tunnel stream as a hyper-util client connection.
 #[derive(Debug)]
 pub struct TunnelConnection {
-    io: TokioIo<TunnelStream>,
+    io: TokioIo<TimedStream>,
+    info: TunnelInfo,
 }
 
 impl TunnelConnection {
+    pub(crate) fn new(stream: TimedStream, info: TunnelInfo) -> Self {
+        Self {
+            io: TokioIo::new(stream),
+            info,
+        }
+    }
+
     /// The stream inside.
     pub fn into_inner(self) -> TunnelStream {
+        self.io.into_inner().into_inner()
+    }
+
+    /// Which session and stream this connection uses.
+    pub fn info(&self) -> TunnelInfo {
+        self.info
+    }
+
+    pub(crate) fn into_timed(self) -> TimedStream {
         self.io.into_inner()
     }
 }
 
 impl Connection for TunnelConnection {
     fn connected(&self) -> Connected {
-        Connected::new()
+        Connected::new().extra(self.info)
     }
 }
 
@@ -151,10 +277,8 @@ impl tower_service::Service<Uri> for Dialer {
                 } else {
                     80
                 });
-            let stream = dialer.dial("tcp", &format!("{host}:{port}")).await?;
-            Ok(TunnelConnection {
-                io: TokioIo::new(stream),
-            })
+            let (stream, info) = dialer.dial_timed("tcp", &format!("{host}:{port}")).await?;
+            Ok(TunnelConnection::new(stream, info))
         })
     }
 }

@@ -20,10 +20,12 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod agent_auth;
 mod auth;
 pub mod connect;
 mod dialer;
 pub mod forward;
+mod log_limit;
 mod metrics;
 mod peer;
 pub mod proxy;
@@ -34,13 +36,15 @@ mod server;
 pub mod splice;
 mod upgrade;
 
+pub use agent_auth::{AgentTokens, TokenFileError, AGENT_TOKEN_HEADER};
 pub use auth::{
     text_response, Authorization, Authorizer, ErrorWriter, PlainTextErrors, TunnelIdHeader,
 };
-pub use dialer::{DialError, Dialer, TunnelConnection};
+pub use dialer::{DialError, Dialer, TimedStream, TunnelConnection, TunnelInfo};
 pub use metrics::{GoCounter, Metrics};
 pub use server::{
-    Server, ServerBuilder, DEFAULT_MAX_SESSIONS_PER_CLIENT, PEER_ID_HEADER, PEER_TOKEN_HEADER,
+    RemoteAddr, Server, ServerBuilder, DEFAULT_MAX_SESSIONS_PER_CLIENT, PEER_ID_HEADER,
+    PEER_TOKEN_HEADER,
 };
 
 /// Errors inside response bodies.

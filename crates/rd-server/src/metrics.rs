@@ -74,7 +74,9 @@ pub struct Metrics {
     pub streams_paused_by_peer: Gauge,
     /// Received bytes waiting for readers, over all sessions.
     pub buffered_bytes: Gauge,
-    /// Time from a dial request to a stream handed back (includes finding the session).
+    /// Time from a dial to the first bytes or error from the far side (the dial's outcome,
+    /// as the dialer can see it), or to the connection being dropped before either; for
+    /// connections made through a [`Dialer`](crate::Dialer)'s connector (the /client route).
     pub dial_seconds: Histogram,
     /// Connections refused at the handshake, by reason.
     pub handshake_rejects: Family<Labels, GoCounter>,
@@ -82,6 +84,8 @@ pub struct Metrics {
     pub runtime_alive_tasks: Gauge,
     /// Limits the peers hit after the handshake, by limit (the `Config` field's name).
     pub limit_exceeded: Family<Labels, GoCounter>,
+    /// Whether the connection counters carry the target address (Go's `addr` label).
+    per_address: bool,
 }
 
 impl Default for Metrics {
@@ -93,7 +97,14 @@ impl Default for Metrics {
 impl Metrics {
     /// A fresh registry with every metric registered.
     pub fn new() -> Self {
+        Self::new_with(|_| {})
+    }
+
+    /// A fresh registry with every metric registered, plus what `extra` registers (for
+    /// example process metrics or a build info metric from the binary).
+    pub fn new_with(extra: impl FnOnce(&mut Registry)) -> Self {
         let mut registry = Registry::default();
+        extra(&mut registry);
         let fam = Family::<Labels, GoCounter>::default;
         let m = Self {
             registry: Arc::new(Registry::default()),
@@ -116,6 +127,7 @@ impl Metrics {
             handshake_rejects: fam(),
             runtime_alive_tasks: Gauge::default(),
             limit_exceeded: fam(),
+            per_address: false,
         };
         let go: [(&str, &str, &Family<Labels, GoCounter>); 10] = [
             (
@@ -203,7 +215,7 @@ impl Metrics {
         );
         rd.register(
             "dial_seconds",
-            "Time to dial a stream through a session",
+            "Time from a dial through a session to the first bytes or error from the far side",
             m.dial_seconds.clone(),
         );
         rd.register(
@@ -225,6 +237,16 @@ impl Metrics {
             registry: Arc::new(registry),
             ..m
         }
+    }
+
+    /// Gives `session_server_total_add_connections` and `..._remove_connections` the target
+    /// address in their `addr` label, as Go does. Off by default: whoever sends requests
+    /// chooses the addresses, so every new one would be a new series kept forever (memory
+    /// and scrape size grow without bound). Off, `addr` is empty, which Prometheus stores as
+    /// no label, and the counters still sum per client and protocol.
+    pub fn with_address_labels(mut self, on: bool) -> Self {
+        self.per_address = on;
+        self
     }
 
     /// The registry, to encode or to nest in an application's own.
@@ -254,16 +276,24 @@ impl Metrics {
         self.sessions.dec();
     }
 
+    fn addr_label<'a>(&self, addr: &'a str) -> &'a str {
+        if self.per_address {
+            addr
+        } else {
+            ""
+        }
+    }
+
     pub(crate) fn connection_added(&self, client_key: &str, proto: &str, addr: &str) {
         self.add_conn
-            .get_or_create(&conn_labels(client_key, proto, addr))
+            .get_or_create(&conn_labels(client_key, proto, self.addr_label(addr)))
             .inc();
         self.streams.inc();
     }
 
     pub(crate) fn connection_removed(&self, client_key: &str, proto: &str, addr: &str) {
         self.remove_conn
-            .get_or_create(&conn_labels(client_key, proto, addr))
+            .get_or_create(&conn_labels(client_key, proto, self.addr_label(addr)))
             .inc();
         self.streams.dec();
     }
@@ -343,7 +373,7 @@ mod tests {
 
     #[test]
     fn go_names_without_total_suffix() {
-        let m = Metrics::new();
+        let m = Metrics::new().with_address_labels(true);
         m.session_added("foo", false);
         m.connection_added("foo", "tcp", "127.0.0.1:8125");
         m.byte_counters("foo").transmit.inc_by(42);
@@ -366,5 +396,20 @@ mod tests {
         let text = m.encode();
         assert!(text.contains("# HELP session_server_total_peer_ws_disconnected"));
         assert!(text.contains("session_server_total_peer_ws_disconnected{peer=\"second\"} 1\n"));
+    }
+
+    #[test]
+    fn addresses_make_no_series_by_default() {
+        let m = Metrics::new();
+        for port in 1..=100 {
+            m.connection_added("foo", "tcp", &format!("127.0.0.1:{port}"));
+        }
+        let text = m.encode();
+        assert!(
+            text.contains(
+                "session_server_total_add_connections{clientkey=\"foo\",proto=\"tcp\",addr=\"\"} 100\n"
+            ),
+            "{text}"
+        );
     }
 }

@@ -11,8 +11,14 @@
 //! answers `101`, both connections are spliced as raw bytes (websockets, `kubectl exec`).
 
 use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hyper::body::{Frame, SizeHint};
 
 use http::{header, HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
@@ -21,6 +27,8 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rd_client::TlsOptions;
 
 use crate::auth::text_response;
+use crate::dialer::TunnelInfo;
+use crate::log_limit::{rejection, LogLimit};
 use crate::proxy_connector::{ProxyConnector, TlsSettings};
 use crate::{Body, BoxError, Server};
 
@@ -149,19 +157,37 @@ impl ClientProxy {
     }
 
     /// Handles a request whose path was `/client/{rest}`.
+    ///
+    /// Logs one line per request when it is over (`tunnel request`, target `rd_server::proxy`):
+    /// client, session and stream, method, url, status, bytes each way, duration and how
+    /// it ended: `completed`, `cut` (either side stopped in the middle), `refused` (the dial
+    /// or the target failed: the reason is the 502 body), `timeout`, or `rejected` (the
+    /// request itself was wrong or named an unknown client; rate-limited, an outsider
+    /// chooses how many). Error bodies are one line ending in a newline.
     pub async fn handle<B>(&self, req: Request<B>, rest: &str) -> Response<Body>
     where
         B: hyper::body::Body<Data = bytes::Bytes> + Send + Sync + 'static,
         B::Error: Into<BoxError>,
     {
+        let mut log = RequestLog {
+            client: String::new(),
+            method: req.method().clone(),
+            target: rest.to_owned(),
+            status: 0,
+            started: Instant::now(),
+            info: None,
+            sent: Arc::new(AtomicU64::new(0)),
+        };
         let Some(target) = ProxyPath::parse(rest) else {
-            return text_response(
+            return log.reject(
                 StatusCode::NOT_FOUND,
                 "want /client/{id}/{scheme}/{host}/{path}".into(),
             );
         };
+        log.client = target.client.clone();
+        log.target = format!("{}://{}{}", target.scheme, target.host, target.path);
         if target.scheme != "http" && target.scheme != "https" {
-            return text_response(
+            return log.reject(
                 StatusCode::BAD_REQUEST,
                 format!("unsupported scheme {:?}: want http or https", target.scheme),
             );
@@ -169,10 +195,10 @@ impl ClientProxy {
         let (query, timeout) = split_timeout(req.uri().query());
         let timeout = match timeout {
             Ok(t) => t,
-            Err(text) => return text_response(StatusCode::BAD_REQUEST, text),
+            Err(text) => return log.reject(StatusCode::BAD_REQUEST, text),
         };
         if !self.server.has_session(&target.client) {
-            return text_response(
+            return log.reject(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("failed to find Session for client {}", target.client),
             );
@@ -188,9 +214,7 @@ impl ClientProxy {
             .build()
         {
             Ok(uri) => uri,
-            Err(e) => {
-                return text_response(StatusCode::BAD_REQUEST, format!("invalid target: {e}"))
-            }
+            Err(e) => return log.reject(StatusCode::BAD_REQUEST, format!("invalid target: {e}")),
         };
         if crate::proxy_upgrade::wants_upgrade(req.headers()) {
             let started = std::time::Instant::now();
@@ -220,35 +244,222 @@ impl ClientProxy {
         if let Ok(host) = HeaderValue::from_str(&target.host) {
             parts.headers.insert(header::HOST, host);
         }
-        let body: Body = body.map_err(Into::into).boxed();
+        let body: Body = CountedBody {
+            inner: body.map_err(Into::into).boxed(),
+            count: log.sent.clone(),
+        }
+        .boxed();
         let request = Request::from_parts(parts, body);
-        let started = std::time::Instant::now();
-        let method = request.method().clone();
         let result =
             tokio::time::timeout(timeout, self.client(&target.client).request(request)).await;
-        let response = match result {
-            Err(_) => text_response(
-                StatusCode::GATEWAY_TIMEOUT,
-                format!("no response from {} within {timeout:?}", target.host),
-            ),
-            Ok(Err(e)) => text_response(StatusCode::BAD_GATEWAY, rd_session::error_chain(&e)),
+        match result {
+            Err(_) => {
+                let text = format!("no response from {} within {timeout:?}", target.host);
+                log.status = StatusCode::GATEWAY_TIMEOUT.as_u16();
+                log.emit("timeout", Some(&text), 0);
+                line_response(StatusCode::GATEWAY_TIMEOUT, text)
+            }
+            Ok(Err(e)) => {
+                // Go's example answers with the dial or target error alone; hyper's layers
+                // ("client error (SendRequest): connection error: ...") say nothing more
+                // and change between versions.
+                let text = innermost_error(&e);
+                log.status = StatusCode::BAD_GATEWAY.as_u16();
+                log.emit("refused", Some(&text), 0);
+                line_response(StatusCode::BAD_GATEWAY, text)
+            }
             Ok(Ok(response)) => {
                 let (mut parts, body) = response.into_parts();
                 for h in &HOP_BY_HOP {
                     parts.headers.remove(h);
                 }
-                Response::from_parts(parts, body.map_err(|e| Box::new(e) as BoxError).boxed())
+                log.status = parts.status.as_u16();
+                log.info = parts.extensions.get::<TunnelInfo>().copied();
+                let body = LoggedBody {
+                    inner: body.map_err(|e| Box::new(e) as BoxError).boxed(),
+                    log: Some(log),
+                    received: 0,
+                };
+                Response::from_parts(parts, body.boxed())
             }
-        };
-        tracing::info!(
-            client = %target.client,
-            %method,
-            url = %format!("{}://{}{}", target.scheme, target.host, target.path),
-            status = response.status().as_u16(),
-            elapsed = ?started.elapsed(),
-            "proxied request"
+        }
+    }
+}
+
+/// Requests to the `/client` route refused before any dial, logged at most
+/// [`log_limit`](crate::log_limit) lines a second.
+static REJECTED: LogLimit = LogLimit::new();
+
+/// What the completion line of one proxied request says.
+#[derive(Debug)]
+struct RequestLog {
+    client: String,
+    method: http::Method,
+    target: String,
+    status: u16,
+    started: Instant,
+    info: Option<TunnelInfo>,
+    /// Request body bytes sent towards the target.
+    sent: Arc<AtomicU64>,
+}
+
+impl RequestLog {
+    fn emit(&self, outcome: &'static str, reason: Option<&str>, received: u64) {
+        let session = self.info.map(|i| i.session_key);
+        let stream = self.info.map(|i| i.stream_id);
+        let sent = self.sent.load(Ordering::Relaxed);
+        let duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        macro_rules! line {
+            ($level:ident) => {
+                tracing::$level!(
+                    client = %self.client,
+                    session,
+                    stream,
+                    method = %self.method,
+                    url = %self.target,
+                    status = self.status,
+                    bytes_sent = sent,
+                    bytes_received = received,
+                    duration_ms,
+                    outcome,
+                    reason,
+                    "tunnel request"
+                )
+            };
+        }
+        if outcome == "completed" {
+            line!(info);
+        } else {
+            line!(warn);
+        }
+    }
+
+    /// Logs a rejected request (rate-limited) and answers it.
+    fn reject(mut self, status: StatusCode, text: String) -> Response<Body> {
+        self.status = status.as_u16();
+        rejection!(
+            REJECTED,
+            client = %self.client,
+            method = %self.method,
+            url = %self.target,
+            status = self.status,
+            outcome = "rejected",
+            reason = %text,
+            "tunnel request"
         );
-        response
+        line_response(status, text)
+    }
+}
+
+/// A plain-text error body: one line ending in a newline, as Go's `http.Error` writes.
+fn line_response(status: StatusCode, mut text: String) -> Response<Body> {
+    if !text.ends_with('\n') {
+        text.push('\n');
+    }
+    text_response(status, text)
+}
+
+/// The text of the last error in `e`'s source chain: the one that says what happened.
+fn innermost_error(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut current = e;
+    while let Some(next) = current.source() {
+        current = next;
+    }
+    current.to_string()
+}
+
+/// A request body counting the bytes it yields.
+struct CountedBody {
+    inner: Body,
+    count: Arc<AtomicU64>,
+}
+
+impl hyper::body::Body for CountedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &r {
+            if let Some(data) = frame.data_ref() {
+                self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A response body that logs the request's completion line when it ends: at its end
+/// (`completed`), at an error from the target's side (`cut`, with the reason) or when the
+/// caller drops it before the end (`cut`: the caller went away).
+struct LoggedBody {
+    inner: Body,
+    log: Option<RequestLog>,
+    received: u64,
+}
+
+impl LoggedBody {
+    fn finish(&mut self, outcome: &'static str, reason: Option<&str>) {
+        if let Some(log) = self.log.take() {
+            log.emit(outcome, reason, self.received);
+        }
+    }
+}
+
+impl hyper::body::Body for LoggedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.received += data.len() as u64;
+                }
+            }
+            Poll::Ready(Some(Err(e))) => {
+                let reason = innermost_error(e.as_ref());
+                this.finish("cut", Some(&reason));
+            }
+            Poll::Ready(None) => this.finish("completed", None),
+            Poll::Pending => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for LoggedBody {
+    fn drop(&mut self) {
+        if hyper::body::Body::is_end_stream(&self.inner) {
+            // hyper need not poll a body that says it has ended (a known length reached).
+            self.finish("completed", None);
+        } else {
+            self.finish("cut", Some("the caller went away before the end"));
+        }
     }
 }
 

@@ -11,13 +11,12 @@ use http::Uri;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
 use rd_client::TlsOptions;
-use rd_session::TunnelStream;
 use rustls_pki_types::ServerName;
 use tokio::sync::OnceCell;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-use crate::dialer::TunnelConnection;
+use crate::dialer::{TimedStream, TunnelConnection, TunnelInfo};
 use crate::Dialer;
 
 /// Dials the URI's host through the tunnel, adding TLS for `https` URIs.
@@ -63,12 +62,15 @@ impl TlsSettings {
 #[derive(Debug)]
 pub(crate) enum ProxyConnection {
     Plain(TunnelConnection),
-    Tls(Box<TokioIo<TlsStream<TunnelStream>>>),
+    Tls(Box<TokioIo<TlsStream<TimedStream>>>, TunnelInfo),
 }
 
 impl Connection for ProxyConnection {
     fn connected(&self) -> Connected {
-        Connected::new()
+        match self {
+            Self::Plain(c) => c.connected(),
+            Self::Tls(_, info) => Connected::new().extra(*info),
+        }
     }
 }
 
@@ -80,7 +82,7 @@ impl hyper::rt::Read for ProxyConnection {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Self::Plain(c) => Pin::new(c).poll_read(cx, buf),
-            Self::Tls(c) => Pin::new(c.as_mut()).poll_read(cx, buf),
+            Self::Tls(c, _) => Pin::new(c.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -93,19 +95,19 @@ impl hyper::rt::Write for ProxyConnection {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Self::Plain(c) => Pin::new(c).poll_write(cx, buf),
-            Self::Tls(c) => Pin::new(c.as_mut()).poll_write(cx, buf),
+            Self::Tls(c, _) => Pin::new(c.as_mut()).poll_write(cx, buf),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Self::Plain(c) => Pin::new(c).poll_flush(cx),
-            Self::Tls(c) => Pin::new(c.as_mut()).poll_flush(cx),
+            Self::Tls(c, _) => Pin::new(c.as_mut()).poll_flush(cx),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Self::Plain(c) => Pin::new(c).poll_shutdown(cx),
-            Self::Tls(c) => Pin::new(c.as_mut()).poll_shutdown(cx),
+            Self::Tls(c, _) => Pin::new(c.as_mut()).poll_shutdown(cx),
         }
     }
 }
@@ -139,12 +141,13 @@ impl tower_service::Service<Uri> for ProxyConnector {
                     format!("invalid TLS name {host:?}"),
                 )
             })?;
+            let info = plain.info();
             let stream = tls
                 .connector()
                 .await?
-                .connect(name, plain.into_inner())
+                .connect(name, plain.into_timed())
                 .await?;
-            Ok(ProxyConnection::Tls(Box::new(TokioIo::new(stream))))
+            Ok(ProxyConnection::Tls(Box::new(TokioIo::new(stream)), info))
         })
     }
 }

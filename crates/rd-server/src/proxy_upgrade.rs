@@ -153,7 +153,7 @@ async fn splice_upgraded(client: Upgraded, target: Upgraded) -> io::Result<()> {
                     .await
                     .map(drop)
                     .map_err(|e| io::Error::other(rd_session::error_chain(&e))),
-                ProxyConnection::Tls(tls) => {
+                ProxyConnection::Tls(tls, _) => {
                     let mut tls = tls.into_inner();
                     tokio::io::copy_bidirectional(&mut local, &mut tls)
                         .await

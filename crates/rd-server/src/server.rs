@@ -22,6 +22,7 @@ use crate::auth::{
     constant_time_eq, text_response, Authorization, Authorizer, ErrorWriter, PlainTextErrors,
 };
 use crate::dialer::Dialer;
+use crate::log_limit::{rejection, LogLimit};
 use crate::metrics::{ByteCounters, Metrics};
 use crate::peer::{self, PeerLink};
 use crate::registry::Registry;
@@ -51,6 +52,24 @@ pub(crate) struct Inner {
     pub(crate) metrics: Metrics,
     pub(crate) accepting: AtomicBool,
     pub(crate) shutdown: CancellationToken,
+}
+
+/// The address a request came from. A server loop that knows it inserts it into the
+/// request's extensions so that [`Server::handle`] can log it with a refusal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemoteAddr(pub std::net::SocketAddr);
+
+/// Refused handshakes, logged at most a few lines a second.
+static REJECTED: LogLimit = LogLimit::new();
+
+/// What the peer headers of an upgrade request say.
+enum PeerCheck {
+    /// No peer headers: a client.
+    NotPeer,
+    /// A registered peer with the right token.
+    Peer(String),
+    /// Peer headers that do not match (Go then asks the authorizer, as here).
+    Refused(&'static str),
 }
 
 /// A remotedialer server. Cheap to clone; clones share everything.
@@ -323,6 +342,11 @@ impl Server {
         }
     }
 
+    /// Whether the server still accepts tunnels (false once [`shutdown`](Self::shutdown) began).
+    pub fn is_accepting(&self) -> bool {
+        self.inner.accepting.load(Ordering::SeqCst)
+    }
+
     /// Whether the server has no sessions (used after shutdown).
     pub fn is_idle(&self) -> bool {
         self.registry().is_empty()
@@ -330,54 +354,97 @@ impl Server {
 
     /// Handles a tunnel upgrade request: authenticates a peer or a client, then switches to
     /// a websocket and runs the session until it ends. Mount it at any path.
+    ///
+    /// Every refusal is logged once (`tunnel handshake rejected`, rate-limited: an outsider
+    /// chooses how many) with the status, the reason, the id the request claimed and the
+    /// caller's address when the request carries a [`RemoteAddr`] extension.
     pub async fn handle<B: Send + 'static>(&self, mut req: Request<B>) -> Response<Body> {
         let inner = &self.inner;
+        let remote = req.extensions().get::<RemoteAddr>().map(|r| r.0);
+        let claimed = req
+            .headers()
+            .get("x-tunnel-id")
+            .or_else(|| req.headers().get(PEER_ID_HEADER))
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        let reject = |status: StatusCode, metric: &'static str, reason: &str| {
+            inner.metrics.handshake_rejected(metric);
+            rejection!(
+                REJECTED,
+                remote = remote.map(tracing::field::display),
+                claimed_id = claimed.as_deref(),
+                status = status.as_u16(),
+                reason,
+                "tunnel handshake rejected"
+            );
+            inner.error_writer.write_error(status, reason)
+        };
         if !inner.accepting.load(Ordering::SeqCst) {
-            inner.metrics.handshake_rejected("shutting_down");
-            return inner
-                .error_writer
-                .write_error(StatusCode::SERVICE_UNAVAILABLE, "server shutting down");
+            return reject(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                "server shutting down",
+            );
         }
         let on_upgrade = hyper::upgrade::on(&mut req);
         let (parts, _body) = req.into_parts();
-        let (client_key, peer) = match self.peer_of(&parts) {
-            Some(id) => (id, true),
-            None => match inner.authorizer.authorize(&parts).await {
-                Authorization::Client(key) => (key, false),
-                Authorization::Unauthorized => {
-                    inner.metrics.handshake_rejected("unauthorized");
-                    return inner
-                        .error_writer
-                        .write_error(StatusCode::UNAUTHORIZED, "failed authentication");
+        let peer_check = self.peer_of(&parts);
+        let (client_key, peer) = match peer_check {
+            PeerCheck::Peer(id) => (id, true),
+            PeerCheck::NotPeer | PeerCheck::Refused(_) => {
+                match inner.authorizer.authorize(&parts).await {
+                    Authorization::Client(key) => {
+                        if let PeerCheck::Refused(why) = peer_check {
+                            rejection!(
+                                REJECTED,
+                                remote = remote.map(tracing::field::display),
+                                claimed_id = claimed.as_deref(),
+                                reason = why,
+                                "peer credentials refused; accepted as a client instead"
+                            );
+                        }
+                        (key, false)
+                    }
+                    Authorization::Unauthorized => {
+                        // Go's text on the wire; the log says what was wrong.
+                        inner.metrics.handshake_rejected("unauthorized");
+                        let reason = match peer_check {
+                            PeerCheck::Refused(why) => why,
+                            _ => "the authorizer refused the client",
+                        };
+                        rejection!(
+                            REJECTED,
+                            remote = remote.map(tracing::field::display),
+                            claimed_id = claimed.as_deref(),
+                            status = 401,
+                            reason,
+                            "tunnel handshake rejected"
+                        );
+                        return inner
+                            .error_writer
+                            .write_error(StatusCode::UNAUTHORIZED, "failed authentication");
+                    }
+                    Authorization::Error(text) => {
+                        return reject(StatusCode::BAD_REQUEST, "authorizer_error", &text);
+                    }
                 }
-                Authorization::Error(text) => {
-                    inner.metrics.handshake_rejected("authorizer_error");
-                    return inner
-                        .error_writer
-                        .write_error(StatusCode::BAD_REQUEST, &text);
-                }
-            },
+            }
         };
         if !peer && self.registry().sessions_of(&client_key).len() >= inner.max_sessions_per_client
         {
-            inner.metrics.handshake_rejected("too_many_sessions");
             let text = format!(
                 "too many sessions for client {client_key}: limit {}",
                 inner.max_sessions_per_client
             );
-            return inner
-                .error_writer
-                .write_error(StatusCode::TOO_MANY_REQUESTS, &text);
+            return reject(StatusCode::TOO_MANY_REQUESTS, "too_many_sessions", &text);
         }
         let accept = match accept_key(&parts) {
             Ok(accept) => accept,
             Err(bad) => {
-                inner.metrics.handshake_rejected("bad_upgrade");
                 let text = format!(
                     "Error during upgrade for host [{client_key}]: {}",
                     bad.reason
                 );
-                return inner.error_writer.write_error(bad.status, &text);
+                return reject(bad.status, "bad_upgrade", &text);
             }
         };
         let extensions = Extensions::from_headers(&parts.headers).intersect(inner.extensions);
@@ -413,8 +480,8 @@ impl Server {
         response
     }
 
-    /// The peer id, if the request carries a registered peer's id and token.
-    fn peer_of(&self, parts: &http::request::Parts) -> Option<String> {
+    /// Whether the request carries a registered peer's id and token.
+    fn peer_of(&self, parts: &http::request::Parts) -> PeerCheck {
         let get = |name| {
             parts
                 .headers
@@ -422,10 +489,17 @@ impl Server {
                 .and_then(|v: &HeaderValue| v.to_str().ok())
                 .filter(|v| !v.is_empty())
         };
-        let (id, token) = (get(PEER_ID_HEADER)?, get(PEER_TOKEN_HEADER)?);
+        let (Some(id), Some(token)) = (get(PEER_ID_HEADER), get(PEER_TOKEN_HEADER)) else {
+            return PeerCheck::NotPeer;
+        };
         let peers = self.inner.peers.lock().unwrap_or_else(|p| p.into_inner());
-        let link = peers.get(id)?;
-        constant_time_eq(link.token.as_bytes(), token.as_bytes()).then(|| id.to_owned())
+        match peers.get(id) {
+            None => PeerCheck::Refused("unknown peer id"),
+            Some(link) if constant_time_eq(link.token.as_bytes(), token.as_bytes()) => {
+                PeerCheck::Peer(id.to_owned())
+            }
+            Some(_) => PeerCheck::Refused("wrong peer token"),
+        }
     }
 
     async fn run_session<S>(

@@ -283,17 +283,47 @@ impl ProxyEnv {
     /// `HTTPS_PROXY` and `https_proxy`. Tests use this instead of changing the process
     /// environment.
     pub fn from_lookup(lookup: &dyn Fn(&str) -> Option<String>) -> Self {
+        Self::read(lookup, &mut |name, error| {
+            tracing::warn!(variable = name, %error, "ignoring invalid proxy setting");
+        })
+    }
+
+    /// Reads the settings from the process environment, failing on the first unparseable
+    /// proxy value instead of ignoring it (Go's dial fails on one too): a program can check
+    /// its environment once at start-up.
+    pub fn try_from_process_env() -> Result<Self, InvalidProxySetting> {
+        Self::try_from_lookup(&|name| std::env::var(name).ok())
+    }
+
+    /// [`try_from_process_env`](Self::try_from_process_env) through `lookup`.
+    pub fn try_from_lookup(
+        lookup: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, InvalidProxySetting> {
+        let mut first = None;
+        let env = Self::read(lookup, &mut |name, error| {
+            first.get_or_insert(InvalidProxySetting {
+                variable: name,
+                error: Box::new(error),
+            });
+        });
+        first.map_or(Ok(env), Err)
+    }
+
+    fn read(
+        lookup: &dyn Fn(&str) -> Option<String>,
+        on_invalid: &mut dyn FnMut(&'static str, ConnectError),
+    ) -> Self {
         let any = |names: [&str; 2]| {
             names
                 .into_iter()
                 .find_map(|name| lookup(name).filter(|v| !v.is_empty()))
         };
-        let proxy = |names: [&str; 2]| {
+        let mut proxy = |names: [&'static str; 2]| {
             let value = any(names)?;
             match ProxyUrl::parse(&value) {
                 Ok(url) => Some(url),
                 Err(error) => {
-                    tracing::warn!(variable = names[0], %error, "ignoring invalid proxy setting");
+                    on_invalid(names[0], error);
                     None
                 }
             }
@@ -335,6 +365,16 @@ impl ProxyEnv {
         }
         Ok(Some(proxy))
     }
+}
+
+/// A proxy variable that does not parse (see [`ProxyEnv::try_from_process_env`]).
+#[derive(Debug, thiserror::Error)]
+#[error("invalid {variable}: {error}")]
+pub struct InvalidProxySetting {
+    /// The variable's upper-case name (`HTTP_PROXY`, `HTTPS_PROXY`).
+    pub variable: &'static str,
+    /// Why its value was refused (boxed: a `ConnectError` is large).
+    pub error: Box<ConnectError>,
 }
 
 /// Go's `useProxy` checks the literal name `localhost` (case-sensitively) and loopback IPs,
@@ -505,6 +545,19 @@ mod tests {
             Err(ConnectError::InvalidProxy { .. })
         ));
         assert!(e.proxy_for(true, "example.com", 443).unwrap().is_some());
+    }
+
+    #[test]
+    fn env_strict_reading_names_the_invalid_variable() {
+        let err = ProxyEnv::try_from_lookup(&|n| (n == "HTTPS_PROXY").then(|| "::bad".to_owned()))
+            .expect_err("invalid");
+        assert_eq!(err.variable, "HTTPS_PROXY");
+        assert!(ProxyEnv::try_from_lookup(
+            &|n| (n == "http_proxy").then(|| "http://p:3128".to_owned())
+        )
+        .expect("valid")
+        .http_proxy
+        .is_some());
     }
 
     #[test]

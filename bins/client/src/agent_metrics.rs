@@ -1,0 +1,192 @@
+//! rd-client's `--metrics-listen`: Prometheus metrics of the agent's session and a health
+//! endpoint that says whether a session is up.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use rd_client::StateObserver;
+use rd_proto::Target;
+use rd_session::SessionObserver;
+use tokio::net::TcpListener;
+
+/// The agent's metrics; shared by the client (as observer) and the HTTP endpoint.
+#[derive(Debug)]
+pub struct AgentMetrics {
+    registry: Registry,
+    up: AtomicBool,
+    session_up: Gauge,
+    sessions: Counter,
+    redials: Counter,
+    streams: Gauge,
+    streams_opened: Counter,
+    transmit_bytes: Counter,
+    receive_bytes: Counter,
+}
+
+impl AgentMetrics {
+    /// Every metric registered, with the process metrics and build info.
+    pub fn new() -> Self {
+        let mut m = Self {
+            registry: Registry::default(),
+            up: AtomicBool::new(false),
+            session_up: Gauge::default(),
+            sessions: Counter::default(),
+            redials: Counter::default(),
+            streams: Gauge::default(),
+            streams_opened: Counter::default(),
+            transmit_bytes: Counter::default(),
+            receive_bytes: Counter::default(),
+        };
+        let r = &mut m.registry;
+        crate::process_metrics::register(r, env!("CARGO_PKG_VERSION"), env!("RD_COMMIT"));
+        let rd = r.sub_registry_with_prefix("rd_client");
+        rd.register(
+            "session_up",
+            "1 while a session with the tunnel server is established, else 0",
+            m.session_up.clone(),
+        );
+        rd.register(
+            "sessions",
+            "Sessions established since start",
+            m.sessions.clone(),
+        );
+        rd.register(
+            "reconnects",
+            "Times the agent waited to connect again after a failed attempt or a lost session",
+            m.redials.clone(),
+        );
+        rd.register(
+            "streams",
+            "Connections the server opened through this agent that are open now",
+            m.streams.clone(),
+        );
+        rd.register(
+            "streams_opened",
+            "Connections the server opened through this agent since start",
+            m.streams_opened.clone(),
+        );
+        rd.register(
+            "transmit_bytes",
+            "Payload bytes sent to the tunnel server",
+            m.transmit_bytes.clone(),
+        );
+        rd.register(
+            "receive_bytes",
+            "Payload bytes received from the tunnel server",
+            m.receive_bytes.clone(),
+        );
+        m
+    }
+
+    fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).ok();
+        out
+    }
+}
+
+impl SessionObserver for AgentMetrics {
+    fn stream_opened(&self, _target: &Target) {
+        self.streams.inc();
+        self.streams_opened.inc();
+    }
+    fn stream_closed(&self, _target: &Target) {
+        self.streams.dec();
+    }
+    fn transmitted(&self, bytes: usize) {
+        self.transmit_bytes.inc_by(bytes as u64);
+    }
+    fn received(&self, bytes: usize) {
+        self.receive_bytes.inc_by(bytes as u64);
+    }
+}
+
+impl StateObserver for AgentMetrics {
+    fn session_up(&self) {
+        self.up.store(true, Ordering::Relaxed);
+        self.session_up.set(1);
+        self.sessions.inc();
+    }
+    fn session_down(&self) {
+        self.up.store(false, Ordering::Relaxed);
+        self.session_up.set(0);
+    }
+    fn redialing(&self) {
+        self.redials.inc();
+    }
+}
+
+fn response(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    r
+}
+
+fn route(metrics: &AgentMetrics, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    const TEXT: &str = "text/plain; charset=utf-8";
+    match req.uri().path() {
+        "/metrics" => response(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics.encode(),
+        ),
+        // Healthy means useful: the agent serves the server only while a session is up.
+        "/healthz" if metrics.up.load(Ordering::Relaxed) => {
+            response(StatusCode::OK, TEXT, "ok: session up\n".into())
+        }
+        "/healthz" => response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            TEXT,
+            "no session with the tunnel server\n".into(),
+        ),
+        _ => response(StatusCode::NOT_FOUND, TEXT, "404 page not found\n".into()),
+    }
+}
+
+/// Serves /metrics and /healthz on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, metrics: Arc<AgentMetrics>) {
+    loop {
+        let (tcp, _) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics listener: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let r = route(&metrics, &req);
+                async move { Ok::<_, std::convert::Infallible>(r) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(tcp), service);
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "metrics connection ended with an error");
+            }
+        });
+    }
+}
+
+/// The address the metrics listener is bound to, for the `listening on` line.
+pub fn local_addr(listener: &TcpListener) -> std::io::Result<SocketAddr> {
+    listener.local_addr()
+}
