@@ -197,7 +197,7 @@ impl Client {
             r = connect_websocket_negotiated(&self.inner.url, &self.inner.options) => r?,
             () = cancel.cancelled() => return Ok(SessionEnd::Local),
         };
-        tracing::info!(url = %self.inner.url, flow_control = extensions.flow_control(), "Connected to proxy");
+        tracing::info!(url = %self.inner.url, flow_control = extensions.flow_control(), half_close = extensions.half_close, "Connected to proxy");
         let session = SessionBuilder::client()
             .config(self.inner.session_config.clone())
             .extensions(extensions)

@@ -339,6 +339,13 @@ impl Session {
         self.streams.get(id).map(|s| s.recv.held().unread)
     }
 
+    /// Whether stream `id` is still on the wire: false once it has ended (both directions
+    /// finished, an Error either way, SyncConnections, the session's end) and for unknown
+    /// ids. A half-closed stream is open.
+    pub fn is_stream_open(&self, id: ConnId) -> bool {
+        self.streams.get(id).is_some_and(Stream::on_wire)
+    }
+
     /// The target a stream was opened for.
     pub fn target(&self, id: ConnId) -> Option<&Target> {
         self.streams.get(id).map(|s| &s.target)
