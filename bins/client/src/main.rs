@@ -54,6 +54,11 @@ struct Args {
     /// a Go server always gets Pause/Resume) or `pause` (Go's Pause/Resume even with rd).
     #[arg(long, value_enum, default_value_t = FlowControl::Credit)]
     flow_control: FlowControl,
+    /// Do not offer rd's half-close extension. With it (the default, used when the server is
+    /// rd) a forwarded connection whose one side shuts down writing keeps the other direction
+    /// open, as TCP does; without it (and always with a Go server) that shutdown closes both.
+    #[arg(long)]
+    no_half_close: bool,
 }
 
 /// `--flow-control`.
@@ -80,9 +85,9 @@ fn build(args: &Args) -> Result<Client, String> {
         tls = tls.with_ca_file(ca);
     }
     let id = HeaderValue::try_from(args.id.as_str()).map_err(|e| format!("invalid id: {e}"))?;
-    let extensions = match args.flow_control {
-        FlowControl::Credit => Extensions::SUPPORTED,
-        FlowControl::Pause => Extensions::NONE,
+    let extensions = Extensions {
+        credit: args.flow_control == FlowControl::Credit,
+        half_close: !args.no_half_close,
     };
     let mut builder = ClientBuilder::new(&args.connect)
         .connect_options(ConnectOptions::default().with_tls(tls))
@@ -172,5 +177,9 @@ mod tests {
             "Bearer x"
         );
         assert!(parse(&["rd-client", "--allow", "nocolon"]).is_err());
+        let c =
+            parse(&["rd-client", "-no-half-close", "-flow-control", "pause"]).expect("go style");
+        assert!(c.no_half_close);
+        assert!(!parse(&["rd-client"]).expect("defaults").no_half_close);
     }
 }
