@@ -627,7 +627,9 @@ impl Session {
         let after = s.recv.held();
         let reader_was_waiting = s.recv.take_waiting();
         self.budget.apply(before, after);
-        if s.life == Lifecycle::FinSent {
+        if s.fin_sent {
+            // Both directions are done. (A released stream waiting to send Error `EOF` after
+            // its Fin no longer needs to: the peer has finished writing too.)
             self.leave_wire(conn_id, StreamEnd::Finished);
             return;
         }
@@ -807,6 +809,7 @@ impl Session {
             // Fin already in, both directions are done.
             let done = s.peer_fin;
             s.life = Lifecycle::FinSent;
+            s.fin_sent = true;
             if !done {
                 s.assert_invariants();
             }

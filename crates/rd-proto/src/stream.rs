@@ -76,6 +76,10 @@ pub(crate) struct Stream {
     /// The peer sent Fin: it writes no more, and our reader sees EOF once the buffer is
     /// drained (half-close only).
     pub(crate) peer_fin: bool,
+    /// We sent Fin. Usually `life == FinSent` says so, but a stream released after its Fin
+    /// goes back to `Finishing` to send Error `EOF` (nobody reads the peer's direction), and
+    /// must neither send a second Fin nor wait for that Error once the peer's Fin arrives.
+    pub(crate) fin_sent: bool,
     pub(crate) end: Option<StreamEnd>,
     pub(crate) recv: RecvHalf,
     pub(crate) send: SendHalf,
@@ -94,6 +98,7 @@ impl Stream {
             life: Lifecycle::Open,
             half_close: config.half_close,
             peer_fin: false,
+            fin_sent: false,
             end: None,
             recv: RecvHalf::new(config),
             send: SendHalf::new(config.credit),
@@ -118,7 +123,7 @@ impl Stream {
     /// it closes both ways with Error `EOF`, as with Go, instead of letting the peer write
     /// into the void.
     pub(crate) fn sends_fin(&self) -> bool {
-        self.half_close && (self.peer_fin || !self.released)
+        self.half_close && !self.fin_sent && (self.peer_fin || !self.released)
     }
 
     /// Whether the scheduler has something to send for this stream right now: Data the
@@ -149,6 +154,7 @@ impl Stream {
                 "a peer's Fin counts only with half-close"
             );
             if self.life == Lifecycle::FinSent {
+                debug_assert!(self.fin_sent, "FinSent after a Fin");
                 debug_assert!(self.half_close, "Fin is sent only with half-close");
                 debug_assert!(self.send.is_empty(), "no Data after our Fin");
                 debug_assert!(!self.peer_fin, "both Fins: the stream is off the wire");

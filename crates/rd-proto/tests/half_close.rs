@@ -336,3 +336,27 @@ fn half_closed_streams_stay_through_sync_and_hear_of_a_local_close() {
         )))
     );
 }
+
+#[test]
+fn a_release_after_our_fin_then_the_peers_fin_sends_nothing_more() {
+    // Found by the proptest: the released stream went back to sending its end and, once the
+    // peer's Fin arrived, sent a second Fin.
+    let mut sim = Sim::new(half_close());
+    let id = open_from_server(&mut sim);
+    sim.finish(Side::Client, id).unwrap();
+    sim.finish(Side::Server, id).unwrap();
+    sim.pump(Side::Client);
+    sim.pump(Side::Server);
+    // The client lets go before the server's Fin arrives.
+    sim.release(Side::Client, id);
+    sim.deliver(Dir::ServerToClient, usize::MAX);
+    sim.flush();
+    assert_eq!(sim.client.sent_of_type(FIN).len(), 1);
+    assert!(sim.client.sent_of_type(ERROR).is_empty());
+    assert!(sim.server.sent_of_type(ERROR).is_empty());
+    assert_eq!(sim.client.session.stats().streams, 0);
+    assert_eq!(
+        closed(&sim.server.take_events()),
+        [(id, StreamEnd::Finished)]
+    );
+}
