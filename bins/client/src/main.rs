@@ -98,6 +98,11 @@ struct Args {
     /// a Go server always gets Pause/Resume) or `pause` (Go's Pause/Resume even with rd).
     #[arg(long, env = "RD_FLOW_CONTROL", value_enum, default_value_t = FlowControl::Credit)]
     flow_control: FlowControl,
+    /// Do not offer rd's half-close extension. With it (the default, used when the server is
+    /// rd) a forwarded connection whose one side shuts down writing keeps the other direction
+    /// open, as TCP does; without it (and always with a Go server) that shutdown closes both.
+    #[arg(long, env = "RD_NO_HALF_CLOSE")]
+    no_half_close: bool,
 }
 
 /// `--flow-control`.
@@ -156,9 +161,9 @@ async fn build(args: &Args, metrics: Option<Arc<AgentMetrics>>) -> Result<Client
         (None, Some(path)) => Some(read_secret(path).map_err(|e| format!("--token-file {e}"))?),
         (None, None) => None,
     };
-    let extensions = match args.flow_control {
-        FlowControl::Credit => Extensions::SUPPORTED,
-        FlowControl::Pause => Extensions::NONE,
+    let extensions = Extensions {
+        credit: args.flow_control == FlowControl::Credit,
+        half_close: !args.no_half_close,
     };
     let mut builder = ClientBuilder::new(&args.connect)
         .connect_options(
@@ -288,5 +293,9 @@ mod tests {
             "Bearer x"
         );
         assert!(parse(&["rd-client", "--allow", "nocolon"]).is_err());
+        let c =
+            parse(&["rd-client", "-no-half-close", "-flow-control", "pause"]).expect("go style");
+        assert!(c.no_half_close);
+        assert!(!parse(&["rd-client"]).expect("defaults").no_half_close);
     }
 }

@@ -253,6 +253,7 @@ impl Client {
         tracing::info!(
             url = %self.inner.url,
             flow_control = extensions.flow_control(),
+            half_close = extensions.half_close,
             "connected to the tunnel server"
         );
         let mut builder = SessionBuilder::client()

@@ -140,6 +140,8 @@ pub fn decode(mut buf: Bytes) -> Result<Frame, DecodeError> {
         MessageType::RemoveClient => Message::RemoveClient(client_session(&buf)?),
         MessageType::Pause => Message::Pause { conn_id },
         MessageType::Resume => Message::Resume { conn_id },
+        // Header only, like Pause: trailing bytes are ignored.
+        MessageType::Fin => Message::Fin { conn_id },
         MessageType::SyncConnections => {
             if buf.len() % 8 != 0 {
                 return Err(DecodeError::BadSyncLength { len: buf.len() });

@@ -52,6 +52,11 @@ pub struct Config {
     /// Use rd's credit extension instead of Pause/Resume (both ends must have negotiated it
     /// at the upgrade; see docs/protocol.md). Off by default: Go peers never speak it.
     pub credit: bool,
+    /// Use rd's half-close extension (both ends must have negotiated it at the upgrade; see
+    /// docs/protocol.md): [`Session::finish`](crate::Session::finish) sends Fin, which ends
+    /// only this side's writing, instead of Error `EOF`, which closes both directions. Off by
+    /// default: Go peers never speak it.
+    pub half_close: bool,
     /// The largest credit window a stream's receiver auto-tunes to; at most
     /// [`stream_receive_cap`](Self::stream_receive_cap).
     pub credit_max_window: usize,
@@ -85,6 +90,7 @@ impl Default for Config {
             session_receive_ceiling: 192 * 1024 * 1024,
             session_receive_cap: 256 * 1024 * 1024,
             credit: false,
+            half_close: false,
             credit_max_window: 32 * 1024 * 1024,
             stream_send_buffer: 256 * 1024,
             max_data_payload: 32 * 1024,

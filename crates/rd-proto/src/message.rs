@@ -1,5 +1,5 @@
-//! The eight remotedialer messages (plus rd's negotiated Credit), one variant each, and their
-//! wire encoding.
+//! The eight remotedialer messages (plus rd's negotiated Credit and Fin), one variant each, and
+//! their wire encoding.
 
 use std::fmt;
 
@@ -50,6 +50,9 @@ pub enum MessageType {
     /// rd extension (negotiated, never sent to Go peers): the receiver lets the sender send
     /// this many more bytes on a connection.
     Credit = 64,
+    /// rd extension (negotiated, never sent to Go peers): the sender has finished writing on a
+    /// connection (half-close); it still reads.
+    Fin = 65,
 }
 
 impl MessageType {
@@ -65,6 +68,7 @@ impl MessageType {
             7 => Self::Resume,
             8 => Self::SyncConnections,
             64 => Self::Credit,
+            65 => Self::Fin,
             _ => return None,
         })
     }
@@ -145,6 +149,13 @@ pub enum Message {
         /// Bytes granted, added to what the sender may still send.
         increment: u32,
     },
+    /// rd's half-close extension: the sender sends no more Data on the connection, and still
+    /// takes the peer's. Only sent when both ends negotiated the extension at the upgrade;
+    /// header only, no payload.
+    Fin {
+        /// The connection.
+        conn_id: ConnId,
+    },
     /// A type this implementation does not know; receivers ignore it, as Go does.
     Unknown {
         /// The type code.
@@ -179,6 +190,7 @@ impl fmt::Debug for Message {
             Self::SyncConnections { ids } => {
                 f.debug_struct("SyncConnections").field("ids", ids).finish()
             }
+            Self::Fin { conn_id } => f.debug_struct("Fin").field("conn_id", conn_id).finish(),
             Self::Credit { conn_id, increment } => f
                 .debug_struct("Credit")
                 .field("conn_id", conn_id)
@@ -215,6 +227,7 @@ impl Message {
             Self::Resume { .. } => MessageType::Resume as i64,
             Self::SyncConnections { .. } => MessageType::SyncConnections as i64,
             Self::Credit { .. } => MessageType::Credit as i64,
+            Self::Fin { .. } => MessageType::Fin as i64,
             Self::Unknown { type_code, .. } => *type_code,
         }
     }
@@ -228,6 +241,7 @@ impl Message {
             | Self::Pause { conn_id }
             | Self::Resume { conn_id }
             | Self::Credit { conn_id, .. }
+            | Self::Fin { conn_id }
             | Self::Unknown { conn_id, .. } => *conn_id,
             Self::AddClient(_) | Self::RemoveClient(_) | Self::SyncConnections { .. } => ConnId(0),
         }
@@ -243,7 +257,7 @@ impl Message {
             }
             Self::SyncConnections { ids } => ids.len() * 8,
             Self::Credit { increment, .. } => varint_len(i64::from(*increment)),
-            Self::Pause { .. } | Self::Resume { .. } | Self::Unknown { .. } => 0,
+            Self::Pause { .. } | Self::Resume { .. } | Self::Fin { .. } | Self::Unknown { .. } => 0,
         }
     }
 
@@ -276,7 +290,7 @@ impl Message {
             Self::AddClient(c) | Self::RemoveClient(c) => buf.put_slice(c.to_string().as_bytes()),
             Self::SyncConnections { ids } => ids.iter().for_each(|id| buf.put_i64_le(*id)),
             Self::Credit { increment, .. } => put_varint(buf, i64::from(*increment)),
-            Self::Pause { .. } | Self::Resume { .. } | Self::Unknown { .. } => {}
+            Self::Pause { .. } | Self::Resume { .. } | Self::Fin { .. } | Self::Unknown { .. } => {}
         }
     }
 
@@ -371,6 +385,8 @@ mod tests {
         assert_eq!(hex(&eof, 3), "060206454f46");
         assert_eq!(hex(&Message::Pause { conn_id: c }, 4), "08020c");
         assert_eq!(hex(&Message::Resume { conn_id: c }, 5), "0a020e");
+        // rd's half-close: header only, type 65 (zig-zag 130 = `82 01`).
+        assert_eq!(hex(&Message::Fin { conn_id: c }, 5), "0a028201");
         let sync = Message::SyncConnections { ids: vec![2, 3, 7] };
         assert_eq!(
             hex(&sync, 6),

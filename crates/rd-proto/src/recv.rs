@@ -125,6 +125,11 @@ impl RecvHalf {
         self.reader_waiting = false;
     }
 
+    /// Whether the reader was waiting; it no longer is.
+    pub(crate) fn take_waiting(&mut self) -> bool {
+        std::mem::take(&mut self.reader_waiting)
+    }
+
     fn assert_invariants(&self, config: &Config) {
         if cfg!(debug_assertions) {
             debug_assert_eq!(

@@ -341,6 +341,13 @@ impl Session {
         self.streams.get(id).map(|s| s.recv.held().unread)
     }
 
+    /// Whether stream `id` is still on the wire: false once it has ended (both directions
+    /// finished, an Error either way, SyncConnections, the session's end) and for unknown
+    /// ids. A half-closed stream is open.
+    pub fn is_stream_open(&self, id: ConnId) -> bool {
+        self.streams.get(id).is_some_and(Stream::on_wire)
+    }
+
     /// The target a stream was opened for.
     pub fn target(&self, id: ConnId) -> Option<&Target> {
         self.streams.get(id).map(|s| &s.target)
@@ -421,6 +428,7 @@ impl Session {
             Message::Pause { conn_id } => self.on_pause(conn_id, true),
             Message::Resume { conn_id } => self.on_pause(conn_id, false),
             Message::Credit { conn_id, increment } => self.on_credit(conn_id, increment),
+            Message::Fin { conn_id } => self.on_fin(conn_id),
             Message::SyncConnections { ids } => self.on_sync(now, &ids),
             Message::Unknown { type_code, conn_id } => {
                 tracing::debug!(type_code, %conn_id, "ignoring message of unknown type");
@@ -437,7 +445,7 @@ impl Session {
     fn on_data(&mut self, now: Instant, conn_id: ConnId, payload: Bytes) {
         let n = payload.len();
         let pressure = self.pressure(conn_id);
-        let Some(s) = self.streams.get_mut(conn_id).filter(|s| s.receiving()) else {
+        let Some(s) = self.streams.get_mut(conn_id).filter(|s| s.on_wire()) else {
             let text = format!(
                 "connection not found {}/{}/{}",
                 self.identity.client_key, self.identity.session_key, conn_id
@@ -445,6 +453,12 @@ impl Session {
             self.queue_control(&Message::Error { conn_id, text });
             return;
         };
+        if s.peer_fin {
+            // The peer said it writes no more: it broke the extension's contract (an ordered
+            // websocket cannot bring Data from before its Fin after it).
+            self.reset(conn_id, DATA_AFTER_FIN).ok();
+            return;
+        }
         if s.released {
             // Nobody will read it; the stream is only waiting for its EOF to go out.
             return;
@@ -504,7 +518,7 @@ impl Session {
         let mut ignorers: Vec<(usize, ConnId)> = self
             .streams
             .iter()
-            .filter(|(_, s)| s.receiving() && s.recv.since_pause() > 0)
+            .filter(|(_, s)| s.accepts_data() && s.recv.since_pause() > 0)
             .map(|(id, s)| (s.recv.since_pause(), *id))
             .collect();
         let mut total: usize = ignorers.iter().map(|(n, _)| n).sum();
@@ -526,7 +540,7 @@ impl Session {
     fn on_connect(&mut self, now: Instant, conn_id: ConnId, target: Target) {
         if let Some(s) = self.streams.get(conn_id) {
             const IN_USE: &str = "connection id already in use";
-            if s.receiving() {
+            if s.on_wire() {
                 // Go would silently replace the live connection; refusing keeps both ends sane.
                 self.reset(conn_id, IN_USE).ok();
             } else {
@@ -560,7 +574,7 @@ impl Session {
     }
 
     fn on_error(&mut self, conn_id: ConnId, text: String) {
-        let Some(s) = self.streams.get(conn_id).filter(|s| s.receiving()) else {
+        let Some(s) = self.streams.get(conn_id).filter(|s| s.on_wire()) else {
             return;
         };
         let end = if text == EOF_TEXT {
@@ -569,14 +583,14 @@ impl Session {
             StreamEnd::PeerError(text.clone())
         };
         // Go's close path always writes an Error back; Go peers ignore it as an unknown id.
-        if s.life != Lifecycle::FinSent {
+        if s.life != Lifecycle::EofSent {
             self.queue_control(&Message::Error { conn_id, text });
         }
         self.leave_wire(conn_id, end);
     }
 
     fn on_pause(&mut self, conn_id: ConnId, paused: bool) {
-        let Some(s) = self.streams.get_mut(conn_id).filter(|s| s.receiving()) else {
+        let Some(s) = self.streams.get_mut(conn_id).filter(|s| s.on_wire()) else {
             return;
         };
         s.send.set_paused_by_peer(paused);
@@ -588,7 +602,7 @@ impl Session {
             tracing::debug!(%conn_id, "ignoring credit: the extension was not negotiated");
             return;
         }
-        let Some(s) = self.streams.get_mut(conn_id).filter(|s| s.receiving()) else {
+        let Some(s) = self.streams.get_mut(conn_id).filter(|s| s.on_wire()) else {
             return;
         };
         s.send.add_credit(increment);
@@ -599,6 +613,43 @@ impl Session {
         self.streams.schedule(conn_id);
     }
 
+    /// The peer's Fin (half-close): it writes no more on `conn_id`. Our reader sees EOF once
+    /// the buffer is drained; our writer goes on. With our own Fin already sent, both
+    /// directions are done and the stream leaves the wire. Fin for an unknown or closed
+    /// stream, a second Fin, and Fin on a session without the extension are ignored (the
+    /// last as Go ignores types it does not know).
+    fn on_fin(&mut self, conn_id: ConnId) {
+        if !self.config.half_close {
+            tracing::debug!(%conn_id, "ignoring fin: the extension was not negotiated");
+            return;
+        }
+        let Some(s) = self.streams.get_mut(conn_id).filter(|s| s.accepts_data()) else {
+            return;
+        };
+        s.peer_fin = true;
+        // The peer sends no more Data, so the credit granted to it will never be used.
+        let before = s.recv.held();
+        s.recv.void_credit();
+        let after = s.recv.held();
+        let reader_was_waiting = s.recv.take_waiting();
+        self.budget.apply(before, after);
+        if s.fin_sent {
+            // Both directions are done. (A released stream waiting to send Error `EOF` after
+            // its Fin no longer needs to: the peer has finished writing too.)
+            self.leave_wire(conn_id, StreamEnd::Finished);
+            return;
+        }
+        if let Some(s) = self.streams.get(conn_id) {
+            s.assert_invariants();
+        }
+        // A stream the application released waits for a Fin (rather than its Error `EOF`)
+        // now that the peer is done too.
+        self.streams.schedule(conn_id);
+        if reader_was_waiting {
+            self.events.push_back(Event::StreamReadable { id: conn_id });
+        }
+    }
+
     fn on_sync(&mut self, now: Instant, ids: &[i64]) {
         let listed: HashSet<i64> = ids.iter().copied().collect();
         let grace = self.config.sync_interval.unwrap_or(Duration::from_secs(60));
@@ -606,7 +657,7 @@ impl Session {
             .streams
             .iter()
             .filter(|(id, s)| {
-                s.receiving()
+                s.on_wire()
                     && !listed.contains(&id.0)
                     // A Connect still in flight when the peer took its snapshot is not listed
                     // yet (rancher/rancher#54512); only streams older than a sync interval count.
@@ -691,7 +742,13 @@ impl Session {
         let mut ids: Vec<i64> = self
             .streams
             .iter()
-            .filter(|(_, s)| matches!(s.life, Lifecycle::Open | Lifecycle::Finishing))
+            // A half-closed stream is live: one direction still carries Data.
+            .filter(|(_, s)| {
+                matches!(
+                    s.life,
+                    Lifecycle::Open | Lifecycle::Finishing | Lifecycle::FinSent
+                )
+            })
             .map(|(id, _)| id.0)
             .collect();
         ids.sort_unstable();
@@ -753,9 +810,24 @@ impl Session {
                 self.events.push_back(Event::StreamWritable { id });
             }
             msg
+        } else if s.sends_fin() {
+            // Only the Fin is left: it goes after all of the stream's Data. With the peer's
+            // Fin already in, both directions are done.
+            let done = s.peer_fin;
+            s.life = Lifecycle::FinSent;
+            s.fin_sent = true;
+            if !done {
+                s.assert_invariants();
+            }
+            let message_id = self.message_id();
+            let fin = Message::Fin { conn_id: id }.to_bytes(message_id);
+            if done {
+                self.leave_wire(id, StreamEnd::Finished);
+            }
+            return Some(fin);
         } else {
             // Only the EOF is left: it goes after all of the stream's Data.
-            s.life = Lifecycle::FinSent;
+            s.life = Lifecycle::EofSent;
             if s.is_done() {
                 self.remove(id);
             }
@@ -845,12 +917,15 @@ impl Session {
             let outcome = match &s.end {
                 Some(StreamEnd::Finished) => Ok(ReadOutcome::Eof),
                 Some(end) => Err(StreamError::Closed(end.clone())),
+                // Half-closed by the peer: its direction ended cleanly, ours may go on.
+                None if s.peer_fin => Ok(ReadOutcome::Eof),
                 None => return Err(StreamError::Blocked),
             };
             s.recv.stop_waiting();
             return outcome;
         };
-        let receiving = s.receiving();
+        // No Pause, Resume or Credit for a direction the peer has finished.
+        let receiving = s.accepts_data();
         self.budget.apply(before, s.recv.held());
         if receiving {
             self.send_signal(id, signal);
@@ -862,9 +937,12 @@ impl Session {
         Ok(ReadOutcome::Data(chunk))
     }
 
-    /// Ends the application's writing: Error `EOF` goes out after the queued Data. Reading
-    /// goes on until the peer's Error arrives (the protocol has no half-close, so the peer
-    /// closes its side on our EOF).
+    /// Ends the application's writing; the end goes out after the queued Data.
+    ///
+    /// With [`Config::half_close`] that end is Fin: the peer's reader sees EOF and its writer
+    /// goes on, and the stream leaves the wire once both sides have sent Fin (or either sent
+    /// an Error). Without it, as with Go, it is Error `EOF`, which closes both directions:
+    /// reading goes on only until the peer's Error arrives.
     pub fn finish(&mut self, id: ConnId) -> Result<(), StreamError> {
         let s = self.streams.get_mut(id).ok_or(StreamError::Unknown(id))?;
         if s.life != Lifecycle::Open {
@@ -882,7 +960,8 @@ impl Session {
         if s.life == Lifecycle::Gone {
             return Ok(());
         }
-        let already_sent_eof = s.life == Lifecycle::FinSent;
+        // After our Error `EOF` the peer has forgotten the stream; after a Fin it has not.
+        let already_sent_eof = s.life == Lifecycle::EofSent;
         let before = s.recv.held();
         s.recv.discard();
         self.budget.apply(before, s.recv.held());
@@ -908,6 +987,11 @@ impl Session {
         self.budget.apply(before, s.recv.held());
         if s.life == Lifecycle::Open {
             self.finish(id).ok();
+        } else if s.life == Lifecycle::FinSent {
+            // Half-closed, and the peer still writes to a reader that is gone: close both
+            // ways with Error `EOF` (see `Stream::sends_fin`).
+            s.life = Lifecycle::Finishing;
+            self.streams.schedule(id);
         } else if s.is_done() {
             self.remove(id);
         } else {
@@ -936,17 +1020,19 @@ impl Session {
         }
         for id in self.streams.ids() {
             let notify_peer = end == SessionEnd::Local
-                && self
-                    .streams
-                    .get(id)
-                    .is_some_and(|s| matches!(s.life, Lifecycle::Open | Lifecycle::Finishing));
+                && self.streams.get(id).is_some_and(|s| {
+                    matches!(
+                        s.life,
+                        Lifecycle::Open | Lifecycle::Finishing | Lifecycle::FinSent
+                    )
+                });
             if notify_peer {
                 self.queue_control(&Message::Error {
                     conn_id: id,
                     text: StreamEnd::Disconnected.to_string(),
                 });
             }
-            if self.streams.get(id).is_some_and(|s| s.receiving()) {
+            if self.streams.get(id).is_some_and(|s| s.on_wire()) {
                 self.leave_wire(id, StreamEnd::Disconnected);
             }
         }
@@ -974,6 +1060,9 @@ impl Session {
         );
     }
 }
+
+/// Error text for Data that arrives after the peer's Fin.
+const DATA_AFTER_FIN: &str = "data after fin";
 
 fn next_after(at: Instant, interval: Duration, now: Instant) -> Instant {
     let next = at + interval;

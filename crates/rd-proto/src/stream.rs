@@ -44,14 +44,20 @@ impl fmt::Display for StreamEnd {
     }
 }
 
-/// Where a stream is in its life, as the websocket sees it.
+/// Where a stream is in its life, as the websocket sees it. This is our writing side and the
+/// stream's presence on the wire; the peer's writing side is [`Stream::peer_fin`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Lifecycle {
-    /// Both directions open.
+    /// We may write.
     Open,
-    /// The application finished: Error `EOF` goes out once queued Data has.
+    /// The application finished (or released the stream): our end goes out once queued Data
+    /// has. The end is Fin or Error `EOF`, as [`Stream::sends_fin`] says when it goes.
     Finishing,
-    /// Error `EOF` sent; we still take Data until the peer's Error arrives.
+    /// Error `EOF` sent: the connection is closed both ways (Go's semantics). We still take
+    /// Data until the peer's Error arrives.
+    EofSent,
+    /// Fin sent (half-close extension): we write no more, the peer may until its own Fin.
+    /// A stream never stays here once the peer's Fin has arrived: both ends done is `Gone`.
     FinSent,
     /// Gone from the wire; the entry only serves the application's last reads.
     Gone,
@@ -65,6 +71,15 @@ pub(crate) struct Stream {
     pub(crate) origin: Origin,
     pub(crate) opened_at: Instant,
     pub(crate) life: Lifecycle,
+    /// The half-close extension is in force (both ends negotiated it).
+    pub(crate) half_close: bool,
+    /// The peer sent Fin: it writes no more, and our reader sees EOF once the buffer is
+    /// drained (half-close only).
+    pub(crate) peer_fin: bool,
+    /// We sent Fin. Usually `life == FinSent` says so, but a stream released after its Fin
+    /// goes back to `Finishing` to send Error `EOF` (nobody reads the peer's direction), and
+    /// must neither send a second Fin nor wait for that Error once the peer's Fin arrives.
+    pub(crate) fin_sent: bool,
     pub(crate) end: Option<StreamEnd>,
     pub(crate) recv: RecvHalf,
     pub(crate) send: SendHalf,
@@ -81,6 +96,9 @@ impl Stream {
             origin,
             opened_at: now,
             life: Lifecycle::Open,
+            half_close: config.half_close,
+            peer_fin: false,
+            fin_sent: false,
             end: None,
             recv: RecvHalf::new(config),
             send: SendHalf::new(config.credit),
@@ -89,9 +107,23 @@ impl Stream {
         }
     }
 
-    /// Whether Data from the peer is still expected.
-    pub(crate) fn receiving(&self) -> bool {
+    /// Whether the stream still exists for the peer: its Errors, Pause, Resume and Credit
+    /// apply, and SyncConnections may close it.
+    pub(crate) fn on_wire(&self) -> bool {
         self.life != Lifecycle::Gone
+    }
+
+    /// Whether Data from the peer is still expected: on the wire and no Fin from the peer.
+    pub(crate) fn accepts_data(&self) -> bool {
+        self.on_wire() && !self.peer_fin
+    }
+
+    /// How our writing ends: Fin (half-close) when the extension is in force, except for a
+    /// stream the application released while the peer still writes. Nobody reads that one, so
+    /// it closes both ways with Error `EOF`, as with Go, instead of letting the peer write
+    /// into the void.
+    pub(crate) fn sends_fin(&self) -> bool {
+        self.half_close && !self.fin_sent && (self.peer_fin || !self.released)
     }
 
     /// Whether the scheduler has something to send for this stream right now: Data the
@@ -107,7 +139,7 @@ impl Stream {
 
     /// Whether the entry can be dropped: nothing left for the wire or the application.
     pub(crate) fn is_done(&self) -> bool {
-        self.released && matches!(self.life, Lifecycle::Gone | Lifecycle::FinSent)
+        self.released && matches!(self.life, Lifecycle::Gone | Lifecycle::EofSent)
     }
 
     pub(crate) fn assert_invariants(&self) {
@@ -116,6 +148,19 @@ impl Stream {
             if self.life == Lifecycle::Gone {
                 debug_assert!(self.send.is_empty(), "a stream off the wire sends nothing");
                 debug_assert!(self.end.is_some(), "a stream off the wire has an end");
+            }
+            debug_assert!(
+                !self.peer_fin || self.half_close,
+                "a peer's Fin counts only with half-close"
+            );
+            if self.life == Lifecycle::FinSent {
+                debug_assert!(self.fin_sent, "FinSent after a Fin");
+                debug_assert!(self.half_close, "Fin is sent only with half-close");
+                debug_assert!(self.send.is_empty(), "no Data after our Fin");
+                debug_assert!(!self.peer_fin, "both Fins: the stream is off the wire");
+            }
+            if self.life == Lifecycle::EofSent {
+                debug_assert!(self.send.is_empty(), "no Data after our EOF");
             }
         }
     }

@@ -59,6 +59,7 @@ fn type_name(code: i64) -> &'static str {
         Some(MessageType::Resume) => "Resume",
         Some(MessageType::SyncConnections) => "SyncConnections",
         Some(MessageType::Credit) => "Credit",
+        Some(MessageType::Fin) => "Fin",
         None => "Unknown",
     }
 }
@@ -144,8 +145,8 @@ fn check_message(section: &str, index: usize, m: &Value) -> String {
             assert_eq!(ids, &want, "{ctx} sync ids");
             assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ctx} sorted");
         }
-        Message::Unknown { .. } | Message::Credit { .. } => {
-            panic!("{ctx}: Go never sent an unknown type or rd's Credit")
+        Message::Unknown { .. } | Message::Credit { .. } | Message::Fin { .. } => {
+            panic!("{ctx}: Go never sent an unknown type or rd's Credit or Fin")
         }
     }
 

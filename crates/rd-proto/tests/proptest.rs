@@ -62,10 +62,12 @@ fn message() -> impl Strategy<Value = Message> {
         client_session().prop_map(Message::RemoveClient),
         conn_id().prop_map(|conn_id| Message::Pause { conn_id }),
         conn_id().prop_map(|conn_id| Message::Resume { conn_id }),
+        conn_id().prop_map(|conn_id| Message::Fin { conn_id }),
         proptest::collection::vec(any::<i64>(), 0..64)
             .prop_map(|ids| Message::SyncConnections { ids }),
         (
-            any::<i64>().prop_filter("known type", |c| !(1..=8).contains(c)),
+            any::<i64>().prop_filter("known type", |c| !(1..=8).contains(c)
+                && !(64..=65).contains(c)),
             conn_id()
         )
             .prop_map(|(type_code, conn_id)| Message::Unknown { type_code, conn_id }),
@@ -194,6 +196,11 @@ enum Op {
 }
 
 fn op() -> impl Strategy<Value = Op> {
+    op_with_finish_weight(2)
+}
+
+/// [`op`] with finishes `finish` times as likely as there (half-close runs want many).
+fn op_with_finish_weight(finish: u32) -> impl Strategy<Value = Op> {
     let pick = 0usize..4;
     // Weights: mostly writes and deliveries, reads smaller than writes so buffers fill up and
     // flow control kicks in; closing a whole session is rare.
@@ -203,7 +210,7 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(server, pick, len)| Op::Write { server, pick, len }),
         50 => (any::<bool>(), pick.clone(), 1usize..2500)
             .prop_map(|(server, pick, max)| Op::Read { server, pick, max }),
-        2 => (any::<bool>(), pick.clone()).prop_map(|(server, pick)| Op::Finish { server, pick }),
+        finish => (any::<bool>(), pick.clone()).prop_map(|(server, pick)| Op::Finish { server, pick }),
         2 => (any::<bool>(), pick.clone()).prop_map(|(server, pick)| Op::Reset { server, pick }),
         2 => (any::<bool>(), pick).prop_map(|(server, pick)| Op::Release { server, pick }),
         90 => (any::<bool>(), 1usize..8).prop_map(|(to_server, n)| Op::Deliver { to_server, n }),
@@ -260,8 +267,8 @@ fn side(server: bool) -> Side {
     }
 }
 
-fn run(ops: Vec<Op>) {
-    let mut sim = Sim::new(small_config());
+fn run(ops: Vec<Op>, config: Config) {
+    let mut sim = Sim::new(config);
     let mut ids: Vec<ConnId> = Vec::new();
     // (writer, id) -> bytes written; (reader, id) -> bytes read.
     let mut written: HashMap<(bool, ConnId), usize> = HashMap::new();
@@ -401,7 +408,30 @@ proptest! {
 
     #[test]
     fn random_operations_keep_session_invariants(ops in proptest::collection::vec(op(), 1..300)) {
-        run(ops);
+        run(ops, small_config());
+    }
+
+    /// The same with rd's half-close extension (and credit or Pause/Resume): the common
+    /// harness then also checks that no Data follows a Fin, that reads after the peer's Fin
+    /// never wait, and that a stream ends cleanly only once both sides sent Fin.
+    #[test]
+    fn random_operations_with_half_close_keep_session_invariants(
+        ops in proptest::collection::vec(op_with_finish_weight(12), 1..300),
+        credit in any::<bool>(),
+    ) {
+        let mut config = small_config();
+        config.half_close = true;
+        if credit {
+            // Each direction starts with 32 KiB of credit: the caps must allow it.
+            config.credit = true;
+            config.stream_receive_cap = 48 * 1024;
+            config.credit_max_window = 48 * 1024;
+            config.session_receive_budget = 96 * 1024;
+            config.session_receive_ceiling = 96 * 1024;
+            config.session_receive_cap = 128 * 1024;
+            config.validate().unwrap();
+        }
+        run(ops, config);
     }
 }
 

@@ -108,6 +108,7 @@ async fn run_link(
                 metrics.peer_connected(&id);
                 tracing::info!(
                     flow_control = extensions.flow_control(),
+                    half_close = extensions.half_close,
                     "connected to peer"
                 );
                 let started = Instant::now();

@@ -565,6 +565,7 @@ impl Server {
         metrics.session_added(client_key, peer);
         tracing::info!(
             flow_control = handle.extensions().flow_control(),
+            half_close = handle.extensions().half_close,
             "Handling backend connection request [{client_key}]"
         );
         let end = driver.await;

@@ -3,11 +3,12 @@
 //!
 //! Each direction is copied until its source ends, and then only the *write* side of its
 //! destination is shut down, as TCP half-close would: the other direction keeps flowing.
-//! With the Go protocol a tunnel stream has no half-close (an EOF either way closes the
-//! connection on the agent's side in both directions), so once the tunnel has delivered
-//! its end and no longer accepts writes, the splice ends at once instead of waiting for the
-//! local side to close too. When an rd-to-rd half-close exists, the tunnel stays writable
-//! after its EOF and this code carries the half-closed connection unchanged.
+//! With rd's half-close extension (an rd agent) that is what the agent sees too: a local
+//! client that shuts down writing gets the whole answer. With the Go protocol a tunnel
+//! stream has no half-close (an EOF either way closes the connection on the agent's side in
+//! both directions), so once the tunnel stream has ended (left the wire) and its last bytes
+//! are delivered, the splice ends at once instead of waiting for the local side to close
+//! too; the same holds for a half-closed stream the agent resets later.
 
 use std::future::Future;
 use std::io;
@@ -48,8 +49,8 @@ pub enum SpliceError {
 }
 
 /// Copies `local` to `tunnel` and `tunnel` to `local` until both directions have ended (or
-/// the tunnel has ended and no longer takes writes, which is always the case with the Go
-/// protocol). A local failure resets the tunnel stream with the error's text, so the agent
+/// the tunnel stream has ended and delivered its last bytes, which with the Go protocol is
+/// at its EOF). A local failure resets the tunnel stream with the error's text, so the agent
 /// drops its connection at once; a tunnel failure is returned for the caller to log, and
 /// the local connection is closed when the caller drops it.
 pub async fn splice<L>(tunnel: TunnelStream, local: L) -> Result<Spliced, SpliceError>
@@ -178,10 +179,11 @@ impl<L: AsyncRead + AsyncWrite + Unpin> Splice<L> {
         }
     }
 
-    /// Whether the tunnel stream still takes writes after delivering its end: never with the
-    /// Go protocol, whose EOF closes both directions.
-    fn tunnel_writable(&self, cx: &mut Context<'_>) -> bool {
-        !matches!(self.tunnel.poll_write_shared(cx, &[]), Poll::Ready(Err(_)))
+    /// Whether the tunnel stream has left the wire (registering `cx` for when it does): at
+    /// once after its EOF with the Go protocol, whose EOF closes both directions; with
+    /// half-close only after both Fins or a reset.
+    fn tunnel_closed(&self, cx: &mut Context<'_>) -> bool {
+        self.tunnel.poll_closed(cx).is_ready()
     }
 }
 
@@ -194,9 +196,10 @@ impl<L: AsyncRead + AsyncWrite + Unpin> Future for Splice<L> {
         let inbound = this.poll_in(cx)?;
         match (out, inbound) {
             (Poll::Ready(()), Poll::Ready(())) => Poll::Ready(Ok(this.moved)),
-            (Poll::Pending, Poll::Ready(())) if !this.tunnel_writable(cx) => {
-                // The agent closed the connection both ways; a local side that keeps its
-                // half open would otherwise hold this task and its socket forever.
+            (Poll::Pending, Poll::Ready(())) if this.tunnel_closed(cx) => {
+                // The agent closed the connection both ways (or reset it after its half
+                // close); a local side that keeps its half open would otherwise hold this
+                // task and its socket forever.
                 Poll::Ready(Ok(this.moved))
             }
             _ => Poll::Pending,
@@ -208,7 +211,7 @@ impl<L: AsyncRead + AsyncWrite + Unpin> Future for Splice<L> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use rd_session::{BoxedIo, ConnectRefused, SessionBuilder, SessionHandle};
+    use rd_session::{BoxedIo, ConnectRefused, Extensions, SessionBuilder, SessionHandle};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio_tungstenite::tungstenite::protocol::Role;
     use tokio_tungstenite::WebSocketStream;
@@ -220,11 +223,20 @@ mod tests {
     async fn session(
         serve: impl Fn() -> BoxedIo + Send + Sync + 'static,
     ) -> (SessionHandle, SessionHandle) {
+        session_with(Extensions::NONE, serve).await
+    }
+
+    /// [`session`] with `extensions` negotiated on both ends.
+    async fn session_with(
+        extensions: Extensions,
+        serve: impl Fn() -> BoxedIo + Send + Sync + 'static,
+    ) -> (SessionHandle, SessionHandle) {
         let (a, b) = tokio::io::duplex(256 * 1024);
         let server_ws = WebSocketStream::from_raw_socket(a, Role::Server, None).await;
         let client_ws = WebSocketStream::from_raw_socket(b, Role::Client, None).await;
         let serve = std::sync::Arc::new(serve);
         let client = SessionBuilder::client()
+            .extensions(extensions)
             .connect_handler(move |target: rd_proto::Target| {
                 let serve = serve.clone();
                 async move {
@@ -235,7 +247,10 @@ mod tests {
                 }
             })
             .spawn(client_ws);
-        (SessionBuilder::server("foo", 1).spawn(server_ws), client)
+        let server = SessionBuilder::server("foo", 1)
+            .extensions(extensions)
+            .spawn(server_ws);
+        (server, client)
     }
 
     fn echo() -> BoxedIo {
@@ -307,6 +322,78 @@ mod tests {
         let moved = tokio::time::timeout(BOUND, task)
             .await
             .expect("the splice ends once the agent has closed")
+            .unwrap()
+            .unwrap();
+        assert_eq!(moved.from_tunnel, 4);
+        drop(user);
+    }
+
+    #[tokio::test]
+    async fn with_half_close_the_echo_is_complete_after_the_users_shutdown() {
+        let (server, _client) = session_with(Extensions::SUPPORTED, echo).await;
+        let tunnel = server.dial_addr("tcp", "127.0.0.1:7").unwrap();
+        let (mut user, local) = tokio::io::duplex(8 * 1024);
+        let task = tokio::spawn(splice(tunnel, local));
+        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+        let (mut r, mut w) = tokio::io::split(&mut user);
+        let sent = data.clone();
+        let write = async move {
+            w.write_all(&sent).await.unwrap();
+            w.shutdown().await.unwrap();
+        };
+        let read = async move {
+            let mut got = Vec::new();
+            r.read_to_end(&mut got).await.unwrap();
+            got
+        };
+        let ((), got) = tokio::time::timeout(BOUND, async { tokio::join!(write, read) })
+            .await
+            .unwrap();
+        assert!(
+            got == data,
+            "the whole echo, {} of {} bytes",
+            got.len(),
+            data.len()
+        );
+        let moved = tokio::time::timeout(BOUND, task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(moved.to_tunnel, 1_000_000);
+        assert_eq!(moved.from_tunnel, 1_000_000);
+    }
+
+    #[tokio::test]
+    async fn with_half_close_the_splice_ends_when_the_agent_goes_though_the_user_is_silent() {
+        // The target says hello and shuts down writing, but keeps reading.
+        let (server, client) = session_with(Extensions::SUPPORTED, || {
+            let (mut service, io) = tokio::io::duplex(1024);
+            tokio::spawn(async move {
+                service.write_all(b"bye\n").await.ok();
+                service.shutdown().await.ok();
+                let mut rest = Vec::new();
+                service.read_to_end(&mut rest).await.ok();
+            });
+            Box::new(io)
+        })
+        .await;
+        let tunnel = server.dial_addr("tcp", "127.0.0.1:7").unwrap();
+        let (mut user, local) = tokio::io::duplex(1024);
+        let task = tokio::spawn(splice(tunnel, local));
+        let mut got = Vec::new();
+        tokio::time::timeout(BOUND, user.read_to_end(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, b"bye\n");
+        // Half-closed: the user could still write. The agent's session now ends instead,
+        // and the splice must notice although neither of its sides moves.
+        assert!(!task.is_finished());
+        client.close();
+        let moved = tokio::time::timeout(BOUND, task)
+            .await
+            .expect("the splice ends once the agent's stream has ended")
             .unwrap()
             .unwrap();
         assert_eq!(moved.from_tunnel, 4);

@@ -443,6 +443,9 @@ async fn readers_that_stall_the_whole_session_do_not_get_it_killed_by_keepalive(
     let mut config = fast_keepalive();
     config.session_receive_budget = 2 << 20;
     config.session_receive_ceiling = 2 << 20;
+    // Go's fixed 2 MiB mark (no adaptation), so that the first paused stream reaches the
+    // ceiling whatever order the three streams' data arrives in.
+    config.pause_floor = config.high_watermark;
     let ts = serve(
         Server::builder(TunnelIdHeader)
             .session_config(config.clone())

@@ -252,7 +252,7 @@ where
                 Event::StreamWritable { id } => inner.wake_stream(id, false, true),
                 Event::StreamClosed { id, ref end } => {
                     tracing::debug!(conn_id = %id, %end, "stream closed");
-                    inner.wake_stream(id, true, true);
+                    inner.wake_ended(id);
                 }
                 Event::LimitExceeded(limit) => self.limits.push(limit),
                 other => self.events.push(other),
@@ -454,7 +454,7 @@ impl<S> Drop for SessionDriver<S> {
         }
         let ids: Vec<_> = inner.streams.keys().copied().collect();
         for id in ids {
-            inner.wake_stream(id, true, true);
+            inner.wake_ended(id);
         }
         drop(inner);
         self.cancel.cancel();

@@ -15,23 +15,43 @@ pub const EXTENSIONS_HEADER: &str = "x-rd-extensions";
 /// The token for per-stream credit flow control ([`Config::credit`]).
 pub const CREDIT: &str = "credit";
 
+/// The token for half-close ([`Config::half_close`]): a stream's shutdown ends only its
+/// sender's direction.
+pub const HALF_CLOSE: &str = "half-close";
+
 /// A set of rd protocol extensions.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Extensions {
     /// Per-stream credit instead of Pause/Resume.
     pub credit: bool,
+    /// Half-close: Fin ends one direction of a stream, where Go's Error `EOF` ends both.
+    pub half_close: bool,
 }
 
 impl Extensions {
     /// Everything this build speaks.
-    pub const SUPPORTED: Self = Self { credit: true };
+    pub const SUPPORTED: Self = Self {
+        credit: true,
+        half_close: true,
+    };
 
     /// None: the plain Go protocol.
-    pub const NONE: Self = Self { credit: false };
+    pub const NONE: Self = Self {
+        credit: false,
+        half_close: false,
+    };
 
     /// The header value naming these extensions, `None` for the empty set (no header).
     pub fn header_value(self) -> Option<HeaderValue> {
-        self.credit.then(|| HeaderValue::from_static(CREDIT))
+        let tokens: Vec<&str> = [(self.credit, CREDIT), (self.half_close, HALF_CLOSE)]
+            .into_iter()
+            .filter_map(|(on, token)| on.then_some(token))
+            .collect();
+        if tokens.is_empty() {
+            return None;
+        }
+        // Tokens are ASCII constants, so the value is always valid.
+        HeaderValue::from_str(&tokens.join(", ")).ok()
     }
 
     /// The extensions named in `headers` (comma-separated tokens, unknown ones ignored).
@@ -42,6 +62,8 @@ impl Extensions {
             for token in text.split(',').map(str::trim) {
                 if token.eq_ignore_ascii_case(CREDIT) {
                     found.credit = true;
+                } else if token.eq_ignore_ascii_case(HALF_CLOSE) {
+                    found.half_close = true;
                 }
             }
         }
@@ -52,6 +74,7 @@ impl Extensions {
     pub fn intersect(self, other: Self) -> Self {
         Self {
             credit: self.credit && other.credit,
+            half_close: self.half_close && other.half_close,
         }
     }
 
@@ -67,6 +90,7 @@ impl Extensions {
     /// Sets the session config to what was negotiated.
     pub fn apply(self, config: &mut Config) {
         config.credit = self.credit;
+        config.half_close = self.half_close;
     }
 }
 
@@ -86,11 +110,37 @@ mod tests {
                 .expect("supported is not empty"),
         );
         assert_eq!(Extensions::from_headers(&headers), Extensions::SUPPORTED);
+        assert_eq!(
+            Extensions::SUPPORTED.header_value().expect("not empty"),
+            "credit, half-close"
+        );
+        headers.insert(
+            EXTENSIONS_HEADER,
+            HeaderValue::from_static("future-thing, Half-Close"),
+        );
+        assert_eq!(
+            Extensions::from_headers(&headers),
+            Extensions {
+                credit: false,
+                half_close: true
+            }
+        );
         headers.insert(
             EXTENSIONS_HEADER,
             HeaderValue::from_static("half-close, Credit"),
         );
-        assert!(Extensions::from_headers(&headers).credit);
+        assert_eq!(Extensions::from_headers(&headers), Extensions::SUPPORTED);
+        let credit_only = Extensions {
+            credit: true,
+            half_close: false,
+        };
+        assert_eq!(credit_only.header_value().expect("not empty"), "credit");
+        assert_eq!(Extensions::SUPPORTED.intersect(credit_only), credit_only);
+        let mut config = Config::default();
+        Extensions::SUPPORTED.apply(&mut config);
+        assert!(config.credit && config.half_close);
+        Extensions::NONE.apply(&mut config);
+        assert!(!config.credit && !config.half_close);
         headers.insert(
             EXTENSIONS_HEADER,
             HeaderValue::from_static("something-else"),

@@ -100,8 +100,11 @@ impl SessionHandle {
 
     /// The rd extensions in force on this session (none with a Go peer).
     pub fn extensions(&self) -> Extensions {
+        let inner = self.shared.lock();
+        let config = inner.proto.config();
         Extensions {
-            credit: self.shared.lock().proto.config().credit,
+            credit: config.credit,
+            half_close: config.half_close,
         }
     }
 

@@ -129,40 +129,20 @@ pub(crate) async fn serve(
     .await;
 }
 
-/// Copies both ways until either direction ends, then closes both, as Go's pipe does (the
-/// protocol has no half-close). A clean end finishes the stream with EOF when it is dropped.
+/// Copies both ways between the tunnel stream and a local connection.
+///
+/// With rd's half-close extension ([`TunnelStream::half_close`]) each direction is copied to
+/// its end and then only the other side's write half is shut down, as TCP half-close does:
+/// a client that writes its request, shuts down writing and reads the answer gets all of it.
+/// The pipe is done once both directions are (or once the tunnel stream has ended and its
+/// last received bytes are written). Without it, as Go's pipe does, it stops as soon as
+/// either direction ends, and the caller closes both (the protocol has no half-close); a
+/// clean end finishes the stream with EOF when it is dropped.
 pub async fn pipe(
     tunnel: &TunnelStream,
     local: impl AsyncRead + AsyncWrite + Send,
 ) -> io::Result<()> {
     let (mut local_read, mut local_write) = tokio::io::split(local);
-    let outbound = async {
-        // Idle streams are the common case (thousands of kept-alive connections): start
-        // with a small buffer and take a large one as soon as the stream carries data.
-        let mut buf = vec![0u8; FIRST_READ];
-        loop {
-            let mut n = local_read.read(&mut buf).await?;
-            if n == 0 {
-                return Ok(());
-            }
-            if buf.len() < PIPE_BUFFER {
-                let mut big = vec![0u8; PIPE_BUFFER];
-                big[..n].copy_from_slice(&buf[..n]);
-                buf = big;
-                // Whatever else has already arrived goes out in the same Data message, as
-                // Go's 32 KiB copy would send it; a read that would wait is simply dropped.
-                if n == FIRST_READ {
-                    if let Some(more) = local_read.read(&mut buf[n..]).now_or_never() {
-                        n += more?;
-                    }
-                }
-            }
-            let mut sent = 0;
-            while sent < n {
-                sent += tunnel.write_shared(&buf[sent..n]).await?;
-            }
-        }
-    };
     let inbound = async {
         let mut chunks = Vec::new();
         while tunnel.read_chunks(256 * 1024, &mut chunks).await? > 0 {
@@ -171,9 +151,55 @@ pub async fn pipe(
         local_write.flush().await?;
         local_write.shutdown().await
     };
-    tokio::select! {
-        r = outbound => r,
-        r = inbound => r,
+    if !tunnel.half_close() {
+        tokio::select! {
+            r = copy_out(tunnel, &mut local_read) => r,
+            r = inbound => r,
+        }
+    } else {
+        let outbound = async {
+            tokio::select! {
+                r = copy_out(tunnel, &mut local_read) => r?,
+                // The peer reset or closed the stream: nothing more can go out, and a
+                // local side that never writes again must not hold the pipe open.
+                () = tunnel.closed() => return Ok(()),
+            }
+            // The local side shut down writing: so does the tunnel (Fin); reading goes on.
+            tunnel.shutdown_shared().await
+        };
+        tokio::try_join!(outbound, inbound).map(|_| ())
+    }
+}
+
+/// Copies the local connection into the tunnel until the local side's EOF.
+async fn copy_out(
+    tunnel: &TunnelStream,
+    local_read: &mut (impl AsyncRead + Unpin),
+) -> io::Result<()> {
+    // Idle streams are the common case (thousands of kept-alive connections): start with a
+    // small buffer and take a large one as soon as the stream carries data.
+    let mut buf = vec![0u8; FIRST_READ];
+    loop {
+        let mut n = local_read.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        if buf.len() < PIPE_BUFFER {
+            let mut big = vec![0u8; PIPE_BUFFER];
+            big[..n].copy_from_slice(&buf[..n]);
+            buf = big;
+            // Whatever else has already arrived goes out in the same Data message, as Go's
+            // 32 KiB copy would send it; a read that would wait is simply dropped.
+            if n == FIRST_READ {
+                if let Some(more) = local_read.read(&mut buf[n..]).now_or_never() {
+                    n += more?;
+                }
+            }
+        }
+        let mut sent = 0;
+        while sent < n {
+            sent += tunnel.write_shared(&buf[sent..n]).await?;
+        }
     }
 }
 

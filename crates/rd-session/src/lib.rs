@@ -56,7 +56,7 @@ mod stream;
 pub use backoff::Backoff;
 pub use driver::{AnnouncementFn, SessionDriver};
 pub use error::{error_chain, DialError, StreamClosed};
-pub use extensions::{Extensions, CREDIT, EXTENSIONS_HEADER};
+pub use extensions::{Extensions, CREDIT, EXTENSIONS_HEADER, HALF_CLOSE};
 pub use handle::{SessionBuilder, SessionHandle};
 pub use incoming::{pipe, BoxFuture, BoxedIo, ConnectHandler, ConnectRefused, LocalIo, RefuseAll};
 pub use observer::{NoObserver, SessionObserver};

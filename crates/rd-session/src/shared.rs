@@ -18,6 +18,8 @@ use crate::observer::SessionObserver;
 pub(crate) struct Wakers {
     pub(crate) read: Option<Waker>,
     pub(crate) write: Option<Waker>,
+    /// A task waiting for the stream to leave the wire ([`crate::TunnelStream::poll_closed`]).
+    pub(crate) closed: Option<Waker>,
 }
 
 #[derive(Debug)]
@@ -47,6 +49,23 @@ impl Inner {
                     wr.wake();
                 }
             }
+        }
+    }
+
+    /// The stream ended (or the session did): wakes everyone waiting on it.
+    pub(crate) fn wake_ended(&mut self, id: ConnId) {
+        self.wake_stream(id, true, true);
+        if let Some(c) = self.streams.get_mut(&id).and_then(|w| w.closed.take()) {
+            c.wake();
+        }
+    }
+
+    /// Registers the task waiting for the stream to leave the wire.
+    pub(crate) fn register_closed(&mut self, id: ConnId, waker: &Waker) {
+        let slot = &mut self.streams.entry(id).or_default().closed;
+        match slot {
+            Some(w) if w.will_wake(waker) => {}
+            _ => *slot = Some(waker.clone()),
         }
     }
 

@@ -16,11 +16,17 @@ use crate::shared::Shared;
 
 /// One virtual connection through the tunnel.
 ///
-/// Reads return the peer's bytes, then `Ok(0)` when the peer closed cleanly (Error `EOF`) or
-/// an `io::Error` carrying the peer's text otherwise ([`StreamClosed`] inside). Writes
-/// complete only once the bytes fit in the stream's send buffer, so a paused peer slows the
-/// writer down. `shutdown` sends Error `EOF` after the written bytes; so does dropping the
-/// stream. The protocol has no half-close: the peer closes both directions on EOF.
+/// Reads return the peer's bytes, then `Ok(0)` when the peer closed cleanly (Error `EOF`, or
+/// Fin with half-close) or an `io::Error` carrying the peer's text otherwise
+/// ([`StreamClosed`] inside). Writes complete only once the bytes fit in the stream's send
+/// buffer, so a paused peer slows the writer down.
+///
+/// `shutdown` ends this side's writing after the written bytes. When the session negotiated
+/// rd's half-close extension ([`half_close`](Self::half_close)) that is all it does, as
+/// TCP's `shutdown(Write)`: the peer reads EOF and may go on writing, and this side keeps
+/// reading. Otherwise (any Go peer) it sends Error `EOF`, which closes both directions: the
+/// Go protocol has no half-close. Dropping the stream closes it: after the written bytes,
+/// Fin if the peer has finished too, else Error `EOF` (nobody reads any more).
 pub struct TunnelStream {
     shared: Arc<Shared>,
     id: ConnId,
@@ -56,6 +62,29 @@ impl TunnelStream {
     /// as both its local and its remote address.
     pub fn local_addr(&self) -> &Target {
         &self.target
+    }
+
+    /// Whether rd's half-close extension is in force on this stream's session: `shutdown`
+    /// then ends only this side's writing (see the type's documentation).
+    pub fn half_close(&self) -> bool {
+        self.shared.lock().proto.config().half_close
+    }
+
+    /// `Ready` once the stream has left the wire: both directions finished, an Error either
+    /// way, or the session ended. A half-closed stream is still open. Registers `cx` to be
+    /// woken then (one waiting task per stream).
+    pub fn poll_closed(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut inner = self.shared.lock();
+        if !inner.proto.is_stream_open(self.id) {
+            return Poll::Ready(());
+        }
+        inner.register_closed(self.id, cx.waker());
+        Poll::Pending
+    }
+
+    /// Async form of [`poll_closed`](Self::poll_closed).
+    pub async fn closed(&self) {
+        poll_fn(|cx| self.poll_closed(cx)).await;
     }
 
     /// The client key of the session this stream runs on.
@@ -238,6 +267,14 @@ impl AsyncWrite for TunnelStream {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_shutdown_shared(cx)
+    }
+}
+
+impl TunnelStream {
+    /// `AsyncWrite::poll_shutdown` through a shared reference: ends this side's writing
+    /// (Fin with half-close, else Error `EOF`) once the written bytes have gone out.
+    pub fn poll_shutdown_shared(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         {
             let mut inner = self.shared.lock();
             if let Err(e) = inner.proto.finish(self.id) {
@@ -250,6 +287,11 @@ impl AsyncWrite for TunnelStream {
             Poll::Ready(Err(_)) => Poll::Ready(Ok(())),
             other => other,
         }
+    }
+
+    /// Async form of [`poll_shutdown_shared`](Self::poll_shutdown_shared).
+    pub async fn shutdown_shared(&self) -> io::Result<()> {
+        poll_fn(|cx| self.poll_shutdown_shared(cx)).await
     }
 }
 

@@ -13,7 +13,12 @@
 //!   `receive_buffered` unchanged;
 //! - `receive_buffered <= session_receive_cap`;
 //! - no event for a stream after its `StreamClosed` (until a new stream takes the id), no
-//!   second `StreamClosed`, and no event at all after `SessionClosed`.
+//!   second `StreamClosed`, and no event at all after `SessionClosed`;
+//! - half-close: no Data after this side's Fin or Error for the stream; with the extension in
+//!   force, a read after the peer's Fin never waits (it returns data, EOF or the end), a read
+//!   returns EOF only after the peer's Fin or Error `EOF`, and a stream ends cleanly
+//!   (`StreamClosed` with `Finished`) only once both sides sent Fin, or the peer sent Error
+//!   `EOF`.
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -22,7 +27,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use rd_proto::{
     decode, Config, ConnId, Event, Frame, Identity, Message, OpenError, ProtocolError, ReadOutcome,
-    Session, SessionEnd, Side, StreamError, Target, Transmit,
+    Session, SessionEnd, Side, StreamEnd, StreamError, Target, Transmit,
 };
 
 /// One end of the simulated websocket.
@@ -51,6 +56,17 @@ pub struct Peer {
     pub input_stalls: usize,
     /// Per id, whether the last flow message this peer sent was Pause.
     last_flow_sent: HashMap<ConnId, bool>,
+    /// Ids this peer sent Fin for, in the stream's current life.
+    pub fin_sent: HashSet<ConnId>,
+    /// Ids this peer sent an Error for.
+    error_sent: HashSet<ConnId>,
+    /// Ids this peer was delivered a Fin for.
+    pub fin_received: HashSet<ConnId>,
+    /// Ids this peer was delivered Error `EOF` for.
+    eof_received: HashSet<ConnId>,
+    /// Streams that ended cleanly on Fins whose own Fin must be on the wire by the end of
+    /// the operation (it is sent by the very call that ends the stream).
+    fin_check: Vec<ConnId>,
 }
 
 impl Peer {
@@ -70,6 +86,26 @@ impl Peer {
             released: HashSet::new(),
             input_stalls: 0,
             last_flow_sent: HashMap::new(),
+            fin_sent: HashSet::new(),
+            error_sent: HashSet::new(),
+            fin_received: HashSet::new(),
+            eof_received: HashSet::new(),
+            fin_check: Vec::new(),
+        }
+    }
+
+    fn half_close(&self) -> bool {
+        self.session.config().half_close
+    }
+
+    /// Both Fins are on the wire for every stream that ended cleanly on Fins.
+    fn check_fins(&mut self) {
+        for id in self.fin_check.drain(..) {
+            assert!(
+                self.fin_sent.contains(&id),
+                "{:?}: stream {id} ended on the peer's Fin without our own",
+                self.session.side()
+            );
         }
     }
 
@@ -99,6 +135,10 @@ impl Peer {
         self.paused_by_peer.remove(&id);
         self.released.remove(&id);
         self.last_flow_sent.remove(&id);
+        self.fin_sent.remove(&id);
+        self.error_sent.remove(&id);
+        self.fin_received.remove(&id);
+        self.eof_received.remove(&id);
     }
 
     fn drain_events(&mut self) {
@@ -116,8 +156,16 @@ impl Peer {
                         "event after StreamClosed: {ev:?}"
                     );
                 }
-                Event::StreamClosed { id, .. } => {
+                Event::StreamClosed { id, end } => {
                     assert!(self.closed.insert(*id), "second StreamClosed: {ev:?}");
+                    if *end == StreamEnd::Finished && !self.eof_received.contains(id) {
+                        assert!(
+                            self.half_close() && self.fin_received.contains(id),
+                            "{:?}: {id} finished without the peer's Fin or EOF",
+                            self.session.side()
+                        );
+                        self.fin_check.push(*id);
+                    }
                 }
                 Event::SessionClosed(_) => self.session_closed = true,
                 Event::ClientAdded(_) | Event::ClientRemoved(_) | Event::LimitExceeded(_) => {}
@@ -248,10 +296,21 @@ impl Sim {
     }
 
     pub fn read(&mut self, side: Side, id: ConnId, max: usize) -> Result<ReadOutcome, StreamError> {
-        let r = self.peer(side).track(Some(id), |s| s.read(id, max));
-        if let Ok(ReadOutcome::Data(b)) = &r {
-            assert!(!b.is_empty() && b.len() <= max, "read size");
+        let p = self.peer(side);
+        let r = p.track(Some(id), |s| s.read(id, max));
+        match &r {
+            Ok(ReadOutcome::Data(b)) => assert!(!b.is_empty() && b.len() <= max, "read size"),
+            Ok(ReadOutcome::Eof) => assert!(
+                p.fin_received.contains(&id) || p.eof_received.contains(&id),
+                "{side:?}: EOF on {id} without the peer's Fin or EOF"
+            ),
+            Err(StreamError::Blocked) => assert!(
+                !(p.half_close() && p.fin_received.contains(&id)),
+                "{side:?}: a read of {id} waits after the peer's Fin"
+            ),
+            Err(_) => {}
         }
+        p.check_fins();
         r
     }
 
@@ -275,9 +334,19 @@ impl Sim {
 
     /// Feeds raw bytes to one side as if the other had sent them.
     pub fn inject(&mut self, to: Side, raw: Bytes) -> Result<(), ProtocolError> {
-        let id = decode(raw.clone()).ok().map(|f| f.message.conn_id());
+        let frame = decode(raw.clone()).ok();
+        let id = frame.as_ref().map(|f| f.message.conn_id());
         let now = self.now;
         let p = self.peer(to);
+        match frame.map(|f| f.message) {
+            Some(Message::Fin { conn_id }) => {
+                p.fin_received.insert(conn_id);
+            }
+            Some(Message::Error { conn_id, text }) if text == "EOF" => {
+                p.eof_received.insert(conn_id);
+            }
+            _ => {}
+        }
         let r = p.track(Some(id.unwrap_or(ConnId(0))), |s| {
             s.handle_message(now, raw)
         });
@@ -301,10 +370,26 @@ impl Sim {
                 let frame = decode(bytes.clone())
                     .unwrap_or_else(|e| panic!("{side:?} sent undecodable {bytes:?}: {e}"));
                 match &frame.message {
-                    Message::Data { conn_id, .. } => assert!(
-                        !p.paused_by_peer.contains(conn_id) || p.released.contains(conn_id),
-                        "{side:?} sent Data for {conn_id} while paused by the peer"
-                    ),
+                    Message::Data { conn_id, .. } => {
+                        assert!(
+                            !p.paused_by_peer.contains(conn_id) || p.released.contains(conn_id),
+                            "{side:?} sent Data for {conn_id} while paused by the peer"
+                        );
+                        assert!(
+                            !p.fin_sent.contains(conn_id) && !p.error_sent.contains(conn_id),
+                            "{side:?} sent Data for {conn_id} after its Fin or Error"
+                        );
+                    }
+                    Message::Fin { conn_id } => {
+                        assert!(p.half_close(), "{side:?} sent Fin without the extension");
+                        assert!(
+                            p.fin_sent.insert(*conn_id),
+                            "{side:?}: two Fins for {conn_id}"
+                        );
+                    }
+                    Message::Error { conn_id, .. } => {
+                        p.error_sent.insert(*conn_id);
+                    }
                     Message::Pause { conn_id } => {
                         let last = p.last_flow_sent.insert(*conn_id, true);
                         assert_ne!(last, Some(true), "{side:?}: two Pauses for {conn_id}");
@@ -325,6 +410,7 @@ impl Sim {
             }
             n += 1;
         }
+        self.peer(side).check_fins();
         n
     }
 
@@ -381,6 +467,12 @@ impl Sim {
                         Message::Resume { conn_id } => {
                             p.paused_by_peer.remove(&conn_id);
                         }
+                        Message::Fin { conn_id } => {
+                            p.fin_received.insert(conn_id);
+                        }
+                        Message::Error { conn_id, ref text } if text == "EOF" => {
+                            p.eof_received.insert(conn_id);
+                        }
                         _ => {}
                     }
                     let id = frame.message.conn_id();
@@ -388,6 +480,7 @@ impl Sim {
                     if let Err(e) = r {
                         p.errors.push(e);
                     }
+                    p.check_fins();
                 }
             }
         }
