@@ -81,8 +81,10 @@ pub fn guard_standard_fds() {
 pub fn guard_standard_fds() {}
 
 /// Logs to stderr at info (debug with `debug`); `RUST_LOG` overrides. The wire dump of every
-/// message (target `rd_proto::wire`) is on with `debug` or `CATTLE_TUNNEL_DATA_DEBUG=true`,
-/// as Go's `PrintTunnelData`.
+/// message (target `rd_proto::wire`: headers and sizes, never payloads) is on with `debug` or
+/// `CATTLE_TUNNEL_DATA_DEBUG=true`, as Go's `PrintTunnelData`; payload bytes (target
+/// `rd_proto::payload`) only with `RD_WIRE_PAYLOADS=true` as well, since they carry the
+/// tunnelled traffic's secrets.
 ///
 /// Lines go through a bounded queue to a writer thread that drops lines when the queue is
 /// full, so a stalled log reader never blocks the process; keep the guard until exit so the
@@ -91,7 +93,10 @@ pub fn init_tracing(debug: bool, format: LogFormat) -> tracing_appender::non_blo
     guard_standard_fds();
     let wire = debug || std::env::var("CATTLE_TUNNEL_DATA_DEBUG").is_ok_and(|v| v == "true");
     let base = if debug { "debug" } else { "info" };
-    let default = if wire {
+    let payloads = std::env::var("RD_WIRE_PAYLOADS").is_ok_and(|v| v == "true");
+    let default = if wire && payloads {
+        format!("{base},rd_proto::wire=trace,rd_proto::payload=trace")
+    } else if wire {
         format!("{base},rd_proto::wire=trace")
     } else {
         base.to_owned()
@@ -250,4 +255,15 @@ mod tests {
             assert!(err.to_string().contains(bad), "{err}");
         }
     }
+}
+
+/// The first line of a secret file, without its line ending. The error names the file,
+/// never its content.
+pub fn read_secret(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let secret = text.lines().next().unwrap_or("").trim().to_owned();
+    if secret.is_empty() {
+        return Err(format!("{}: empty", path.display()));
+    }
+    Ok(secret)
 }

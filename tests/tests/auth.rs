@@ -309,3 +309,39 @@ async fn peer_token_and_payloads_stay_out_of_debug_logs() {
         }
     }
 }
+
+/// `RD_WIRE_PAYLOADS=true` beside `-debug` is the one way payloads reach a log: the agent
+/// then logs the request and the answer byte for byte.
+#[tokio::test]
+async fn payloads_are_logged_only_with_the_explicit_switch() {
+    const PAYLOAD_SECRET: &str = "payload-secret-4242";
+    let dir = TempDir::new("auth-payloads");
+    std::fs::write(dir.path().join("s.txt"), format!("{PAYLOAD_SECRET}\n")).unwrap();
+    let (_dummy, target) = start_dummy(dir.path());
+    let (_server, server) = Proc::start_listening("rd-server", &["-listen", "127.0.0.1:0"]);
+    let connect = format!("ws://{server}/connect");
+    let client = Proc::start_with(
+        "rd-client",
+        &["-debug", "-connect", &connect, "-id", "foo"],
+        &[("RD_WIRE_PAYLOADS", "true")],
+        false,
+    );
+    let reply = poll_get(
+        server,
+        &format!("/client/foo/http/{target}/s.txt"),
+        START_BOUND,
+        |r| r.status == 200,
+    )
+    .await;
+    assert_eq!(reply.text(), format!("{PAYLOAD_SECRET}\n"));
+    let deadline = std::time::Instant::now() + START_BOUND;
+    while !client.stderr().contains(PAYLOAD_SECRET) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "RD_WIRE_PAYLOADS=true logged no payload:\n{}",
+            client.stderr()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(client.stderr().contains("rd_proto::payload"));
+}

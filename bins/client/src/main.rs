@@ -123,16 +123,6 @@ fn header(spec: &str) -> Result<(HeaderName, HeaderValue), String> {
     Ok((name, value))
 }
 
-/// The first line of a secret file. The error names the file, never its content.
-fn read_secret(path: &std::path::Path) -> Result<String, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let secret = text.lines().next().unwrap_or("").trim().to_owned();
-    if secret.is_empty() {
-        return Err(format!("{}: empty", path.display()));
-    }
-    Ok(secret)
-}
-
 /// Checks what cannot fix itself by retrying, then builds the client. Every error names the
 /// flag (or variable) at fault.
 async fn build(args: &Args, metrics: Option<Arc<AgentMetrics>>) -> Result<Client, String> {
@@ -158,7 +148,9 @@ async fn build(args: &Args, metrics: Option<Arc<AgentMetrics>>) -> Result<Client
     }
     let token = match (&args.token, &args.token_file) {
         (Some(t), _) => Some(t.clone()),
-        (None, Some(path)) => Some(read_secret(path).map_err(|e| format!("--token-file {e}"))?),
+        (None, Some(path)) => {
+            Some(cli::read_secret(path).map_err(|e| format!("--token-file {e}"))?)
+        }
         (None, None) => None,
     };
     let extensions = Extensions {

@@ -158,7 +158,9 @@ async fn check_config(args: &Args) -> Result<Checked, ConfigError> {
     cli::check_listen("--listen", &args.listen).map_err(ConfigError)?;
     let peers = parse_peers(&args.peers).map_err(ConfigError)?;
     let peer_token = match &args.token_file {
-        Some(path) => read_secret(path).map_err(|e| ConfigError(format!("--token-file {e}")))?,
+        Some(path) => {
+            cli::read_secret(path).map_err(|e| ConfigError(format!("--token-file {e}")))?
+        }
         None => args.token.clone(),
     };
     if !peers.is_empty() && (args.id.is_empty() || peer_token.is_empty()) {
@@ -199,17 +201,6 @@ async fn check_config(args: &Args) -> Result<Checked, ConfigError> {
         admin_auth,
         tls,
     })
-}
-
-/// The first line of a secret file, without its line ending. The error names the file,
-/// never its content.
-fn read_secret(path: &std::path::Path) -> Result<String, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let secret = text.lines().next().unwrap_or("").trim().to_owned();
-    if secret.is_empty() {
-        return Err(format!("{}: empty", path.display()));
-    }
-    Ok(secret)
 }
 
 /// What [`check_config`] built on the way.

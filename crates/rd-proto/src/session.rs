@@ -411,6 +411,11 @@ impl Session {
             }
         };
         tracing::trace!(target: "rd_proto::wire", message_id = frame.message_id, message = ?frame.message, "received");
+        if let Message::Data { conn_id, payload } = &frame.message {
+            // Application bytes (credentials, tokens) only on this separate target, which an
+            // operator must turn on explicitly (RD_WIRE_PAYLOADS in the binaries).
+            tracing::trace!(target: "rd_proto::payload", message_id = frame.message_id, %conn_id, ?payload, "received");
+        }
         match frame.message {
             Message::Data { conn_id, payload } => self.on_data(now, conn_id, payload),
             Message::Connect { conn_id, target } => self.on_connect(now, conn_id, target),

@@ -217,6 +217,7 @@ where
                 None => break,
                 Some(Transmit::Message(bytes)) => {
                     tracing::trace!(target: "rd_proto::wire", len = bytes.len(), "sending");
+                    tracing::trace!(target: "rd_proto::payload", message = ?bytes, "sending");
                     self.written_since_yield += bytes.len();
                     WsMessage::Binary(bytes)
                 }

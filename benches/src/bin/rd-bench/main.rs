@@ -298,6 +298,19 @@ async fn run(o: Options) -> Result<(), BoxError> {
             println!("\n{}", report::text_table(&longlink::rows(&r)));
             return Ok(());
         }
+        Some("bulk") => {
+            // One 1 GiB download per path, for quick A/B comparisons.
+            for p in &paths[..3] {
+                let r = load::bulk(p, "large.bin", large_size, 1).await?;
+                say(format!(
+                    "  {:<6} {:>8.1} MB/s ({} failed)",
+                    p.name,
+                    mb_per_s(r.bytes, r.elapsed),
+                    r.failed
+                ));
+            }
+            return Ok(());
+        }
         Some("slow-streams") => {
             println!("\n{}", report::text_table(&slow_stream_rows(10_000)?));
             return Ok(());
