@@ -82,6 +82,9 @@ pub struct Metrics {
     pub runtime_alive_tasks: Gauge,
     /// Limits the peers hit after the handshake, by limit (the `Config` field's name).
     pub limit_exceeded: Family<Labels, GoCounter>,
+    /// Sessions that ended, by why ([`SessionEnd::kind`](rd_proto::SessionEnd::kind)):
+    /// `unresponsive` is a dead link found by the answer timeout.
+    pub sessions_ended: Family<Labels, GoCounter>,
 }
 
 impl Default for Metrics {
@@ -116,6 +119,7 @@ impl Metrics {
             handshake_rejects: fam(),
             runtime_alive_tasks: Gauge::default(),
             limit_exceeded: fam(),
+            sessions_ended: fam(),
         };
         let go: [(&str, &str, &Family<Labels, GoCounter>); 10] = [
             (
@@ -221,6 +225,11 @@ impl Metrics {
             "Limits peers hit in sessions (stream and session receive caps, streams, pending connects, message size)",
             m.limit_exceeded.clone(),
         );
+        rd.register(
+            "sessions_ended",
+            "Sessions ended, by reason (local, peer_closed, keepalive_timeout, unresponsive, protocol, transport)",
+            m.sessions_ended.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             ..m
@@ -301,6 +310,12 @@ impl Metrics {
     pub(crate) fn limit_hit(&self, limit: &'static str) {
         self.limit_exceeded
             .get_or_create(&vec![("limit", limit.to_owned())])
+            .inc();
+    }
+
+    pub(crate) fn session_ended(&self, reason: &'static str) {
+        self.sessions_ended
+            .get_or_create(&vec![("reason", reason.to_owned())])
             .inc();
     }
 

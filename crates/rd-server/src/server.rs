@@ -503,3 +503,4 @@ impl Server {
         tracing::info!(reason = %end, "session ended [{client_key}]");
     }
 }
+        metrics.session_ended(end.kind());
