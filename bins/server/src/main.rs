@@ -63,6 +63,17 @@ struct Args {
     /// answering 200 (a refusal is answered 502 with the agent's text); 0 answers at once.
     #[arg(long, value_name = "DURATION", default_value = "100ms", value_parser = forwards::parse_duration)]
     connect_wait: Duration,
+    /// Ping a client that sent nothing for this long (Go's server never pings; Go and rd
+    /// clients ping every 5s themselves, so these go out only to quiet ones); 0 disables.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = forwards::parse_duration)]
+    ping_after: Duration,
+    /// Drop a client that pinged or answered pings before and then sent nothing for this
+    /// long (a dead link); 0 disables, leaving Go's 60s keepalive timeout.
+    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = forwards::parse_duration)]
+    answer_timeout: Duration,
+    /// Websocket upgrades in progress at once; more are answered 503 with Retry-After.
+    #[arg(long, value_name = "N", default_value_t = rd_server::DEFAULT_MAX_PENDING_HANDSHAKES)]
+    max_pending_handshakes: usize,
 }
 
 /// A `--peers` entry.
@@ -113,7 +124,13 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     for ca in &args.peer_ca_cert {
         peer_tls = peer_tls.with_ca_file(ca);
     }
+    let mut config = rd_proto::Config::default();
+    config.server_ping_after = (!args.ping_after.is_zero()).then_some(args.ping_after);
+    config.answer_timeout = (!args.answer_timeout.is_zero()).then_some(args.answer_timeout);
+    config.validate()?;
     let mut builder = Server::builder(TunnelIdHeader)
+        .session_config(config)
+        .max_pending_handshakes(args.max_pending_handshakes)
         .peer_connect_options(rd_client::ConnectOptions::default().with_tls(peer_tls));
     if !args.id.is_empty() && !args.token.is_empty() {
         builder = builder.peer_identity(&args.id, &args.token);

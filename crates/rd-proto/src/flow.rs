@@ -416,8 +416,10 @@ mod tests {
 
     #[test]
     fn credit_is_granted_in_halves_and_grows_while_the_reader_starves() {
-        let mut c = Config::default();
-        c.credit = true;
+        let c = Config {
+            credit: true,
+            ..Config::default()
+        };
         let now = Instant::now();
         let w = CREDIT_INITIAL_WINDOW as usize;
         // Granted credit past half the budget: growth must be earned.

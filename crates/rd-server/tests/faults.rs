@@ -650,7 +650,10 @@ async fn a_relay_that_stops_forwarding_is_found_by_both_ends_within_the_answer_t
 
     // The answer timeout applies once each end has seen the other take part in keepalive:
     // a pong at the client means its ping reached the server first.
-    within("keepalive exchanged", BOUND, || first.stats().keepalive_seen).await;
+    within("keepalive exchanged", BOUND, || {
+        first.stats().keepalive_seen
+    })
+    .await;
     relay.freeze_all();
     let frozen = Instant::now();
     // Far below the 60 s keepalive timeout: only the answer timeout can end them in time.
@@ -659,12 +662,16 @@ async fn a_relay_that_stops_forwarding_is_found_by_both_ends_within_the_answer_t
         .await
         .expect("the client's session must end within 5 s");
     assert_eq!(end, SessionEnd::Unresponsive(Duration::from_millis(500)));
-    within("the server drops the session as unresponsive", bound, || {
-        sample(
-            &server.encode_metrics(),
-            "rd_sessions_ended{reason=\"unresponsive\"}",
-        ) == Some(1.0)
-    })
+    within(
+        "the server drops the session as unresponsive",
+        bound,
+        || {
+            sample(
+                &server.encode_metrics(),
+                "rd_sessions_ended{reason=\"unresponsive\"}",
+            ) == Some(1.0)
+        },
+    )
     .await;
     assert_fails("server-dialed stream", &mut down, frozen, bound).await;
     // The client comes back through the relay, which forwards new connections again.

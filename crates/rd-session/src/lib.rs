@@ -53,7 +53,7 @@ mod shared;
 mod socket;
 mod stream;
 
-pub use backoff::Backoff;
+pub use backoff::{Backoff, DEFAULT_BACKOFF_INITIAL, DEFAULT_BACKOFF_JITTER, DEFAULT_BACKOFF_MAX};
 pub use driver::{AnnouncementFn, SessionDriver};
 pub use error::{error_chain, DialError, StreamClosed};
 pub use extensions::{Extensions, CREDIT, EXTENSIONS_HEADER};
