@@ -17,6 +17,7 @@ mod longlink;
 mod procs;
 mod report;
 mod scale;
+mod storm;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -72,7 +73,7 @@ fn parse_options() -> Result<Options, BoxError> {
             "--only" => o.only = Some(value()?),
             "-h" | "--help" => {
                 println!(
-                    "usage: rd-bench [--bin-dir DIR] [--out FILE] [--docs FILE | --no-docs] [--only isolation|longlink]\n\
+                    "usage: rd-bench [--bin-dir DIR] [--out FILE] [--docs FILE | --no-docs] [--only isolation|longlink|storm]\n\
                           env: RD_BENCH_SCALE (default 1; 0.1 for a quick run)"
                 );
                 std::process::exit(0);
@@ -96,7 +97,28 @@ fn main() -> ExitCode {
             }
         };
     }
+    if args.get(1).map(String::as_str) == Some("--storm-child") {
+        let addr = args.get(2).cloned().unwrap_or_default();
+        let n = args.get(3).and_then(|n| n.parse().ok()).unwrap_or(10_000);
+        return match storm::child_main(&addr, n) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("rd-bench storm child: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let result = parse_options().and_then(|o| {
+        if o.only.as_deref() == Some("storm") {
+            // Its own processes only: nothing else of the bench is started.
+            let n = std::env::var("RD_STORM_SESSIONS")
+                .ok()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(10_000);
+            let r = storm::run(&o.bin_dir, n, &[])?;
+            println!("{r:#?}");
+            return Ok(());
+        }
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
