@@ -115,8 +115,10 @@ fn main() -> ExitCode {
                 .ok()
                 .and_then(|n| n.parse().ok())
                 .unwrap_or(10_000);
-            let r = storm::run(&o.bin_dir, n, &[])?;
-            println!("{r:#?}");
+            for args in [&[][..], &["--ws-read-buffer", "4096"][..]] {
+                let r = storm::run(&o.bin_dir, n, args)?;
+                println!("rd-server {args:?}: {r:#?}");
+            }
             return Ok(());
         }
         let rt = tokio::runtime::Builder::new_multi_thread()
