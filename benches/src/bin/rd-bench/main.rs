@@ -117,7 +117,17 @@ fn main() -> ExitCode {
                 .unwrap_or(10_000);
             for args in [&[][..], &["--ws-read-buffer", "4096"][..]] {
                 let r = storm::run(&o.bin_dir, n, args)?;
-                println!("rd-server {args:?}: {r:#?}");
+                println!(
+                    "rd-server {args:?}: {} of {} sessions up in {:.2} s, {} failed handshakes \
+                     (first error: {}), {:.1} KiB RSS per session, idle CPU {:.1} % of a core",
+                    r.up,
+                    r.sessions,
+                    r.all_up_s,
+                    r.failed,
+                    r.first_error.as_deref().unwrap_or("none"),
+                    r.kib_per_session,
+                    r.idle_cpu_pct
+                );
             }
             return Ok(());
         }
