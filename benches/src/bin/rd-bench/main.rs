@@ -115,6 +115,16 @@ fn main() -> ExitCode {
                 .ok()
                 .and_then(|n| n.parse().ok())
                 .unwrap_or(10_000);
+            // Dial latency to a random session with 100 and with n sessions (in-process
+            // server, raw upgraded clients): O(1) lookup means the same figures. Both ends
+            // live in that one process, so 9,000 keeps it under a 20,000 descriptor limit.
+            for sessions in [100, n.min(9_000)] {
+                let r = scale::run_child("sessions", sessions)?;
+                println!(
+                    "dial to a random one of {} sessions: p50 {:.1} us, p99 {:.1} us",
+                    r.live, r.dial_p50_us, r.dial_p99_us
+                );
+            }
             for args in [&[][..], &["--ws-read-buffer", "4096"][..]] {
                 let r = storm::run(&o.bin_dir, n, args)?;
                 println!(
