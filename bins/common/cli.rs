@@ -171,14 +171,41 @@ pub async fn bind(listen: &str) -> io::Result<TcpListener> {
                     format!("invalid port in {listen:?}"),
                 )
             })?;
-            match TcpListener::bind(("::", port)).await {
+            match listen_on((std::net::Ipv6Addr::UNSPECIFIED, port).into()) {
                 Ok(l) => Ok(l),
-                Err(_) => TcpListener::bind(("0.0.0.0", port)).await,
+                Err(_) => listen_on((std::net::Ipv4Addr::UNSPECIFIED, port).into()),
             }
         }
-        None => TcpListener::bind(listen).await,
+        None => match tokio::net::lookup_host(listen).await {
+            Ok(mut addrs) => match addrs.next() {
+                Some(addr) => listen_on(addr),
+                None => Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "address resolves to nothing",
+                )),
+            },
+            Err(e) => Err(e),
+        },
     }
     .map_err(|e| io::Error::new(e.kind(), format!("listen on {listen}: {e}")))
+}
+
+/// Accept backlog: tokio's default of 1024 overflows when thousands of agents reconnect at
+/// once (a server restart), and each overflow costs that agent a SYN retransmit (1 s, then
+/// 2 s, ...). The kernel caps it at `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 8192;
+
+fn listen_on(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv6() {
+        tokio::net::TcpSocket::new_v6()?
+    } else {
+        tokio::net::TcpSocket::new_v4()?
+    };
+    // As std's and tokio's bind: restart on a port with connections in TIME_WAIT.
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Resolves on SIGINT or SIGTERM. A signal whose handler cannot be installed is simply not
@@ -205,6 +232,17 @@ pub async fn shutdown_signal() {
         () = interrupt => tracing::info!("interrupted"),
         () = terminate => tracing::info!("terminated"),
     }
+}
+
+/// The first line of a secret file, without its line ending. The error names the file,
+/// never its content.
+pub fn read_secret(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let secret = text.lines().next().unwrap_or("").trim().to_owned();
+    if secret.is_empty() {
+        return Err(format!("{}: empty", path.display()));
+    }
+    Ok(secret)
 }
 
 #[cfg(test)]
@@ -255,15 +293,4 @@ mod tests {
             assert!(err.to_string().contains(bad), "{err}");
         }
     }
-}
-
-/// The first line of a secret file, without its line ending. The error names the file,
-/// never its content.
-pub fn read_secret(path: &std::path::Path) -> Result<String, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let secret = text.lines().next().unwrap_or("").trim().to_owned();
-    if secret.is_empty() {
-        return Err(format!("{}: empty", path.display()));
-    }
-    Ok(secret)
 }

@@ -13,6 +13,7 @@ mod process_metrics;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use agent_metrics::AgentMetrics;
 
@@ -21,7 +22,8 @@ use http::{HeaderName, HeaderValue};
 use rd_client::{
     AllowAll, AllowRule, AllowRules, Client, ClientBuilder, ConnectOptions, ProxyMode, TlsOptions,
 };
-use rd_session::Extensions;
+use rd_proto::Config;
+use rd_session::{Backoff, Extensions};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -103,6 +105,46 @@ struct Args {
     /// open, as TCP does; without it (and always with a Go server) that shutdown closes both.
     #[arg(long, env = "RD_NO_HALF_CLOSE")]
     no_half_close: bool,
+    /// First redial delay ceiling; it doubles on each failure up to --backoff-max.
+    #[arg(long, env = "RD_BACKOFF_INITIAL", value_name = "DURATION", default_value = "1s", value_parser = duration)]
+    backoff_initial: Duration,
+    /// Largest redial delay ceiling: after an outage of any length the client is back
+    /// within this long of the server's return.
+    #[arg(long, env = "RD_BACKOFF_MAX", value_name = "DURATION", default_value = "5s", value_parser = duration)]
+    backoff_max: Duration,
+    /// Share of the ceiling drawn at random (0: always the ceiling, as Go's fixed 5 s;
+    /// 1: anywhere below it), so a fleet does not redial in lockstep.
+    #[arg(long, env = "RD_BACKOFF_JITTER", value_name = "0..1", default_value_t = rd_session::DEFAULT_BACKOFF_JITTER)]
+    backoff_jitter: f64,
+    /// How often to ping the server (Go: 5s).
+    #[arg(long, env = "RD_PING_INTERVAL", value_name = "DURATION", default_value = "5s", value_parser = duration)]
+    ping_interval: Duration,
+    /// Give up on a server that answered pings before and then sent nothing for this long
+    /// (a dead link); 0 disables, leaving only --keepalive-timeout.
+    #[arg(long, env = "RD_ANSWER_TIMEOUT", value_name = "DURATION", default_value = "15s", value_parser = duration)]
+    answer_timeout: Duration,
+    /// Give up on a server that sent no ping or pong for this long (Go: 60s).
+    #[arg(long, env = "RD_KEEPALIVE_TIMEOUT", value_name = "DURATION", default_value = "60s", value_parser = duration)]
+    keepalive_timeout: Duration,
+}
+
+/// Parses `500ms`, `5s`, `2m` or a plain number of seconds.
+fn duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: want e.g. 500ms, 5s, 2m"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("invalid duration unit in {s:?}: use ms, s or m")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("invalid duration {s:?}: {e}"))
 }
 
 /// `--flow-control`.
@@ -157,7 +199,26 @@ async fn build(args: &Args, metrics: Option<Arc<AgentMetrics>>) -> Result<Client
         credit: args.flow_control == FlowControl::Credit,
         half_close: !args.no_half_close,
     };
+    let mut config = Config::default();
+    config.ping_interval = args.ping_interval;
+    config.keepalive_timeout = args.keepalive_timeout;
+    config.answer_timeout = (!args.answer_timeout.is_zero()).then_some(args.answer_timeout);
+    config.validate().map_err(|e| e.to_string())?;
+    let backoff = Backoff::new(
+        args.backoff_initial,
+        args.backoff_max,
+        Duration::from_secs(60),
+    )
+    .with_jitter(args.backoff_jitter);
+    if !(0.0..=1.0).contains(&args.backoff_jitter) {
+        return Err(format!(
+            "invalid --backoff-jitter {}: want 0..1",
+            args.backoff_jitter
+        ));
+    }
     let mut builder = ClientBuilder::new(&args.connect)
+        .session_config(config)
+        .backoff(backoff)
         .connect_options(
             ConnectOptions::default()
                 .with_tls(tls)
@@ -289,5 +350,36 @@ mod tests {
             parse(&["rd-client", "-no-half-close", "-flow-control", "pause"]).expect("go style");
         assert!(c.no_half_close);
         assert!(!parse(&["rd-client"]).expect("defaults").no_half_close);
+        let c = parse(&[
+            "rd-client",
+            "--backoff-max",
+            "10s",
+            "--backoff-jitter",
+            "0.5",
+            "--ping-interval",
+            "500ms",
+            "--answer-timeout",
+            "0",
+        ])
+        .expect("keepalive and backoff flags");
+        assert_eq!(c.backoff_max, Duration::from_secs(10));
+        assert_eq!(c.ping_interval, Duration::from_millis(500));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        assert!(rt.block_on(build(&c, None)).is_ok());
+        assert_eq!(duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(duration("5h").is_err() && duration("x").is_err());
+        let bad = parse(&["rd-client", "--backoff-jitter", "2"]).expect("parses");
+        assert!(
+            rt.block_on(build(&bad, None)).is_err(),
+            "jitter above 1 is refused"
+        );
+        let bad = parse(&["rd-client", "--answer-timeout", "1s"]).expect("parses");
+        assert!(
+            rt.block_on(build(&bad, None)).is_err(),
+            "an answer timeout below the ping interval"
+        );
     }
 }

@@ -114,6 +114,22 @@ struct Args {
     /// answering 200 (a refusal is answered 502 with the agent's text); 0 answers at once.
     #[arg(long, env = "RD_CONNECT_WAIT", value_name = "DURATION", default_value = "100ms", value_parser = forwards::parse_duration)]
     connect_wait: Duration,
+    /// Ping a client that sent nothing for this long (Go's server never pings; Go and rd
+    /// clients ping every 5s themselves, so these go out only to quiet ones); 0 disables.
+    #[arg(long, env = "RD_PING_AFTER", value_name = "DURATION", default_value = "5s", value_parser = forwards::parse_duration)]
+    ping_after: Duration,
+    /// Drop a client that pinged or answered pings before and then sent nothing for this
+    /// long (a dead link); 0 disables, leaving Go's 60s keepalive timeout.
+    #[arg(long, env = "RD_ANSWER_TIMEOUT", value_name = "DURATION", default_value = "15s", value_parser = forwards::parse_duration)]
+    answer_timeout: Duration,
+    /// Websocket upgrades in progress at once; more are answered 503 with Retry-After.
+    #[arg(long, env = "RD_MAX_PENDING_HANDSHAKES", value_name = "N", default_value_t = rd_server::DEFAULT_MAX_PENDING_HANDSHAKES)]
+    max_pending_handshakes: usize,
+    /// Read buffer per session websocket, in bytes: resident for the session's life, so
+    /// 4096 suits a server of many idle agents (about 10 KiB per session instead of 22),
+    /// the default suits bulk transfers (fewer read syscalls).
+    #[arg(long, env = "RD_WS_READ_BUFFER", value_name = "BYTES", default_value_t = rd_session::DEFAULT_WS_READ_BUFFER)]
+    ws_read_buffer: usize,
 }
 
 /// A `--peers` entry.
@@ -305,8 +321,15 @@ async fn run(args: Args, checked: Checked) -> Result<(), Box<dyn std::error::Err
         }
         None => Server::builder(TunnelIdHeader),
     };
+    let mut config = rd_proto::Config::default();
+    config.server_ping_after = (!args.ping_after.is_zero()).then_some(args.ping_after);
+    config.answer_timeout = (!args.answer_timeout.is_zero()).then_some(args.answer_timeout);
+    config.validate()?;
     let mut builder = builder
         .metrics(metrics)
+        .session_config(config)
+        .max_pending_handshakes(args.max_pending_handshakes)
+        .websocket_read_buffer(args.ws_read_buffer)
         .peer_connect_options(rd_client::ConnectOptions::default().with_tls(peer_tls));
     if !args.id.is_empty() && !peer_token.is_empty() {
         builder = builder.peer_identity(&args.id, &peer_token);

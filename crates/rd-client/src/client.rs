@@ -138,7 +138,8 @@ impl ClientBuilder {
         self
     }
 
-    /// Redial delays (default: 1 s doubling to 30 s, full jitter, reset after a healthy minute).
+    /// Redial delays (default: 1 s doubling to 5 s, full jitter, reset after a healthy
+    /// minute: back within 5 s of the server's return, a fleet spread over those 5 s).
     pub fn backoff(mut self, backoff: Backoff) -> Self {
         self.backoff = backoff;
         self

@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 /// Session tuning. `Default` gives the Go implementation's behaviour (PROTOCOL.md 4 and 5)
-/// plus the hard caps Go lacks.
+/// plus the hard caps Go lacks, and faster dead-link detection
+/// ([`server_ping_after`](Self::server_ping_after), [`answer_timeout`](Self::answer_timeout)),
+/// which uses only websocket pings and pongs, which every websocket peer answers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Config {
@@ -12,6 +14,17 @@ pub struct Config {
     /// A session that has seen no ping or pong for this long is dead. Go: 60 s.
     /// Data does not count, as in Go.
     pub keepalive_timeout: Duration,
+    /// A server-side session pings the peer once it has heard nothing from it (no frame of
+    /// any kind) for this long; `None` never pings, as Go's server. rd: 5 s. A client that
+    /// pings on its own every 5 s (Go's and rd's do) keeps these pings from going out at all,
+    /// so they cost nothing in the common case and find a silent link in the rare one.
+    pub server_ping_after: Option<Duration>,
+    /// Once the peer has shown that it takes part in keepalive (it sent a ping, or answered
+    /// one of ours with a pong), a session that hears nothing at all from it for this long
+    /// is dead ([`SessionEnd::Unresponsive`](crate::SessionEnd::Unresponsive)). Until then
+    /// only [`keepalive_timeout`](Self::keepalive_timeout) applies, so a peer that never
+    /// pings or pongs is not dropped early. `None`: only `keepalive_timeout`. rd: 15 s.
+    pub answer_timeout: Option<Duration>,
     /// How often a client-side session sends SyncConnections; `None` never sends it.
     /// Go: 60 s, first one after one interval.
     pub sync_interval: Option<Duration>,
@@ -80,6 +93,8 @@ impl Default for Config {
         Self {
             ping_interval: Duration::from_secs(5),
             keepalive_timeout: Duration::from_secs(60),
+            server_ping_after: Some(Duration::from_secs(5)),
+            answer_timeout: Some(Duration::from_secs(15)),
             sync_interval: Some(Duration::from_secs(60)),
             high_watermark: 2 * 1024 * 1024,
             low_watermark: 256 * 1024,
@@ -153,6 +168,22 @@ impl Config {
             return Err(ConfigError(
                 "ping_interval and keepalive_timeout must be positive",
             ));
+        }
+        if self.server_ping_after.is_some_and(|d| d.is_zero())
+            || self.answer_timeout.is_some_and(|d| d.is_zero())
+        {
+            return Err(ConfigError(
+                "server_ping_after and answer_timeout must be positive when set",
+            ));
+        }
+        if let Some(answer) = self.answer_timeout {
+            // The peer must get a chance to answer at least one ping before we give up.
+            let ping = self.server_ping_after.unwrap_or(self.ping_interval);
+            if answer <= ping.max(self.ping_interval) {
+                return Err(ConfigError(
+                    "answer_timeout must exceed the ping interval (and server_ping_after)",
+                ));
+            }
         }
         Ok(())
     }

@@ -84,12 +84,31 @@ pub enum SessionEnd {
     /// No ping or pong within the keepalive timeout.
     #[error("no ping or pong for {0:?}")]
     KeepaliveTimeout(Duration),
+    /// A peer that takes part in keepalive (it pinged us or answered our ping) sent
+    /// nothing at all within [`Config::answer_timeout`]: the link is dead.
+    #[error("peer silent for {0:?}")]
+    Unresponsive(Duration),
     /// The peer broke the protocol.
     #[error("protocol error: {0}")]
     Protocol(#[from] ProtocolError),
     /// The transport failed.
     #[error("transport error: {0}")]
     Transport(String),
+}
+
+impl SessionEnd {
+    /// A short stable name for metrics labels: `local`, `peer_closed`, `keepalive_timeout`,
+    /// `unresponsive`, `protocol` or `transport`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::PeerClosed => "peer_closed",
+            Self::KeepaliveTimeout(_) => "keepalive_timeout",
+            Self::Unresponsive(_) => "unresponsive",
+            Self::Protocol(_) => "protocol",
+            Self::Transport(_) => "transport",
+        }
+    }
 }
 
 /// Something the application should know about.
@@ -221,6 +240,9 @@ pub struct SessionStats {
     pub receive_committed: usize,
     /// Bytes queued to send, all streams.
     pub send_buffered: usize,
+    /// The peer has pinged us or answered a ping of ours, so
+    /// [`Config::answer_timeout`] applies to it.
+    pub keepalive_seen: bool,
 }
 
 /// A remotedialer session without IO: feed it websocket messages, timer ticks and
@@ -238,6 +260,13 @@ pub struct Session {
     events: VecDeque<Event>,
     ping_due: bool,
     last_keepalive: Instant,
+    /// When anything (a message, ping or pong) last arrived.
+    last_heard: Instant,
+    /// The peer pinged us or answered a ping: it keeps the link busy, so its silence means
+    /// the link is dead ([`Config::answer_timeout`]).
+    peer_pings: bool,
+    /// Something arrived since the last ping tick; a server side then skips its ping.
+    heard_since_tick: bool,
     next_ping: Option<Instant>,
     next_sync: Option<Instant>,
     /// The ceiling was reached and input stopped; reported once per episode.
@@ -259,7 +288,14 @@ impl Session {
         let is_client = side == Side::Client;
         Self {
             side,
-            next_ping: is_client.then(|| now + config.ping_interval),
+            next_ping: if is_client {
+                Some(now + config.ping_interval)
+            } else {
+                // Half a period out of phase with a client that started with us and pings
+                // every `server_ping_after`: each tick's window then holds exactly one of its
+                // pings even with a few seconds of jitter, so no tick finds it silent.
+                config.server_ping_after.map(|d| now + d + d / 2)
+            },
             next_sync: if is_client {
                 config.sync_interval.map(|i| now + i)
             } else {
@@ -274,6 +310,9 @@ impl Session {
             events: VecDeque::new(),
             ping_due: false,
             last_keepalive: now,
+            last_heard: now,
+            peer_pings: false,
+            heard_since_tick: false,
             stalled: false,
             ended: None,
         }
@@ -326,6 +365,7 @@ impl Session {
             streams: self.streams.len(),
             receive_buffered: self.budget.unread(),
             receive_committed: self.budget.committed(),
+            keepalive_seen: self.peer_pings,
             ..SessionStats::default()
         };
         for (_, s) in self.streams.iter() {
@@ -394,6 +434,7 @@ impl Session {
         if self.ended.is_some() {
             return Ok(());
         }
+        self.heard(now);
         let frame = match decode(raw) {
             Ok(frame) => frame,
             Err(err) => {
@@ -442,9 +483,36 @@ impl Session {
         Ok(())
     }
 
-    /// A websocket ping or pong arrived: the peer is alive.
+    /// A websocket ping (or a pong, if the caller cannot tell them apart) arrived: the peer
+    /// is alive, and takes part in keepalive.
     pub fn handle_keepalive(&mut self, now: Instant) {
         self.last_keepalive = now;
+        self.peer_pings = true;
+        self.heard(now);
+    }
+
+    /// A websocket pong arrived: as [`handle_keepalive`](Self::handle_keepalive), except
+    /// that an answer to our own ping does not count as the peer talking on its own, so a
+    /// server side keeps pinging a peer that only answers every tick.
+    pub fn handle_pong(&mut self, now: Instant) {
+        let talked = self.heard_since_tick;
+        self.handle_keepalive(now);
+        self.heard_since_tick = talked;
+    }
+
+    /// Something arrived from the peer. A server side skips its next ping then: a peer that
+    /// talks, or pings on its own, needs none from us. (The tick stays on a fixed schedule
+    /// rather than moving with each message: a moving deadline would race the client's own
+    /// 5 s pings, and re-arm the timer on every message.)
+    fn heard(&mut self, now: Instant) {
+        self.last_heard = now;
+        self.heard_since_tick = true;
+    }
+
+    /// When the peer is declared dead for silence, if it takes part in keepalive.
+    fn answer_deadline(&self) -> Option<Instant> {
+        let timeout = self.config.answer_timeout?;
+        self.peer_pings.then(|| self.last_heard + timeout)
     }
 
     fn on_data(&mut self, now: Instant, conn_id: ConnId, payload: Bytes) {
@@ -721,6 +789,7 @@ impl Session {
             // cannot see our pongs meanwhile, does not take us for dead (a client side pings
             // on its own schedule anyway).
             self.last_keepalive = now;
+            self.last_heard = now;
             if self.side == Side::Server {
                 self.ping_due = true;
             }
@@ -729,9 +798,26 @@ impl Session {
             self.close(SessionEnd::KeepaliveTimeout(self.config.keepalive_timeout));
             return;
         }
+        if let (Some(at), Some(timeout)) = (self.answer_deadline(), self.config.answer_timeout) {
+            if now >= at {
+                self.close(SessionEnd::Unresponsive(timeout));
+                return;
+            }
+        }
         if let Some(at) = self.next_ping.filter(|at| now >= *at) {
-            self.ping_due = true;
-            self.next_ping = Some(next_after(at, self.config.ping_interval, now));
+            // A client pings on Go's schedule; a server only after a tick with nothing heard.
+            let interval = match (self.side, self.config.server_ping_after) {
+                (Side::Server, Some(after)) => {
+                    self.ping_due |= !self.heard_since_tick;
+                    after
+                }
+                _ => {
+                    self.ping_due = true;
+                    self.config.ping_interval
+                }
+            };
+            self.heard_since_tick = false;
+            self.next_ping = Some(next_after(at, interval, now));
         }
         if let (Some(at), Some(interval)) = (self.next_sync, self.config.sync_interval) {
             if now >= at {
@@ -773,6 +859,7 @@ impl Session {
         };
         [
             Some(self.last_keepalive + keepalive),
+            self.answer_deadline(),
             self.next_ping,
             self.next_sync,
         ]

@@ -537,3 +537,52 @@ fn go_peer_link_replays_into_a_server_session() {
     assert!(events.contains(&Event::ClientRemoved(foo)), "{events:?}");
     assert!(second.end().is_none());
 }
+
+/// The captured Go client pings every 5 s (from the start of its session) with a few ms of
+/// jitter. Replayed into an rd server-side session with the default config, whose ticks sit
+/// half a period off those pings, not one server ping goes out: against Go clients rd-server
+/// keeps Go's wire behaviour. (Were one to go out, Go answers it: both of its sides install a
+/// ping handler that replies with an empty pong, PROTOCOL.md section 4.)
+#[test]
+fn go_client_pings_leave_an_rd_server_nothing_to_ping() {
+    let v = vectors();
+    let mut ping_ms: Vec<f64> = all_messages(&v)
+        .into_iter()
+        .filter(|(_, m)| m["opcode"] == "ping" && m["dir"] == "client->server")
+        .map(|(_, m)| m["t_ms"].as_f64().unwrap())
+        .collect();
+    ping_ms.sort_by(f64::total_cmp);
+    assert!(ping_ms.len() >= 10, "{ping_ms:?}");
+    let start = std::time::Instant::now();
+    let at = |ms: f64| start + std::time::Duration::from_secs_f64(ms / 1000.0);
+    let mut server = rd_proto::Session::new(
+        rd_proto::Side::Server,
+        rd_proto::Config::default(),
+        rd_proto::Identity {
+            client_key: "foo".into(),
+            session_key: 1,
+        },
+        start,
+        1,
+    );
+    let mut pings = 0;
+    let mut run_until = |server: &mut rd_proto::Session, now: std::time::Instant| {
+        while let Some(t) = server.poll_timeout().filter(|t| *t <= now) {
+            server.handle_timeout(t);
+            while let Some(tx) = server.poll_transmit() {
+                if tx == rd_proto::Transmit::Ping {
+                    pings += 1;
+                }
+            }
+        }
+    };
+    for ms in &ping_ms {
+        run_until(&mut server, at(*ms));
+        server.handle_keepalive(at(*ms));
+    }
+    let last = *ping_ms.last().unwrap();
+    run_until(&mut server, at(last + 1000.0));
+    assert_eq!(pings, 0, "pings at {ping_ms:?}");
+    assert!(server.end().is_none());
+    assert!(server.stats().keepalive_seen);
+}

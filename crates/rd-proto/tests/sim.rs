@@ -376,6 +376,36 @@ fn e_client_pings_every_5_s_server_never() {
 }
 
 #[test]
+fn e_server_pings_only_a_client_that_does_not_ping() {
+    // A client on Go's schedule: the server never needs to ping (each of its ticks heard
+    // the client's ping), so the wire looks as with a Go server.
+    let mut sim = Sim::new(Config::default());
+    sim.advance(Duration::from_secs(600));
+    assert_eq!(sim.server.pings_sent, 0);
+    // A client that pings only every 10 minutes (it still answers pings): the server pings
+    // on every 5 s tick, the first 7.5 s in, and the answers keep both sides up.
+    let mut quiet = Config::default();
+    quiet.ping_interval = Duration::from_secs(600);
+    quiet.keepalive_timeout = Duration::from_secs(3600);
+    quiet.sync_interval = None;
+    let mut sim = Sim::with_configs(quiet, Config::default());
+    sim.advance(Duration::from_secs(300));
+    assert_eq!(sim.client.pings_sent, 0);
+    assert_eq!(sim.server.pings_sent, 59);
+    assert!(sim.server.session.end().is_none() && sim.client.session.end().is_none());
+    // The link stops forwarding: the server ends the session 15 s after the last answer
+    // (to its ping at 297.5 s).
+    sim.keepalive_works = false;
+    sim.advance(Duration::from_millis(12_499));
+    assert!(sim.server.session.end().is_none());
+    sim.advance(Duration::from_millis(1));
+    assert_eq!(
+        sim.server.session.end(),
+        Some(&SessionEnd::Unresponsive(Duration::from_secs(15)))
+    );
+}
+
+#[test]
 fn f_keepalive_answered_pings_keep_the_session_for_10_minutes() {
     let mut sim = Sim::new(Config::default());
     let id = open_from_server(&mut sim);

@@ -43,7 +43,8 @@ pub use auth::{
 pub use dialer::{DialError, Dialer, TimedStream, TunnelConnection, TunnelInfo};
 pub use metrics::{GoCounter, Metrics};
 pub use server::{
-    RemoteAddr, Server, ServerBuilder, DEFAULT_MAX_SESSIONS_PER_CLIENT, PEER_ID_HEADER,
+    RemoteAddr, Server, ServerBuilder, DEFAULT_HANDSHAKE_RETRY_AFTER,
+    DEFAULT_MAX_PENDING_HANDSHAKES, DEFAULT_MAX_SESSIONS_PER_CLIENT, PEER_ID_HEADER,
     PEER_TOKEN_HEADER,
 };
 

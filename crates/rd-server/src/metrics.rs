@@ -86,6 +86,9 @@ pub struct Metrics {
     pub limit_exceeded: Family<Labels, GoCounter>,
     /// Whether the connection counters carry the target address (Go's `addr` label).
     per_address: bool,
+    /// Sessions that ended, by why ([`SessionEnd::kind`](rd_proto::SessionEnd::kind)):
+    /// `unresponsive` is a dead link found by the answer timeout.
+    pub sessions_ended: Family<Labels, GoCounter>,
 }
 
 impl Default for Metrics {
@@ -128,6 +131,7 @@ impl Metrics {
             runtime_alive_tasks: Gauge::default(),
             limit_exceeded: fam(),
             per_address: false,
+            sessions_ended: fam(),
         };
         let go: [(&str, &str, &Family<Labels, GoCounter>); 10] = [
             (
@@ -233,6 +237,11 @@ impl Metrics {
             "Limits peers hit in sessions (stream and session receive caps, streams, pending connects, message size)",
             m.limit_exceeded.clone(),
         );
+        rd.register(
+            "sessions_ended",
+            "Sessions ended, by reason (local, peer_closed, keepalive_timeout, unresponsive, protocol, transport)",
+            m.sessions_ended.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             ..m
@@ -331,6 +340,12 @@ impl Metrics {
     pub(crate) fn limit_hit(&self, limit: &'static str) {
         self.limit_exceeded
             .get_or_create(&vec![("limit", limit.to_owned())])
+            .inc();
+    }
+
+    pub(crate) fn session_ended(&self, reason: &'static str) {
+        self.sessions_ended
+            .get_or_create(&vec![("reason", reason.to_owned())])
             .inc();
     }
 

@@ -610,3 +610,77 @@ async fn a_busy_client_honours_pause_before_the_stream_cap() {
     cancel.cancel();
     client_thread.join().unwrap();
 }
+
+/// The answer timeout scaled down: Go's 60 s keepalive timeout stays, but both ends ping
+/// every 100 ms (the server only when it heard nothing for a tick) and give up on a peer that
+/// answered before and then is silent for 500 ms.
+fn fast_answer_timeout() -> Config {
+    let mut config = Config::default();
+    config.ping_interval = Duration::from_millis(100);
+    config.server_ping_after = Some(Duration::from_millis(100));
+    config.answer_timeout = Some(Duration::from_millis(500));
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_stops_forwarding_is_found_by_both_ends_within_the_answer_timeout() {
+    let echo = spawn_echo(b"hi:").await;
+    let server = Server::builder(TunnelIdHeader)
+        .session_config(fast_answer_timeout())
+        .build();
+    let ts = serve(server).await;
+    let relay = Relay::start(ts.addr).await;
+    let (tx, mut sessions) = mpsc::unbounded_channel();
+    let client = agent(&relay.ws_url(), "foo")
+        .session_config(fast_answer_timeout())
+        .on_connect(move |session, _ended| {
+            tx.send(session).ok();
+            async { Ok::<(), rd_client::BoxError>(()) }
+        })
+        .build();
+    let _client = RunningClient::spawn(client);
+    let first = bounded("the first session", sessions.recv()).await.unwrap();
+    let server = ts.server.clone();
+    wait_until("the server's session", || server.has_session("foo")).await;
+    let mut down = server
+        .dialer("foo")
+        .dial("tcp", &echo.to_string())
+        .await
+        .unwrap();
+    down.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 7];
+    bounded("echo", down.read_exact(&mut buf)).await.unwrap();
+
+    // The answer timeout applies once each end has seen the other take part in keepalive:
+    // a pong at the client means its ping reached the server first.
+    within("keepalive exchanged", BOUND, || {
+        first.stats().keepalive_seen
+    })
+    .await;
+    relay.freeze_all();
+    let frozen = Instant::now();
+    // Far below the 60 s keepalive timeout: only the answer timeout can end them in time.
+    let bound = Duration::from_secs(5);
+    let end = tokio::time::timeout(bound, first.closed())
+        .await
+        .expect("the client's session must end within 5 s");
+    assert_eq!(end, SessionEnd::Unresponsive(Duration::from_millis(500)));
+    within(
+        "the server drops the session as unresponsive",
+        bound,
+        || {
+            sample(
+                &server.encode_metrics(),
+                "rd_sessions_ended{reason=\"unresponsive\"}",
+            ) == Some(1.0)
+        },
+    )
+    .await;
+    assert_fails("server-dialed stream", &mut down, frozen, bound).await;
+    // The client comes back through the relay, which forwards new connections again.
+    let second = bounded("the redialed session", sessions.recv())
+        .await
+        .unwrap();
+    assert!(!second.same_session(&first));
+    assert_eq!(echo_through(&ts.server, "foo", echo, 3).await, "hi:ping");
+}

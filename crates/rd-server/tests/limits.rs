@@ -123,3 +123,63 @@ async fn oversize_message_ends_the_session_and_is_counted() {
     );
     let _other = connected_agent(&ts, "foo").await;
 }
+
+/// Handshake admission: beyond `max_pending_handshakes` upgrades in progress, the server
+/// answers 503 with Retry-After at once (and counts it), rather than queueing; a permit is
+/// back once its session runs.
+#[tokio::test]
+async fn handshakes_beyond_the_admission_limit_get_503_with_retry_after() {
+    let upgrade = http::Request::builder()
+        .method("GET")
+        .uri("/connect")
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .header("x-tunnel-id", "a")
+        .body(())
+        .unwrap();
+    // No room at all: every handshake is beyond the limit.
+    let full = Server::builder(TunnelIdHeader)
+        .max_pending_handshakes(0)
+        .handshake_retry_after(std::time::Duration::from_millis(2500))
+        .build();
+    let refused = full.handle(upgrade).await;
+    assert_eq!(refused.status().as_u16(), 503);
+    assert_eq!(
+        refused
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap()),
+        Some("3"),
+        "whole seconds, rounded up"
+    );
+    let ts = serve(full).await;
+    let err = bounded(
+        "refused connect",
+        agent(&ts.ws_url(), "b")
+            .build()
+            .connect(&CancellationToken::new()),
+    )
+    .await
+    .unwrap_err();
+    let rd_client::ClientError::Connect(ConnectError::Rejected { status, .. }) = err else {
+        panic!("unexpected error {err:?}");
+    };
+    assert_eq!(status.as_u16(), 503);
+    assert!(ts
+        .server
+        .encode_metrics()
+        .contains("rd_handshake_rejects{reason=\"overloaded\"} 2"));
+    // One handshake at a time: sessions that finished their handshake do not hold a permit.
+    let one = serve(
+        Server::builder(TunnelIdHeader)
+            .max_pending_handshakes(1)
+            .build(),
+    )
+    .await;
+    let _a = connected_agent(&one, "a").await;
+    let _b = connected_agent(&one, "b").await;
+    let _c = connected_agent(&one, "c").await;
+    assert_eq!(one.server.list_clients().len(), 3);
+}

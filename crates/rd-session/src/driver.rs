@@ -130,7 +130,8 @@ where
                     tracing::debug!(error = %e, "peer broke the protocol");
                 }
             }
-            WsMessage::Ping(_) | WsMessage::Pong(_) => inner.proto.handle_keepalive(now),
+            WsMessage::Ping(_) => inner.proto.handle_keepalive(now),
+            WsMessage::Pong(_) => inner.proto.handle_pong(now),
             WsMessage::Text(_) => inner
                 .proto
                 .close(SessionEnd::Protocol(ProtocolError::TextFrame)),
@@ -318,7 +319,16 @@ where
             inner.proto.handle_timeout(now());
             return true;
         }
-        if at != self.timer_at {
+        // Every message moves a server side's next ping (and the answer deadline) later.
+        // Re-arming the sleep costs a trip through the runtime's timer wheel, so a later
+        // deadline waits until the armed one fires (a spurious tick, which handle_timeout
+        // ignores); only an earlier one re-arms at once.
+        let earlier = match (at, self.timer_at) {
+            (Some(at), Some(armed)) => at < armed,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        if at != self.timer_at && (earlier || self.timer.is_elapsed()) {
             self.timer_at = at;
             let deadline = at.map_or_else(
                 || Instant::now() + Duration::from_secs(3600),

@@ -1,5 +1,7 @@
 //! Keepalive on virtual time: client-side sessions ping every 5 s; a session that hears no
 //! ping or pong for 60 s ends, however much Data flows; answering pings keeps it up.
+//! Server-side sessions ping a peer that has been silent for a tick, and a peer that took
+//! part in keepalive and then goes silent is dropped after the answer timeout (15 s).
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -9,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::*;
 use futures_util::SinkExt as _;
-use rd_proto::{Message, SessionEnd};
+use rd_proto::{Config, Message, SessionEnd};
 use rd_session::SessionBuilder;
 use tokio::io::AsyncReadExt as _;
 use tokio::time::Instant;
@@ -142,11 +144,20 @@ async fn server_stays_up_while_the_peer_pings() {
     assert_eq!((id.0, target.as_str()), (2, "tcp/127.0.0.1:1"));
 }
 
+/// Go's timing, where only the keepalive timeout applies.
+fn go_config() -> Config {
+    let mut c = Config::default();
+    c.server_ping_after = None;
+    c.answer_timeout = None;
+    c
+}
+
 /// A client-side session whose peer answers its pings stays up for ten minutes; one whose
-/// peer stops answering ends 60 s after the last pong.
+/// peer stops answering ends 60 s after the last pong (Go's timing, without the answer
+/// timeout).
 #[tokio::test(start_paused = true)]
 async fn client_stays_up_while_pongs_come_and_ends_without_them() {
-    let (client, mut peer) = raw_server_of(SessionBuilder::client()).await;
+    let (client, mut peer) = raw_server_of(SessionBuilder::client().config(go_config())).await;
     let start = Instant::now();
     let mut pings = 0;
     // Reading lets tungstenite answer each ping with a pong.
@@ -163,5 +174,66 @@ async fn client_stays_up_while_pongs_come_and_ends_without_them() {
     assert_eq!(end, SessionEnd::KeepaliveTimeout(Duration::from_secs(60)));
     let waited = Instant::now() - last;
     assert!(waited <= Duration::from_secs(60), "{waited:?}");
+    drop(peer);
+}
+
+/// A raw client that never pings but answers pings (tungstenite does when read): the
+/// server's own pings keep the session up, and the server drops it once it stops answering.
+#[tokio::test(start_paused = true)]
+async fn server_pings_a_silent_peer_and_drops_it_when_it_stops_answering() {
+    let (server, mut peer) = raw_client().await;
+    let start = Instant::now();
+    let mut pings = Vec::new();
+    while Instant::now() - start < Duration::from_secs(120) {
+        match peer.next_ws().await.expect("session ended") {
+            WsMessage::Ping(p) => {
+                assert!(p.is_empty(), "empty, as Go's");
+                pings.push(Instant::now() - start);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // A ping on every 5 s tick (the first half a period later, see Session::new), each
+    // answered, so the session lives far beyond the 15 s answer timeout.
+    let expected: Vec<Duration> = (0..24)
+        .map(|i| Duration::from_millis(7_500 + 5_000 * i))
+        .collect();
+    assert_eq!(pings, expected);
+    assert_eq!(server.end(), None);
+    // Stop reading: no more pongs. The server gives up 15 s after the last one.
+    let last = Instant::now();
+    let end = within(Duration::from_secs(120), "answer timeout", server.closed()).await;
+    assert_eq!(end, SessionEnd::Unresponsive(Duration::from_secs(15)));
+    let waited = Instant::now() - last;
+    assert!(waited <= Duration::from_secs(15), "{waited:?}");
+    drop(peer);
+}
+
+/// A peer that neither pings nor answers pings is not known to take part in keepalive:
+/// only Go's 60 s keepalive timeout ends it, never the 15 s answer timeout.
+#[tokio::test(start_paused = true)]
+async fn a_peer_that_never_answered_gets_the_keepalive_timeout() {
+    let (server, peer) = raw_client().await;
+    let end = within(Duration::from_secs(120), "keepalive", server.closed()).await;
+    assert_eq!(end, SessionEnd::KeepaliveTimeout(Duration::from_secs(60)));
+    drop(peer);
+}
+
+/// The configured deadlines are the ones used: a client-side session with a 2 s answer
+/// timeout whose peer stops answering ends 2 s after its last pong.
+#[tokio::test(start_paused = true)]
+async fn client_answer_timeout_is_configurable() {
+    let mut config = Config::default();
+    config.ping_interval = Duration::from_millis(500);
+    config.answer_timeout = Some(Duration::from_secs(2));
+    let (client, mut peer) = raw_server_of(SessionBuilder::client().config(config)).await;
+    // Two pings read: the second read sends the pong to the first (tungstenite answers on
+    // its next read), so the peer took part in keepalive; then it falls silent.
+    assert!(matches!(peer.next_ws().await, Some(WsMessage::Ping(_))));
+    assert!(matches!(peer.next_ws().await, Some(WsMessage::Ping(_))));
+    let last = Instant::now();
+    let end = within(Duration::from_secs(120), "answer timeout", client.closed()).await;
+    assert_eq!(end, SessionEnd::Unresponsive(Duration::from_secs(2)));
+    assert!(Instant::now() - last <= Duration::from_secs(2));
     drop(peer);
 }

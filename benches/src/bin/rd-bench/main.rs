@@ -18,6 +18,7 @@ mod procs;
 mod report;
 mod scale;
 mod slow_streams;
+mod storm;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -73,7 +74,7 @@ fn parse_options() -> Result<Options, BoxError> {
             "--only" => o.only = Some(value()?),
             "-h" | "--help" => {
                 println!(
-                    "usage: rd-bench [--bin-dir DIR] [--out FILE] [--docs FILE | --no-docs] [--only isolation|longlink|slow-streams]\n\
+                    "usage: rd-bench [--bin-dir DIR] [--out FILE] [--docs FILE | --no-docs] [--only isolation|longlink|slow-streams|storm|bulk]\n\
                           env: RD_BENCH_SCALE (default 1; 0.1 for a quick run)"
                 );
                 std::process::exit(0);
@@ -97,7 +98,50 @@ fn main() -> ExitCode {
             }
         };
     }
+    if args.get(1).map(String::as_str) == Some("--storm-child") {
+        let addr = args.get(2).cloned().unwrap_or_default();
+        let n = args.get(3).and_then(|n| n.parse().ok()).unwrap_or(10_000);
+        return match storm::child_main(&addr, n) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("rd-bench storm child: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let result = parse_options().and_then(|o| {
+        if o.only.as_deref() == Some("storm") {
+            // Its own processes only: nothing else of the bench is started.
+            let n = std::env::var("RD_STORM_SESSIONS")
+                .ok()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(10_000);
+            // Dial latency to a random session with 100 and with n sessions (in-process
+            // server, raw upgraded clients): O(1) lookup means the same figures. Both ends
+            // live in that one process, so 9,000 keeps it under a 20,000 descriptor limit.
+            for sessions in [100, n.min(9_000)] {
+                let r = scale::run_child("sessions", sessions)?;
+                println!(
+                    "dial to a random one of {} sessions: p50 {:.1} us, p99 {:.1} us",
+                    r.live, r.dial_p50_us, r.dial_p99_us
+                );
+            }
+            for args in [&[][..], &["--ws-read-buffer", "4096"][..]] {
+                let r = storm::run(&o.bin_dir, n, args)?;
+                println!(
+                    "rd-server {args:?}: {} of {} sessions up in {:.2} s, {} failed handshakes \
+                     (first error: {}), {:.1} KiB RSS per session, idle CPU {:.1} % of a core",
+                    r.up,
+                    r.sessions,
+                    r.all_up_s,
+                    r.failed,
+                    r.first_error.as_deref().unwrap_or("none"),
+                    r.kib_per_session,
+                    r.idle_cpu_pct
+                );
+            }
+            return Ok(());
+        }
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -317,7 +361,7 @@ async fn run(o: Options) -> Result<(), BoxError> {
         }
         Some(other) => {
             return Err(format!(
-                "unknown scenario {other} (known: isolation, longlink, slow-streams)"
+                "unknown scenario {other} (known: isolation, longlink, slow-streams, storm, bulk)"
             )
             .into())
         }

@@ -200,9 +200,22 @@ async fn sessions(n: usize) -> Result<serde_json::Value, BoxError> {
     let open = start.elapsed();
     let after = settled_rss().await;
     let live = server.list_clients().len();
+    // Dial latency to a random one of the n sessions: the registry lookup plus queueing the
+    // Connect (a dial does not wait for the agent). It must not grow with n.
+    let mut rng = rd_benches::Rng::new(14);
+    let mut lat = Vec::with_capacity(2000);
+    for _ in 0..2000 {
+        let key = format!("scale-{}", rng.next_u64() % n.max(1) as u64);
+        let t = Instant::now();
+        let stream = server.dialer(key).dial("tcp", "127.0.0.1:9").await?;
+        lat.push(t.elapsed().as_secs_f64() * 1e6);
+        drop(stream);
+    }
+    lat.sort_by(f64::total_cmp);
     drop(clients);
     Ok(serde_json::json!({
         "before": before, "after": after, "open_s": open.as_secs_f64(), "live": live,
+        "dial_p50_us": lat[lat.len() / 2], "dial_p99_us": lat[lat.len() * 99 / 100],
     }))
 }
 
@@ -266,6 +279,9 @@ pub struct ScaleResult {
     pub live: usize,
     pub bytes_per_item: f64,
     pub open_s: f64,
+    /// Sessions only: median and 99th percentile dial latency to a random session, in µs.
+    pub dial_p50_us: f64,
+    pub dial_p99_us: f64,
 }
 
 /// Runs `rd-bench --scale-child KIND N` and returns its JSON line.
@@ -290,5 +306,7 @@ pub fn run_child(kind: &str, n: usize) -> Result<ScaleResult, BoxError> {
         live: get("live") as usize,
         bytes_per_item: (get("after") - get("before")) / n as f64,
         open_s: get("open_s"),
+        dial_p50_us: get("dial_p50_us"),
+        dial_p99_us: get("dial_p99_us"),
     })
 }

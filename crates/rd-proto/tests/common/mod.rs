@@ -454,7 +454,7 @@ impl Sim {
                     if self.keepalive_works {
                         self.peer(to).session.handle_keepalive(now);
                         // The pong comes straight back.
-                        self.peer(from).session.handle_keepalive(now);
+                        self.peer(from).session.handle_pong(now);
                     }
                 }
                 Transmit::Message(raw) => {

@@ -1,0 +1,189 @@
+//! Storm scenario (`rd-bench --only storm`): an `rd-server` process and a separate load
+//! process (`rd-bench --storm-child ADDR N`) that opens N websocket sessions at once, each an
+//! upgraded `/connect` with its own `X-Tunnel-ID`, then idles and pings every 5 s like an
+//! agent (random phase). Sessions come from 127.0.0.2-127.0.0.51 so that 10,000 of them
+//! never run short of ephemeral ports. Reports the time until all are up, failed handshakes,
+//! the server's RSS per session once settled, and the server's CPU while idle.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rd_benches::procfs;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+use crate::load::BoxError;
+use crate::procs::{Proc, TempDir};
+
+/// Source addresses the load spreads over.
+const SOURCES: u8 = 50;
+
+/// One agent-like session: upgrade, then ping every 5 s and drain whatever comes back.
+async fn agent(addr: SocketAddr, i: usize) -> Result<TcpStream, BoxError> {
+    let source = Ipv4Addr::new(127, 0, 0, 2 + (i % SOURCES as usize) as u8);
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(source.into(), 0))?;
+    let mut tcp = socket.connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let req = format!(
+        "GET /connect HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         X-Tunnel-ID: storm-{i}\r\n\r\n"
+    );
+    tcp.write_all(req.as_bytes()).await?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if tcp.read(&mut byte).await? == 0 {
+            return Err("server closed during the upgrade".into());
+        }
+        head.push(byte[0]);
+    }
+    if !head.starts_with(b"HTTP/1.1 101") {
+        let line = String::from_utf8_lossy(&head);
+        return Err(format!("upgrade refused: {}", line.lines().next().unwrap_or("")).into());
+    }
+    Ok(tcp)
+}
+
+async fn idle(mut tcp: TcpStream, phase: Duration) {
+    // A masked, empty ping frame, as a client must send it.
+    const PING: [u8; 6] = [0x89, 0x80, 1, 2, 3, 4];
+    let mut tick =
+        tokio::time::interval_at(tokio::time::Instant::now() + phase, Duration::from_secs(5));
+    let mut buf = [0u8; 256];
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if tcp.write_all(&PING).await.is_err() {
+                    return;
+                }
+            }
+            r = tcp.read(&mut buf) => match r {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            },
+        }
+    }
+}
+
+/// The load process: opens `n` sessions at once against `addr`, prints one JSON line when all
+/// handshakes are done, then keeps them idle until stdin closes.
+pub fn child_main(addr: &str, n: usize) -> Result<(), BoxError> {
+    let addr: SocketAddr = addr.parse()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let up = Arc::new(AtomicUsize::new(0));
+        let start = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..n {
+            let up = up.clone();
+            tasks.spawn(async move {
+                match agent(addr, i).await {
+                    Ok(tcp) => {
+                        up.fetch_add(1, Ordering::Relaxed);
+                        let phase = Duration::from_millis((i as u64 * 7919) % 5000);
+                        Ok(tokio::spawn(idle(tcp, phase)))
+                    }
+                    Err(e) => Err(e.to_string()),
+                }
+            });
+        }
+        let mut failed = 0usize;
+        let mut first_error = None;
+        let mut idlers = Vec::with_capacity(n);
+        while let Some(r) = tasks.join_next().await {
+            match r {
+                Ok(Ok(h)) => idlers.push(h),
+                Ok(Err(e)) => {
+                    failed += 1;
+                    first_error.get_or_insert(e);
+                }
+                Err(e) => {
+                    failed += 1;
+                    first_error.get_or_insert(e.to_string());
+                }
+            }
+        }
+        let all_up_s = start.elapsed().as_secs_f64();
+        println!(
+            "{}",
+            serde_json::json!({
+                "up": up.load(Ordering::Relaxed), "failed": failed, "all_up_s": all_up_s,
+                "first_error": first_error,
+            })
+        );
+        // Hold the sessions until the parent closes our stdin.
+        tokio::task::spawn_blocking(|| {
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line).ok();
+        })
+        .await
+        .ok();
+        for h in idlers {
+            h.abort();
+        }
+    });
+    Ok(())
+}
+
+/// What one storm measured.
+#[derive(Debug, Clone, Default)]
+pub struct StormResult {
+    pub sessions: usize,
+    pub up: usize,
+    pub failed: usize,
+    pub all_up_s: f64,
+    pub kib_per_session: f64,
+    pub idle_cpu_pct: f64,
+    pub first_error: Option<String>,
+}
+
+/// Starts `bin_dir/rd-server`, storms it with `n` sessions from a load process, and measures.
+pub fn run(bin_dir: &Path, n: usize, extra_args: &[&str]) -> Result<StormResult, BoxError> {
+    let dir = TempDir::with_prefix("rd-storm")?;
+    let mut args = vec!["--listen", "127.0.0.1:0", "--metrics=false"];
+    args.extend_from_slice(extra_args);
+    let server = Proc::spawn("rd-server", &bin_dir.join("rd-server"), &args, &dir.0, true)?;
+    let addr = server.addr.ok_or("rd-server printed no address")?;
+    std::thread::sleep(Duration::from_millis(500));
+    let rss0 = procfs::status_kib(server.pid(), "VmRSS").unwrap_or(0);
+    let exe = std::env::current_exe()?;
+    let mut load = std::process::Command::new(exe)
+        .args(["--storm-child", &addr.to_string(), &n.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()?;
+    let stdout = load.stdout.take().ok_or("no stdout")?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
+    let v: serde_json::Value =
+        serde_json::from_str(line.trim()).map_err(|e| format!("storm child said {line:?}: {e}"))?;
+    // Let the server settle (registrations, first pings), then measure memory and idle CPU.
+    std::thread::sleep(Duration::from_secs(10));
+    let rss1 = procfs::status_kib(server.pid(), "VmRSS").unwrap_or(0);
+    let cpu0 = procfs::cpu_seconds(server.pid()).unwrap_or(0.0);
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(30));
+    let cpu = procfs::cpu_seconds(server.pid()).unwrap_or(0.0) - cpu0;
+    let idle_cpu_pct = 100.0 * cpu / t0.elapsed().as_secs_f64();
+    drop(load.stdin.take());
+    load.wait().ok();
+    let up = v["up"].as_u64().unwrap_or(0) as usize;
+    Ok(StormResult {
+        sessions: n,
+        up,
+        failed: v["failed"].as_u64().unwrap_or(0) as usize,
+        all_up_s: v["all_up_s"].as_f64().unwrap_or(0.0),
+        kib_per_session: (rss1.saturating_sub(rss0)) as f64 / up.max(1) as f64,
+        idle_cpu_pct,
+        first_error: v["first_error"].as_str().map(str::to_owned),
+    })
+}
