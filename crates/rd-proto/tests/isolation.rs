@@ -280,6 +280,19 @@ fn link_bytes(steps: usize) -> usize {
     steps * BYTES_PER_STEP
 }
 
+impl Outcome {
+    /// Once the stalled streams are held back, the fast stream gets at least half the link.
+    fn assert_fast_stream_kept_moving(&self) {
+        let second_half = link_bytes(STEPS / 2);
+        assert!(
+            self.fast_read_second_half * 2 >= second_half,
+            "fast stream moved {} of {} bytes in the second half",
+            self.fast_read_second_half,
+            second_half
+        );
+    }
+}
+
 #[test]
 fn pause_only_peer_stalled_streams_do_not_stall_the_fast_one() {
     let config = Config::default();
@@ -294,13 +307,7 @@ fn pause_only_peer_stalled_streams_do_not_stall_the_fast_one() {
     );
     assert!(out.max_unread < config.session_receive_ceiling);
     // Once the stalled streams are paused the fast one gets most of the link.
-    let second_half = link_bytes(STEPS / 2);
-    assert!(
-        out.fast_read_second_half * 2 >= second_half,
-        "fast stream moved {} of {} bytes in the second half",
-        out.fast_read_second_half,
-        second_half
-    );
+    out.assert_fast_stream_kept_moving();
     assert!(out.fast_read > 0);
 }
 
@@ -321,13 +328,7 @@ fn credit_peer_stalled_streams_hold_one_window_and_the_fast_one_moves() {
         out.max_committed
     );
     assert!(out.max_unread <= out.max_committed);
-    let second_half = link_bytes(STEPS / 2);
-    assert!(
-        out.fast_read_second_half * 2 >= second_half,
-        "fast stream moved {} of {} bytes in the second half",
-        out.fast_read_second_half,
-        second_half
-    );
+    out.assert_fast_stream_kept_moving();
 }
 
 #[test]
@@ -347,13 +348,7 @@ fn a_peer_ignoring_pause_on_many_streams_loses_those_streams_only() {
         "session unread peaked at {}",
         out.max_unread
     );
-    let second_half = link_bytes(STEPS / 2);
-    assert!(
-        out.fast_read_second_half * 2 >= second_half,
-        "fast stream moved {} of {} bytes in the second half",
-        out.fast_read_second_half,
-        second_half
-    );
+    out.assert_fast_stream_kept_moving();
 }
 
 /// One credit stream over a long link (25 ms each way): the window auto-tunes to the
