@@ -48,6 +48,16 @@ impl SendHalf {
         self.queued
     }
 
+    /// Whether a writer waits and now has room; if so it stops waiting (the caller emits
+    /// [`Event::StreamWritable`](crate::Event)).
+    pub(crate) fn take_writable(&mut self, config: &Config) -> bool {
+        let writable = self.writer_waiting && self.room(config) > 0;
+        if writable {
+            self.writer_waiting = false;
+        }
+        writable
+    }
+
     /// Bytes a write may still queue: the send buffer, and with credit no more than the
     /// credit left (at least one message), so a stream the peer does not read holds its data
     /// in the writer (a socket's kernel buffer, for a pipe) rather than in rd's memory.

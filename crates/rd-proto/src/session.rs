@@ -679,8 +679,7 @@ impl Session {
             return;
         };
         s.send.add_credit(increment);
-        if s.send.writer_waiting && s.send.room(&self.config) > 0 {
-            s.send.writer_waiting = false;
+        if s.send.take_writable(&self.config) {
             self.events.push_back(Event::StreamWritable { id: conn_id });
         }
         self.streams.schedule(conn_id);
@@ -897,8 +896,7 @@ impl Session {
             return None;
         }
         let msg = if let Some((msg, _)) = s.send.pop(id, s.released, &mut self.next_message_id) {
-            if s.send.writer_waiting && s.send.room(&self.config) > 0 {
-                s.send.writer_waiting = false;
+            if s.send.take_writable(&self.config) {
                 self.events.push_back(Event::StreamWritable { id });
             }
             msg

@@ -262,19 +262,17 @@ mod tests {
         Box::new(io)
     }
 
-    #[tokio::test]
-    async fn carries_bytes_both_ways_and_ends_when_the_local_side_closes() {
-        let (server, _client) = session(echo).await;
+    /// Splices a dialed echo stream to a user who writes 1 MB, shuts down writing and reads
+    /// to the end; returns what was sent, what came back and what the splice reports.
+    async fn echo_a_megabyte(server: &SessionHandle) -> (Vec<u8>, Vec<u8>, Spliced) {
         let tunnel = server.dial_addr("tcp", "127.0.0.1:7").unwrap();
         let (mut user, local) = tokio::io::duplex(8 * 1024);
         let task = tokio::spawn(splice(tunnel, local));
         let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
         let (mut r, mut w) = tokio::io::split(&mut user);
-        let expected = data.clone();
+        let sent = data.clone();
         let write = async move {
-            w.write_all(&data).await.unwrap();
-            // Half-close: with the Go protocol the agent closes both directions, so the
-            // echo may be cut short; the splice must still end.
+            w.write_all(&sent).await.unwrap();
             w.shutdown().await.unwrap();
         };
         let read = async move {
@@ -285,15 +283,24 @@ mod tests {
         let ((), got) = tokio::time::timeout(BOUND, async { tokio::join!(write, read) })
             .await
             .unwrap();
-        assert!(
-            expected.starts_with(&got),
-            "echo is a prefix of what was sent"
-        );
         let moved = tokio::time::timeout(BOUND, task)
             .await
             .unwrap()
             .unwrap()
             .unwrap();
+        (data, got, moved)
+    }
+
+    #[tokio::test]
+    async fn carries_bytes_both_ways_and_ends_when_the_local_side_closes() {
+        let (server, _client) = session(echo).await;
+        // Half-close: with the Go protocol the agent closes both directions, so the echo may
+        // be cut short; the splice must still end.
+        let (expected, got, moved) = echo_a_megabyte(&server).await;
+        assert!(
+            expected.starts_with(&got),
+            "echo is a prefix of what was sent"
+        );
         assert_eq!(moved.to_tunnel, 1_000_000);
         assert_eq!(moved.from_tunnel, got.len() as u64);
     }
@@ -331,35 +338,13 @@ mod tests {
     #[tokio::test]
     async fn with_half_close_the_echo_is_complete_after_the_users_shutdown() {
         let (server, _client) = session_with(Extensions::SUPPORTED, echo).await;
-        let tunnel = server.dial_addr("tcp", "127.0.0.1:7").unwrap();
-        let (mut user, local) = tokio::io::duplex(8 * 1024);
-        let task = tokio::spawn(splice(tunnel, local));
-        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
-        let (mut r, mut w) = tokio::io::split(&mut user);
-        let sent = data.clone();
-        let write = async move {
-            w.write_all(&sent).await.unwrap();
-            w.shutdown().await.unwrap();
-        };
-        let read = async move {
-            let mut got = Vec::new();
-            r.read_to_end(&mut got).await.unwrap();
-            got
-        };
-        let ((), got) = tokio::time::timeout(BOUND, async { tokio::join!(write, read) })
-            .await
-            .unwrap();
+        let (data, got, moved) = echo_a_megabyte(&server).await;
         assert!(
             got == data,
             "the whole echo, {} of {} bytes",
             got.len(),
             data.len()
         );
-        let moved = tokio::time::timeout(BOUND, task)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
         assert_eq!(moved.to_tunnel, 1_000_000);
         assert_eq!(moved.from_tunnel, 1_000_000);
     }
