@@ -5,10 +5,10 @@ use std::path::Path;
 /// Loads one PEM CA file the way the TLS client will, so a missing, unreadable or empty file
 /// stops the program at start-up (naming `flag`) instead of failing every connection later.
 pub async fn check_ca_file(flag: &str, path: &Path) -> Result<(), String> {
-    let options = rd_client::TlsOptions::default()
+    let options = rd_session::transport::TlsOptions::default()
         .with_system_roots(false)
         .with_ca_file(path);
-    rd_client::transport::build_client_config(&options)
+    rd_session::transport::build_client_config(&options)
         .await
         .map(|_| ())
         .map_err(|e| format!("{flag} {}: {}", path.display(), rd_session::error_chain(&e)))

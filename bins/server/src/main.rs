@@ -150,7 +150,7 @@ fn parse_peers(list: &str) -> Result<Vec<PeerSpec>, String> {
             let mut parts = entry.splitn(3, ':');
             match (parts.next(), parts.next(), parts.next()) {
                 (Some(id), Some(token), Some(url)) if !id.is_empty() && !url.is_empty() => {
-                    rd_client::transport::validate_url(url)
+                    rd_session::transport::validate_url(url)
                         .map_err(|e| format!("--peers: peer {id:?}: {e}"))?;
                     Ok(PeerSpec {
                         id: id.into(),
@@ -300,8 +300,8 @@ async fn run(args: Args, checked: Checked) -> Result<(), Box<dyn std::error::Err
         admin_auth,
         tls,
     } = checked;
-    let mut peer_tls =
-        rd_client::TlsOptions::default().with_insecure_skip_verify(args.peer_insecure_skip_verify);
+    let mut peer_tls = rd_session::transport::TlsOptions::default()
+        .with_insecure_skip_verify(args.peer_insecure_skip_verify);
     for ca in &args.peer_ca_cert {
         peer_tls = peer_tls.with_ca_file(ca);
     }
@@ -330,7 +330,7 @@ async fn run(args: Args, checked: Checked) -> Result<(), Box<dyn std::error::Err
         .session_config(config)
         .max_pending_handshakes(args.max_pending_handshakes)
         .websocket_read_buffer(args.ws_read_buffer)
-        .peer_connect_options(rd_client::ConnectOptions::default().with_tls(peer_tls));
+        .peer_connect_options(rd_session::transport::ConnectOptions::default().with_tls(peer_tls));
     if !args.id.is_empty() && !peer_token.is_empty() {
         builder = builder.peer_identity(&args.id, &peer_token);
     }

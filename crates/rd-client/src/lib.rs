@@ -24,11 +24,13 @@
 mod allow;
 mod client;
 mod dial;
-pub mod transport;
 
 pub use allow::{AllowAll, AllowRule, AllowRuleError, AllowRules, ConnectAuthorizer, DenyAll};
 pub use client::{BoxError, Client, ClientBuilder, ClientError, OnConnect, StateObserver};
 pub use dial::{LocalDialer, NetDialer, DEFAULT_DIAL_TIMEOUT};
+/// The websocket transport now lives in rd-session, shared with rd-server's peer links;
+/// re-exported here so `rd_client::transport::...` paths keep working.
+pub use rd_session::transport;
 pub use transport::{
     connect_websocket, connect_websocket_negotiated, ConnectError, ConnectOptions, ProxyMode,
     TlsOptions,

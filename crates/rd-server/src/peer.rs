@@ -100,7 +100,7 @@ async fn run_link(
     while !cancel.is_cancelled() {
         metrics.peer_attempt(&id);
         let connected = tokio::select! {
-            r = rd_client::connect_websocket_negotiated(&url, &options) => r,
+            r = rd_session::transport::connect_websocket_negotiated(&url, &options) => r,
             () = cancel.cancelled() => break,
         };
         match connected {

@@ -24,7 +24,7 @@ use http::{header, HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use rd_client::TlsOptions;
+use rd_session::transport::TlsOptions;
 
 use crate::auth::text_response;
 use crate::dialer::TunnelInfo;

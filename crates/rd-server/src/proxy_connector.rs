@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 use http::Uri;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
-use rd_client::TlsOptions;
+use rd_session::transport::TlsOptions;
 use rustls_pki_types::ServerName;
 use tokio::sync::OnceCell;
 use tokio_rustls::client::TlsStream;
@@ -45,7 +45,7 @@ impl TlsSettings {
         let config = self
             .config
             .get_or_try_init(|| async {
-                let config = rd_client::transport::build_client_config(&self.options)
+                let config = rd_session::transport::build_client_config(&self.options)
                     .await
                     .map_err(|e| io::Error::other(rd_session::error_chain(&e)))?;
                 // hyper's client here speaks HTTP/1.1 only.

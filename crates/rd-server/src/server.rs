@@ -57,7 +57,7 @@ pub(crate) struct Inner {
     pub(crate) max_pending_handshakes: usize,
     pub(crate) retry_after: Duration,
     pub(crate) ws_read_buffer: usize,
-    pub(crate) peer_connect: rd_client::ConnectOptions,
+    pub(crate) peer_connect: rd_session::transport::ConnectOptions,
     pub(crate) registry: Mutex<Registry>,
     pub(crate) peers: Mutex<HashMap<String, PeerLink>>,
     pub(crate) metrics: Metrics,
@@ -113,7 +113,7 @@ pub struct ServerBuilder {
     max_pending_handshakes: usize,
     retry_after: Duration,
     ws_read_buffer: usize,
-    peer_connect: rd_client::ConnectOptions,
+    peer_connect: rd_session::transport::ConnectOptions,
     metrics: Metrics,
 }
 
@@ -138,7 +138,7 @@ impl ServerBuilder {
             max_pending_handshakes: DEFAULT_MAX_PENDING_HANDSHAKES,
             retry_after: DEFAULT_HANDSHAKE_RETRY_AFTER,
             ws_read_buffer: rd_session::DEFAULT_WS_READ_BUFFER,
-            peer_connect: rd_client::ConnectOptions::default(),
+            peer_connect: rd_session::transport::ConnectOptions::default(),
             metrics: Metrics::new(),
         }
     }
@@ -212,7 +212,7 @@ impl ServerBuilder {
     /// How outgoing peer links connect: TLS roots, CA files, and
     /// `insecure_skip_verify` for Go's behaviour (it never verifies peers). Proxies from the
     /// environment are not used for peers unless set here, as in Go.
-    pub fn peer_connect_options(mut self, options: rd_client::ConnectOptions) -> Self {
+    pub fn peer_connect_options(mut self, options: rd_session::transport::ConnectOptions) -> Self {
         self.peer_connect = options;
         self
     }
@@ -233,7 +233,7 @@ impl ServerBuilder {
     /// Builds the server.
     pub fn build(self) -> Server {
         let mut peer_connect = self.peer_connect;
-        peer_connect.proxy = rd_client::ProxyMode::None;
+        peer_connect.proxy = rd_session::transport::ProxyMode::None;
         peer_connect.extensions = self.extensions;
         Server {
             inner: Arc::new(Inner {

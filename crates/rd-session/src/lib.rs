@@ -52,6 +52,7 @@ mod observer;
 mod shared;
 mod socket;
 mod stream;
+pub mod transport;
 
 pub use backoff::{Backoff, DEFAULT_BACKOFF_INITIAL, DEFAULT_BACKOFF_JITTER, DEFAULT_BACKOFF_MAX};
 pub use driver::{AnnouncementFn, SessionDriver};

@@ -8,7 +8,7 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use futures_util::{SinkExt as _, StreamExt as _};
 use http::{HeaderMap, HeaderValue};
-use rd_client::transport::{
+use rd_session::transport::{
     connect_websocket, ConnectError, ConnectOptions, ConnectStage, ProxyEnv, ProxyMode, ProxyUrl,
     TlsOptions,
 };
@@ -363,7 +363,7 @@ async fn wss_verifies_the_server_certificate() {
         let mut ws = connect_websocket(&url, &trusting).await.unwrap();
         assert!(matches!(
             ws.get_ref(),
-            rd_client::transport::TransportStream::Tls(_)
+            rd_session::transport::TransportStream::Tls(_)
         ));
         assert_echo(&mut ws).await;
         assert_eq!(

@@ -2,8 +2,8 @@
 
 use std::{future::Future, time::Duration};
 
+use crate::{Extensions, EXTENSIONS_HEADER};
 use http::{header, HeaderMap, HeaderName};
-use rd_session::{Extensions, EXTENSIONS_HEADER};
 use tokio::{net::TcpStream, time::Instant};
 use tokio_rustls::TlsConnector;
 use tokio_tungstenite::WebSocketStream;
@@ -125,7 +125,7 @@ pub async fn connect_websocket(
 
 /// [`connect_websocket`], offering [`ConnectOptions::extensions`]: returns the websocket and
 /// the extensions the server accepted (none from a Go server), to give to the session
-/// ([`SessionBuilder::extensions`](rd_session::SessionBuilder::extensions)).
+/// ([`SessionBuilder::extensions`](crate::SessionBuilder::extensions)).
 pub async fn connect_websocket_negotiated(
     url: &str,
     opts: &ConnectOptions,
@@ -196,7 +196,7 @@ pub async fn connect_websocket_negotiated(
     };
 
     // The same buffers and limits as the server side's tunnel websockets.
-    let config = rd_session::websocket_config(opts.max_message_size.unwrap_or(usize::MAX));
+    let config = crate::websocket_config(opts.max_message_size.unwrap_or(usize::MAX));
     let (ws, response) = deadline
         .run(ConnectStage::WebSocket, async {
             tokio_tungstenite::client_async_with_config(request, stream, Some(config))
@@ -258,11 +258,9 @@ async fn tcp_connect(bounds: &Bounds, host: &str, port: u16) -> Result<TcpStream
                     Ok(stream) => {
                         // No Nagle delay for small control messages (pings, Connect), and
                         // bounded kernel buffers so Pause takes effect promptly.
-                        rd_session::tune_tunnel_socket(&stream).map_err(|source| {
-                            ConnectError::Tcp {
-                                addr: addr.to_string(),
-                                source,
-                            }
+                        crate::tune_tunnel_socket(&stream).map_err(|source| ConnectError::Tcp {
+                            addr: addr.to_string(),
+                            source,
                         })?;
                         return Ok(stream);
                     }
