@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -11,10 +12,74 @@ use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::histogram::Histogram;
 use rd_proto::{Target, TargetError};
-use rd_session::TunnelStream;
+use rd_session::{BoxFuture, BoxedIo, ConnectHandler, ConnectRefused, SessionHandle, TunnelStream};
 
-use crate::registry::Route;
-use crate::server::Server;
+use crate::peers::PeerSet;
+use crate::registry::{self, SharedRegistry};
+
+/// What a dial needs: this server's client sessions and its peers' announced routes.
+pub(crate) struct Routing {
+    pub(crate) clients: SharedRegistry,
+    pub(crate) peers: PeerSet,
+    pub(crate) dial_seconds: Histogram,
+}
+
+impl std::fmt::Debug for Routing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Routing").finish_non_exhaustive()
+    }
+}
+
+/// Where a dial for a client key goes.
+#[derive(Debug, Clone)]
+enum Route {
+    /// A session of the client on this server.
+    Local(SessionHandle),
+    /// A peer server's link that announced the client.
+    Peer(SessionHandle),
+}
+
+impl Routing {
+    /// Local sessions first, then the first peer that announced the key (Go's order). The
+    /// two locks are taken one after the other, never together.
+    fn route(&self, client_key: &str) -> Option<Route> {
+        let local = registry::lock(&self.clients).route(client_key);
+        match local {
+            Some(h) => Some(Route::Local(h)),
+            None => self.peers.route(client_key).map(Route::Peer),
+        }
+    }
+
+    pub(crate) fn has_route(&self, client_key: &str) -> bool {
+        self.route(client_key).is_some()
+    }
+}
+
+/// Dials peer-routed Connects (`clientKey::proto/address`) arriving on our outgoing peer
+/// links through our own dialer. Weak: the peer set that holds it is part of the routing.
+pub(crate) struct PeerConnects(pub(crate) Weak<Routing>);
+
+impl ConnectHandler for PeerConnects {
+    fn connect(&self, target: Target) -> BoxFuture<Result<BoxedIo, ConnectRefused>> {
+        let routing = self.0.upgrade();
+        Box::pin(async move {
+            let Some(routing) = routing else {
+                return Err(ConnectRefused("server shut down".into()));
+            };
+            let Some(client_key) = target.client_key() else {
+                return Err(ConnectRefused(format!(
+                    "invalid clientKey/proto: {}",
+                    target.network()
+                )));
+            };
+            let stream = Dialer::new(routing, client_key.to_owned())
+                .dial_target(target.without_route())
+                .await
+                .map_err(|e| ConnectRefused(e.to_string()))?;
+            Ok(Box::new(stream) as BoxedIo)
+        })
+    }
+}
 
 /// A dial through the tunnel failed before a stream existed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -45,13 +110,16 @@ impl From<DialError> for io::Error {
 /// looked up at each dial, so a dialer stays valid across client reconnects.
 #[derive(Debug, Clone)]
 pub struct Dialer {
-    server: Server,
+    routing: Arc<Routing>,
     client_key: String,
 }
 
 impl Dialer {
-    pub(crate) fn new(server: Server, client_key: String) -> Self {
-        Self { server, client_key }
+    pub(crate) fn new(routing: Arc<Routing>, client_key: String) -> Self {
+        Self {
+            routing,
+            client_key,
+        }
     }
 
     /// The client this dialer reaches.
@@ -72,7 +140,7 @@ impl Dialer {
 
     /// Dials and says through which session (for logs).
     async fn dial_routed(&self, target: Target) -> Result<(TunnelStream, TunnelInfo), DialError> {
-        let route = self.server.registry().route(&self.client_key);
+        let route = self.routing.route(&self.client_key);
         let (stream, session_key, via_peer) = match route {
             Some(Route::Local(session)) => (session.dial(target)?, session.session_key(), false),
             Some(Route::Peer(link)) => (
@@ -99,7 +167,7 @@ impl Dialer {
         let started = Instant::now();
         let (stream, info) = self.dial_routed(Target::new(proto, address)?).await?;
         Ok((
-            TimedStream::new(stream, started, self.server.metrics().dial_seconds.clone()),
+            TimedStream::new(stream, started, self.routing.dial_seconds.clone()),
             info,
         ))
     }

@@ -27,7 +27,7 @@ mod dialer;
 pub mod forward;
 mod log_limit;
 mod metrics;
-mod peer;
+mod peers;
 pub mod proxy;
 mod proxy_connector;
 mod proxy_upgrade;
@@ -42,10 +42,14 @@ pub use auth::{
 };
 pub use dialer::{DialError, Dialer, TimedStream, TunnelConnection, TunnelInfo};
 pub use metrics::{GoCounter, Metrics};
+pub use peers::{
+    DnsResolver, InvalidDiscovery, PeerDiscovery, PeerLinkInfo, Resolve, ResolveError,
+    ResolveFuture, DEFAULT_DISCOVERY_INTERVAL,
+};
 pub use server::{
-    RemoteAddr, Server, ServerBuilder, DEFAULT_HANDSHAKE_RETRY_AFTER,
+    RemoteAddr, Server, ServerBuilder, ASK_SERVER_ID_HEADER, DEFAULT_HANDSHAKE_RETRY_AFTER,
     DEFAULT_MAX_PENDING_HANDSHAKES, DEFAULT_MAX_SESSIONS_PER_CLIENT, PEER_ID_HEADER,
-    PEER_TOKEN_HEADER,
+    PEER_TOKEN_HEADER, SERVER_ID_HEADER,
 };
 
 /// Errors inside response bodies.

@@ -89,6 +89,15 @@ pub struct Metrics {
     /// Sessions that ended, by why ([`SessionEnd::kind`](rd_proto::SessionEnd::kind)):
     /// `unresponsive` is a dead link found by the answer timeout.
     pub sessions_ended: Family<Labels, GoCounter>,
+    /// Outgoing peer links configured now, by source (`static` or `dns`).
+    pub peer_links: Family<Labels, Gauge>,
+    /// Outgoing peer links added, by source.
+    pub peer_links_added: Family<Labels, GoCounter>,
+    /// Outgoing peer links removed, by source and why (`removed`: gone from the list or
+    /// from DNS; `self`: the address reached this server; `replaced`: url or token changed).
+    pub peer_links_removed: Family<Labels, GoCounter>,
+    /// DNS peer discovery rounds, by result (`ok`, `failed`).
+    pub peer_discovery_rounds: Family<Labels, GoCounter>,
 }
 
 impl Default for Metrics {
@@ -132,6 +141,10 @@ impl Metrics {
             limit_exceeded: fam(),
             per_address: false,
             sessions_ended: fam(),
+            peer_links: Family::default(),
+            peer_links_added: fam(),
+            peer_links_removed: fam(),
+            peer_discovery_rounds: fam(),
         };
         let go: [(&str, &str, &Family<Labels, GoCounter>); 10] = [
             (
@@ -242,6 +255,26 @@ impl Metrics {
             "Sessions ended, by reason (local, peer_closed, keepalive_timeout, unresponsive, protocol, transport)",
             m.sessions_ended.clone(),
         );
+        rd.register(
+            "peer_links",
+            "Outgoing peer links configured now, by source (static, dns)",
+            m.peer_links.clone(),
+        );
+        rd.register(
+            "peer_links_added",
+            "Outgoing peer links added, by source (static, dns)",
+            m.peer_links_added.clone(),
+        );
+        rd.register(
+            "peer_links_removed",
+            "Outgoing peer links removed, by source and reason (removed, self, replaced)",
+            m.peer_links_removed.clone(),
+        );
+        rd.register(
+            "peer_discovery_rounds",
+            "DNS peer discovery rounds, by result (ok, failed)",
+            m.peer_discovery_rounds.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             ..m
@@ -346,6 +379,34 @@ impl Metrics {
     pub(crate) fn session_ended(&self, reason: &'static str) {
         self.sessions_ended
             .get_or_create(&vec![("reason", reason.to_owned())])
+            .inc();
+    }
+
+    pub(crate) fn peer_link_added(&self, source: &'static str) {
+        self.peer_links_added
+            .get_or_create(&vec![("source", source.to_owned())])
+            .inc();
+        self.peer_links
+            .get_or_create(&vec![("source", source.to_owned())])
+            .inc();
+    }
+
+    pub(crate) fn peer_link_removed(&self, source: &'static str, reason: &'static str) {
+        self.peer_links_removed
+            .get_or_create(&vec![
+                ("source", source.to_owned()),
+                ("reason", reason.to_owned()),
+            ])
+            .inc();
+        self.peer_links
+            .get_or_create(&vec![("source", source.to_owned())])
+            .dec();
+    }
+
+    pub(crate) fn peer_discovery_round(&self, ok: bool) {
+        let result = if ok { "ok" } else { "failed" };
+        self.peer_discovery_rounds
+            .get_or_create(&vec![("result", result.to_owned())])
             .inc();
     }
 

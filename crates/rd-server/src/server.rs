@@ -1,6 +1,5 @@
 //! [`Server`]: the upgrade endpoint, the session manager and the API around them.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -18,14 +17,12 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::auth::{
-    constant_time_eq, text_response, Authorization, Authorizer, ErrorWriter, PlainTextErrors,
-};
-use crate::dialer::Dialer;
+use crate::auth::{text_response, Authorization, Authorizer, ErrorWriter, PlainTextErrors};
+use crate::dialer::{Dialer, PeerConnects, Routing};
 use crate::log_limit::{rejection, LogLimit};
 use crate::metrics::{ByteCounters, Metrics};
-use crate::peer::{self, PeerLink};
-use crate::registry::Registry;
+use crate::peers::{Identity, LinkSettings, PeerCheck, PeerDiscovery, PeerLinkInfo, PeerSet};
+use crate::registry::{self, Registry};
 use crate::upgrade::accept_key;
 use crate::Body;
 
@@ -42,11 +39,17 @@ pub const DEFAULT_HANDSHAKE_RETRY_AFTER: Duration = Duration::from_secs(1);
 pub const PEER_ID_HEADER: &str = "X-API-Tunnel-ID";
 /// Header a peer server sends the shared token in (Go's `remotedialer.Token`).
 pub const PEER_TOKEN_HEADER: &str = "X-API-Tunnel-Token";
+/// Header an rd server's outgoing peer link sends to ask the server it reaches for its id
+/// (in [`SERVER_ID_HEADER`]). Go servers ignore it; Go peers never send it, so they never
+/// get the answer.
+pub const ASK_SERVER_ID_HEADER: &str = "X-Rd-Ask-Server-Id";
+/// Header of an rd server's answer to a peer upgrade that sent [`ASK_SERVER_ID_HEADER`]:
+/// its own peer id. With `409 Conflict` it means "you reached yourself".
+pub const SERVER_ID_HEADER: &str = "X-Rd-Server-Id";
 
 pub(crate) struct Inner {
     pub(crate) authorizer: Box<dyn Authorizer>,
     pub(crate) error_writer: Box<dyn ErrorWriter>,
-    pub(crate) peer_identity: Option<(String, String)>,
     pub(crate) client_connect: Arc<dyn ConnectHandler>,
     pub(crate) session_config: Config,
     pub(crate) extensions: Extensions,
@@ -57,11 +60,12 @@ pub(crate) struct Inner {
     pub(crate) max_pending_handshakes: usize,
     pub(crate) retry_after: Duration,
     pub(crate) ws_read_buffer: usize,
-    pub(crate) peer_connect: rd_session::transport::ConnectOptions,
-    pub(crate) registry: Mutex<Registry>,
-    pub(crate) peers: Mutex<HashMap<String, PeerLink>>,
+    /// Client sessions, peers and their routes: what dials use.
+    pub(crate) routing: Arc<Routing>,
     pub(crate) metrics: Metrics,
     pub(crate) accepting: AtomicBool,
+    /// Set by [`Server::begin_drain`]: readiness fails from then on.
+    pub(crate) draining: AtomicBool,
     pub(crate) shutdown: CancellationToken,
 }
 
@@ -72,16 +76,6 @@ pub struct RemoteAddr(pub std::net::SocketAddr);
 
 /// Refused handshakes, logged at most a few lines a second.
 static REJECTED: LogLimit = LogLimit::new();
-
-/// What the peer headers of an upgrade request say.
-enum PeerCheck {
-    /// No peer headers: a client.
-    NotPeer,
-    /// A registered peer with the right token.
-    Peer(String),
-    /// Peer headers that do not match (Go then asks the authorizer, as here).
-    Refused(&'static str),
-}
 
 /// A remotedialer server. Cheap to clone; clones share everything.
 #[derive(Clone)]
@@ -94,7 +88,7 @@ impl fmt::Debug for Server {
         f.debug_struct("Server")
             .field(
                 "peer_id",
-                &self.inner.peer_identity.as_ref().map(|(id, _)| id),
+                &self.inner.routing.peers.identity().map(|i| &i.id),
             )
             .finish()
     }
@@ -114,6 +108,7 @@ pub struct ServerBuilder {
     retry_after: Duration,
     ws_read_buffer: usize,
     peer_connect: rd_session::transport::ConnectOptions,
+    peer_discovery: Option<PeerDiscovery>,
     metrics: Metrics,
 }
 
@@ -139,6 +134,7 @@ impl ServerBuilder {
             retry_after: DEFAULT_HANDSHAKE_RETRY_AFTER,
             ws_read_buffer: rd_session::DEFAULT_WS_READ_BUFFER,
             peer_connect: rd_session::transport::ConnectOptions::default(),
+            peer_discovery: None,
             metrics: Metrics::new(),
         }
     }
@@ -217,6 +213,16 @@ impl ServerBuilder {
         self
     }
 
+    /// Finds peers through DNS (see [`PeerDiscovery`]): a link to every address the name
+    /// resolves to, except this server's own, kept up to date every interval. Needs a
+    /// [peer identity](Self::peer_identity); incoming peers are then accepted by the shared
+    /// token, whatever their id. [`build`](Self::build) starts it, so it must run inside a
+    /// tokio runtime.
+    pub fn peer_discovery(mut self, discovery: PeerDiscovery) -> Self {
+        self.peer_discovery = Some(discovery);
+        self
+    }
+
     /// Uses an existing metrics set (for example one already registered elsewhere).
     pub fn metrics(mut self, metrics: Metrics) -> Self {
         self.metrics = metrics;
@@ -235,11 +241,35 @@ impl ServerBuilder {
         let mut peer_connect = self.peer_connect;
         peer_connect.proxy = rd_session::transport::ProxyMode::None;
         peer_connect.extensions = self.extensions;
+        let identity = self.peer_identity.map(|(id, token)| Identity { id, token });
+        let shutdown = CancellationToken::new();
+        let discovering = self.peer_discovery.is_some() && identity.is_some();
+        let clients = Arc::new(Mutex::new(Registry::default()));
+        let routing = Arc::new_cyclic(|routing| Routing {
+            clients: clients.clone(),
+            peers: PeerSet::new(
+                identity,
+                LinkSettings {
+                    connect: peer_connect,
+                    session: self.session_config.clone(),
+                    connects: Arc::new(PeerConnects(routing.clone())),
+                },
+                clients,
+                self.metrics.clone(),
+                shutdown.clone(),
+                discovering,
+            ),
+            dial_seconds: self.metrics.dial_seconds.clone(),
+        });
+        match self.peer_discovery {
+            Some(discovery) if discovering => routing.peers.start_discovery(discovery),
+            Some(_) => tracing::warn!("peer discovery needs a peer id and token; not discovering"),
+            None => {}
+        }
         Server {
             inner: Arc::new(Inner {
                 authorizer: self.authorizer,
                 error_writer: self.error_writer,
-                peer_identity: self.peer_identity,
                 client_connect: self.client_connect,
                 session_config: self.session_config,
                 extensions: self.extensions,
@@ -249,12 +279,11 @@ impl ServerBuilder {
                 max_pending_handshakes: self.max_pending_handshakes,
                 retry_after: self.retry_after,
                 ws_read_buffer: self.ws_read_buffer,
-                peer_connect,
-                registry: Mutex::new(Registry::default()),
-                peers: Mutex::new(HashMap::new()),
+                routing,
                 metrics: self.metrics,
                 accepting: AtomicBool::new(true),
-                shutdown: CancellationToken::new(),
+                draining: AtomicBool::new(false),
+                shutdown,
             }),
         }
     }
@@ -297,10 +326,11 @@ impl Server {
     }
 
     pub(crate) fn registry(&self) -> MutexGuard<'_, Registry> {
-        self.inner
-            .registry
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        registry::lock(&self.inner.routing.clients)
+    }
+
+    fn peers(&self) -> &PeerSet {
+        &self.inner.routing.peers
     }
 
     /// The server's metrics.
@@ -310,7 +340,8 @@ impl Server {
 
     /// Refreshes the gauges computed from session state, then encodes every metric.
     pub fn encode_metrics(&self) -> String {
-        let sessions = self.registry().all_sessions();
+        let mut sessions = self.registry().all_sessions();
+        sessions.extend(self.peers().incoming_sessions());
         let (mut by_us, mut by_peer, mut buffered) = (0, 0, 0);
         for s in sessions {
             let stats = s.stats();
@@ -332,12 +363,12 @@ impl Server {
     /// A dialer that opens streams through `client_key`'s session, found at dial time (local
     /// sessions first, then peers). It also works as a hyper-util client connector.
     pub fn dialer(&self, client_key: impl Into<String>) -> Dialer {
-        Dialer::new(self.clone(), client_key.into())
+        Dialer::new(self.inner.routing.clone(), client_key.into())
     }
 
     /// Whether a dial for `client_key` would find a session, here or through a peer.
     pub fn has_session(&self, client_key: &str) -> bool {
-        self.registry().route(client_key).is_some()
+        self.inner.routing.has_route(client_key)
     }
 
     /// Keys of the clients connected to this server (not via peers), unordered.
@@ -362,12 +393,42 @@ impl Server {
         id: impl Into<String>,
         token: impl Into<String>,
     ) {
-        peer::add(self, url.into(), id.into(), token.into());
+        self.peers().add_static(url.into(), id.into(), token.into());
     }
 
     /// Stops the link to peer `id`.
     pub fn remove_peer(&self, id: &str) {
-        peer::remove(self, id);
+        self.peers().remove_static(id);
+    }
+
+    /// The outgoing peer links (static and discovered), ordered by URL.
+    pub fn peer_links(&self) -> Vec<PeerLinkInfo> {
+        self.peers().links()
+    }
+
+    /// Whether the first round of [peer discovery](ServerBuilder::peer_discovery) is done
+    /// (true without discovery).
+    pub fn peers_discovered(&self) -> bool {
+        self.peers().discovery_ready()
+    }
+
+    /// Starts draining: from now on [`is_ready`](Self::is_ready) is false, so a load
+    /// balancer sends no more work here. Only the flag; what else a drain does is the
+    /// caller's.
+    pub fn begin_drain(&self) {
+        self.inner.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`begin_drain`](Self::begin_drain) was called.
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::SeqCst)
+    }
+
+    /// Readiness (`/readyz`): accepting tunnels, not draining, and, with peer discovery,
+    /// past its first round (so that requests entering here can reach the other replicas'
+    /// clients).
+    pub fn is_ready(&self) -> bool {
+        self.is_accepting() && !self.is_draining() && self.peers_discovered()
     }
 
     /// Stops accepting tunnels, stops peer links and closes every session; waits up to
@@ -375,7 +436,8 @@ impl Server {
     pub async fn shutdown(&self, grace: Duration) {
         self.inner.accepting.store(false, Ordering::SeqCst);
         self.inner.shutdown.cancel();
-        let sessions = self.registry().all_sessions();
+        let mut sessions = self.registry().all_sessions();
+        sessions.extend(self.peers().incoming_sessions());
         for s in &sessions {
             s.close();
         }
@@ -396,7 +458,7 @@ impl Server {
 
     /// Whether the server has no sessions (used after shutdown).
     pub fn is_idle(&self) -> bool {
-        self.registry().is_empty()
+        self.registry().is_empty() && self.peers().incoming_sessions().is_empty()
     }
 
     /// Handles a tunnel upgrade request: authenticates a peer or a client, then switches to
@@ -451,8 +513,17 @@ impl Server {
         let on_upgrade = hyper::upgrade::on(&mut req);
         let (parts, _body) = req.into_parts();
         let peer_check = self.peer_of(&parts);
+        let asked_id = parts.headers.contains_key(ASK_SERVER_ID_HEADER);
         let (client_key, peer) = match peer_check {
             PeerCheck::Peer(id) => (id, true),
+            PeerCheck::ItsMe => {
+                inner.metrics.handshake_rejected("peer_is_self");
+                let mut response = inner
+                    .error_writer
+                    .write_error(StatusCode::CONFLICT, "peer link to this server itself");
+                self.add_server_id(&mut response, asked_id);
+                return response;
+            }
             PeerCheck::NotPeer | PeerCheck::Refused(_) => {
                 match inner.authorizer.authorize(&parts).await {
                     Authorization::Client(key) => {
@@ -540,7 +611,20 @@ impl Server {
         if let Some(v) = extensions.header_value() {
             h.insert(EXTENSIONS_HEADER, v);
         }
+        if peer {
+            self.add_server_id(&mut response, asked_id);
+        }
         response
+    }
+
+    /// Answers an rd peer that asked for our id (never a Go peer: it does not ask).
+    fn add_server_id(&self, response: &mut Response<Body>, asked: bool) {
+        let Some(own) = self.peers().identity().filter(|_| asked) else {
+            return;
+        };
+        if let Ok(v) = HeaderValue::from_str(&own.id) {
+            response.headers_mut().insert(SERVER_ID_HEADER, v);
+        }
     }
 
     /// Whether the request carries a registered peer's id and token.
@@ -555,14 +639,7 @@ impl Server {
         let (Some(id), Some(token)) = (get(PEER_ID_HEADER), get(PEER_TOKEN_HEADER)) else {
             return PeerCheck::NotPeer;
         };
-        let peers = self.inner.peers.lock().unwrap_or_else(|p| p.into_inner());
-        match peers.get(id) {
-            None => PeerCheck::Refused("unknown peer id"),
-            Some(link) if constant_time_eq(link.token.as_bytes(), token.as_bytes()) => {
-                PeerCheck::Peer(id.to_owned())
-            }
-            Some(_) => PeerCheck::Refused("wrong peer token"),
-        }
+        self.peers().check(id, token)
     }
 
     async fn run_session<S>(
@@ -596,25 +673,30 @@ impl Server {
             .extensions(extensions)
             .observer(observer);
         if peer {
-            let server = self.clone();
+            let peers = self.peers().clone();
             let link = std::sync::OnceLock::<SessionHandle>::new();
             let link = Arc::new(link);
             let link2 = link.clone();
             builder = builder.on_announcement(move |client: ClientSession, added| {
                 if let Some(h) = link2.get() {
-                    server.registry().peer_announced(h, client, added);
+                    peers.announced(h, client, added);
                 }
             });
             let (handle, driver) = builder.start(ws);
             link.set(handle.clone()).ok();
-            self.registry().add_peer_session(handle.clone());
+            self.peers().incoming_added(handle.clone());
             drop(permit);
             self.serve_registered(handle, driver, &client_key, true)
                 .await;
         } else {
             builder = builder.connect_handler_arc(inner.client_connect.clone());
             let (handle, driver) = builder.start(ws);
-            self.registry().add_client(handle.clone());
+            {
+                let mut registry = self.registry();
+                registry.add_client(handle.clone());
+                // Under the registry's lock: links see announcements in its order.
+                self.peers().announce(&handle, true);
+            }
             // The handshake is over: the session runs, and counts no more against admission.
             drop(permit);
             self.serve_registered(handle, driver, &client_key, false)
@@ -640,9 +722,11 @@ impl Server {
         );
         let end = driver.await;
         if peer {
-            self.registry().remove_peer_session(&handle);
+            self.peers().incoming_removed(&handle);
         } else {
-            self.registry().remove_client(&handle);
+            let mut registry = self.registry();
+            registry.remove_client(&handle);
+            self.peers().announce(&handle, false);
         }
         metrics.session_removed(client_key, peer);
         metrics.session_ended(end.kind());

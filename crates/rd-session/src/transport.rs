@@ -18,8 +18,8 @@ mod target;
 mod tls;
 
 pub use connect::{
-    connect_websocket, connect_websocket_negotiated, ClientWebSocket, ConnectOptions,
-    DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_MESSAGE_SIZE,
+    connect_websocket, connect_websocket_negotiated, connect_websocket_with_headers,
+    ClientWebSocket, ConnectOptions, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_MESSAGE_SIZE,
 };
 pub use error::{ConnectError, ConnectStage};
 pub use no_proxy::NoProxy;

@@ -130,6 +130,16 @@ pub async fn connect_websocket_negotiated(
     url: &str,
     opts: &ConnectOptions,
 ) -> Result<(ClientWebSocket, Extensions), ConnectError> {
+    let (ws, extensions, _) = connect_websocket_with_headers(url, opts).await?;
+    Ok((ws, extensions))
+}
+
+/// [`connect_websocket_negotiated`], also returning the headers of the server's `101`
+/// response (rd-server's peer links read the peer's id from them).
+pub async fn connect_websocket_with_headers(
+    url: &str,
+    opts: &ConnectOptions,
+) -> Result<(ClientWebSocket, Extensions, HeaderMap), ConnectError> {
     let target = Target::parse(url)?;
     let mut request = build_request(&target, &opts.headers)?;
     if let Some(offer) = opts.extensions.header_value() {
@@ -209,7 +219,7 @@ pub async fn connect_websocket_negotiated(
         .extensions
         .intersect(Extensions::from_headers(response.headers()));
     tracing::debug!(%url, ?extensions, "websocket connected");
-    Ok((ws, extensions))
+    Ok((ws, extensions, response.into_parts().0.headers))
 }
 
 /// One deadline shared by all steps, so that the timeout bounds the whole attempt.
