@@ -35,8 +35,9 @@ struct Args {
     /// Address to listen on: ":PORT" (every interface) or "HOST:PORT".
     #[arg(long, env = "RD_LISTEN", default_value = ":8123")]
     listen: String,
-    /// This server's peer id, for HA peering (needs --token).
-    #[arg(long, env = "RD_ID", default_value = "")]
+    /// This server's peer id, for HA peering (needs --token). Default: the pod's name
+    /// (POD_NAME) or else the host name.
+    #[arg(long, env = "RD_ID", default_value = "", hide_default_value = true)]
     id: String,
     /// The token peers share, for HA peering (needs --id). Prefer --token-file or RD_TOKEN:
     /// a command line is visible to every user of the machine.
@@ -78,6 +79,18 @@ struct Args {
         hide_default_value = true
     )]
     peers: String,
+    /// Find peers through DNS: every address NAME resolves to (e.g. a Kubernetes headless
+    /// Service, rd-server-headless.ns.svc:8123) gets a peer link to ws://ADDRESS:PORT/connect,
+    /// except this server's own. A URL (wss://NAME:PORT/path) sets scheme and path. Needs the
+    /// shared token; combinable with --peers.
+    #[arg(long, env = "RD_PEERS_DNS", value_name = "NAME:PORT")]
+    peers_dns: Option<rd_server::PeerDiscovery>,
+    /// How often --peers-dns is resolved again.
+    #[arg(long, env = "RD_PEERS_DNS_INTERVAL", value_name = "DURATION", default_value = "10s", value_parser = forwards::parse_duration)]
+    peers_dns_interval: Duration,
+    /// DNS server for --peers-dns instead of the system's (/etc/resolv.conf).
+    #[arg(long, env = "RD_DNS_SERVER", value_name = "IP:PORT")]
+    dns_server: Option<std::net::SocketAddr>,
     /// Debug logging, including a dump of every tunnel message.
     #[arg(long, env = "RD_DEBUG", num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = ArgAction::Set)]
     debug: bool,
@@ -164,6 +177,25 @@ fn parse_peers(list: &str) -> Result<Vec<PeerSpec>, String> {
         .collect()
 }
 
+/// The peer id when none is given: the pod's name (Kubernetes sets POD_NAME through the
+/// downward API in our manifests), else the host name (a pod's host name is its name too).
+fn default_id() -> String {
+    let from_env = |name| {
+        std::env::var(name)
+            .ok()
+            .filter(|v: &String| !v.trim().is_empty())
+    };
+    from_env("POD_NAME")
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .filter(|h| !h.trim().is_empty())
+        })
+        .or_else(|| from_env("HOSTNAME"))
+        .map(|id| id.trim().to_owned())
+        .unwrap_or_default()
+}
+
 /// A configuration mistake found at start-up: the process exits with status 2.
 #[derive(Debug)]
 struct ConfigError(String);
@@ -181,6 +213,11 @@ async fn check_config(args: &Args) -> Result<Checked, ConfigError> {
     };
     if !peers.is_empty() && (args.id.is_empty() || peer_token.is_empty()) {
         return Err(ConfigError("--peers needs --id and --token".into()));
+    }
+    if args.peers_dns.is_some() && peer_token.is_empty() {
+        return Err(ConfigError(
+            "--peers-dns needs the shared token (--token-file, RD_TOKEN or --token)".into(),
+        ));
     }
     if let Some(admin) = &args.admin_listen {
         cli::check_listen("--admin-listen", admin).map_err(ConfigError)?;
@@ -274,7 +311,10 @@ async fn watch_agent_tokens(tokens: rd_server::AgentTokens) {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = Args::parse_from(go_flags::normalize(std::env::args_os()));
+    let mut args = Args::parse_from(go_flags::normalize(std::env::args_os()));
+    if args.id.is_empty() {
+        args.id = default_id();
+    }
     let _log = cli::init_tracing(args.debug, args.log_format);
     let checked = match check_config(&args).await {
         Ok(checked) => checked,
@@ -333,6 +373,20 @@ async fn run(args: Args, checked: Checked) -> Result<(), Box<dyn std::error::Err
         .peer_connect_options(rd_session::transport::ConnectOptions::default().with_tls(peer_tls));
     if !args.id.is_empty() && !peer_token.is_empty() {
         builder = builder.peer_identity(&args.id, &peer_token);
+    }
+    if let Some(discovery) = args.peers_dns.clone() {
+        let mut discovery = discovery.interval(args.peers_dns_interval);
+        if let Some(server) = args.dns_server {
+            discovery = discovery.resolver(rd_server::DnsResolver::with_server(server));
+        }
+        tracing::info!(
+            id = %args.id,
+            name = discovery.name(),
+            interval = ?args.peers_dns_interval,
+            dns_server = args.dns_server.map(tracing::field::display),
+            "finding peers through DNS"
+        );
+        builder = builder.peer_discovery(discovery);
     }
     let server = builder.build();
     for p in peers {

@@ -1,4 +1,5 @@
-//! The example server's routes: /connect, /client/..., /metrics, /healthz, and HTTP
+//! The example server's routes: /connect, /client/..., /metrics, /healthz, /livez, /readyz,
+//! and HTTP
 //! CONNECT through an agent.
 
 use std::sync::Arc;
@@ -104,6 +105,13 @@ impl App {
         if path == "/connect" && tunnel {
             return self.server.handle(req).await;
         }
+        // Probes on every listener: the kubelet reaches whichever port the pod names, and
+        // they tell nothing an outsider could use.
+        match path.as_str() {
+            "/livez" => return live().await,
+            "/readyz" => return ready(&self.server),
+            _ => {}
+        }
         if !admin {
             return text_response(StatusCode::NOT_FOUND, "404 page not found\n".into());
         }
@@ -163,12 +171,47 @@ async fn health(server: &Server) -> Response<Body> {
     if !server.is_accepting() {
         return text_response(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n".into());
     }
-    match tokio::time::timeout(RUNTIME_BOUND, tokio::spawn(async {})).await {
-        Ok(Ok(())) => text_response(StatusCode::OK, "ok\n".into()),
-        _ => text_response(
+    live().await
+}
+
+/// Whether a freshly spawned task runs within [`RUNTIME_BOUND`].
+async fn runtime_responsive() -> bool {
+    matches!(
+        tokio::time::timeout(RUNTIME_BOUND, tokio::spawn(async {})).await,
+        Ok(Ok(()))
+    )
+}
+
+/// `/livez` (liveness): 200 while the process serves requests and its runtime runs new
+/// tasks, also while it shuts down or drains (restarting it then would cut transfers);
+/// 503 when the runtime is stuck.
+async fn live() -> Response<Body> {
+    if runtime_responsive().await {
+        text_response(StatusCode::OK, "ok\n".into())
+    } else {
+        text_response(
             StatusCode::SERVICE_UNAVAILABLE,
             "runtime unresponsive: a new task did not run within 1s\n".into(),
-        ),
+        )
+    }
+}
+
+/// `/readyz` (readiness): 200 only while the server accepts tunnels, is not draining and,
+/// with DNS peer discovery, has finished its first discovery round; 503 with the reason
+/// otherwise.
+fn ready(server: &Server) -> Response<Body> {
+    let unready = if !server.is_accepting() {
+        Some("shutting down\n")
+    } else if server.is_draining() {
+        Some("draining\n")
+    } else if !server.peers_discovered() {
+        Some("peer discovery has not finished its first round\n")
+    } else {
+        None
+    };
+    match unready {
+        None => text_response(StatusCode::OK, "ok\n".into()),
+        Some(why) => text_response(StatusCode::SERVICE_UNAVAILABLE, why.into()),
     }
 }
 
