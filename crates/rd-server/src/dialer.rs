@@ -29,6 +29,9 @@ pub enum DialError {
     /// The session refused (ended, or too many streams).
     #[error(transparent)]
     Session(#[from] rd_session::DialError),
+    /// This server is draining ([`Server::begin_drain`]): it opens no new streams.
+    #[error("server draining: no new connections")]
+    Draining,
 }
 
 impl From<DialError> for io::Error {
@@ -72,6 +75,9 @@ impl Dialer {
 
     /// Dials and says through which session (for logs).
     async fn dial_routed(&self, target: Target) -> Result<(TunnelStream, TunnelInfo), DialError> {
+        if self.server.is_draining() {
+            return Err(DialError::Draining);
+        }
         let route = self.server.registry().route(&self.client_key);
         let (stream, session_key, via_peer) = match route {
             Some(Route::Local(session)) => (session.dial(target)?, session.session_key(), false),

@@ -33,6 +33,8 @@ pub(crate) struct Registry {
     /// Our outgoing peer links, told about every client session.
     listeners: Vec<(u64, SessionHandle)>,
     next_listener: u64,
+    /// Draining: our clients were withdrawn from the peers, and none is announced again.
+    withdrawn: bool,
 }
 
 fn announcement(h: &SessionHandle) -> ClientSession {
@@ -44,8 +46,10 @@ fn announcement(h: &SessionHandle) -> ClientSession {
 
 impl Registry {
     pub(crate) fn add_client(&mut self, handle: SessionHandle) {
-        for (_, link) in &self.listeners {
-            link.announce(announcement(&handle), true);
+        if !self.withdrawn {
+            for (_, link) in &self.listeners {
+                link.announce(announcement(&handle), true);
+            }
         }
         self.clients
             .entry(handle.client_key().to_owned())
@@ -116,8 +120,10 @@ impl Registry {
 
     /// Registers an outgoing peer link and queues AddClient for every current client.
     pub(crate) fn add_listener(&mut self, link: SessionHandle) -> u64 {
-        for h in self.clients.values().flatten() {
-            link.announce(announcement(h), true);
+        if !self.withdrawn {
+            for h in self.clients.values().flatten() {
+                link.announce(announcement(h), true);
+            }
         }
         let id = self.next_listener;
         self.next_listener += 1;
@@ -127,6 +133,33 @@ impl Registry {
 
     pub(crate) fn remove_listener(&mut self, id: u64) {
         self.listeners.retain(|(i, _)| *i != id);
+    }
+
+    /// Tells every peer that our clients are gone (RemoveClient for each session), so
+    /// peers route no new request through us while the sessions finish their streams;
+    /// no client is announced again.
+    pub(crate) fn withdraw_announcements(&mut self) {
+        if self.withdrawn {
+            return;
+        }
+        self.withdrawn = true;
+        for h in self.clients.values().flatten() {
+            for (_, link) in &self.listeners {
+                link.announce(announcement(h), false);
+            }
+        }
+    }
+
+    /// Client sessions, and every peer link either way (incoming and outgoing).
+    pub(crate) fn drain_view(&self) -> (Vec<SessionHandle>, Vec<SessionHandle>) {
+        let clients = self.clients.values().flatten().cloned().collect();
+        let links = self
+            .peers
+            .iter()
+            .map(|p| p.handle.clone())
+            .chain(self.listeners.iter().map(|(_, h)| h.clone()))
+            .collect();
+        (clients, links)
     }
 
     pub(crate) fn client_keys(&self) -> Vec<String> {

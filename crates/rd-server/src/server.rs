@@ -63,6 +63,12 @@ pub(crate) struct Inner {
     pub(crate) metrics: Metrics,
     pub(crate) accepting: AtomicBool,
     pub(crate) shutdown: CancellationToken,
+    /// Set by [`Server::begin_drain`]: no new sessions or streams, readiness fails.
+    pub(crate) draining: AtomicBool,
+    /// Woken when a stream or a session ends, so a drain notices promptly.
+    pub(crate) drain_wake: Arc<tokio::sync::Notify>,
+    /// Run once when the drain begins (a proxy drops its idle pooled streams).
+    pub(crate) drain_hooks: Mutex<Vec<Box<dyn Fn() + Send + Sync>>>,
 }
 
 /// The address a request came from. A server loop that knows it inserts it into the
@@ -255,6 +261,9 @@ impl ServerBuilder {
                 metrics: self.metrics,
                 accepting: AtomicBool::new(true),
                 shutdown: CancellationToken::new(),
+                draining: AtomicBool::new(false),
+                drain_wake: Arc::new(tokio::sync::Notify::new()),
+                drain_hooks: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -265,6 +274,8 @@ struct StreamMetrics {
     metrics: Metrics,
     client_key: String,
     bytes: ByteCounters,
+    /// The server's [`Inner::drain_wake`].
+    drain_wake: Arc<tokio::sync::Notify>,
 }
 
 impl SessionObserver for StreamMetrics {
@@ -275,6 +286,8 @@ impl SessionObserver for StreamMetrics {
     fn stream_closed(&self, target: &Target) {
         self.metrics
             .connection_removed(&self.client_key, &target.network(), target.address());
+        // Cheap when nobody waits (no drain running).
+        self.drain_wake.notify_waiters();
     }
     fn transmitted(&self, bytes: usize) {
         self.bytes.transmit.inc_by(bytes as u64);
@@ -389,6 +402,45 @@ impl Server {
         }
     }
 
+    /// Starts draining: new sessions are refused (503), new streams too (dials fail with
+    /// [`DialError::Draining`](crate::DialError::Draining)), readiness probes fail; streams
+    /// in flight go on. [`drain`](Self::drain) does this first, then moves the agents and
+    /// waits for the streams.
+    pub fn begin_drain(&self) {
+        if !self.inner.draining.swap(true, Ordering::SeqCst) {
+            let hooks = std::mem::take(
+                &mut *self
+                    .inner
+                    .drain_hooks
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()),
+            );
+            for hook in hooks {
+                hook();
+            }
+        }
+    }
+
+    /// Whether [`begin_drain`](Self::begin_drain) was called.
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::SeqCst)
+    }
+
+    /// Runs `hook` when the drain begins (at once if it already has).
+    pub(crate) fn on_drain(&self, hook: impl Fn() + Send + Sync + 'static) {
+        let mut hooks = self
+            .inner
+            .drain_hooks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if self.is_draining() {
+            drop(hooks);
+            hook();
+        } else {
+            hooks.push(Box::new(hook));
+        }
+    }
+
     /// Whether the server still accepts tunnels (false once [`shutdown`](Self::shutdown) began).
     pub fn is_accepting(&self) -> bool {
         self.inner.accepting.load(Ordering::SeqCst)
@@ -430,6 +482,14 @@ impl Server {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "shutting_down",
                 "server shutting down",
+            );
+        }
+        if self.is_draining() {
+            // No Retry-After: the agent should go to another replica, not come back here.
+            return reject(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "draining",
+                "server draining: connect to another replica",
             );
         }
         // Admission: cheap to refuse, before any work that costs more than this.
@@ -590,6 +650,7 @@ impl Server {
             metrics: inner.metrics.clone(),
             client_key: client_key.clone(),
             bytes: inner.metrics.byte_counters(&client_key),
+            drain_wake: inner.drain_wake.clone(),
         });
         let mut builder = SessionBuilder::server(client_key.clone(), session_key)
             .config(inner.session_config.clone())
@@ -646,6 +707,7 @@ impl Server {
         }
         metrics.session_removed(client_key, peer);
         metrics.session_ended(end.kind());
+        self.inner.drain_wake.notify_waiters();
         tracing::info!(reason = %end, "session ended [{client_key}]");
     }
 }
