@@ -24,6 +24,7 @@
 mod allow;
 mod client;
 mod dial;
+mod failover;
 pub mod transport;
 
 pub use allow::{AllowAll, AllowRule, AllowRuleError, AllowRules, ConnectAuthorizer, DenyAll};
