@@ -234,6 +234,59 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// SIGTERM and SIGINT, received one after another: the first starts a drain, the second
+/// ends the process at once. Registered once, so a signal between two waits is not lost.
+pub struct Signals {
+    #[cfg(unix)]
+    term: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    /// Starts listening for both signals.
+    pub fn new() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Self {
+                term: signal(SignalKind::terminate()).ok(),
+                int: signal(SignalKind::interrupt()).ok(),
+            }
+        }
+        #[cfg(not(unix))]
+        Self {}
+    }
+
+    /// Waits for the next SIGTERM or SIGINT; returns its name.
+    pub async fn recv(&mut self) -> &'static str {
+        #[cfg(unix)]
+        {
+            async fn next(s: &mut Option<tokio::signal::unix::Signal>) {
+                // A stream that cannot be registered, or ends, never fires.
+                let fired = match s {
+                    Some(s) => s.recv().await.is_some(),
+                    None => false,
+                };
+                if !fired {
+                    std::future::pending::<()>().await;
+                }
+            }
+            tokio::select! {
+                () = next(&mut self.term) => "SIGTERM",
+                () = next(&mut self.int) => "SIGINT",
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            if tokio::signal::ctrl_c().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            "SIGINT"
+        }
+    }
+}
+
 /// The first line of a secret file, without its line ending. The error names the file,
 /// never its content.
 pub fn read_secret(path: &std::path::Path) -> Result<String, String> {

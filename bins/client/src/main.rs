@@ -38,13 +38,19 @@ use tracing::Instrument;
 #[derive(Debug, Parser)]
 #[command(name = "rd-client", version = cli::VERSION)]
 struct Args {
-    /// Websocket URL of the server's tunnel endpoint (ws:// or wss://).
+    /// Websocket URL of the server's tunnel endpoint (ws:// or wss://). Repeat it (or give a
+    /// comma-separated list) for several replicas: the client stays on one while it works
+    /// and moves to the next at once when it goes away (a drain, a crash), backing off only
+    /// once all have failed. A host name with several addresses counts as one server per
+    /// address (same Host header and TLS name).
     #[arg(
         long,
         env = "RD_CONNECT",
+        value_delimiter = ',',
+        value_name = "URL",
         default_value = "ws://localhost:8123/connect"
     )]
-    connect: String,
+    connect: Vec<String>,
     /// Client id, sent as the X-Tunnel-ID header (the example server's client key).
     #[arg(long, env = "RD_CLIENT_ID", default_value = "foo")]
     id: String,
@@ -168,7 +174,16 @@ fn header(spec: &str) -> Result<(HeaderName, HeaderValue), String> {
 /// Checks what cannot fix itself by retrying, then builds the client. Every error names the
 /// flag (or variable) at fault.
 async fn build(args: &Args, metrics: Option<Arc<AgentMetrics>>) -> Result<Client, String> {
-    rd_client::transport::validate_url(&args.connect).map_err(|e| format!("--connect: {e}"))?;
+    let mut urls = args
+        .connect
+        .iter()
+        .map(|u| u.trim())
+        .filter(|u| !u.is_empty());
+    let first = urls.next().ok_or("--connect: no URL")?;
+    let others: Vec<&str> = urls.collect();
+    for url in std::iter::once(first).chain(others.iter().copied()) {
+        rd_client::transport::validate_url(url).map_err(|e| format!("--connect: {e}"))?;
+    }
     if args.id.is_empty() {
         return Err("--id: empty; the server needs a client id".into());
     }
@@ -216,7 +231,9 @@ async fn build(args: &Args, metrics: Option<Arc<AgentMetrics>>) -> Result<Client
             args.backoff_jitter
         ));
     }
-    let mut builder = ClientBuilder::new(&args.connect)
+    let mut builder = others
+        .iter()
+        .fold(ClientBuilder::new(first), |b, url| b.server(*url))
         .session_config(config)
         .backoff(backoff)
         .connect_options(
@@ -327,9 +344,18 @@ mod tests {
         ])
         .expect("go style");
         assert_eq!(
-            (a.connect.as_str(), a.id.as_str(), a.debug),
-            ("ws://localhost:8124/connect", "bar", false)
+            (a.connect.join(" "), a.id.as_str(), a.debug),
+            ("ws://localhost:8124/connect".to_owned(), "bar", false)
         );
+        let several = parse(&[
+            "rd-client",
+            "-connect",
+            "ws://127.0.0.1:1/connect,ws://127.0.0.2:1/connect",
+            "-connect",
+            "ws://127.0.0.3:1/connect",
+        ])
+        .expect("several servers");
+        assert_eq!(several.connect.len(), 3);
         let b = parse(&[
             "rd-client",
             "--allow",

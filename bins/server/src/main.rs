@@ -135,6 +135,12 @@ struct Args {
     /// long (a dead link); 0 disables, leaving Go's 60s keepalive timeout.
     #[arg(long, env = "RD_ANSWER_TIMEOUT", value_name = "DURATION", default_value = "15s", value_parser = forwards::parse_duration)]
     answer_timeout: Duration,
+    /// On SIGTERM (or SIGINT), drain: refuse new agents and requests (503, /readyz fails),
+    /// ask the agents to move to another replica (going-away close, each once its streams
+    /// are done), let streams in flight finish for up to this long, then log and cut the
+    /// rest and exit. A second signal exits at once. 0 cuts at once.
+    #[arg(long, env = "RD_GRACE_PERIOD", value_name = "DURATION", default_value = "30s", value_parser = forwards::parse_duration)]
+    grace_period: Duration,
     /// Websocket upgrades in progress at once; more are answered 503 with Retry-After.
     #[arg(long, env = "RD_MAX_PENDING_HANDSHAKES", value_name = "N", default_value_t = rd_server::DEFAULT_MAX_PENDING_HANDSHAKES)]
     max_pending_handshakes: usize,
@@ -410,6 +416,7 @@ async fn run(args: Args, checked: Checked) -> Result<(), Box<dyn std::error::Err
         listener.local_addr()?
     ));
     let proxy = Arc::new(rd_server::proxy::ClientProxy::new(server.clone()));
+    let front = routes::Front::default();
     let app = |role| {
         Arc::new(
             routes::App::new(
@@ -419,7 +426,8 @@ async fn run(args: Args, checked: Checked) -> Result<(), Box<dyn std::error::Err
                 role,
                 admin_auth.clone(),
             )
-            .connect_wait(args.connect_wait),
+            .connect_wait(args.connect_wait)
+            .front(front.clone()),
         )
     };
     let admin = match &args.admin_listen {
@@ -441,11 +449,46 @@ async fn run(args: Args, checked: Checked) -> Result<(), Box<dyn std::error::Err
     } else {
         routes::Role::All
     };
+    // Registered before serving: a signal from the first moment on starts the drain.
+    let mut signals = cli::Signals::new();
+    // Served from a task of its own: the listener keeps answering (/readyz 503, /client
+    // 503) while the drain runs.
+    let mut serving = tokio::spawn(routes::serve(listener, tls, app(role)));
+    let signal = tokio::select! {
+        r = &mut serving => return Ok(r??),
+        signal = signals.recv() => signal,
+    };
+    tracing::info!(signal, grace_period = ?args.grace_period, "draining; a second SIGTERM or SIGINT exits at once");
+    let started = tokio::time::Instant::now();
+    let drained = async {
+        front.drain.cancel();
+        server.drain(args.grace_period).await;
+        // The last bytes of each response leave through hyper after the tunnel stream has
+        // ended: wait for the connections too, within what is left of the grace period
+        // (at least a moment, for responses already cut to end).
+        front.connections.close();
+        let left = args
+            .grace_period
+            .saturating_sub(started.elapsed())
+            .max(Duration::from_millis(500));
+        if tokio::time::timeout(left, front.connections.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                connections = front.connections.len(),
+                "HTTP connections still open at the end of the drain"
+            );
+        }
+    };
     tokio::select! {
-        r = routes::serve(listener, tls, app(role)) => r?,
-        () = cli::shutdown_signal() => tracing::info!("shutting down"),
+        () = drained => tracing::info!(elapsed = ?started.elapsed(), "drained; exiting"),
+        signal = signals.recv() => tracing::warn!(signal, "second signal: exiting at once, cutting what is left"),
     }
-    server.shutdown(Duration::from_secs(5)).await;
+    serving.abort();
+    if let Some(admin) = admin {
+        admin.abort();
+    }
     Ok(())
 }
 

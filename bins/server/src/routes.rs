@@ -1,6 +1,5 @@
 //! The example server's routes: /connect, /client/..., /metrics, /healthz, /livez, /readyz,
-//! and HTTP
-//! CONNECT through an agent.
+//! and HTTP CONNECT through an agent.
 
 use std::sync::Arc;
 
@@ -18,6 +17,19 @@ use crate::admin_auth::AdminAuth;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// The HTTP connections of every listener: tracked so a drain can wait for the last bytes
+/// of each response to leave, and told to finish when the drain begins (hyper's graceful
+/// shutdown: the request in progress completes, then the connection closes).
+#[derive(Debug, Clone, Default)]
+pub struct Front {
+    /// Cancelled when the drain begins.
+    pub drain: CancellationToken,
+    /// One task per connection (not per upgraded tunnel: that leaves hyper at the upgrade).
+    pub connections: TaskTracker,
+}
 
 /// Which routes a listener serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +50,7 @@ pub struct App {
     metrics: bool,
     role: Role,
     admin_auth: Option<Arc<AdminAuth>>,
+    front: Front,
 }
 
 /// The CONNECT proxy; with `--admin-auth`, its proxy password is checked against the file.
@@ -72,7 +85,14 @@ impl App {
             metrics,
             role,
             admin_auth,
+            front: Front::default(),
         }
+    }
+
+    /// The connection set this app's listeners share with the drain.
+    pub fn front(mut self, front: Front) -> Self {
+        self.front = front;
+        self
     }
 
     /// How long CONNECT waits for the agent's refusal before answering 200.
@@ -235,7 +255,8 @@ pub async fn serve(
         rd_session::tune_tunnel_socket(&tcp).ok();
         let app = app.clone();
         let tls = tls.clone();
-        tokio::spawn(async move {
+        let tracker = app.front.connections.clone();
+        tracker.spawn(async move {
             match tls {
                 None => serve_connection(tcp, remote, app).await,
                 Some(acceptor) => match acceptor.accept(tcp).await {
@@ -251,12 +272,17 @@ async fn serve_connection<S>(io: S, remote: std::net::SocketAddr, app: Arc<App>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let drain = app.front.drain.clone();
     let service = service_fn(move |mut req: Request<Incoming>| {
         req.extensions_mut().insert(RemoteAddr(remote));
         let app = app.clone();
         async move { Ok::<_, std::convert::Infallible>(app.route(req).await) }
     });
+    // A connection opened during the drain is served one request, then closed (a
+    // graceful shutdown now would close it before it is read).
+    let draining = drain.is_cancelled();
     let conn = hyper::server::conn::http1::Builder::new()
+        .keep_alive(!draining)
         // Bounds a slow client that never finishes its request head (slowloris).
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(std::time::Duration::from_secs(10))
@@ -264,7 +290,17 @@ where
         .max_buf_size(rd_server::proxy::PROXY_BUFFER)
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
-    if let Err(e) = conn.await {
+    let mut conn = std::pin::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = drain.cancelled(), if !draining => {
+            // The request in progress (a download, say) completes; then the connection
+            // closes instead of waiting for another.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
         tracing::debug!(error = %e, "connection ended with an error");
     }
 }

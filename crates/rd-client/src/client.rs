@@ -16,6 +16,7 @@ use tracing::Instrument;
 
 use crate::allow::{ConnectAuthorizer, DenyAll};
 use crate::dial::{LocalDialer, NetDialer, DEFAULT_DIAL_TIMEOUT};
+use crate::failover::{self, Endpoint, Next, Rotation};
 use crate::transport::{connect_websocket_negotiated, ConnectError, ConnectOptions};
 
 /// An error a callback returns.
@@ -39,9 +40,16 @@ pub enum ClientError {
     OnConnect(BoxError),
 }
 
+/// How one session ended, and whether the server said it was going away.
+struct Ended {
+    end: SessionEnd,
+    going_away: bool,
+}
+
 /// Configures a [`Client`].
 pub struct ClientBuilder {
-    url: String,
+    /// The servers, tried in this order; never empty.
+    urls: Vec<String>,
     options: ConnectOptions,
     authorizer: Arc<dyn ConnectAuthorizer>,
     dialer: Arc<dyn LocalDialer>,
@@ -56,7 +64,7 @@ pub struct ClientBuilder {
 impl fmt::Debug for ClientBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ClientBuilder")
-            .field("url", &self.url)
+            .field("urls", &self.urls)
             .finish_non_exhaustive()
     }
 }
@@ -66,7 +74,7 @@ impl ClientBuilder {
     /// otherwise it refuses every target.
     pub fn new(url: impl Into<String>) -> Self {
         Self {
-            url: url.into(),
+            urls: vec![url.into()],
             // A Client runs its own session, so it can use whatever the server accepts.
             options: ConnectOptions::default().with_extensions(Extensions::SUPPORTED),
             authorizer: Arc::new(DenyAll),
@@ -78,6 +86,23 @@ impl ClientBuilder {
             observer: None,
             state: None,
         }
+    }
+
+    /// Adds another server (replicas of one service, say). [`Client::run`] stays on one
+    /// server while it works; when that server goes away (a going-away close from a
+    /// draining rd server, a lost link, a refused handshake) the client tries the next
+    /// one at once, and backs off only after every server failed in a round. A URL whose
+    /// host name has several addresses (a Kubernetes headless Service, say) counts as one
+    /// server per address, reached with the URL's `Host` header and TLS name; names are
+    /// resolved again at each round.
+    pub fn server(mut self, url: impl Into<String>) -> Self {
+        self.urls.push(url.into());
+        self
+    }
+
+    /// The servers [`new`](Self::new) and [`server`](Self::server) gave, in order.
+    pub fn servers(&self) -> &[String] {
+        &self.urls
     }
 
     /// Adds a header to the upgrade request (for example `X-Tunnel-ID`).
@@ -189,7 +214,7 @@ pub trait StateObserver: Send + Sync + 'static {
 impl fmt::Debug for Client {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Client")
-            .field("url", &self.inner.url)
+            .field("urls", &self.inner.urls)
             .finish()
     }
 }
@@ -239,20 +264,41 @@ impl Client {
     /// attempts from 1), a child of the caller's span, so an agent's id set there is on
     /// every line, including those of the session's streams. The server's session key is
     /// not known on this side.
+    ///
+    /// This tries the first server only; [`run`](Self::run) moves between servers.
     pub async fn connect(&self, cancel: &CancellationToken) -> Result<SessionEnd, ClientError> {
-        let n = self.attempts.fetch_add(1, Ordering::Relaxed) + 1;
-        let span = tracing::info_span!("session", session = n);
-        self.connect_once(cancel).instrument(span).await
+        let first = Endpoint {
+            url: self.inner.urls[0].clone(),
+            addr: None,
+        };
+        self.connect_endpoint(&first, cancel)
+            .await
+            .map(|ended| ended.end)
     }
 
-    async fn connect_once(&self, cancel: &CancellationToken) -> Result<SessionEnd, ClientError> {
-        tracing::info!(url = %self.inner.url, "connecting to the tunnel server");
+    async fn connect_endpoint(
+        &self,
+        endpoint: &Endpoint,
+        cancel: &CancellationToken,
+    ) -> Result<Ended, ClientError> {
+        let n = self.attempts.fetch_add(1, Ordering::Relaxed) + 1;
+        let span = tracing::info_span!("session", session = n);
+        self.connect_once(endpoint, cancel).instrument(span).await
+    }
+
+    async fn connect_once(
+        &self,
+        endpoint: &Endpoint,
+        cancel: &CancellationToken,
+    ) -> Result<Ended, ClientError> {
+        tracing::info!(server = %endpoint, "connecting to the tunnel server");
+        let options = self.inner.options.clone().with_connect_to(endpoint.addr);
         let (ws, extensions) = tokio::select! {
-            r = connect_websocket_negotiated(&self.inner.url, &self.inner.options) => r?,
-            () = cancel.cancelled() => return Ok(SessionEnd::Local),
+            r = connect_websocket_negotiated(&endpoint.url, &options) => r?,
+            () = cancel.cancelled() => return Ok(Ended { end: SessionEnd::Local, going_away: false }),
         };
         tracing::info!(
-            url = %self.inner.url,
+            server = %endpoint,
             flow_control = extensions.flow_control(),
             half_close = extensions.half_close,
             "connected to the tunnel server"
@@ -300,44 +346,83 @@ impl Client {
         if let Some(state) = &self.inner.state {
             state.session_down();
         }
+        let going_away = session.peer_went_away();
         match &result {
+            Ok(end) if going_away => {
+                tracing::info!(reason = %end, "session ended: the server is going away (draining)")
+            }
             Ok(end) => tracing::info!(reason = %end, "session ended"),
             Err(e) => tracing::info!(error = %e, "session ended"),
         }
-        result
+        result.map(|end| Ended { end, going_away })
     }
 
-    /// Keeps a session up until `cancel` fires: redials with capped exponential backoff and
-    /// full jitter, resetting after a healthy session.
+    /// Keeps a session up until `cancel` fires. When the session ends or an attempt fails
+    /// the client tries the next server at once (see [`ClientBuilder::server`]); with one
+    /// server, or once every server failed in a round, it waits with capped exponential
+    /// backoff and jitter, reset after a healthy session. A server going away (a drain)
+    /// is left at once, whatever the count. A `503` with `Retry-After` keeps that server
+    /// aside for at least that long.
     pub async fn run(&self, cancel: CancellationToken) {
         let mut backoff = self.inner.backoff.clone();
+        let mut rotation = Rotation::default();
+        rotation.set_endpoints(failover::resolve(&self.inner.urls, &self.inner.options).await);
         while !cancel.is_cancelled() {
+            let Some(endpoint) = rotation.current().cloned() else {
+                break;
+            };
             let started = Instant::now();
-            match self.connect(&cancel).await {
-                Ok(end) => {
-                    backoff.session_ended(started.elapsed());
-                    if !cancel.is_cancelled() {
-                        tracing::warn!(reason = %end, "tunnel session lost");
+            let next = match self.connect_endpoint(&endpoint, &cancel).await {
+                Ok(ended) => {
+                    let uptime = started.elapsed();
+                    backoff.session_ended(uptime);
+                    if !cancel.is_cancelled() && !ended.going_away {
+                        tracing::warn!(reason = %ended.end, server = %endpoint, "tunnel session lost");
                     }
-                }
-                Err(ClientError::Connect(e)) if e.is_auth_failure() => {
-                    tracing::error!(error = %rd_session::error_chain(&e), "the server refused our credentials");
+                    rotation.session_ended(uptime, ended.going_away)
                 }
                 Err(e) => {
-                    tracing::warn!(error = %rd_session::error_chain(&e), "cannot reach the tunnel server")
+                    match &e {
+                        ClientError::Connect(c) if c.is_auth_failure() => {
+                            tracing::error!(error = %rd_session::error_chain(&e), server = %endpoint, "the server refused our credentials");
+                        }
+                        _ => {
+                            tracing::warn!(error = %rd_session::error_chain(&e), server = %endpoint, "cannot reach the tunnel server")
+                        }
+                    }
+                    let retry_after = match &e {
+                        ClientError::Connect(c) => c.retry_after(),
+                        ClientError::OnConnect(_) => None,
+                    };
+                    rotation.attempt_failed(tokio::time::Instant::now(), retry_after)
                 }
-            }
+            };
             if cancel.is_cancelled() {
                 break;
             }
             if let Some(state) = &self.inner.state {
                 state.redialing();
             }
+            if next == Next::Now {
+                if let Some(to) = rotation.current() {
+                    tracing::info!(server = %to, "redialing at once");
+                }
+                continue;
+            }
             let delay = backoff.next_delay();
-            tracing::info!(?delay, "redialing");
+            tracing::info!(?delay, servers = rotation.len(), "redialing");
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
                 () = cancel.cancelled() => break,
+            }
+            rotation.set_endpoints(failover::resolve(&self.inner.urls, &self.inner.options).await);
+            let wait = rotation.start_round(tokio::time::Instant::now());
+            if !wait.is_zero() {
+                tracing::info!(?wait, "waiting for the server's Retry-After");
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = cancel.cancelled() => break,
+                }
             }
         }
     }

@@ -24,6 +24,7 @@
 mod allow;
 mod client;
 mod dial;
+mod failover;
 
 pub use allow::{AllowAll, AllowRule, AllowRuleError, AllowRules, ConnectAuthorizer, DenyAll};
 pub use client::{BoxError, Client, ClientBuilder, ClientError, OnConnect, StateObserver};

@@ -10,7 +10,7 @@ use crate::codec::{decode, DecodeError};
 use crate::config::Config;
 use crate::flow::{FlowSignal, Pressure};
 use crate::message::{ClientSession, ConnId, Message, EOF_TEXT};
-use crate::stream::{Lifecycle, Origin, Stream, StreamEnd};
+use crate::stream::{Lifecycle, Origin, Stream, StreamEnd, StreamInfo};
 use crate::streams::Streams;
 use crate::target::Target;
 
@@ -391,6 +391,21 @@ impl Session {
     /// The target a stream was opened for.
     pub fn target(&self, id: ConnId) -> Option<&Target> {
         self.streams.get(id).map(|s| &s.target)
+    }
+
+    /// Every stream in the table (unordered), with its target and the bytes moved so far.
+    pub fn stream_infos(&self) -> Vec<StreamInfo> {
+        self.streams
+            .iter()
+            .map(|(id, s)| StreamInfo {
+                id: *id,
+                target: s.target.clone(),
+                origin: s.origin,
+                opened_at: s.opened_at,
+                bytes_written: s.bytes_written,
+                bytes_read: s.bytes_read,
+            })
+            .collect()
     }
 
     fn message_id(&mut self) -> i64 {
@@ -974,6 +989,7 @@ impl Session {
             return Err(StreamError::Blocked);
         }
         let taken = &data[..data.len().min(room)];
+        s.bytes_written += taken.len() as u64;
         s.send.push(
             id,
             taken,
@@ -1016,6 +1032,7 @@ impl Session {
         };
         // No Pause, Resume or Credit for a direction the peer has finished.
         let receiving = s.accepts_data();
+        s.bytes_read += chunk.len() as u64;
         self.budget.apply(before, s.recv.held());
         if receiving {
             self.send_signal(id, signal);

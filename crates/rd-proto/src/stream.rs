@@ -87,6 +87,28 @@ pub(crate) struct Stream {
     pub(crate) scheduled: bool,
     /// The application dropped its handle.
     pub(crate) released: bool,
+    /// Bytes the application wrote to the stream (queued for the peer).
+    pub(crate) bytes_written: u64,
+    /// Bytes the application read from the stream (received from the peer).
+    pub(crate) bytes_read: u64,
+}
+
+/// One stream as [`Session::stream_infos`](crate::Session::stream_infos) lists it: what an
+/// operator needs to know about a stream that is cut (by a drain, say).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamInfo {
+    /// The stream's id.
+    pub id: crate::ConnId,
+    /// What it was opened to.
+    pub target: Target,
+    /// Which side opened it.
+    pub origin: Origin,
+    /// When it was opened (the session's clock).
+    pub opened_at: Instant,
+    /// Bytes the application wrote to it.
+    pub bytes_written: u64,
+    /// Bytes the application read from it.
+    pub bytes_read: u64,
 }
 
 impl Stream {
@@ -104,6 +126,8 @@ impl Stream {
             send: SendHalf::new(config.credit),
             scheduled: false,
             released: false,
+            bytes_written: 0,
+            bytes_read: 0,
         }
     }
 

@@ -76,6 +76,7 @@ impl ConnectError {
         match self {
             Self::BadTarget(_) | Self::Dial(DialError::InvalidTarget(_)) => StatusCode::BAD_REQUEST,
             Self::NoCredentials | Self::BadPassword(_) => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+            Self::Dial(DialError::Draining) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Dial(_) | Self::Refused(_) => StatusCode::BAD_GATEWAY,
         }
     }

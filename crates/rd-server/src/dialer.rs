@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -22,6 +23,8 @@ pub(crate) struct Routing {
     pub(crate) clients: SharedRegistry,
     pub(crate) peers: PeerSet,
     pub(crate) dial_seconds: Histogram,
+    /// Set by [`Server::begin_drain`](crate::Server::begin_drain): dials are refused.
+    pub(crate) draining: AtomicBool,
 }
 
 impl std::fmt::Debug for Routing {
@@ -94,6 +97,9 @@ pub enum DialError {
     /// The session refused (ended, or too many streams).
     #[error(transparent)]
     Session(#[from] rd_session::DialError),
+    /// This server is draining ([`Server::begin_drain`]): it opens no new streams.
+    #[error("server draining: no new connections")]
+    Draining,
 }
 
 impl From<DialError> for io::Error {
@@ -140,6 +146,9 @@ impl Dialer {
 
     /// Dials and says through which session (for logs).
     async fn dial_routed(&self, target: Target) -> Result<(TunnelStream, TunnelInfo), DialError> {
+        if self.routing.draining.load(Ordering::SeqCst) {
+            return Err(DialError::Draining);
+        }
         let route = self.routing.route(&self.client_key);
         let (stream, session_key, via_peer) = match route {
             Some(Route::Local(session)) => (session.dial(target)?, session.session_key(), false),

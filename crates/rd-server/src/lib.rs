@@ -24,6 +24,7 @@ mod agent_auth;
 mod auth;
 pub mod connect;
 mod dialer;
+mod drain;
 pub mod forward;
 mod log_limit;
 mod metrics;
@@ -41,6 +42,7 @@ pub use auth::{
     text_response, Authorization, Authorizer, ErrorWriter, PlainTextErrors, TunnelIdHeader,
 };
 pub use dialer::{DialError, Dialer, TimedStream, TunnelConnection, TunnelInfo};
+pub use drain::DrainReport;
 pub use metrics::{GoCounter, Metrics};
 pub use peers::{
     DnsResolver, InvalidDiscovery, PeerDiscovery, PeerLinkInfo, Resolve, ResolveError,

@@ -104,7 +104,7 @@ pub struct ClientProxy {
     server: Server,
     pool_idle_timeout: Duration,
     tls: Arc<TlsSettings>,
-    clients: Mutex<HashMap<String, Client<ProxyConnector, Body>>>,
+    clients: Arc<Mutex<HashMap<String, Client<ProxyConnector, Body>>>>,
 }
 
 /// Largest read or write buffer of each HTTP connection on either side of the proxy.
@@ -112,12 +112,25 @@ pub const PROXY_BUFFER: usize = 64 * 1024;
 
 impl ClientProxy {
     /// A proxy over `server`'s tunnels.
+    ///
+    /// When the server begins to drain, the proxy drops its pools: idle pooled tunnel
+    /// streams would otherwise count as streams in flight and hold the drain for the
+    /// pool's idle timeout.
     pub fn new(server: Server) -> Self {
+        let clients = Arc::new(Mutex::new(HashMap::new()));
+        let pools = Arc::downgrade(&clients);
+        server.on_drain(move || {
+            if let Some(pools) = pools.upgrade() {
+                let dropped: HashMap<_, _> =
+                    std::mem::take(&mut *pools.lock().unwrap_or_else(|p| p.into_inner()));
+                drop(dropped);
+            }
+        });
         Self {
             server,
             pool_idle_timeout: POOL_IDLE_TIMEOUT,
             tls: Arc::new(TlsSettings::new(TlsOptions::default())),
-            clients: Mutex::new(HashMap::new()),
+            clients,
         }
     }
 
@@ -134,26 +147,30 @@ impl ClientProxy {
     }
 
     fn client(&self, key: &str) -> Client<ProxyConnector, Body> {
+        let build = || {
+            Client::builder(TokioExecutor::new())
+                // hyper's buffers grow to ~400 KiB per connection by default, beyond the
+                // session's receive budget: a few hundred stalled downloads would hold
+                // hundreds of MiB there.
+                .http1_max_buf_size(PROXY_BUFFER)
+                // Without a timer hyper-util never expires idle pooled connections, so
+                // every idle tunnel stream (and the client's socket behind it) would live
+                // as long as the session.
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(self.pool_idle_timeout)
+                .build(ProxyConnector {
+                    dialer: self.server.dialer(key),
+                    tls: self.tls.clone(),
+                })
+        };
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-        clients
-            .entry(key.to_owned())
-            .or_insert_with(|| {
-                Client::builder(TokioExecutor::new())
-                    // hyper's buffers grow to ~400 KiB per connection by default, beyond the
-                    // session's receive budget: a few hundred stalled downloads would hold
-                    // hundreds of MiB there.
-                    .http1_max_buf_size(PROXY_BUFFER)
-                    // Without a timer hyper-util never expires idle pooled connections, so
-                    // every idle tunnel stream (and the client's socket behind it) would live
-                    // as long as the session.
-                    .pool_timer(TokioTimer::new())
-                    .pool_idle_timeout(self.pool_idle_timeout)
-                    .build(ProxyConnector {
-                        dialer: self.server.dialer(key),
-                        tls: self.tls.clone(),
-                    })
-            })
-            .clone()
+        if self.server.is_draining() {
+            // Nothing is pooled while draining (see `new`): a request that got past the
+            // check in `handle` as the drain began gets a client of its own, whose
+            // connection is dropped with it.
+            return build();
+        }
+        clients.entry(key.to_owned()).or_insert_with(build).clone()
     }
 
     /// Handles a request whose path was `/client/{rest}`.
@@ -185,6 +202,12 @@ impl ClientProxy {
             );
         };
         log.client = target.client.clone();
+        if self.server.is_draining() {
+            return log.reject(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server draining: send the request to another replica".into(),
+            );
+        }
         log.target = format!("{}://{}{}", target.scheme, target.host, target.path);
         if target.scheme != "http" && target.scheme != "https" {
             return log.reject(

@@ -64,9 +64,11 @@ pub(crate) struct Inner {
     pub(crate) routing: Arc<Routing>,
     pub(crate) metrics: Metrics,
     pub(crate) accepting: AtomicBool,
-    /// Set by [`Server::begin_drain`]: readiness fails from then on.
-    pub(crate) draining: AtomicBool,
     pub(crate) shutdown: CancellationToken,
+    /// Woken when a stream or a session ends, so a drain notices promptly.
+    pub(crate) drain_wake: Arc<tokio::sync::Notify>,
+    /// Run once when the drain begins (a proxy drops its idle pooled streams).
+    pub(crate) drain_hooks: Mutex<Vec<Box<dyn Fn() + Send + Sync>>>,
 }
 
 /// The address a request came from. A server loop that knows it inserts it into the
@@ -260,6 +262,7 @@ impl ServerBuilder {
                 discovering,
             ),
             dial_seconds: self.metrics.dial_seconds.clone(),
+            draining: AtomicBool::new(false),
         });
         match self.peer_discovery {
             Some(discovery) if discovering => routing.peers.start_discovery(discovery),
@@ -282,8 +285,9 @@ impl ServerBuilder {
                 routing,
                 metrics: self.metrics,
                 accepting: AtomicBool::new(true),
-                draining: AtomicBool::new(false),
                 shutdown,
+                drain_wake: Arc::new(tokio::sync::Notify::new()),
+                drain_hooks: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -294,6 +298,8 @@ struct StreamMetrics {
     metrics: Metrics,
     client_key: String,
     bytes: ByteCounters,
+    /// The server's [`Inner::drain_wake`].
+    drain_wake: Arc<tokio::sync::Notify>,
 }
 
 impl SessionObserver for StreamMetrics {
@@ -304,6 +310,8 @@ impl SessionObserver for StreamMetrics {
     fn stream_closed(&self, target: &Target) {
         self.metrics
             .connection_removed(&self.client_key, &target.network(), target.address());
+        // Cheap when nobody waits (no drain running).
+        self.drain_wake.notify_waiters();
     }
     fn transmitted(&self, bytes: usize) {
         self.bytes.transmit.inc_by(bytes as u64);
@@ -329,7 +337,7 @@ impl Server {
         registry::lock(&self.inner.routing.clients)
     }
 
-    fn peers(&self) -> &PeerSet {
+    pub(crate) fn peers(&self) -> &PeerSet {
         &self.inner.routing.peers
     }
 
@@ -412,18 +420,6 @@ impl Server {
         self.peers().discovery_ready()
     }
 
-    /// Starts draining: from now on [`is_ready`](Self::is_ready) is false, so a load
-    /// balancer sends no more work here. Only the flag; what else a drain does is the
-    /// caller's.
-    pub fn begin_drain(&self) {
-        self.inner.draining.store(true, Ordering::SeqCst);
-    }
-
-    /// Whether [`begin_drain`](Self::begin_drain) was called.
-    pub fn is_draining(&self) -> bool {
-        self.inner.draining.load(Ordering::SeqCst)
-    }
-
     /// Readiness (`/readyz`): accepting tunnels, not draining, and, with peer discovery,
     /// past its first round (so that requests entering here can reach the other replicas'
     /// clients).
@@ -448,6 +444,45 @@ impl Server {
         };
         if tokio::time::timeout(grace, all_closed).await.is_err() {
             tracing::warn!("sessions still open after the shutdown grace period");
+        }
+    }
+
+    /// Starts draining: new sessions are refused (503), new streams too (dials fail with
+    /// [`DialError::Draining`](crate::DialError::Draining)), readiness probes fail; streams
+    /// in flight go on. [`drain`](Self::drain) does this first, then moves the agents and
+    /// waits for the streams.
+    pub fn begin_drain(&self) {
+        if !self.inner.routing.draining.swap(true, Ordering::SeqCst) {
+            let hooks = std::mem::take(
+                &mut *self
+                    .inner
+                    .drain_hooks
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()),
+            );
+            for hook in hooks {
+                hook();
+            }
+        }
+    }
+
+    /// Whether [`begin_drain`](Self::begin_drain) was called.
+    pub fn is_draining(&self) -> bool {
+        self.inner.routing.draining.load(Ordering::SeqCst)
+    }
+
+    /// Runs `hook` when the drain begins (at once if it already has).
+    pub(crate) fn on_drain(&self, hook: impl Fn() + Send + Sync + 'static) {
+        let mut hooks = self
+            .inner
+            .drain_hooks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if self.is_draining() {
+            drop(hooks);
+            hook();
+        } else {
+            hooks.push(Box::new(hook));
         }
     }
 
@@ -492,6 +527,14 @@ impl Server {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "shutting_down",
                 "server shutting down",
+            );
+        }
+        if self.is_draining() {
+            // No Retry-After: the agent should go to another replica, not come back here.
+            return reject(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "draining",
+                "server draining: connect to another replica",
             );
         }
         // Admission: cheap to refuse, before any work that costs more than this.
@@ -667,6 +710,7 @@ impl Server {
             metrics: inner.metrics.clone(),
             client_key: client_key.clone(),
             bytes: inner.metrics.byte_counters(&client_key),
+            drain_wake: inner.drain_wake.clone(),
         });
         let mut builder = SessionBuilder::server(client_key.clone(), session_key)
             .config(inner.session_config.clone())
@@ -730,6 +774,7 @@ impl Server {
         }
         metrics.session_removed(client_key, peer);
         metrics.session_ended(end.kind());
+        self.inner.drain_wake.notify_waiters();
         tracing::info!(reason = %end, "session ended [{client_key}]");
     }
 }

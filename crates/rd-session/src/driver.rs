@@ -14,6 +14,8 @@ use rd_proto::{ClientSession, Event, Limit, ProtocolError, SessionEnd, Transmit}
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, Sleep};
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
@@ -135,7 +137,10 @@ where
             WsMessage::Text(_) => inner
                 .proto
                 .close(SessionEnd::Protocol(ProtocolError::TextFrame)),
-            WsMessage::Close(_) => inner.proto.close(SessionEnd::PeerClosed),
+            WsMessage::Close(frame) => {
+                inner.peer_close_code = frame.map(|f| u16::from(f.code));
+                inner.proto.close(SessionEnd::PeerClosed);
+            }
             WsMessage::Frame(_) => {}
         }
         inner.proto.wants_input() && (control_was_queued || !inner.proto.has_control_queued())
@@ -375,10 +380,29 @@ where
             return Poll::Ready(());
         }
         let shared = self.shared.clone();
-        self.write(cx, &mut shared.lock());
+        let mut inner = shared.lock();
+        self.write(cx, &mut inner);
         if self.needs_flush {
             return Poll::Pending;
         }
+        if inner.going_away.is_some() {
+            // Queued after the last messages; poll_close below then only flushes it.
+            match Pin::new(&mut self.ws).poll_ready(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(_)) => inner.going_away = None,
+                Poll::Ready(Ok(())) => {
+                    let frame = CloseFrame {
+                        code: CloseCode::Away,
+                        reason: inner.going_away.take().unwrap_or_default().into(),
+                    };
+                    // An error here is the transport's; poll_close reports the end anyway.
+                    Pin::new(&mut self.ws)
+                        .start_send(WsMessage::Close(Some(frame)))
+                        .ok();
+                }
+            }
+        }
+        drop(inner);
         match Pin::new(&mut self.ws).poll_close(cx) {
             Poll::Ready(_) => Poll::Ready(()),
             Poll::Pending => Poll::Pending,

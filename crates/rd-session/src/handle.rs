@@ -17,6 +17,9 @@ use crate::observer::{NoObserver, SessionObserver};
 use crate::shared::Shared;
 use crate::stream::TunnelStream;
 
+/// The websocket Close status "going away" (RFC 6455 section 7.4.1).
+pub const GOING_AWAY: u16 = 1001;
+
 /// A cloneable handle to a running session.
 #[derive(Clone)]
 pub struct SessionHandle {
@@ -61,6 +64,41 @@ impl SessionHandle {
         let mut inner = self.shared.lock();
         inner.proto.close(SessionEnd::Local);
         inner.wake_driver();
+    }
+
+    /// Closes the session like [`close`](Self::close), with a websocket Close frame of
+    /// status 1001 (going away) and `reason`: the peer learns that this end is leaving (a
+    /// server draining, say) rather than failing. An rd client redials at once, to another
+    /// server if it has one; a Go client treats it as any close (it redials after 5 s).
+    /// Plain websocket, so safe with every peer.
+    pub fn close_going_away(&self, reason: &str) {
+        let mut inner = self.shared.lock();
+        if inner.proto.end().is_none() {
+            // A Close frame's reason is at most 123 bytes; cut on a character boundary.
+            let mut end = reason.len().min(123);
+            while !reason.is_char_boundary(end) {
+                end -= 1;
+            }
+            inner.going_away = Some(reason[..end].to_owned());
+        }
+        inner.proto.close(SessionEnd::Local);
+        inner.wake_driver();
+    }
+
+    /// The status code of the websocket Close frame the peer sent, if it sent one with a
+    /// code (1001 from a draining rd server: [`close_going_away`](Self::close_going_away)).
+    pub fn peer_close_code(&self) -> Option<u16> {
+        self.shared.lock().peer_close_code
+    }
+
+    /// Whether the peer closed the session saying it is going away (websocket status 1001).
+    pub fn peer_went_away(&self) -> bool {
+        self.peer_close_code() == Some(GOING_AWAY)
+    }
+
+    /// Every stream of the session with its target and the bytes moved so far (for logs).
+    pub fn streams(&self) -> Vec<rd_proto::StreamInfo> {
+        self.shared.lock().proto.stream_infos()
     }
 
     /// Waits until the session has ended and says why.

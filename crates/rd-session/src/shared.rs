@@ -27,6 +27,12 @@ pub(crate) struct Inner {
     pub(crate) proto: Session,
     pub(crate) driver: Option<Waker>,
     pub(crate) streams: HashMap<ConnId, Wakers>,
+    /// The reason of a going-away close asked for by
+    /// [`SessionHandle::close_going_away`](crate::SessionHandle::close_going_away): the
+    /// driver sends it in the websocket Close frame (code 1001) instead of a bare Close.
+    pub(crate) going_away: Option<String>,
+    /// The status code of the peer's websocket Close frame, once one arrived.
+    pub(crate) peer_close_code: Option<u16>,
 }
 
 impl Inner {
@@ -111,6 +117,8 @@ impl Shared {
                 proto,
                 driver: None,
                 streams: HashMap::new(),
+                going_away: None,
+                peer_close_code: None,
             }),
             ended: watch::Sender::new(None),
             session_key,

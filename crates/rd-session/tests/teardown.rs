@@ -228,3 +228,47 @@ async fn streams_and_session_outlive_each_other_cleanly() {
         "{end:?}"
     );
 }
+
+/// A going-away close reaches the peer as websocket status 1001 with the reason, after the
+/// streams' last words; the peer's handle says so. A plain close carries no such code.
+#[tokio::test(start_paused = true)]
+async fn going_away_close_reaches_the_peer_as_1001() {
+    let (server, mut peer) = raw_client().await;
+    let _a = server.dial_addr("tcp", "127.0.0.1:1").unwrap();
+    let (ia, _) = peer.expect_connect().await;
+    server.close_going_away("server draining");
+    let mut errors = Vec::new();
+    let frame = within(BOUND, "peer sees close", async {
+        loop {
+            match peer.next_ws().await {
+                Some(WsMessage::Binary(raw)) => errors.push(rd_proto::decode(raw).unwrap().message),
+                Some(WsMessage::Close(frame)) => return frame,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("a close frame with a code");
+    assert_eq!(u16::from(frame.code), rd_session::GOING_AWAY);
+    assert_eq!(frame.reason.as_str(), "server draining");
+    assert_eq!(
+        errors,
+        vec![Message::Error {
+            conn_id: ia,
+            text: "tunnel disconnect".into()
+        }]
+    );
+
+    let pair = pair(echo_handler()).await;
+    pair.server.close_going_away("server draining");
+    within(BOUND, "client notices", pair.client.closed()).await;
+    assert!(pair.client.peer_went_away());
+    let plain = pair_with(
+        SessionBuilder::server(CLIENT_KEY, SESSION_KEY),
+        SessionBuilder::client(),
+    )
+    .await;
+    plain.server.close();
+    within(BOUND, "client notices", plain.client.closed()).await;
+    assert!(!plain.client.peer_went_away());
+}

@@ -114,6 +114,8 @@ struct State {
     /// Discovered addresses that turned out to be this server: not dialed again while DNS
     /// lists them.
     own_addresses: HashSet<SocketAddr>,
+    /// Draining: our clients were withdrawn from the links, and none is announced again.
+    withdrawn: bool,
 }
 
 /// Our own peer id and the token every peer shares.
@@ -304,10 +306,12 @@ impl PeerSet {
     /// (under the registry's lock, then ours: see the lock order in `registry`).
     fn link_up(&self, key: &LinkKey, session: SessionHandle) -> u64 {
         let clients = registry::lock(&self.0.clients);
-        for h in clients.all_sessions() {
-            session.announce(announcement(&h), true);
-        }
         let mut state = self.state();
+        if !state.withdrawn {
+            for h in clients.all_sessions() {
+                session.announce(announcement(&h), true);
+            }
+        }
         let id = state.next_live;
         state.next_live += 1;
         state.live.push((id, key.clone(), session));
@@ -322,9 +326,38 @@ impl PeerSet {
     /// the registry's lock, so links see announcements in the registry's order.
     pub(crate) fn announce(&self, client: &SessionHandle, added: bool) {
         let state = self.state();
+        if state.withdrawn {
+            return;
+        }
         for (_, _, link) in &state.live {
             link.announce(announcement(client), added);
         }
+    }
+
+    /// Tells every running link that `clients` (all of ours, under the registry's lock) are
+    /// gone, so peers route nothing new through us while a drain lets the streams finish;
+    /// no client is announced again.
+    pub(crate) fn withdraw(&self, clients: &[SessionHandle]) {
+        let mut state = self.state();
+        if std::mem::replace(&mut state.withdrawn, true) {
+            return;
+        }
+        for (_, _, link) in &state.live {
+            for h in clients {
+                link.announce(announcement(h), false);
+            }
+        }
+    }
+
+    /// Every peer link session either way: incoming ones and our running outgoing ones.
+    pub(crate) fn link_sessions(&self) -> Vec<SessionHandle> {
+        let state = self.state();
+        state
+            .incoming
+            .iter()
+            .map(|p| p.handle.clone())
+            .chain(state.live.iter().map(|(_, _, h)| h.clone()))
+            .collect()
     }
 
     /// The outgoing links, for operators and tests.

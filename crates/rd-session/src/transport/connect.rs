@@ -53,6 +53,10 @@ pub struct ConnectOptions {
     /// accepts them, see [`connect_websocket_negotiated`]. None by default: a caller that
     /// runs its own session over the websocket must apply what was negotiated.
     pub extensions: Extensions,
+    /// Connect to this address instead of resolving the URL's host (one of a name's several
+    /// addresses, say); the `Host` header and the TLS server name stay the URL's. Ignored
+    /// when a proxy is used (the proxy resolves the name).
+    pub connect_to: Option<std::net::SocketAddr>,
 }
 
 impl Default for ConnectOptions {
@@ -64,6 +68,7 @@ impl Default for ConnectOptions {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             max_message_size: Some(DEFAULT_MAX_MESSAGE_SIZE),
             extensions: Extensions::NONE,
+            connect_to: None,
         }
     }
 }
@@ -101,6 +106,13 @@ impl ConnectOptions {
     #[must_use]
     pub fn with_max_message_size(mut self, limit: Option<usize>) -> Self {
         self.max_message_size = limit;
+        self
+    }
+
+    /// Replaces [`connect_to`](Self::connect_to).
+    #[must_use]
+    pub fn with_connect_to(mut self, addr: Option<std::net::SocketAddr>) -> Self {
+        self.connect_to = addr;
         self
     }
 
@@ -174,7 +186,11 @@ pub async fn connect_websocket_with_headers(
     tracing::debug!(%url, proxy = ?proxy.as_ref().map(ToString::to_string), "connecting websocket");
 
     let tcp = match &proxy {
-        None => tcp_connect(&deadline, &target.host, target.port).await?,
+        None => match opts.connect_to {
+            // An IP literal: no lookup.
+            Some(addr) => tcp_connect(&deadline, &addr.ip().to_string(), addr.port()).await?,
+            None => tcp_connect(&deadline, &target.host, target.port).await?,
+        },
         Some(proxy) => {
             let mut tcp = tcp_connect(&deadline, proxy.host(), proxy.port()).await?;
             deadline

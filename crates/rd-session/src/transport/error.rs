@@ -192,6 +192,22 @@ impl ConnectError {
         )
     }
 
+    /// The `Retry-After` of a rejected upgrade, in delta-seconds (what rd-server sends with
+    /// `503` when its handshake admission is full); `None` without one or with an HTTP date.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Rejected { headers, .. } => headers
+                .get(http::header::RETRY_AFTER)?
+                .to_str()
+                .ok()?
+                .trim()
+                .parse::<u64>()
+                .ok()
+                .map(Duration::from_secs),
+            _ => None,
+        }
+    }
+
     /// The HTTP status with which the server rejected the upgrade, if that is what happened.
     pub fn rejected_status(&self) -> Option<StatusCode> {
         match self {
