@@ -101,9 +101,9 @@ fuzz:
 # (selectors, ports, Secret keys, grace periods, flag names); .ci/run installs the tool.
 KUBERNETES_VERSIONS ?= 1.30.0 1.37.0
 deploy-check:
-	@command -v kubernetes-validate >/dev/null || { echo "deploy-check: pip install kubernetes-validate"; exit 1; }
+	@python3 -m kubernetes_validate --version >/dev/null 2>&1 || { echo "deploy-check: pip install kubernetes-validate"; exit 1; }
 	@for v in $(KUBERNETES_VERSIONS); do \
-		kubernetes-validate --strict --quiet -k $$v $$(find docs/deploy/kubernetes -name '*.yaml' | sort) || exit 1; \
+		python3 -m kubernetes_validate --strict --quiet -k $$v $$(find docs/deploy/kubernetes -name '*.yaml' | sort) || exit 1; \
 		echo "deploy-check: manifests valid for Kubernetes $$v"; \
 	done
 	python3 docs/deploy/check_manifests.py --self-test
