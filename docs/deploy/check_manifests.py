@@ -208,6 +208,20 @@ def check_wiring(objs):
     return problems
 
 
+def check_env_refs(objs):
+    """$(VAR) in an env value is expanded only if VAR is defined earlier in the same list;
+    otherwise Kubernetes passes the text on as it is."""
+    problems = []
+    for _, _, c in containers(objs):
+        defined = set()
+        for e in c.get("env", []):
+            for ref in re.findall(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", e.get("value") or ""):
+                if ref not in defined:
+                    problems.append(f"{c['name']}: {e['name']} refers to $({ref}), not defined before it")
+            defined.add(e["name"])
+    return problems
+
+
 def check_image_user(objs):
     """Pods run as the image's non-root user."""
     users = re.findall(r"^USER\s+(\d+):(\d+)\s*$", (DEPLOY / "Dockerfile").read_text(), re.M)
@@ -251,6 +265,7 @@ CHECKS = [
     check_secrets,
     check_grace,
     check_wiring,
+    check_env_refs,
     check_image_user,
 ]
 
@@ -269,6 +284,10 @@ def obj(objs, kind, name):
 
 def server(objs):
     return obj(objs, "Deployment", "rd-server")["spec"]["template"]["spec"]
+
+
+def agent(objs):
+    return obj(objs, "Deployment", "rd-agent-a")["spec"]["template"]["spec"]["containers"][0]
 
 
 def set_env(c, name, value):
@@ -290,10 +309,9 @@ MUTATIONS = {
     "peers through the load-balanced Service": lambda o: set_env(
         server(o)["containers"][0], "RD_PEERS_DNS", "rd-server.ns.svc.cluster.local:8123"
     ),
-    "agent to a wrong port": lambda o: set_env(
-        obj(o, "Deployment", "rd-agent-a")["spec"]["template"]["spec"]["containers"][0],
-        "RD_CONNECT",
-        "ws://rd-server.ns.svc:8124/connect",
+    "agent to a wrong port": lambda o: set_env(agent(o), "RD_CONNECT", "ws://rd-server.ns.svc:8124/connect"),
+    "namespace not defined": lambda o: agent(o).update(
+        env=[e for e in agent(o)["env"] if e["name"] != "POD_NAMESPACE"]
     ),
     "root user": lambda o: server(o)["securityContext"].update(runAsUser=0),
     "misspelt variable": lambda o: set_env(server(o)["containers"][0], "RD_ADMIN_LISTENER", ":8124"),
