@@ -3,7 +3,8 @@ SHELL := /bin/bash
 CARGO ?= cargo
 NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
 
-.PHONY: all build server client dummy run test fmt lint guard unit doctest doc bench fuzz soak clean
+.PHONY: all build server client dummy run test fmt lint guard unit doctest doc bench fuzz soak clean \
+	deploy-check image-bins image image-check
 
 all: build
 
@@ -58,6 +59,8 @@ test:
 	$(MAKE) unit
 	$(MAKE) doctest
 	$(MAKE) doc
+	$(MAKE) deploy-check
+	$(MAKE) image-check
 
 # Criterion micro benchmarks (codec, session state machine), then rd-bench: release builds of
 # rd-dummy, rd-server and rd-client on loopback, direct vs ideal TCP relay vs tunnel, idle
@@ -91,3 +94,36 @@ fuzz:
 	cd crates/rd-proto/fuzz && for t in decode session; do \
 		RUSTC_BOOTSTRAP=1 cargo fuzz run $$t corpus/$$t -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
 	done
+
+# Container image and Kubernetes manifests (docs/deploy/). deploy-check validates the
+# manifests offline against the Kubernetes schemas of the oldest version they need (1.30:
+# the preStop sleep) and the newest kubernetes-validate knows, then cross-checks them
+# (selectors, ports, Secret keys, grace periods, flag names); .ci/run installs the tool.
+KUBERNETES_VERSIONS ?= 1.30.0 1.37.0
+deploy-check:
+	@python3 -m kubernetes_validate --version >/dev/null 2>&1 || { echo "deploy-check: pip install kubernetes-validate"; exit 1; }
+	@for v in $(KUBERNETES_VERSIONS); do \
+		python3 -m kubernetes_validate --strict --quiet -k $$v $$(find docs/deploy/kubernetes -name '*.yaml' | sort) || exit 1; \
+		echo "deploy-check: manifests valid for Kubernetes $$v"; \
+	done
+	python3 docs/deploy/check_manifests.py --self-test
+
+# Static binaries for the image (glibc, crt-static; the target triple keeps RUSTFLAGS off
+# build scripts and proc macros), in target/$(STATIC_TARGET)/release/.
+STATIC_TARGET ?= $(shell rustc -vV | sed -n 's/^host: //p')
+IMAGE ?= rd:dev
+image-bins:
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release --locked \
+		--target $(STATIC_TARGET) -p rd-server-bin -p rd-client-bin -p rd-dummy-bin
+
+# The image from those binaries (docs/deploy/Dockerfile, target prebuilt), tagged $(IMAGE).
+image: image-bins
+	rm -rf target/image && mkdir -p target/image
+	cp target/$(STATIC_TARGET)/release/rd-server target/$(STATIC_TARGET)/release/rd-client \
+		target/$(STATIC_TARGET)/release/rd-dummy target/image/
+	docker build -f docs/deploy/Dockerfile --target prebuilt -t $(IMAGE) target/image
+
+# Builds that image and runs it on loopback (docs/deploy/test-image.sh); skips with a
+# message when no Docker daemon can be reached or started.
+image-check:
+	bash docs/deploy/test-image.sh
