@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+pub mod dns;
 pub mod process;
 
 /// The error type of the harnesses.
