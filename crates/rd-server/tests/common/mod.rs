@@ -75,6 +75,11 @@ pub async fn serve(server: Server) -> TestServer {
 /// Serves `server` on 127.0.0.1:0 with a configured `/client/` proxy.
 pub async fn serve_with_proxy(server: Server, proxy: ClientProxy) -> TestServer {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    serve_on(server, proxy, listener)
+}
+
+/// Serves `server` on `listener` with a configured `/client/` proxy.
+pub fn serve_on(server: Server, proxy: ClientProxy, listener: TcpListener) -> TestServer {
     let addr = listener.local_addr().unwrap();
     let proxy = Arc::new(proxy);
     let s = server.clone();
