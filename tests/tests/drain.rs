@@ -207,8 +207,16 @@ async fn sigterm_lets_a_download_finish_and_moves_the_agents_to_a_peer() {
     assert_eq!(r.text(), HELLO);
 }
 
-/// One server, one agent, one download held unread when SIGTERM arrives.
-async fn held_download(grace: &str) -> (Proc, Download, SocketAddr, TempDir, Proc) {
+/// One server, one agent, one download held unread (so in flight) for SIGTERM to find.
+struct Held {
+    server: Proc,
+    download: Download,
+    dummy: SocketAddr,
+    // Kept running until the test ends: the download must not end on its own.
+    _processes: (Proc, Proc, TempDir),
+}
+
+async fn held_download(grace: &str) -> Held {
     let dir = TempDir::new("drain-cut");
     big_file(dir.path());
     let (dummy_proc, dummy) = start_dummy(dir.path());
@@ -224,13 +232,19 @@ async fn held_download(grace: &str) -> (Proc, Download, SocketAddr, TempDir, Pro
     let mut download = Download::start(addr, &format!("/client/foo/http/{dummy}/big.bin")).await;
     assert_eq!(download.status, 200);
     download.read_some(1 << 20).await;
-    drop(dummy_proc);
-    (server, download, dummy, dir, client)
+    Held {
+        server,
+        download,
+        dummy,
+        _processes: (dummy_proc, client, dir),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_running_at_the_deadline_is_cut_and_logged() {
-    let (mut server, mut download, dummy, _dir, _client) = held_download("1s").await;
+    // Fields taken one by one: the rest (the agent, rd-dummy) lives until the test ends.
+    let mut held = held_download("1s").await;
+    let (server, download, dummy) = (&mut held.server, &mut held.download, held.dummy);
     server.terminate();
     let status = server
         .wait_exit(STEP)
@@ -257,7 +271,8 @@ async fn a_stream_running_at_the_deadline_is_cut_and_logged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_sigterm_exits_at_once() {
-    let (mut server, _download, _dummy, _dir, _client) = held_download("300s").await;
+    let mut held = held_download("300s").await;
+    let server = &mut held.server;
     server.terminate();
     wait_for_log(&server, "draining");
     server.terminate();
