@@ -172,8 +172,7 @@ async fn sigterm_lets_a_download_finish_and_moves_the_agents_to_a_peer() {
     assert_eq!((sessions_of(&a, "foo"), sessions_of(&a, "bar")), (1, 1));
 
     // A download through foo, partly read, then held: in flight when the drain begins.
-    let mut download =
-        Download::start(a_addr, &format!("/client/foo/http/{dummy}/big.bin")).await;
+    let mut download = Download::start(a_addr, &format!("/client/foo/http/{dummy}/big.bin")).await;
     assert_eq!(download.status, 200);
     download.read_some(1 << 20).await;
 
@@ -198,7 +197,9 @@ async fn sigterm_lets_a_download_finish_and_moves_the_agents_to_a_peer() {
     assert_eq!(hex::encode(Sha256::digest(&download.received)), sha);
 
     // a is done: it exits cleanly, well within its grace period, and foo moved to b.
-    let status = a.wait_exit(STEP).expect("a exits once its last stream is over");
+    let status = a
+        .wait_exit(STEP)
+        .expect("a exits once its last stream is over");
     assert!(status.success(), "{status:?}\n{}", a.stderr());
     let log = a.stderr();
     assert!(log.contains("finished_in_time=true"), "{log}");
@@ -274,11 +275,13 @@ async fn a_second_sigterm_exits_at_once() {
     let mut held = held_download("300s").await;
     let server = &mut held.server;
     server.terminate();
-    wait_for_log(&server, "draining");
+    wait_for_log(server, "draining");
     server.terminate();
     // Far below the 300 s grace period: the second signal does not wait for the download.
-    server
-        .wait_exit(STEP)
-        .expect("exits at the second SIGTERM");
-    assert!(server.stderr().contains("second signal"), "{}", server.stderr());
+    server.wait_exit(STEP).expect("exits at the second SIGTERM");
+    assert!(
+        server.stderr().contains("second signal"),
+        "{}",
+        server.stderr()
+    );
 }

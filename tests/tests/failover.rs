@@ -43,8 +43,8 @@ fn start_three(port: u16) -> Option<Vec<(Proc, SocketAddr)>> {
             &peers.join(","),
         ];
         let mut p = Proc::start("rd-server", &args);
-        let addr = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| p.wait_listening()))
-            .ok()?;
+        let addr =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| p.wait_listening())).ok()?;
         servers.push((p, addr));
     }
     Some(servers)

@@ -396,7 +396,7 @@ async fn run(args: Args, checked: Checked) -> Result<(), Box<dyn std::error::Err
         routes::Role::All
     };
     // Registered before serving: a signal from the first moment on starts the drain.
-    let mut signals = cli::Signals::new();
+    let mut signals = cli::Signals::listen();
     // Served from a task of its own: the listener keeps answering (/readyz 503, /client
     // 503) while the drain runs.
     let mut serving = tokio::spawn(routes::serve(listener, tls, app(role)));
