@@ -236,6 +236,7 @@ pub async fn shutdown_signal() {
 
 /// SIGTERM and SIGINT, received one after another: the first starts a drain, the second
 /// ends the process at once. Registered once, so a signal between two waits is not lost.
+#[derive(Debug)]
 pub struct Signals {
     #[cfg(unix)]
     term: Option<tokio::signal::unix::Signal>,
@@ -245,7 +246,7 @@ pub struct Signals {
 
 impl Signals {
     /// Starts listening for both signals.
-    pub fn new() -> Self {
+    pub fn listen() -> Self {
         #[cfg(unix)]
         {
             use tokio::signal::unix::{signal, SignalKind};

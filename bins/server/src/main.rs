@@ -450,7 +450,7 @@ async fn run(args: Args, checked: Checked) -> Result<(), Box<dyn std::error::Err
         routes::Role::All
     };
     // Registered before serving: a signal from the first moment on starts the drain.
-    let mut signals = cli::Signals::new();
+    let mut signals = cli::Signals::listen();
     // Served from a task of its own: the listener keeps answering (/readyz 503, /client
     // 503) while the drain runs.
     let mut serving = tokio::spawn(routes::serve(listener, tls, app(role)));
@@ -458,10 +458,12 @@ async fn run(args: Args, checked: Checked) -> Result<(), Box<dyn std::error::Err
         r = &mut serving => return Ok(r??),
         signal = signals.recv() => signal,
     };
+    // Refuse new work before saying so: whoever reads the line may rely on it.
+    server.begin_drain();
+    front.drain.cancel();
     tracing::info!(signal, grace_period = ?args.grace_period, "draining; a second SIGTERM or SIGINT exits at once");
     let started = tokio::time::Instant::now();
     let drained = async {
-        front.drain.cancel();
         server.drain(args.grace_period).await;
         // The last bytes of each response leave through hyper after the tunnel stream has
         // ended: wait for the connections too, within what is left of the grace period
