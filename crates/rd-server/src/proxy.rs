@@ -115,9 +115,22 @@ impl ClientProxy {
     ///
     /// When the server begins to drain, the proxy drops its pools: idle pooled tunnel
     /// streams would otherwise count as streams in flight and hold the drain for the
-    /// pool's idle timeout.
+    /// pool's idle timeout. For the same reason it drops a client's pool when a peer
+    /// withdraws a session of that client (the peer drains, or the session closed): a
+    /// pooled stream through that peer would keep the draining session busy.
     pub fn new(server: Server) -> Self {
-        let clients = Arc::new(Mutex::new(HashMap::new()));
+        let clients: Arc<Mutex<HashMap<String, Client<ProxyConnector, Body>>>> =
+            Arc::new(Mutex::new(HashMap::new()));
+        let per_client = Arc::downgrade(&clients);
+        server.on_peer_withdrawal(move |client_key| {
+            if let Some(pools) = per_client.upgrade() {
+                let dropped = pools
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(client_key);
+                drop(dropped);
+            }
+        });
         let pools = Arc::downgrade(&clients);
         server.on_drain(move || {
             if let Some(pools) = pools.upgrade() {

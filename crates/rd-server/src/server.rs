@@ -486,6 +486,11 @@ impl Server {
         }
     }
 
+    /// Runs `hook` with a client key whenever a peer withdraws a session of that client.
+    pub(crate) fn on_peer_withdrawal(&self, hook: impl Fn(&str) + Send + Sync + 'static) {
+        self.peers().on_withdrawal(hook);
+    }
+
     /// Whether the server still accepts tunnels (false once [`shutdown`](Self::shutdown) began).
     pub fn is_accepting(&self) -> bool {
         self.inner.accepting.load(Ordering::SeqCst)

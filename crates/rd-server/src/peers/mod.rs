@@ -144,7 +144,12 @@ struct Shared {
     /// False until the first discovery round completed (true without discovery).
     discovered_once: AtomicBool,
     state: Mutex<State>,
+    /// Run with a client key when a peer withdraws one of its sessions (RemoveClient).
+    withdrawal_hooks: Mutex<Vec<WithdrawalHook>>,
 }
+
+/// See [`PeerSet::on_withdrawal`].
+type WithdrawalHook = Box<dyn Fn(&str) + Send + Sync>;
 
 /// The peers of one server. Cheap to clone; clones share everything.
 #[derive(Clone)]
@@ -176,6 +181,7 @@ impl PeerSet {
             discovering,
             discovered_once: AtomicBool::new(!discovering),
             state: Mutex::new(State::default()),
+            withdrawal_hooks: Mutex::new(Vec::new()),
         }))
     }
 
@@ -426,25 +432,53 @@ impl PeerSet {
 
     /// Records an AddClient/RemoveClient received on incoming link `link`.
     pub(crate) fn announced(&self, link: &SessionHandle, client: ClientSession, added: bool) {
-        let mut state = self.state();
-        let Some(peer) = state
-            .incoming
-            .iter_mut()
-            .find(|p| p.handle.same_session(link))
-        else {
-            return;
+        let withdrawn = {
+            let mut state = self.state();
+            let Some(peer) = state
+                .incoming
+                .iter_mut()
+                .find(|p| p.handle.same_session(link))
+            else {
+                return;
+            };
+            if added {
+                peer.routes
+                    .entry(client.client_key)
+                    .or_default()
+                    .insert(client.session_key);
+                None
+            } else if let Some(keys) = peer.routes.get_mut(&client.client_key) {
+                keys.remove(&client.session_key);
+                if keys.is_empty() {
+                    peer.routes.remove(&client.client_key);
+                }
+                Some(client.client_key)
+            } else {
+                None
+            }
         };
-        if added {
-            peer.routes
-                .entry(client.client_key)
-                .or_default()
-                .insert(client.session_key);
-        } else if let Some(keys) = peer.routes.get_mut(&client.client_key) {
-            keys.remove(&client.session_key);
-            if keys.is_empty() {
-                peer.routes.remove(&client.client_key);
+        if let Some(key) = withdrawn {
+            let hooks = self
+                .0
+                .withdrawal_hooks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            for hook in hooks.iter() {
+                hook(&key);
             }
         }
+    }
+
+    /// Runs `hook` with the client key each time a peer withdraws a session of that client
+    /// (it closed, or the peer drains). A proxy drops its idle pooled streams to the client
+    /// then: reused, they would keep a draining peer's session busy, and its agent from
+    /// moving, until the pool's idle timeout.
+    pub(crate) fn on_withdrawal(&self, hook: impl Fn(&str) + Send + Sync + 'static) {
+        self.0
+            .withdrawal_hooks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Box::new(hook));
     }
 
     /// The first live incoming link that announced `client_key`.
