@@ -44,8 +44,8 @@ pub use dialer::{DialError, Dialer, TimedStream, TunnelConnection, TunnelInfo};
 pub use metrics::{GoCounter, Metrics};
 pub use server::{
     RemoteAddr, Server, ServerBuilder, DEFAULT_HANDSHAKE_RETRY_AFTER,
-    DEFAULT_MAX_PENDING_HANDSHAKES, DEFAULT_MAX_SESSIONS_PER_CLIENT, PEER_ID_HEADER,
-    PEER_TOKEN_HEADER,
+    DEFAULT_MAX_PENDING_HANDSHAKES, DEFAULT_MAX_SESSIONS_PER_CLIENT, DEFAULT_WS_READ_BUFFER,
+    DEFAULT_WS_READ_BURST, PEER_ID_HEADER, PEER_TOKEN_HEADER,
 };
 
 /// Errors inside response bodies.
