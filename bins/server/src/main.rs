@@ -144,11 +144,14 @@ struct Args {
     /// Websocket upgrades in progress at once; more are answered 503 with Retry-After.
     #[arg(long, env = "RD_MAX_PENDING_HANDSHAKES", value_name = "N", default_value_t = rd_server::DEFAULT_MAX_PENDING_HANDSHAKES)]
     max_pending_handshakes: usize,
-    /// Read buffer per session websocket, in bytes: resident for the session's life, so
-    /// 4096 suits a server of many idle agents (about 10 KiB per session instead of 22),
-    /// the default suits bulk transfers (fewer read syscalls).
-    #[arg(long, env = "RD_WS_READ_BUFFER", value_name = "BYTES", default_value_t = rd_session::DEFAULT_WS_READ_BUFFER)]
+    /// Read buffer per session websocket, in bytes: resident for the session's life (most of
+    /// an idle session's memory), and the most the websocket takes per read.
+    #[arg(long, env = "RD_WS_READ_BUFFER", value_name = "BYTES", default_value_t = rd_server::DEFAULT_WS_READ_BUFFER)]
     ws_read_buffer: usize,
+    /// Most bytes one read syscall takes while a client sends faster than the websocket
+    /// reads (bulk data); the buffer exists only during such bursts. 0 turns bursts off.
+    #[arg(long, env = "RD_WS_READ_BURST", value_name = "BYTES", default_value_t = rd_server::DEFAULT_WS_READ_BURST)]
+    ws_read_burst: usize,
 }
 
 /// A `--peers` entry.
@@ -376,6 +379,7 @@ async fn run(args: Args, checked: Checked) -> Result<(), Box<dyn std::error::Err
         .session_config(config)
         .max_pending_handshakes(args.max_pending_handshakes)
         .websocket_read_buffer(args.ws_read_buffer)
+        .websocket_read_burst(args.ws_read_burst)
         .peer_connect_options(rd_session::transport::ConnectOptions::default().with_tls(peer_tls));
     if !args.id.is_empty() && !peer_token.is_empty() {
         builder = builder.peer_identity(&args.id, &peer_token);

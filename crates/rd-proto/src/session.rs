@@ -265,9 +265,14 @@ pub struct Session {
     /// The peer pinged us or answered a ping: it keeps the link busy, so its silence means
     /// the link is dead ([`Config::answer_timeout`]).
     peer_pings: bool,
-    /// Something arrived since the last ping tick; a server side then skips its ping.
-    heard_since_tick: bool,
+    /// When the peer last sent anything but a pong (`None`: nothing yet). A server side
+    /// skips each ping tick whose window holds such a message.
+    last_talked: Option<Instant>,
+    /// A client side's next ping; a server side's next ping tick, the end of the window
+    /// that starts at `tick_from`.
     next_ping: Option<Instant>,
+    /// Where the window of the tick at `next_ping` starts (the previous tick, or the start).
+    tick_from: Instant,
     next_sync: Option<Instant>,
     /// The ceiling was reached and input stopped; reported once per episode.
     stalled: bool,
@@ -312,7 +317,8 @@ impl Session {
             last_keepalive: now,
             last_heard: now,
             peer_pings: false,
-            heard_since_tick: false,
+            last_talked: None,
+            tick_from: now,
             stalled: false,
             ended: None,
         }
@@ -510,18 +516,47 @@ impl Session {
     /// that an answer to our own ping does not count as the peer talking on its own, so a
     /// server side keeps pinging a peer that only answers every tick.
     pub fn handle_pong(&mut self, now: Instant) {
-        let talked = self.heard_since_tick;
+        let talked = self.last_talked;
         self.handle_keepalive(now);
-        self.heard_since_tick = talked;
+        self.last_talked = talked;
     }
 
     /// Something arrived from the peer. A server side skips its next ping then: a peer that
-    /// talks, or pings on its own, needs none from us. (The tick stays on a fixed schedule
-    /// rather than moving with each message: a moving deadline would race the client's own
-    /// 5 s pings, and re-arm the timer on every message.)
+    /// talks, or pings on its own, needs none from us. (The ticks stay on a fixed grid
+    /// rather than `server_ping_after` after the last message: that would race the client's
+    /// own 5 s pings.)
     fn heard(&mut self, now: Instant) {
         self.last_heard = now;
-        self.heard_since_tick = true;
+        self.last_talked = Some(now);
+    }
+
+    /// A server side's next ping: the first tick on the grid whose window (since the tick
+    /// before) holds nothing from the peer but pongs. It moves later with every message, so
+    /// a runtime that re-arms its timer on every change (an in-place update in tokio) is
+    /// not woken every tick of a peer that talks; the result is the same as checking each
+    /// tick.
+    fn server_ping_at(&self) -> Option<Instant> {
+        let after = self.config.server_ping_after?;
+        let tick = self.next_ping?;
+        match self.last_talked {
+            Some(t) if t > self.tick_from => {
+                // Ticks after `tick` are `tick + j * after`, each window starting one period
+                // before: the first window that starts at or after `t`.
+                let late = t.saturating_duration_since(tick).as_nanos();
+                let periods = late.div_ceil(after.as_nanos().max(1));
+                let periods = u32::try_from(periods).unwrap_or(u32::MAX - 1);
+                tick.checked_add(after.saturating_mul(periods.saturating_add(1)))
+            }
+            _ => Some(tick),
+        }
+    }
+
+    /// When the next ping goes out, on either side.
+    fn ping_at(&self) -> Option<Instant> {
+        match (self.side, self.config.server_ping_after) {
+            (Side::Server, Some(_)) => self.server_ping_at(),
+            _ => self.next_ping,
+        }
     }
 
     /// When the peer is declared dead for silence, if it takes part in keepalive.
@@ -818,19 +853,15 @@ impl Session {
                 return;
             }
         }
-        if let Some(at) = self.next_ping.filter(|at| now >= *at) {
-            // A client pings on Go's schedule; a server only after a tick with nothing heard.
+        if let Some(at) = self.ping_at().filter(|at| now >= *at) {
+            // A client pings on Go's schedule; a server at the first tick with nothing heard
+            // in its window, and the grid moves on from there.
             let interval = match (self.side, self.config.server_ping_after) {
-                (Side::Server, Some(after)) => {
-                    self.ping_due |= !self.heard_since_tick;
-                    after
-                }
-                _ => {
-                    self.ping_due = true;
-                    self.config.ping_interval
-                }
+                (Side::Server, Some(after)) => after,
+                _ => self.config.ping_interval,
             };
-            self.heard_since_tick = false;
+            self.ping_due = true;
+            self.tick_from = at;
             self.next_ping = Some(next_after(at, interval, now));
         }
         if let (Some(at), Some(interval)) = (self.next_sync, self.config.sync_interval) {
@@ -874,7 +905,7 @@ impl Session {
         [
             Some(self.last_keepalive + keepalive),
             self.answer_deadline(),
-            self.next_ping,
+            self.ping_at(),
             self.next_sync,
         ]
         .into_iter()

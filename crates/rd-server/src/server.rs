@@ -35,6 +35,12 @@ pub const DEFAULT_MAX_PENDING_HANDSHAKES: usize = 1024;
 /// Default `Retry-After` of a handshake refused by [`ServerBuilder::max_pending_handshakes`].
 pub const DEFAULT_HANDSHAKE_RETRY_AFTER: Duration = Duration::from_secs(1);
 
+/// Default of [`ServerBuilder::websocket_read_buffer`]: 4 KiB, what an idle session keeps.
+pub const DEFAULT_WS_READ_BUFFER: usize = 4 * 1024;
+
+/// Default of [`ServerBuilder::websocket_read_burst`]: 64 KiB per read syscall in a burst.
+pub const DEFAULT_WS_READ_BURST: usize = rd_session::DEFAULT_BURST;
+
 /// Header a peer server sends its id in (Go's `remotedialer.ID`).
 pub const PEER_ID_HEADER: &str = "X-API-Tunnel-ID";
 /// Header a peer server sends the shared token in (Go's `remotedialer.Token`).
@@ -60,6 +66,7 @@ pub(crate) struct Inner {
     pub(crate) max_pending_handshakes: usize,
     pub(crate) retry_after: Duration,
     pub(crate) ws_read_buffer: usize,
+    pub(crate) ws_read_burst: usize,
     /// Client sessions, peers and their routes: what dials use.
     pub(crate) routing: Arc<Routing>,
     pub(crate) metrics: Metrics,
@@ -109,6 +116,7 @@ pub struct ServerBuilder {
     max_pending_handshakes: usize,
     retry_after: Duration,
     ws_read_buffer: usize,
+    ws_read_burst: usize,
     peer_connect: rd_session::transport::ConnectOptions,
     peer_discovery: Option<PeerDiscovery>,
     metrics: Metrics,
@@ -134,7 +142,8 @@ impl ServerBuilder {
             max_sessions_per_client: DEFAULT_MAX_SESSIONS_PER_CLIENT,
             max_pending_handshakes: DEFAULT_MAX_PENDING_HANDSHAKES,
             retry_after: DEFAULT_HANDSHAKE_RETRY_AFTER,
-            ws_read_buffer: rd_session::DEFAULT_WS_READ_BUFFER,
+            ws_read_buffer: DEFAULT_WS_READ_BUFFER,
+            ws_read_burst: DEFAULT_WS_READ_BURST,
             peer_connect: rd_session::transport::ConnectOptions::default(),
             peer_discovery: None,
             metrics: Metrics::new(),
@@ -191,13 +200,23 @@ impl ServerBuilder {
         self
     }
 
-    /// The read buffer of each session's websocket (default 16 KiB, at least 1 KiB). It is
-    /// resident for the session's life, and most of an idle session's memory: 4 KiB brings
-    /// a fleet server from about 22 to 10 KiB per idle session, at the cost of more read
-    /// syscalls per byte when clients send bulk data. See
+    /// The read buffer of each session's websocket (default 4 KiB, at least 1 KiB). It is
+    /// resident for the session's life, and was most of an idle session's memory (16 KiB:
+    /// about 22 KiB per idle session on a 10,000-agent server; 4 KiB: about 10). It is also
+    /// the most tungstenite takes per read; bulk data comes in bursts of
+    /// [`websocket_read_burst`](Self::websocket_read_burst) per syscall underneath. See
     /// [`websocket_config_with`](rd_session::websocket_config_with).
     pub fn websocket_read_buffer(mut self, bytes: usize) -> Self {
         self.ws_read_buffer = bytes;
+        self
+    }
+
+    /// The most one read syscall of a session takes while data arrives faster than the
+    /// websocket reads it (default 64 KiB; 0 turns it off, so each read syscall takes at
+    /// most [`websocket_read_buffer`](Self::websocket_read_buffer)). The buffer exists only
+    /// during such a burst (see [`rd_session::BurstReader`]): idle sessions hold none.
+    pub fn websocket_read_burst(mut self, bytes: usize) -> Self {
+        self.ws_read_burst = bytes;
         self
     }
 
@@ -282,6 +301,7 @@ impl ServerBuilder {
                 max_pending_handshakes: self.max_pending_handshakes,
                 retry_after: self.retry_after,
                 ws_read_buffer: self.ws_read_buffer,
+                ws_read_burst: self.ws_read_burst,
                 routing,
                 metrics: self.metrics,
                 accepting: AtomicBool::new(true),
@@ -638,9 +658,17 @@ impl Server {
                 match on_upgrade.await {
                     Ok(upgraded) => {
                         let io = TokioIo::new(upgraded);
-                        server
-                            .run_session(io, client_key, session_key, peer, extensions, permit)
-                            .await
+                        let burst = server.inner.ws_read_burst;
+                        if burst == 0 {
+                            server
+                                .run_session(io, client_key, session_key, peer, extensions, permit)
+                                .await
+                        } else {
+                            let io = rd_session::BurstReader::with_burst(io, burst);
+                            server
+                                .run_session(io, client_key, session_key, peer, extensions, permit)
+                                .await
+                        }
                     }
                     Err(e) => tracing::info!(error = %e, "websocket upgrade failed"),
                 }

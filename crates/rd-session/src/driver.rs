@@ -324,16 +324,12 @@ where
             inner.proto.handle_timeout(now());
             return true;
         }
-        // Every message moves a server side's next ping (and the answer deadline) later.
-        // Re-arming the sleep costs a trip through the runtime's timer wheel, so a later
-        // deadline waits until the armed one fires (a spurious tick, which handle_timeout
-        // ignores); only an earlier one re-arms at once.
-        let earlier = match (at, self.timer_at) {
-            (Some(at), Some(armed)) => at < armed,
-            (Some(_), None) => true,
-            (None, _) => false,
-        };
-        if at != self.timer_at && (earlier || self.timer.is_elapsed()) {
+        // Every message from the peer moves the keepalive and answer deadlines (and a server
+        // side's next ping) later. Re-arm at once: tokio moves an armed timer's deadline
+        // later in place (one atomic; the wheel re-files the entry when its old slot comes
+        // due, without waking us), while leaving the old deadline armed would wake this
+        // task for nothing, every few seconds for each of thousands of idle sessions.
+        if at != self.timer_at {
             self.timer_at = at;
             let deadline = at.map_or_else(
                 || Instant::now() + Duration::from_secs(3600),

@@ -43,6 +43,7 @@
 #![warn(missing_docs)]
 
 mod backoff;
+mod burst_reader;
 mod driver;
 mod error;
 mod extensions;
@@ -55,6 +56,7 @@ mod stream;
 pub mod transport;
 
 pub use backoff::{Backoff, DEFAULT_BACKOFF_INITIAL, DEFAULT_BACKOFF_JITTER, DEFAULT_BACKOFF_MAX};
+pub use burst_reader::{BurstReader, DEFAULT_BURST};
 pub use driver::{AnnouncementFn, SessionDriver};
 pub use error::{error_chain, DialError, StreamClosed};
 pub use extensions::{Extensions, CREDIT, EXTENSIONS_HEADER, HALF_CLOSE};

@@ -16,6 +16,7 @@ mod load;
 mod longlink;
 mod procs;
 mod report;
+mod restart_storm;
 mod scale;
 mod slow_streams;
 mod storm;
@@ -74,7 +75,7 @@ fn parse_options() -> Result<Options, BoxError> {
             "--only" => o.only = Some(value()?),
             "-h" | "--help" => {
                 println!(
-                    "usage: rd-bench [--bin-dir DIR] [--out FILE] [--docs FILE | --no-docs] [--only isolation|longlink|slow-streams|storm|bulk]\n\
+                    "usage: rd-bench [--bin-dir DIR] [--out FILE] [--docs FILE | --no-docs] [--only isolation|longlink|slow-streams|storm|restart-storm|bulk]\n\
                           env: RD_BENCH_SCALE (default 1; 0.1 for a quick run)"
                 );
                 std::process::exit(0);
@@ -109,7 +110,43 @@ fn main() -> ExitCode {
             }
         };
     }
+    if args.get(1).map(String::as_str) == Some("--restart-storm-child") {
+        let url = args.get(2).cloned().unwrap_or_default();
+        let n = args.get(3).and_then(|n| n.parse().ok()).unwrap_or(2_000);
+        return match restart_storm::child_main(&url, n) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("rd-bench restart-storm child: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let result = parse_options().and_then(|o| {
+        if o.only.as_deref() == Some("restart-storm") {
+            // Its own processes only, like storm.
+            let env = |name: &str, default: f64| {
+                std::env::var(name)
+                    .ok()
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(default)
+            };
+            let n = env("RD_RESTART_CLIENTS", 2_000.0) as usize;
+            let outage = Duration::from_secs_f64(env("RD_RESTART_OUTAGE_S", 5.0));
+            let r = restart_storm::run(&o.bin_dir, n, outage)?;
+            println!(
+                "restart storm: {} of {} library clients back {:.2} s after rd-server restarted \
+                 ({:.1} s outage); {} failed attempts after the restart, {} handshakes answered 503",
+                r.back, r.clients, r.all_back_s, r.outage_s, r.failed_after_restart, r.rejected_503
+            );
+            let bins: Vec<String> = r
+                .histogram
+                .iter()
+                .enumerate()
+                .map(|(i, c)| format!("{:.1}-{:.1}s:{c}", i as f64 * 0.5, (i + 1) as f64 * 0.5))
+                .collect();
+            println!("comebacks per 0.5 s after the restart: {}", bins.join(" "));
+            return Ok(());
+        }
         if o.only.as_deref() == Some("storm") {
             // Its own processes only: nothing else of the bench is started.
             let n = std::env::var("RD_STORM_SESSIONS")
@@ -126,7 +163,9 @@ fn main() -> ExitCode {
                     r.live, r.dial_p50_us, r.dial_p99_us
                 );
             }
-            for args in [&[][..], &["--ws-read-buffer", "4096"][..]] {
+            // The defaults, then the previous defaults (16 KiB read buffer, no bursts).
+            let previous = ["--ws-read-buffer", "16384", "--ws-read-burst", "0"];
+            for args in [&[][..], &previous[..]] {
                 let r = storm::run(&o.bin_dir, n, args)?;
                 println!(
                     "rd-server {args:?}: {} of {} sessions up in {:.2} s, {} failed handshakes \
@@ -361,7 +400,7 @@ async fn run(o: Options) -> Result<(), BoxError> {
         }
         Some(other) => {
             return Err(format!(
-                "unknown scenario {other} (known: isolation, longlink, slow-streams, storm, bulk)"
+                "unknown scenario {other} (known: isolation, longlink, slow-streams, storm, restart-storm, bulk)"
             )
             .into())
         }
