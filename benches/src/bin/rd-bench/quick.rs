@@ -46,6 +46,8 @@ struct Round {
     fixed_p99: [f64; 3],
     /// CPU seconds per GiB of the tunnel's 1-stream bulk: rd-server, rd-client.
     cpu_per_gib: [f64; 2],
+    /// Peak RSS (MiB) during the tunnel's 1-stream bulk: rd-server, rd-client.
+    peak_mib: [f64; 2],
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -72,6 +74,10 @@ pub async fn run(paths: &[Path; 3], pids: [u32; 2], plan: &Plan) -> Result<(), B
             if i == TUNNEL {
                 let gib = b.bytes as f64 / GIB;
                 r.cpu_per_gib = [usage[0].cpu_s / gib, usage[1].cpu_s / gib];
+                r.peak_mib = [
+                    usage[0].peak_kib as f64 / 1024.0,
+                    usage[1].peak_kib as f64 / 1024.0,
+                ];
             }
         }
         for &i in order.iter().filter(|_| plan.runs("bulk8")) {
@@ -151,6 +157,11 @@ pub async fn run(paths: &[Path; 3], pids: [u32; 2], plan: &Plan) -> Result<(), B
         "  CPU per GiB (1 stream): rd-server {:.2} s, rd-client {:.2} s",
         med(&|r| r.cpu_per_gib[0]),
         med(&|r| r.cpu_per_gib[1]),
+    );
+    println!(
+        "  peak RSS (1 stream): rd-server {:.1} MiB, rd-client {:.1} MiB",
+        med(&|r| r.peak_mib[0]),
+        med(&|r| r.peak_mib[1]),
     );
     Ok(())
 }
