@@ -15,6 +15,7 @@ mod isolation;
 mod load;
 mod longlink;
 mod procs;
+mod quick;
 mod report;
 mod restart_storm;
 mod scale;
@@ -47,6 +48,9 @@ struct Options {
     scale: f64,
     /// Run only this scenario (`isolation`); the table is printed, nothing is written.
     only: Option<String>,
+    /// Start rd-server without `--forward` and skip the raw-TCP paths, so binaries older
+    /// than the forwarding work can run (A/B comparisons with `--only bulk|quick`).
+    no_forward: bool,
 }
 
 fn workspace_root() -> PathBuf {
@@ -63,6 +67,7 @@ fn parse_options() -> Result<Options, BoxError> {
         docs: (scale == 1.0).then(|| root.join("docs/benchmarks.md")),
         scale,
         only: None,
+        no_forward: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -73,9 +78,10 @@ fn parse_options() -> Result<Options, BoxError> {
             "--docs" => o.docs = Some(PathBuf::from(value()?)),
             "--no-docs" => o.docs = None,
             "--only" => o.only = Some(value()?),
+            "--no-forward" => o.no_forward = true,
             "-h" | "--help" => {
                 println!(
-                    "usage: rd-bench [--bin-dir DIR] [--out FILE] [--docs FILE | --no-docs] [--only isolation|longlink|slow-streams|storm|restart-storm|bulk]\n\
+                    "usage: rd-bench [--bin-dir DIR] [--out FILE] [--docs FILE | --no-docs] [--only isolation|longlink|slow-streams|storm|restart-storm|bulk|quick] [--no-forward]\n\
                           env: RD_BENCH_SCALE (default 1; 0.1 for a quick run)"
                 );
                 std::process::exit(0);
@@ -272,13 +278,12 @@ async fn run(o: Options) -> Result<(), BoxError> {
     // A port for `--forward` that was free a moment ago (the bench is not a test).
     let forward_addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let forward = format!("{forward_addr}=bench:tcp/{dummy_addr}");
-    let server = Proc::spawn(
-        "rd-server",
-        &bin("rd-server"),
-        &["--listen", "127.0.0.1:0", "--forward", &forward],
-        &tmp.0,
-        true,
-    )?;
+    let server_args: &[&str] = if o.no_forward {
+        &["--listen", "127.0.0.1:0"]
+    } else {
+        &["--listen", "127.0.0.1:0", "--forward", &forward]
+    };
+    let server = Proc::spawn("rd-server", &bin("rd-server"), server_args, &tmp.0, true)?;
     let server_addr = server.addr.ok_or("no server address")?;
     let connect = format!("ws://{server_addr}/connect");
     // RD_BENCH_CLIENT_ARGS: extra rd-client flags, e.g. `--flow-control pause` to compare.
@@ -350,7 +355,8 @@ async fn run(o: Options) -> Result<(), BoxError> {
             }
         }
     }
-    for p in paths.iter().chain(&raw_paths) {
+    let raw_count = if o.no_forward { 0 } else { raw_paths.len() };
+    for p in paths.iter().chain(&raw_paths[..raw_count]) {
         load::fetch_once(p, "small.bin")
             .await
             .map_err(|e| format!("{}: {e}", p.name))?;
@@ -394,13 +400,36 @@ async fn run(o: Options) -> Result<(), BoxError> {
             }
             return Ok(());
         }
+        Some("quick") => {
+            let rounds = std::env::var("RD_BENCH_ROUNDS")
+                .ok()
+                .and_then(|r| r.parse().ok())
+                .unwrap_or(3);
+            let plan = quick::Plan {
+                rounds,
+                large: ("large.bin", large_size),
+                medium: ("medium.bin", medium_size),
+                small: "small.bin",
+                duration: scaled_duration(8.0, s),
+                rate: 1000,
+                conns: 50,
+                parts: std::env::var("RD_BENCH_PARTS")
+                    .unwrap_or_default()
+                    .split(',')
+                    .filter(|p| !p.is_empty())
+                    .map(String::from)
+                    .collect(),
+            };
+            quick::run(&paths, [server.pid(), client.pid()], &plan).await?;
+            return Ok(());
+        }
         Some("slow-streams") => {
             println!("\n{}", report::text_table(&slow_stream_rows(10_000)?));
             return Ok(());
         }
         Some(other) => {
             return Err(format!(
-                "unknown scenario {other} (known: isolation, longlink, slow-streams, storm, restart-storm, bulk)"
+                "unknown scenario {other} (known: isolation, longlink, slow-streams, storm, restart-storm, bulk, quick)"
             )
             .into())
         }
