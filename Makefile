@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
 
-.PHONY: all build server client dummy run test fmt lint guard unit doctest doc bench fuzz soak clean \
+.PHONY: rolling all build server client dummy run test fmt lint guard unit doctest doc bench fuzz soak clean \
 	deploy-check image-bins image image-check
 
 all: build
@@ -127,3 +127,13 @@ image: image-bins
 # message when no Docker daemon can be reached or started.
 image-check:
 	bash docs/deploy/test-image.sh
+
+# Rolling restart (issue 13's scale check): 5 rd-server replicas on 127.0.0.11-15 found through
+# dnsmasq on loopback, 2,000 rd-client library clients, small requests and hashed 16 MiB
+# downloads through random ready replicas while each replica is drained and restarted in turn.
+# Prints the table, writes target/rolling/report.json; exits non-zero on a cut transfer or a
+# request refused outside the instant its client moved.
+ROLLING_CLIENTS ?= 2000
+rolling:
+	$(CARGO) build --release --bins -p rd-server-bin -p rd-client-bin -p rd-dummy-bin -p rd-benches
+	target/release/rd-rolling --bin-dir target/release --clients $(ROLLING_CLIENTS)

@@ -225,7 +225,7 @@ fn ready(server: &Server) -> Response<Body> {
     } else if server.is_draining() {
         Some("draining\n")
     } else if !server.peers_discovered() {
-        Some("peer discovery has not finished its first round\n")
+        Some("peer discovery: first round not done, or discovered peers not linked back yet\n")
     } else {
         None
     };

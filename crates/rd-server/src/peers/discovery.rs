@@ -177,6 +177,11 @@ impl PeerDiscovery {
         &self.name
     }
 
+    /// The interval set with [`interval`](Self::interval).
+    pub(crate) fn period(&self) -> Duration {
+        self.interval
+    }
+
     /// How often the name is resolved (default 10 s, at least 10 ms).
     #[must_use]
     pub fn interval(mut self, interval: Duration) -> Self {

@@ -143,6 +143,9 @@ struct Shared {
     discovering: bool,
     /// False until the first discovery round completed (true without discovery).
     discovered_once: AtomicBool,
+    /// When the first discovery round completed, and how long readiness then waits at most
+    /// for the discovered peers to link back (see [`PeerSet::discovery_ready`]).
+    converge: Mutex<(Option<std::time::Instant>, std::time::Duration)>,
     state: Mutex<State>,
     /// Run with a client key when a peer withdraws one of its sessions (RemoveClient).
     withdrawal_hooks: Mutex<Vec<WithdrawalHook>>,
@@ -180,6 +183,7 @@ impl PeerSet {
             shutdown,
             discovering,
             discovered_once: AtomicBool::new(!discovering),
+            converge: Mutex::new((None, std::time::Duration::ZERO)),
             state: Mutex::new(State::default()),
             withdrawal_hooks: Mutex::new(Vec::new()),
         }))
@@ -195,13 +199,47 @@ impl PeerSet {
 
     /// Starts DNS discovery (a task until shutdown). Needs a tokio runtime.
     pub(crate) fn start_discovery(&self, discovery: PeerDiscovery) {
+        // Peers find a new replica at their next round; give them two, and a moment to link.
+        self.converge().1 = discovery.period() * 2 + std::time::Duration::from_secs(1);
         let span = tracing::info_span!(parent: None, "peer_discovery", name = %discovery.name());
         tokio::spawn(discovery::run(self.clone(), discovery).instrument(span));
     }
 
-    /// Whether the first discovery round is done (always true without discovery).
+    fn converge(&self) -> MutexGuard<'_, (Option<std::time::Instant>, std::time::Duration)> {
+        self.0.converge.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether discovery lets this server be ready (always true without discovery): the
+    /// first round is done, and every discovered rd peer has linked back to us, so that
+    /// requests entering here reach the other replicas' clients; or, if some peer does not
+    /// link back (down, or a Go server), two discovery intervals have passed since.
     pub(crate) fn discovery_ready(&self) -> bool {
-        self.0.discovered_once.load(Ordering::SeqCst)
+        if !self.0.discovered_once.load(Ordering::SeqCst) {
+            return false;
+        }
+        if !self.0.discovering || self.linked_back() {
+            return true;
+        }
+        let (first, bound) = *self.converge();
+        first.is_none_or(|t| t.elapsed() >= bound)
+    }
+
+    /// Every discovered link is up, and each peer that gave its id has a live link to us.
+    fn linked_back(&self) -> bool {
+        let state = self.state();
+        state
+            .links
+            .iter()
+            .filter(|(key, _)| matches!(key, LinkKey::Dns(_)))
+            .all(|(key, link)| {
+                let live = state.live.iter().any(|(_, k, h)| k == key && !h.is_closed());
+                live && link.learned_id.as_deref().is_none_or(|id| {
+                    state
+                        .incoming
+                        .iter()
+                        .any(|p| p.handle.client_key() == id && !p.handle.is_closed())
+                })
+            })
     }
 
     // ---- outgoing links -------------------------------------------------------------
@@ -267,7 +305,9 @@ impl PeerSet {
     }
 
     pub(crate) fn discovery_round_done(&self) {
-        self.0.discovered_once.store(true, Ordering::SeqCst);
+        if !self.0.discovered_once.swap(true, Ordering::SeqCst) {
+            self.converge().0 = Some(std::time::Instant::now());
+        }
     }
 
     fn start_link(&self, state: &mut State, key: LinkKey, url: String, token: String) {
