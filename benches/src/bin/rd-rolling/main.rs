@@ -205,7 +205,11 @@ async fn small_worker(
             continue;
         };
         let p = path(pick(&mut rng, clients), files.dummy, "small.bin");
-        record(&out, get_checked(server, &p, SMALL, files.small_hash).await, &out.small_ok);
+        record(
+            &out,
+            get_checked(server, &p, SMALL, files.small_hash).await,
+            &out.small_ok,
+        );
     }
 }
 
@@ -226,7 +230,11 @@ async fn large_worker(
             continue;
         };
         let p = path(pick(&mut rng, clients), files.dummy, "large.bin");
-        record(&out, get_checked(server, &p, LARGE, files.large_hash).await, &out.large_ok);
+        record(
+            &out,
+            get_checked(server, &p, LARGE, files.large_hash).await,
+            &out.large_ok,
+        );
     }
 }
 
@@ -243,7 +251,9 @@ fn pick_ready(rng: &mut Rng, ready: &[AtomicBool], addrs: &[SocketAddr]) -> Opti
 async fn get_checked(server: SocketAddr, p: &str, len: u64, hash: u64) -> Result<(), Failed> {
     match fetch::get(server, p, BOUND).await? {
         Got { len: l, hash: h } if l == len && h == hash => Ok(()),
-        Got { len: l, .. } => Err(Failed::Cut(format!("{l} bytes, want {len}, or a wrong hash"))),
+        Got { len: l, .. } => Err(Failed::Cut(format!(
+            "{l} bytes, want {len}, or a wrong hash"
+        ))),
     }
 }
 
@@ -268,8 +278,12 @@ async fn sweep(servers: &[SocketAddr], clients: usize, files: &Arc<Files>) -> us
     let failed = Arc::new(AtomicU64::new(0));
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..SWEEP_CONCURRENCY.min(clients) {
-        let (next, failed, files, servers) =
-            (next.clone(), failed.clone(), files.clone(), servers.to_vec());
+        let (next, failed, files, servers) = (
+            next.clone(),
+            failed.clone(),
+            files.clone(),
+            servers.to_vec(),
+        );
         tasks.spawn(async move {
             loop {
                 let c = next.fetch_add(1, Ordering::Relaxed) as usize;
@@ -278,7 +292,10 @@ async fn sweep(servers: &[SocketAddr], clients: usize, files: &Arc<Files>) -> us
                 }
                 let server = servers[c % servers.len()];
                 let p = path(c, files.dummy, "small.bin");
-                if get_checked(server, &p, SMALL, files.small_hash).await.is_err() {
+                if get_checked(server, &p, SMALL, files.small_hash)
+                    .await
+                    .is_err()
+                {
                     failed.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -309,7 +326,10 @@ async fn until_all_reachable(
 async fn wait_ready(addr: SocketAddr) -> Result<(), BoxError> {
     let start = Instant::now();
     loop {
-        if fetch::get(addr, "/readyz", Duration::from_secs(2)).await.is_ok() {
+        if fetch::get(addr, "/readyz", Duration::from_secs(2))
+            .await
+            .is_ok()
+        {
             return Ok(());
         }
         if start.elapsed() > BOUND {
@@ -344,7 +364,12 @@ async fn metrics_text(addr: SocketAddr) -> Result<String, BoxError> {
     let req = http::Request::get("/metrics")
         .header(http::header::HOST, addr.to_string())
         .body(http_body_util::Empty::<bytes::Bytes>::new())?;
-    let body = sender.send_request(req).await?.into_body().collect().await?;
+    let body = sender
+        .send_request(req)
+        .await?
+        .into_body()
+        .collect()
+        .await?;
     Ok(String::from_utf8_lossy(&body.to_bytes()).into_owned())
 }
 
@@ -388,7 +413,9 @@ async fn run(o: Options) -> Result<bool, BoxError> {
     let ips: Vec<Ipv4Addr> = (0..o.servers)
         .map(|i| Ipv4Addr::new(127, 0, 0, 11 + i as u8))
         .collect();
-    let port = std::net::TcpListener::bind((ips[0], 0))?.local_addr()?.port();
+    let port = std::net::TcpListener::bind((ips[0], 0))?
+        .local_addr()?
+        .port();
     let dns = Dnsmasq::start(&tmp.0, NAME, &ips)?;
     let mut fleet = Fleet {
         bins: o.bins.clone(),
@@ -412,7 +439,10 @@ async fn run(o: Options) -> Result<bool, BoxError> {
         wait_ready(a).await?;
         fleet.ready[i].store(true, Ordering::SeqCst);
     }
-    say(format!("{} replicas ready on port {port}, DNS at {}", o.servers, dns.addr));
+    say(format!(
+        "{} replicas ready on port {port}, DNS at {}",
+        o.servers, dns.addr
+    ));
 
     // The clients, each given every replica, the list rotated so that they spread.
     let stop_clients = CancellationToken::new();
@@ -446,12 +476,34 @@ async fn run(o: Options) -> Result<bool, BoxError> {
     let stop = CancellationToken::new();
     let mut workers = tokio::task::JoinSet::new();
     for w in 0..16u64 {
-        let args = (fleet.ready.clone(), addrs.clone(), files.clone(), out.clone(), stop.clone());
-        workers.spawn(small_worker(w, args.0, args.1, o.clients, args.2, args.3, args.4));
+        let args = (
+            fleet.ready.clone(),
+            addrs.clone(),
+            files.clone(),
+            out.clone(),
+            stop.clone(),
+        );
+        workers.spawn(small_worker(
+            w, args.0, args.1, o.clients, args.2, args.3, args.4,
+        ));
     }
     for w in 0..4u64 {
-        let args = (fleet.ready.clone(), addrs.clone(), files.clone(), out.clone(), stop.clone());
-        workers.spawn(large_worker(100 + w, args.0, args.1, o.clients, args.2, args.3, args.4));
+        let args = (
+            fleet.ready.clone(),
+            addrs.clone(),
+            files.clone(),
+            out.clone(),
+            stop.clone(),
+        );
+        workers.spawn(large_worker(
+            100 + w,
+            args.0,
+            args.1,
+            o.clients,
+            args.2,
+            args.3,
+            args.4,
+        ));
     }
     // The workload runs a while on the whole fleet first.
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -468,7 +520,12 @@ async fn run(o: Options) -> Result<bool, BoxError> {
         let exited = tokio::task::spawn_blocking(move || {
             let mut proc = proc;
             let status = proc.child.wait();
-            (Instant::now(), status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()))
+            (
+                Instant::now(),
+                status
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|e| e.to_string()),
+            )
         });
         let moved = until_all_reachable(&others, o.clients, &files).await?;
         windows.push((term, moved));
@@ -517,7 +574,10 @@ async fn run(o: Options) -> Result<bool, BoxError> {
     let success = (small_ok + large_ok) as f64 / total.max(1) as f64;
     let expected_links = (o.servers * (o.servers - 1)) as f64;
 
-    println!("\n## Rolling restart: {} replicas, {} clients", o.servers, o.clients);
+    println!(
+        "\n## Rolling restart: {} replicas, {} clients",
+        o.servers, o.clients
+    );
     println!(
         "requests {total}: {small_ok} small + {large_ok} x 16 MiB ok ({:.3} %); refused in a move window {}, \
          refused outside one {}, transfers cut {}",
@@ -565,7 +625,10 @@ async fn run(o: Options) -> Result<bool, BoxError> {
             "peer_links": r.peer_links,
         })).collect::<Vec<_>>(),
     });
-    std::fs::write(o.out.join("report.json"), serde_json::to_string_pretty(&report)?)?;
+    std::fs::write(
+        o.out.join("report.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
     drop(dns);
     Ok(outside.is_empty() && cut.is_empty())
 }

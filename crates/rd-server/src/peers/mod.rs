@@ -232,7 +232,10 @@ impl PeerSet {
             .iter()
             .filter(|(key, _)| matches!(key, LinkKey::Dns(_)))
             .all(|(key, link)| {
-                let live = state.live.iter().any(|(_, k, h)| k == key && !h.is_closed());
+                let live = state
+                    .live
+                    .iter()
+                    .any(|(_, k, h)| k == key && !h.is_closed());
                 live && link.learned_id.as_deref().is_none_or(|id| {
                     state
                         .incoming
