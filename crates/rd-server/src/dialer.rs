@@ -97,7 +97,7 @@ pub enum DialError {
     /// The session refused (ended, or too many streams).
     #[error(transparent)]
     Session(#[from] rd_session::DialError),
-    /// This server is draining ([`Server::begin_drain`]): it opens no new streams.
+    /// This server is draining ([`Server::begin_drain`](crate::Server::begin_drain)): it opens no new streams.
     #[error("server draining: no new connections")]
     Draining,
 }
