@@ -6,12 +6,11 @@
 //! descriptors come back to where they were.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, UdpSocket};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
 use std::time::{Duration, Instant};
+
+use rd_benches::dns::Dnsmasq;
 
 use rd_e2e_tests::*;
 
@@ -21,112 +20,12 @@ const TOKEN: &str = "shared-peer-secret";
 /// Generous: debug binaries on a shared 2-core machine.
 const BOUND: Duration = Duration::from_secs(30);
 
-/// dnsmasq serving `NAME` from a hosts file, on 127.0.0.1 at a free UDP port.
-struct Dnsmasq {
-    child: Child,
-    hosts: PathBuf,
-    addr: SocketAddr,
-    log: mpsc::Receiver<String>,
-}
-
-impl Drop for Dnsmasq {
-    fn drop(&mut self) {
-        self.child.kill().ok();
-        self.child.wait().ok();
-    }
-}
-
-impl Dnsmasq {
-    /// Starts dnsmasq; `Err` says why it cannot run here.
-    fn start(dir: &Path, octets: &[u8]) -> Result<Self, String> {
-        let binary = ["/usr/sbin/dnsmasq", "/usr/bin/dnsmasq"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .ok_or("dnsmasq is not installed (Debian: apt-get install dnsmasq-base)")?;
-        let hosts = dir.join("hosts");
-        write_hosts(&hosts, octets);
-        let port = UdpSocket::bind("127.0.0.1:0")
-            .and_then(|s| s.local_addr())
-            .map_err(|e| format!("no free UDP port: {e}"))?
-            .port();
-        let mut child = Command::new(binary)
-            .args([
-                "--keep-in-foreground",
-                "--conf-file=/dev/null",
-                "--no-resolv",
-                "--no-hosts",
-                "--no-poll",
-                "--bind-interfaces",
-                "--listen-address=127.0.0.1",
-                "--user=root",
-                "--pid-file=",
-                "--log-facility=-",
-                "--local-ttl=0",
-                &format!("--port={port}"),
-                &format!("--addn-hosts={}", hosts.display()),
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("cannot start {binary}: {e}"))?;
-        let (tx, log) = mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { return };
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        let mut dns = Self {
-            child,
-            hosts,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            log,
-        };
-        // dnsmasq reads the hosts file after binding its socket: once it says so, it answers.
-        dns.wait_for_read()
-            .map_err(|e| format!("dnsmasq did not start: {e}"))?;
-        Ok(dns)
-    }
-
-    /// Waits for dnsmasq's "read <hosts file>" log line.
-    fn wait_for_read(&mut self) -> Result<(), String> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut seen = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.log.recv_timeout(left) {
-                Ok(line) if line.contains("read ") && line.contains("hosts") => return Ok(()),
-                Ok(line) => seen.push(line),
-                Err(_) => return Err(format!("no 'read hosts' line; log: {seen:?}")),
-            }
-        }
-    }
-
-    /// Serves `octets` from now on.
-    fn set(&mut self, octets: &[u8]) {
-        write_hosts(&self.hosts, octets);
-        let status = Command::new("kill")
-            .args(["-HUP", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        self.wait_for_read().unwrap();
-    }
-}
-
-fn write_hosts(path: &Path, octets: &[u8]) {
-    let text: String = octets
+/// `127.0.0.N` for each octet N.
+fn ips(octets: &[u8]) -> Vec<Ipv4Addr> {
+    octets
         .iter()
-        .map(|n| format!("127.0.0.{n} {NAME}\n"))
-        .collect();
-    // Write and rename, so dnsmasq never reads half a file.
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
+        .map(|&n| Ipv4Addr::new(127, 0, 0, n))
+        .collect()
 }
 
 /// Starts replica `n` on 127.0.0.`n`:`port`, finding its peers through `dns`.
@@ -217,7 +116,7 @@ async fn replicas_find_each_other_through_dns() {
             return;
         }
     }
-    let mut dns = match Dnsmasq::start(dir.path(), &[1, 2, 3]) {
+    let mut dns = match Dnsmasq::start(dir.path(), NAME, &ips(&[1, 2, 3])) {
         Ok(dns) => dns,
         Err(why) => {
             eprintln!("skipping: {why}");
@@ -260,7 +159,7 @@ async fn replicas_find_each_other_through_dns() {
     // A fourth replica: it joins the others' sets within two of their discovery rounds.
     let (p4, s4) = start_server(4, port, dns.addr, &token_file);
     procs.push(p4);
-    dns.set(&[1, 2, 3, 4]);
+    dns.set(&ips(&[1, 2, 3, 4])).unwrap();
     // From here on DNS answers with the fourth: the round in flight may still miss it, the
     // next one finds it.
     let rounds_before = metric(first, ROUNDS_OK).await.unwrap();
@@ -280,7 +179,7 @@ async fn replicas_find_each_other_through_dns() {
     all_reach_all(&addrs, &["c1", "c2", "c3", "c4"], dummy).await;
 
     // The second goes: out of DNS, then stopped. The others drop their link to it.
-    dns.set(&[1, 3, 4]);
+    dns.set(&ips(&[1, 3, 4])).unwrap();
     procs[1].terminate();
     assert!(procs[1].wait_exit(BOUND).is_some(), "server 2 did not exit");
     clients[1].kill();
