@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 pub mod dns;
+pub mod metrics;
 pub mod process;
 
 /// The error type of the harnesses.

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use fetch::{Failed, Got};
 use rd_benches::dns::Dnsmasq;
+use rd_benches::metrics::metrics;
 use rd_benches::process::{generate_file, Proc, TempDir};
 use rd_benches::{BoxError, Rng};
 use rd_client::{AllowAll, Client};
@@ -151,15 +152,6 @@ impl Fleet {
         self.replicas[i].proc = Some(proc);
         Ok(())
     }
-
-    fn ready_addrs(&self) -> Vec<SocketAddr> {
-        self.replicas
-            .iter()
-            .zip(self.ready.iter())
-            .filter(|(_, r)| r.load(Ordering::SeqCst))
-            .map(|(rep, _)| rep.addr)
-            .collect()
-    }
 }
 
 /// What the workload saw.
@@ -187,64 +179,58 @@ fn pick(rng: &mut Rng, n: usize) -> usize {
     (rng.next_u64() % n as u64) as usize
 }
 
-/// Small requests: a random ready replica, a random client, checked byte-exact.
-async fn small_worker(
+/// One load: GETs of `file` (`len` bytes, `hash`) through a random ready replica for a random
+/// client, checked byte-exact; `pace` apart, or back to back when `None` (16 MiB downloads:
+/// transfers in flight whenever a replica drains).
+struct Load {
     seed: u64,
+    file: &'static str,
+    len: u64,
+    hash: u64,
+    pace: Option<Duration>,
+}
+
+async fn worker(
+    load: Load,
     ready: Arc<Vec<AtomicBool>>,
     addrs: Arc<Vec<SocketAddr>>,
     clients: usize,
-    files: Arc<Files>,
+    dummy: SocketAddr,
     out: Arc<Outcomes>,
     stop: CancellationToken,
 ) {
-    let mut rng = Rng::new(seed);
-    let mut tick = tokio::time::interval(SMALL_PACE);
+    let mut rng = Rng::new(load.seed);
+    let mut tick = tokio::time::interval(load.pace.unwrap_or(SMALL_PACE));
+    let ok = if load.len == LARGE {
+        &out.large_ok
+    } else {
+        &out.small_ok
+    };
     while !stop.is_cancelled() {
-        tick.tick().await;
+        if load.pace.is_some() {
+            tick.tick().await;
+        }
         let Some(server) = pick_ready(&mut rng, &ready, &addrs) else {
+            tick.tick().await;
             continue;
         };
-        let p = path(pick(&mut rng, clients), files.dummy, "small.bin");
-        record(
-            &out,
-            get_checked(server, &p, SMALL, files.small_hash).await,
-            &out.small_ok,
-        );
+        let p = path(pick(&mut rng, clients), dummy, load.file);
+        record(&out, get_checked(server, &p, load.len, load.hash).await, ok);
     }
 }
 
-/// 16 MiB downloads, back to back: transfers in flight whenever a replica drains.
-async fn large_worker(
-    seed: u64,
-    ready: Arc<Vec<AtomicBool>>,
-    addrs: Arc<Vec<SocketAddr>>,
-    clients: usize,
-    files: Arc<Files>,
-    out: Arc<Outcomes>,
-    stop: CancellationToken,
-) {
-    let mut rng = Rng::new(seed);
-    while !stop.is_cancelled() {
-        let Some(server) = pick_ready(&mut rng, &ready, &addrs) else {
-            tokio::time::sleep(SMALL_PACE).await;
-            continue;
-        };
-        let p = path(pick(&mut rng, clients), files.dummy, "large.bin");
-        record(
-            &out,
-            get_checked(server, &p, LARGE, files.large_hash).await,
-            &out.large_ok,
-        );
-    }
-}
-
-fn pick_ready(rng: &mut Rng, ready: &[AtomicBool], addrs: &[SocketAddr]) -> Option<SocketAddr> {
-    let live: Vec<SocketAddr> = addrs
+/// The replicas the workload may use now (the Service's ready endpoints).
+fn ready_among(ready: &[AtomicBool], addrs: &[SocketAddr]) -> Vec<SocketAddr> {
+    addrs
         .iter()
         .zip(ready)
         .filter(|(_, r)| r.load(Ordering::SeqCst))
         .map(|(a, _)| *a)
-        .collect();
+        .collect()
+}
+
+fn pick_ready(rng: &mut Rng, ready: &[AtomicBool], addrs: &[SocketAddr]) -> Option<SocketAddr> {
+    let live = ready_among(ready, addrs);
     (!live.is_empty()).then(|| live[pick(rng, live.len())])
 }
 
@@ -343,34 +329,11 @@ async fn wait_ready(addr: SocketAddr) -> Result<(), BoxError> {
 async fn peer_links(addrs: &[SocketAddr]) -> f64 {
     let mut total = 0.0;
     for &a in addrs {
-        let Ok(text) = metrics_text(a).await else {
-            continue;
-        };
-        total += text
-            .lines()
-            .filter(|l| l.starts_with("rd_peer_links{"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>();
+        if let Some(m) = metrics(a).await {
+            total += m.get("rd_peer_links").copied().unwrap_or(0.0);
+        }
     }
     total
-}
-
-async fn metrics_text(addr: SocketAddr) -> Result<String, BoxError> {
-    use http_body_util::BodyExt;
-    let tcp = tokio::net::TcpStream::connect(addr).await?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
-    tokio::spawn(conn);
-    let req = http::Request::get("/metrics")
-        .header(http::header::HOST, addr.to_string())
-        .body(http_body_util::Empty::<bytes::Bytes>::new())?;
-    let body = sender
-        .send_request(req)
-        .await?
-        .into_body()
-        .collect()
-        .await?;
-    Ok(String::from_utf8_lossy(&body.to_bytes()).into_owned())
 }
 
 /// What one drain-and-restart took.
@@ -475,34 +438,34 @@ async fn run(o: Options) -> Result<bool, BoxError> {
     let out = Arc::new(Outcomes::default());
     let stop = CancellationToken::new();
     let mut workers = tokio::task::JoinSet::new();
-    for w in 0..16u64 {
-        let args = (
+    for w in 0..20u64 {
+        // Seeds 0..16 for the small loads, 100.. for the large ones.
+        let seed = if w < 16 { w } else { 100 + w - 16 };
+        let load = if w < 16 {
+            Load {
+                seed,
+                file: "small.bin",
+                len: SMALL,
+                hash: files.small_hash,
+                pace: Some(SMALL_PACE),
+            }
+        } else {
+            Load {
+                seed,
+                file: "large.bin",
+                len: LARGE,
+                hash: files.large_hash,
+                pace: None,
+            }
+        };
+        workers.spawn(worker(
+            load,
             fleet.ready.clone(),
             addrs.clone(),
-            files.clone(),
-            out.clone(),
-            stop.clone(),
-        );
-        workers.spawn(small_worker(
-            w, args.0, args.1, o.clients, args.2, args.3, args.4,
-        ));
-    }
-    for w in 0..4u64 {
-        let args = (
-            fleet.ready.clone(),
-            addrs.clone(),
-            files.clone(),
-            out.clone(),
-            stop.clone(),
-        );
-        workers.spawn(large_worker(
-            100 + w,
-            args.0,
-            args.1,
             o.clients,
-            args.2,
-            args.3,
-            args.4,
+            files.dummy,
+            out.clone(),
+            stop.clone(),
         ));
     }
     // The workload runs a while on the whole fleet first.
@@ -516,7 +479,7 @@ async fn run(o: Options) -> Result<bool, BoxError> {
         let proc = fleet.replicas[i].proc.take().ok_or("replica not running")?;
         let term = Instant::now();
         proc.signal("TERM")?;
-        let others = fleet.ready_addrs();
+        let others = ready_among(&fleet.ready, &addrs);
         let exited = tokio::task::spawn_blocking(move || {
             let mut proc = proc;
             let status = proc.child.wait();

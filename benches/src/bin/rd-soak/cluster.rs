@@ -1,20 +1,14 @@
 //! The processes under test, the faults injected into them, and their resources.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::header::HOST;
-use http::Request;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
+pub use rd_benches::metrics::metrics;
 use rd_benches::process::Proc;
 use rd_benches::{procfs, BoxError};
 use serde_json::{json, Value};
-use tokio::net::TcpStream;
 
 /// The client key every rd-client uses.
 pub const CLIENT_ID: &str = "soak";
@@ -276,50 +270,6 @@ impl Snapshot {
     }
 }
 
-/// rd-server's `/metrics`, each series name summed over its labels; `None` if unreachable.
-pub async fn metrics(server: SocketAddr) -> Option<BTreeMap<String, f64>> {
-    let text = tokio::time::timeout(Duration::from_secs(3), async {
-        let tcp = TcpStream::connect(server).await.ok()?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .ok()?;
-        tokio::spawn(async move {
-            conn.await.ok();
-        });
-        let req = Request::get("/metrics")
-            .header(HOST, server.to_string())
-            .body(Empty::<Bytes>::new())
-            .ok()?;
-        let resp = sender.send_request(req).await.ok()?;
-        if !resp.status().is_success() {
-            return None;
-        }
-        let body = resp.into_body().collect().await.ok()?.to_bytes();
-        Some(String::from_utf8_lossy(&body).into_owned())
-    })
-    .await
-    .ok()??;
-    Some(parse_metrics(&text))
-}
-
-fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
-    let mut m = BTreeMap::new();
-    for line in text.lines() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let Some((series, value)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        let name = series.split('{').next().unwrap_or(series).trim();
-        if let Ok(v) = value.trim().parse::<f64>() {
-            *m.entry(name.to_string()).or_insert(0.0) += v;
-        }
-    }
-    m
-}
-
 /// Lines in `log` that look like a crash (`panicked at`), with a few for evidence.
 pub fn panics_in(log: &Path) -> (usize, Vec<String>) {
     let text = std::fs::read_to_string(log).unwrap_or_default();
@@ -330,18 +280,4 @@ pub fn panics_in(log: &Path) -> (usize, Vec<String>) {
         .collect();
     let n = lines.len();
     (n, lines.into_iter().take(3).collect())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn metrics_sum_over_labels() {
-        let m = parse_metrics(
-            "# HELP x\nrd_sessions 2\nsession_server_total_add_connections{clientkey=\"a\"} 3\nsession_server_total_add_connections{clientkey=\"b\"} 4\n# EOF\n",
-        );
-        assert_eq!(m.get("rd_sessions"), Some(&2.0));
-        assert_eq!(m.get("session_server_total_add_connections"), Some(&7.0));
-    }
 }
