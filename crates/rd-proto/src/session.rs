@@ -365,6 +365,12 @@ impl Session {
         !self.config.credit && self.budget.unread() >= self.config.session_receive_ceiling
     }
 
+    /// Whether the session stopped reading the websocket until its readers catch up (see
+    /// [`Limit::SessionStall`]); false again once they have.
+    pub fn is_stalled(&self) -> bool {
+        self.stalled
+    }
+
     /// Counters for metrics.
     pub fn stats(&self) -> SessionStats {
         let mut stats = SessionStats {
@@ -618,7 +624,8 @@ impl Session {
                 }
                 if self.input_stalled_by_readers() && !self.stalled {
                     self.stalled = true;
-                    tracing::warn!(
+                    // The runtime warns about it with the session's identity (the event).
+                    tracing::debug!(
                         unread = self.budget.unread(),
                         ceiling = self.config.session_receive_ceiling,
                         "session stops reading until its readers catch up: the peer sends on \
@@ -651,7 +658,7 @@ impl Session {
                 break;
             }
             total -= since_pause;
-            tracing::warn!(conn_id = %id, since_pause, "resetting a stream whose peer ignores Pause");
+            tracing::debug!(conn_id = %id, since_pause, "resetting a stream whose peer ignores Pause");
             let text =
                 format!("received {since_pause} bytes after Pause: the peer ignored flow control");
             self.reset(id, &text).ok();
@@ -1070,7 +1077,7 @@ impl Session {
         }
         if self.stalled && !self.input_stalled_by_readers() {
             self.stalled = false;
-            tracing::info!("session reads again: its readers caught up");
+            tracing::debug!("session reads again: its readers caught up");
         }
         Ok(ReadOutcome::Data(chunk))
     }

@@ -71,6 +71,8 @@ pub struct SessionDriver<S> {
     events: Vec<Event>,
     /// Limits hit, reported to the observer once the lock is released.
     limits: Vec<Limit>,
+    /// The state machine had stopped reading for its readers when last looked at.
+    stalled: bool,
     pending_dials: Arc<AtomicUsize>,
     max_pending_connects: usize,
 }
@@ -114,6 +116,7 @@ where
             io_yield: None,
             events: Vec::new(),
             limits: Vec::new(),
+            stalled: false,
             pending_dials: Arc::new(AtomicUsize::new(0)),
             max_pending_connects,
         }
@@ -271,6 +274,7 @@ where
     /// announcements, reports limits. Takes locks of its own, so never under the state's.
     fn dispatch(&mut self) {
         for limit in self.limits.drain(..) {
+            Self::log_limit(&self.shared, limit);
             self.shared.observer.limit_exceeded(limit);
         }
         for event in std::mem::take(&mut self.events) {
@@ -317,6 +321,31 @@ where
         }
     }
 
+    /// Says in the log which session hit a limit that an operator should see. The session
+    /// is named in the event itself rather than by an enclosing span: a server keeps no span
+    /// per idle session at the default level (a span held by the subscriber costs about
+    /// 2 KiB and a lock round per poll, for each of thousands of agents).
+    fn log_limit(shared: &Shared, limit: Limit) {
+        let (client_key, session_key) = (&shared.client_key, shared.session_key);
+        match limit {
+            Limit::SessionStall => tracing::warn!(
+                client_key = %client_key,
+                session_key,
+                "session stops reading until its readers catch up: the peer sends on many \
+                 streams beyond flow control"
+            ),
+            Limit::StreamReceiveCap | Limit::SessionReceiveCap => tracing::warn!(
+                client_key = %client_key,
+                session_key,
+                limit = limit.name(),
+                "reset a stream: the peer sent beyond flow control"
+            ),
+            // Refused connects and oversized messages: counted in metrics, and the latter
+            // ends the session, which is logged with its reason.
+            _ => tracing::debug!(limit = limit.name(), "limit hit"),
+        }
+    }
+
     /// Runs due timers and arms the sleep for the next one. True if it fired.
     fn timer(&mut self, cx: &mut Context<'_>, inner: &mut Inner) -> bool {
         let at = inner.proto.poll_timeout();
@@ -356,6 +385,14 @@ where
             progress |= self.write(cx, &mut inner);
         }
         self.collect_events(&mut inner);
+        let stalled = std::mem::replace(&mut self.stalled, inner.proto.is_stalled());
+        if stalled && !self.stalled {
+            tracing::info!(
+                client_key = %self.shared.client_key,
+                session_key = self.shared.session_key,
+                "session reads again: its readers caught up"
+            );
+        }
         let ended = inner.proto.end().cloned();
         drop(inner);
         self.dispatch();

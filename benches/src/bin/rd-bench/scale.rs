@@ -167,6 +167,29 @@ async fn client_streams(n: usize) -> Result<serde_json::Value, BoxError> {
 
 /// N idle client sessions on one `rd_server::Server`.
 async fn sessions(n: usize) -> Result<serde_json::Value, BoxError> {
+    let (server, addr) = serve_sessions().await?;
+    let mut clients = Vec::with_capacity(n + 1);
+    clients.push(raw_client(addr, "warm").await?);
+    wait_sessions(&server, 1).await?;
+    let before = settled_rss().await;
+    let start = Instant::now();
+    for i in 0..n {
+        clients.push(raw_client(addr, &format!("scale-{i}")).await?);
+    }
+    wait_sessions(&server, n + 1).await?;
+    let open = start.elapsed();
+    let after = settled_rss().await;
+    let live = server.list_clients().len();
+    let (dial_p50_us, dial_p99_us) = dial_latency(&server, "scale", n).await?;
+    drop(clients);
+    Ok(serde_json::json!({
+        "before": before, "after": after, "open_s": open.as_secs_f64(), "live": live,
+        "dial_p50_us": dial_p50_us, "dial_p99_us": dial_p99_us,
+    }))
+}
+
+/// An in-process `rd_server::Server` behind a hyper accept loop on a loopback port.
+async fn serve_sessions() -> Result<(Server, std::net::SocketAddr), BoxError> {
     let server = Server::builder(TunnelIdHeader).build();
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -188,34 +211,50 @@ async fn sessions(n: usize) -> Result<serde_json::Value, BoxError> {
             });
         }
     });
-    let mut clients = Vec::with_capacity(n + 1);
-    clients.push(raw_client(addr, "warm").await?);
-    wait_sessions(&server, 1).await?;
-    let before = settled_rss().await;
-    let start = Instant::now();
-    for i in 0..n {
-        clients.push(raw_client(addr, &format!("scale-{i}")).await?);
-    }
-    wait_sessions(&server, n + 1).await?;
-    let open = start.elapsed();
-    let after = settled_rss().await;
-    let live = server.list_clients().len();
-    // Dial latency to a random one of the n sessions: the registry lookup plus queueing the
-    // Connect (a dial does not wait for the agent). It must not grow with n.
+    Ok((server, addr))
+}
+
+/// Dial latency, p50 and p99 in µs, to a random one of the sessions `{prefix}-0` ..
+/// `{prefix}-{n-1}`: the registry lookup plus queueing the Connect (a dial does not wait for
+/// the agent). It must not grow with n.
+async fn dial_latency(server: &Server, prefix: &str, n: usize) -> Result<(f64, f64), BoxError> {
     let mut rng = rd_benches::Rng::new(14);
     let mut lat = Vec::with_capacity(2000);
     for _ in 0..2000 {
-        let key = format!("scale-{}", rng.next_u64() % n.max(1) as u64);
+        let key = format!("{prefix}-{}", rng.next_u64() % n.max(1) as u64);
         let t = Instant::now();
         let stream = server.dialer(key).dial("tcp", "127.0.0.1:9").await?;
         lat.push(t.elapsed().as_secs_f64() * 1e6);
         drop(stream);
     }
     lat.sort_by(f64::total_cmp);
-    drop(clients);
+    Ok((lat[lat.len() / 2], lat[lat.len() * 99 / 100]))
+}
+
+/// Dial latency with n sessions whose agents live in a storm load process, so that this
+/// process holds one descriptor per session and 10,000 fit under a 20,000 limit.
+async fn dial(n: usize) -> Result<serde_json::Value, BoxError> {
+    let (server, addr) = serve_sessions().await?;
+    // Closing the load's stdin (dropping `load`, also on error) ends it.
+    let mut load = std::process::Command::new(std::env::current_exe()?)
+        .args(["--storm-child", &addr.to_string(), &n.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()?;
+    let stdout = load.stdout.take().ok_or("no stdout")?;
+    tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)
+    })
+    .await??;
+    wait_sessions(&server, n).await?;
+    let live = server.list_clients().len();
+    let (dial_p50_us, dial_p99_us) = dial_latency(&server, "storm", n).await?;
+    drop(load.stdin.take());
+    tokio::task::spawn_blocking(move || load.wait()).await?.ok();
     Ok(serde_json::json!({
-        "before": before, "after": after, "open_s": open.as_secs_f64(), "live": live,
-        "dial_p50_us": lat[lat.len() / 2], "dial_p99_us": lat[lat.len() * 99 / 100],
+        "live": live, "dial_p50_us": dial_p50_us, "dial_p99_us": dial_p99_us,
     }))
 }
 
@@ -265,6 +304,7 @@ pub fn child_main(kind: &str, n: usize) -> Result<(), BoxError> {
             "streams-server" => server_streams(n).await,
             "streams-client" => client_streams(n).await,
             "sessions" => sessions(n).await,
+            "dial" => dial(n).await,
             "slow-streams" => crate::slow_streams::run(n).await,
             other => Err(format!("unknown scale measurement {other}").into()),
         }
