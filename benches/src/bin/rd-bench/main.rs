@@ -105,6 +105,15 @@ fn main() -> ExitCode {
             }
         };
     }
+    if args.get(1).map(String::as_str) == Some("--pong-floor") {
+        return match storm::floor_main() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("rd-bench pong floor: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if args.get(1).map(String::as_str) == Some("--storm-child") {
         let addr = args.get(2).cloned().unwrap_or_default();
         let n = args.get(3).and_then(|n| n.parse().ok()).unwrap_or(10_000);
@@ -168,6 +177,12 @@ fn main() -> ExitCode {
                     r.live, r.dial_p50_us, r.dial_p99_us
                 );
             }
+            let f = storm::run_floor(n)?;
+            println!(
+                "floor (bare tokio pong server, same pings): idle CPU {:.1} % of a core \
+                 (spread; {:.1} % paired)",
+                f.idle_cpu_pct, f.idle_cpu_paired_pct
+            );
             // The defaults, then the previous defaults (16 KiB read buffer, no bursts).
             let previous = ["--ws-read-buffer", "16384", "--ws-read-burst", "0"];
             for args in [&[][..], &previous[..]] {

@@ -227,11 +227,21 @@ pub struct StormResult {
 
 /// Starts `bin_dir/rd-server`, storms it with `n` sessions from a load process, and measures.
 pub fn run(bin_dir: &Path, n: usize, extra_args: &[&str]) -> Result<StormResult, BoxError> {
-    let dir = TempDir::with_prefix("rd-storm")?;
     let mut args = vec!["--listen", "127.0.0.1:0", "--metrics=false"];
     args.extend_from_slice(extra_args);
-    let server = Proc::spawn("rd-server", &bin_dir.join("rd-server"), &args, &dir.0, true)?;
-    let addr = server.addr.ok_or("rd-server printed no address")?;
+    storm(&bin_dir.join("rd-server"), &args, n)
+}
+
+/// The same storm against the floor (`rd-bench --pong-floor`): what the runtime and the
+/// kernel alone cost for the same pings, to compare rd's idle CPU with in one run.
+pub fn run_floor(n: usize) -> Result<StormResult, BoxError> {
+    storm(&std::env::current_exe()?, &["--pong-floor"], n)
+}
+
+fn storm(bin: &Path, args: &[&str], n: usize) -> Result<StormResult, BoxError> {
+    let dir = TempDir::with_prefix("rd-storm")?;
+    let server = Proc::spawn("server", bin, args, &dir.0, true)?;
+    let addr = server.addr.ok_or("the server printed no address")?;
     std::thread::sleep(Duration::from_millis(500));
     let rss0 = procfs::status_kib(server.pid(), "VmRSS").unwrap_or(0);
     let exe = std::env::current_exe()?;
@@ -277,4 +287,47 @@ fn cpu_percent(pid: u32, window: Duration) -> f64 {
     std::thread::sleep(window);
     let cpu = procfs::cpu_seconds(pid).unwrap_or(0.0) - cpu0;
     100.0 * cpu / t0.elapsed().as_secs_f64()
+}
+
+/// The floor for idle CPU: a tokio server (default runtime, like rd-server's) that answers
+/// the upgrade with a bare 101 and each read with an empty pong, with no websocket parsing,
+/// no session state and no timers. Nothing real could answer the same pings for less.
+pub fn floor_main() -> Result<(), BoxError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        println!("listening on http://{}", listener.local_addr()?);
+        loop {
+            let (tcp, _) = listener.accept().await?;
+            tokio::spawn(pong_forever(tcp));
+        }
+    })
+}
+
+async fn pong_forever(mut tcp: TcpStream) {
+    const PONG: [u8; 2] = [0x8a, 0];
+    let mut buf = [0u8; 4096];
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        match tcp.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let ok =
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
+    if tcp.write_all(ok).await.is_err() {
+        return;
+    }
+    loop {
+        match tcp.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        if tcp.write_all(&PONG).await.is_err() {
+            return;
+        }
+    }
 }
