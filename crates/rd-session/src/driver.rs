@@ -20,7 +20,6 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::frames::FrameWriter;
 use crate::incoming::{self, ConnectHandler};
 use crate::shared::{Inner, Shared};
 use crate::stream::TunnelStream;
@@ -37,9 +36,6 @@ struct TurnBudget {
     io_yield_bytes: usize,
     /// Turns per poll while there is progress; then the driver yields.
     turns_per_poll: usize,
-    /// Queued frame bytes at which the driver writes them out before taking more messages
-    /// (it writes whatever is queued at the end of each turn anyway).
-    frame_batch_bytes: usize,
 }
 
 const BUDGET: TurnBudget = TurnBudget {
@@ -47,7 +43,6 @@ const BUDGET: TurnBudget = TurnBudget {
     write_messages: 256,
     io_yield_bytes: 1 << 20,
     turns_per_poll: 16,
-    frame_batch_bytes: 128 * 1024,
 };
 
 /// How long a locally closed session may spend flushing its last messages.
@@ -67,14 +62,7 @@ pub struct SessionDriver<S> {
     timer: Pin<Box<Sleep>>,
     timer_at: Option<std::time::Instant>,
     close_deadline: Option<Pin<Box<Sleep>>>,
-    /// Binary messages, written to the socket as frames by the driver itself (no copy into
-    /// tungstenite's write buffer).
-    frames: FrameWriter,
-    /// tungstenite may hold bytes it has not written: a control frame we sent through it,
-    /// or the pong (or close reply) it owes after reading a ping (or close), which it
-    /// writes on its next read or flush. Our frames wait until a flush of tungstenite
-    /// succeeds, so the two writers never interleave inside a frame.
-    ws_dirty: bool,
+    needs_flush: bool,
     /// Bytes handed to the websocket since the runtime last polled its I/O driver for us.
     written_since_yield: usize,
     /// Set while writing waits for the runtime to poll its I/O driver.
@@ -111,12 +99,9 @@ where
         on_announcement: Option<AnnouncementFn>,
         cancel: CancellationToken,
         max_pending_connects: usize,
-        mask_frames: bool,
     ) -> Self {
         Self {
             ws,
-            frames: FrameWriter::new(mask_frames),
-            ws_dirty: false,
             shared,
             handler,
             on_announcement,
@@ -124,6 +109,7 @@ where
             timer: Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
             timer_at: None,
             close_deadline: None,
+            needs_flush: false,
             written_since_yield: 0,
             io_yield: None,
             events: Vec::new(),
@@ -168,20 +154,9 @@ where
             return false;
         }
         for _ in 0..BUDGET.read_messages {
-            if self.ws_dirty && self.frames.is_partial() {
-                // tungstenite writes the pong it owes at the start of its next read, which
-                // would land inside our half-written frame. Read again once that frame is
-                // out and tungstenite flushed (the write half then makes progress, which
-                // brings us back here). Only a ping or close arriving while the socket is
-                // full gets here, and just one frame has to drain.
-                break;
-            }
             match Pin::new(&mut self.ws).poll_next(cx) {
                 Poll::Ready(Some(Ok(msg))) => {
                     progress = true;
-                    if matches!(msg, WsMessage::Ping(_) | WsMessage::Close(_)) {
-                        self.ws_dirty = true;
-                    }
                     if !Self::on_ws_message(inner, msg) {
                         break;
                     }
@@ -236,68 +211,43 @@ where
                 }
                 break;
             }
-            if self.frames.is_partial() || self.frames.queued_bytes() >= BUDGET.frame_batch_bytes {
-                // Take no more messages than the socket takes: a full socket leaves them in
-                // the state machine, where flow control and fairness apply. (And a
-                // half-written frame must be finished before tungstenite may write a ping.)
-                match self.poll_flush_all(cx) {
-                    Poll::Ready(Ok(())) => {}
-                    Poll::Ready(Err(e)) => {
-                        inner.proto.close(SessionEnd::Transport(e.to_string()));
-                        return true;
-                    }
-                    Poll::Pending => break,
+            match Pin::new(&mut self.ws).poll_ready(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => {
+                    inner.proto.close(SessionEnd::Transport(e.to_string()));
+                    return true;
                 }
+                Poll::Pending => break,
             }
-            match inner.proto.poll_transmit() {
+            let msg = match inner.proto.poll_transmit() {
                 None => break,
                 Some(Transmit::Message(bytes)) => {
                     tracing::trace!(target: "rd_proto::wire", len = bytes.len(), "sending");
                     tracing::trace!(target: "rd_proto::payload", message = ?bytes, "sending");
                     self.written_since_yield += bytes.len();
-                    self.frames.push(bytes);
+                    WsMessage::Binary(bytes)
                 }
-                Some(Transmit::Ping) => {
-                    // Our frames are whole here (a half-written one stops the loop above),
-                    // so tungstenite may write. Its sink takes the message even when not
-                    // ready (it buffers it), and the flush below writes it.
-                    self.ws_dirty = true;
-                    if let Err(e) = Pin::new(&mut self.ws).start_send(WsMessage::Ping(Bytes::new()))
-                    {
-                        inner.proto.close(SessionEnd::Transport(e.to_string()));
-                        return true;
-                    }
-                }
-            }
+                Some(Transmit::Ping) => WsMessage::Ping(Bytes::new()),
+            };
             progress = true;
+            self.needs_flush = true;
+            if let Err(e) = Pin::new(&mut self.ws).start_send(msg) {
+                inner.proto.close(SessionEnd::Transport(e.to_string()));
+                return true;
+            }
         }
-        if let Poll::Ready(Err(e)) = self.poll_flush_all(cx) {
-            inner.proto.close(SessionEnd::Transport(e.to_string()));
-            return true;
+        if self.needs_flush {
+            match Pin::new(&mut self.ws).poll_flush(cx) {
+                Poll::Ready(Ok(())) => self.needs_flush = false,
+                Poll::Ready(Err(e)) => {
+                    self.needs_flush = false;
+                    inner.proto.close(SessionEnd::Transport(e.to_string()));
+                    return true;
+                }
+                Poll::Pending => {}
+            }
         }
         progress
-    }
-
-    /// Writes out what tungstenite holds and our queued frames, without interleaving the
-    /// two inside a frame: a half-written frame of ours first (tungstenite has written
-    /// nothing since it started: see `ws_dirty`), then tungstenite's bytes, then the rest
-    /// of our frames. `Ready(Ok)` once everything is written.
-    fn poll_flush_all(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
-        if self.ws_dirty {
-            if self.frames.is_partial() {
-                std::task::ready!(self.frames.poll_write_front(cx, self.ws.get_mut()))?;
-            }
-            std::task::ready!(Pin::new(&mut self.ws).poll_flush(cx))?;
-            self.ws_dirty = false;
-        }
-        self.frames
-            .poll_write(cx, self.ws.get_mut())
-            .map_err(WsError::from)
-    }
-
-    /// Whether anything waits to be written: our frames or tungstenite's bytes.
-    fn unflushed(&self) -> bool {
-        self.ws_dirty || !self.frames.is_empty()
     }
 
     /// Wakes the streams the state machine's events concern and keeps the rest for
@@ -428,7 +378,7 @@ where
         let shared = self.shared.clone();
         let mut inner = shared.lock();
         self.write(cx, &mut inner);
-        if self.unflushed() {
+        if self.needs_flush {
             return Poll::Pending;
         }
         if inner.going_away.is_some() {

@@ -276,8 +276,6 @@ impl SessionBuilder {
             self.on_announcement,
             CancellationToken::new(),
             max_pending_connects,
-            // The websocket's client side masks its frames (RFC 6455 5.3).
-            matches!(self.side, Side::Client),
         );
         (SessionHandle { shared }, driver)
     }

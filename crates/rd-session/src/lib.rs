@@ -47,7 +47,6 @@ mod burst_reader;
 mod driver;
 mod error;
 mod extensions;
-mod frames;
 mod handle;
 mod incoming;
 mod observer;
