@@ -2,11 +2,12 @@
 
 use std::collections::VecDeque;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes};
 
 use crate::config::Config;
 use crate::flow::CREDIT_INITIAL_WINDOW;
 use crate::message::{data_header_len, put_data_header, ConnId};
+use crate::pool::SendPool;
 
 /// One encoded Data message and where its payload starts.
 #[derive(Debug)]
@@ -103,16 +104,17 @@ impl SendHalf {
     }
 
     /// Queues `data` as Data messages of at most `max_payload` bytes, numbering them from
-    /// `next_message_id`.
+    /// `next_message_id`, in buffers from `pool`.
     pub(crate) fn push(
         &mut self,
         id: ConnId,
         data: &[u8],
         max_payload: usize,
         next_message_id: &mut i64,
+        pool: &mut SendPool,
     ) {
         for chunk in data.chunks(max_payload.max(1)) {
-            let message = encode_data(id, chunk, next_message_id);
+            let message = encode_data(id, chunk, next_message_id, pool);
             let header_len = message.len() - chunk.len();
             self.queue.push_back(Queued {
                 message,
@@ -129,6 +131,7 @@ impl SendHalf {
         id: ConnId,
         released: bool,
         next_message_id: &mut i64,
+        pool: &mut SendPool,
     ) -> Option<(Bytes, usize)> {
         if !self.can_send(released) {
             return None;
@@ -145,8 +148,8 @@ impl SendHalf {
             // Rare: the credit left is smaller than the message. Send what it allows and
             // keep the rest as a message of its own (the only case that copies again).
             let payload = front.message.slice(front.header_len..);
-            let message = encode_data(id, &payload[..allowed], next_message_id);
-            let rest = encode_data(id, &payload[allowed..], next_message_id);
+            let message = encode_data(id, &payload[..allowed], next_message_id, pool);
+            let rest = encode_data(id, &payload[allowed..], next_message_id, pool);
             *front = Queued {
                 header_len: rest.len() - (len - allowed),
                 message: rest,
@@ -178,10 +181,15 @@ impl SendHalf {
     }
 }
 
-fn encode_data(id: ConnId, payload: &[u8], next_message_id: &mut i64) -> Bytes {
+fn encode_data(
+    id: ConnId,
+    payload: &[u8],
+    next_message_id: &mut i64,
+    pool: &mut SendPool,
+) -> Bytes {
     let message_id = *next_message_id;
     *next_message_id = message_id.wrapping_add(1);
-    let mut buf = BytesMut::with_capacity(data_header_len(message_id, id) + payload.len());
+    let mut buf = pool.take(data_header_len(message_id, id) + payload.len());
     put_data_header(&mut buf, message_id, id);
     buf.put_slice(payload);
     buf.freeze()
