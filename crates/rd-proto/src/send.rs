@@ -60,13 +60,16 @@ impl SendHalf {
     }
 
     /// Bytes a write may still queue: the send buffer, and with credit no more than the
-    /// credit left (at least one message), so a stream the peer does not read holds its data
-    /// in the writer (a socket's kernel buffer, for a pipe) rather than in rd's memory.
+    /// credit left (but always one message of up to 32 KiB, the initial window), so a stream
+    /// the peer does not read holds its data in the writer (a socket's kernel buffer, for a
+    /// pipe) rather than in rd's memory. Larger messages (up to `max_data_payload`) are
+    /// only queued when the credit covers them, so what a stalled stream holds does not
+    /// grow with the message size.
     pub(crate) fn room(&self, config: &Config) -> usize {
         let limit = match self.credit {
             Some(credit) => config
                 .stream_send_buffer
-                .min(credit.max(config.max_data_payload)),
+                .min(credit.max(config.max_data_payload.min(CREDIT_INITIAL_WINDOW as usize))),
             None => config.stream_send_buffer,
         };
         limit.saturating_sub(self.queued)
@@ -193,4 +196,56 @@ fn encode_data(
     put_data_header(&mut buf, message_id, id);
     buf.put_slice(payload);
     buf.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// With credit, 64 KiB messages go out only when the credit covers them; a stream out
+    /// of credit may still queue no more than the 32 KiB it could before.
+    #[test]
+    fn large_messages_only_within_credit() {
+        let config = Config::default();
+        let id = ConnId(1);
+        let mut next = 1;
+        let mut send = SendHalf::new(true);
+        let mut pool = SendPool::default();
+        assert_eq!(send.room(&config), 32 * 1024, "the initial window");
+        send.push(
+            id,
+            &[0u8; 32 * 1024],
+            config.max_data_payload,
+            &mut next,
+            &mut pool,
+        );
+        assert_eq!(
+            send.pop(id, false, &mut next, &mut pool).unwrap().1,
+            32 * 1024
+        );
+        assert_eq!(
+            send.room(&config),
+            32 * 1024,
+            "out of credit: one 32 KiB message"
+        );
+        send.add_credit(1 << 20);
+        assert_eq!(send.room(&config), config.stream_send_buffer);
+        send.push(
+            id,
+            &[0u8; 128 * 1024],
+            config.max_data_payload,
+            &mut next,
+            &mut pool,
+        );
+        assert_eq!(
+            send.pop(id, false, &mut next, &mut pool).unwrap().1,
+            64 * 1024
+        );
+        assert_eq!(
+            send.pop(id, false, &mut next, &mut pool).unwrap().1,
+            64 * 1024
+        );
+        assert!(send.is_empty());
+    }
 }

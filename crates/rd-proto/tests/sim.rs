@@ -939,7 +939,10 @@ fn add_and_remove_client_events() {
 
 #[test]
 fn m_streams_take_turns() {
-    let mut sim = Sim::new(Config::default());
+    // Eight messages of one stream must fit in its send buffer (256 KiB).
+    let mut config = Config::default();
+    config.max_data_payload = 32 * 1024;
+    let mut sim = Sim::new(config);
     let ids: Vec<ConnId> = (0..3).map(|_| open_from_server(&mut sim)).collect();
     let chunk = sim.server.session.config().max_data_payload;
     // Different amounts queued: 8, 2 and 5 chunks.
