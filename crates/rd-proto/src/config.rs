@@ -76,6 +76,8 @@ pub struct Config {
     /// Bytes a stream's writer may queue before its writes wait for the websocket.
     pub stream_send_buffer: usize,
     /// Largest Data payload this side sends in one message, so streams interleave fairly.
+    /// rd: 64 KiB (Go reads messages of any size: it sets no read limit). With credit, a
+    /// stream queues a message larger than 32 KiB only when its credit covers it.
     pub max_data_payload: usize,
     /// Live streams per session; a Connect beyond it is answered with an Error.
     pub max_streams: usize,
@@ -108,7 +110,7 @@ impl Default for Config {
             half_close: false,
             credit_max_window: 32 * 1024 * 1024,
             stream_send_buffer: 256 * 1024,
-            max_data_payload: 32 * 1024,
+            max_data_payload: 64 * 1024,
             max_streams: 65_536,
             max_queued_control: 4096,
             max_pending_connects: 16_384,

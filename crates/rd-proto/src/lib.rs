@@ -43,6 +43,7 @@ mod codec;
 mod config;
 mod flow;
 mod message;
+mod pool;
 mod recv;
 mod send;
 mod session;

@@ -2,11 +2,12 @@
 
 use std::collections::VecDeque;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes};
 
 use crate::config::Config;
 use crate::flow::CREDIT_INITIAL_WINDOW;
 use crate::message::{data_header_len, put_data_header, ConnId};
+use crate::pool::SendPool;
 
 /// One encoded Data message and where its payload starts.
 #[derive(Debug)]
@@ -59,13 +60,16 @@ impl SendHalf {
     }
 
     /// Bytes a write may still queue: the send buffer, and with credit no more than the
-    /// credit left (at least one message), so a stream the peer does not read holds its data
-    /// in the writer (a socket's kernel buffer, for a pipe) rather than in rd's memory.
+    /// credit left (but always one message of up to 32 KiB, the initial window), so a stream
+    /// the peer does not read holds its data in the writer (a socket's kernel buffer, for a
+    /// pipe) rather than in rd's memory. Larger messages (up to `max_data_payload`) are
+    /// only queued when the credit covers them, so what a stalled stream holds does not
+    /// grow with the message size.
     pub(crate) fn room(&self, config: &Config) -> usize {
         let limit = match self.credit {
             Some(credit) => config
                 .stream_send_buffer
-                .min(credit.max(config.max_data_payload)),
+                .min(credit.max(config.max_data_payload.min(CREDIT_INITIAL_WINDOW as usize))),
             None => config.stream_send_buffer,
         };
         limit.saturating_sub(self.queued)
@@ -103,16 +107,17 @@ impl SendHalf {
     }
 
     /// Queues `data` as Data messages of at most `max_payload` bytes, numbering them from
-    /// `next_message_id`.
+    /// `next_message_id`, in buffers from `pool`.
     pub(crate) fn push(
         &mut self,
         id: ConnId,
         data: &[u8],
         max_payload: usize,
         next_message_id: &mut i64,
+        pool: &mut SendPool,
     ) {
         for chunk in data.chunks(max_payload.max(1)) {
-            let message = encode_data(id, chunk, next_message_id);
+            let message = encode_data(id, chunk, next_message_id, pool);
             let header_len = message.len() - chunk.len();
             self.queue.push_back(Queued {
                 message,
@@ -129,6 +134,7 @@ impl SendHalf {
         id: ConnId,
         released: bool,
         next_message_id: &mut i64,
+        pool: &mut SendPool,
     ) -> Option<(Bytes, usize)> {
         if !self.can_send(released) {
             return None;
@@ -145,8 +151,8 @@ impl SendHalf {
             // Rare: the credit left is smaller than the message. Send what it allows and
             // keep the rest as a message of its own (the only case that copies again).
             let payload = front.message.slice(front.header_len..);
-            let message = encode_data(id, &payload[..allowed], next_message_id);
-            let rest = encode_data(id, &payload[allowed..], next_message_id);
+            let message = encode_data(id, &payload[..allowed], next_message_id, pool);
+            let rest = encode_data(id, &payload[allowed..], next_message_id, pool);
             *front = Queued {
                 header_len: rest.len() - (len - allowed),
                 message: rest,
@@ -178,11 +184,68 @@ impl SendHalf {
     }
 }
 
-fn encode_data(id: ConnId, payload: &[u8], next_message_id: &mut i64) -> Bytes {
+fn encode_data(
+    id: ConnId,
+    payload: &[u8],
+    next_message_id: &mut i64,
+    pool: &mut SendPool,
+) -> Bytes {
     let message_id = *next_message_id;
     *next_message_id = message_id.wrapping_add(1);
-    let mut buf = BytesMut::with_capacity(data_header_len(message_id, id) + payload.len());
+    let mut buf = pool.take(data_header_len(message_id, id) + payload.len());
     put_data_header(&mut buf, message_id, id);
     buf.put_slice(payload);
     buf.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// With credit, 64 KiB messages go out only when the credit covers them; a stream out
+    /// of credit may still queue no more than the 32 KiB it could before.
+    #[test]
+    fn large_messages_only_within_credit() {
+        let config = Config::default();
+        let id = ConnId(1);
+        let mut next = 1;
+        let mut send = SendHalf::new(true);
+        let mut pool = SendPool::default();
+        assert_eq!(send.room(&config), 32 * 1024, "the initial window");
+        send.push(
+            id,
+            &[0u8; 32 * 1024],
+            config.max_data_payload,
+            &mut next,
+            &mut pool,
+        );
+        assert_eq!(
+            send.pop(id, false, &mut next, &mut pool).unwrap().1,
+            32 * 1024
+        );
+        assert_eq!(
+            send.room(&config),
+            32 * 1024,
+            "out of credit: one 32 KiB message"
+        );
+        send.add_credit(1 << 20);
+        assert_eq!(send.room(&config), config.stream_send_buffer);
+        send.push(
+            id,
+            &[0u8; 128 * 1024],
+            config.max_data_payload,
+            &mut next,
+            &mut pool,
+        );
+        assert_eq!(
+            send.pop(id, false, &mut next, &mut pool).unwrap().1,
+            64 * 1024
+        );
+        assert_eq!(
+            send.pop(id, false, &mut next, &mut pool).unwrap().1,
+            64 * 1024
+        );
+        assert!(send.is_empty());
+    }
 }

@@ -3,13 +3,14 @@
 use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use crate::budget::ReceiveBudget;
 use crate::codec::{decode, DecodeError};
 use crate::config::Config;
 use crate::flow::{FlowSignal, Pressure};
 use crate::message::{ClientSession, ConnId, Message, EOF_TEXT};
+use crate::pool::SendPool;
 use crate::stream::{Lifecycle, Origin, Stream, StreamEnd, StreamInfo};
 use crate::streams::Streams;
 use crate::target::Target;
@@ -254,6 +255,8 @@ pub struct Session {
     config: Config,
     identity: Identity,
     next_message_id: i64,
+    /// Buffers of sent Data messages, reused for the next ones.
+    send_pool: SendPool,
     streams: Streams,
     budget: ReceiveBudget,
     control: VecDeque<Bytes>,
@@ -309,6 +312,7 @@ impl Session {
             config,
             identity,
             next_message_id: first_message_id,
+            send_pool: SendPool::default(),
             streams: Streams::new(side),
             budget: ReceiveBudget::default(),
             control: VecDeque::new(),
@@ -922,6 +926,20 @@ impl Session {
 
     // ----- output ---------------------------------------------------------------------------
 
+    /// Hands back the buffer of a message from [`poll_transmit`](Self::poll_transmit) once
+    /// it has been written (the runtime got it back from the `Bytes` it was given, as the
+    /// only owner): the next Data message is encoded into it instead of a fresh allocation.
+    /// A few are kept; see [`trim_buffers`](Self::trim_buffers).
+    pub fn recycle(&mut self, buf: BytesMut) {
+        self.send_pool.give(buf);
+    }
+
+    /// Frees the recycled buffers unless a Data message was encoded since the last call;
+    /// the runtime calls it every few seconds, so an idle session holds none.
+    pub fn trim_buffers(&mut self) {
+        self.send_pool.trim();
+    }
+
     /// The next thing to send: pings, then control messages (Connect, Error, Pause, Resume,
     /// Credit, sync, announcements), then Data one message per stream in turn.
     #[must_use]
@@ -948,7 +966,12 @@ impl Session {
         if !s.has_output() {
             return None;
         }
-        let msg = if let Some((msg, _)) = s.send.pop(id, s.released, &mut self.next_message_id) {
+        let msg = if let Some((msg, _)) = s.send.pop(
+            id,
+            s.released,
+            &mut self.next_message_id,
+            &mut self.send_pool,
+        ) {
             if s.send.take_writable(&self.config) {
                 self.events.push_back(Event::StreamWritable { id });
             }
@@ -1033,6 +1056,7 @@ impl Session {
             taken,
             self.config.max_data_payload,
             &mut self.next_message_id,
+            &mut self.send_pool,
         );
         s.assert_invariants();
         self.streams.schedule(id);

@@ -939,7 +939,10 @@ fn add_and_remove_client_events() {
 
 #[test]
 fn m_streams_take_turns() {
-    let mut sim = Sim::new(Config::default());
+    // Eight messages of one stream must fit in its send buffer (256 KiB).
+    let mut config = Config::default();
+    config.max_data_payload = 32 * 1024;
+    let mut sim = Sim::new(config);
     let ids: Vec<ConnId> = (0..3).map(|_| open_from_server(&mut sim)).collect();
     let chunk = sim.server.session.config().max_data_payload;
     // Different amounts queued: 8, 2 and 5 chunks.
@@ -1047,4 +1050,34 @@ fn local_close_tells_the_peer() {
         )))
     );
     assert!(sim.server.session.end().is_none());
+}
+
+// ----- buffer reuse ------------------------------------------------------------------------------
+
+/// A message buffer handed back with `recycle` carries the next Data message.
+#[test]
+fn recycled_buffers_carry_the_next_message() {
+    let mut sim = Sim::new(Config::default());
+    let id = open_from_server(&mut sim);
+    let session = &mut sim.server.session;
+    let next_data = |session: &mut rd_proto::Session| loop {
+        match session.poll_transmit() {
+            Some(rd_proto::Transmit::Message(m))
+                if rd_proto::decode(m.clone()).unwrap().message.type_code() == DATA =>
+            {
+                return m;
+            }
+            Some(_) => {}
+            None => panic!("no Data message queued"),
+        }
+    };
+    session.write(id, &[5u8; 32 * 1024]).unwrap();
+    let first = next_data(session);
+    let addr = first.as_ptr();
+    let buf = first.try_into_mut().unwrap();
+    session.recycle(buf);
+    session.write(id, &[6u8; 1000]).unwrap();
+    let second = next_data(session);
+    assert_eq!(second.as_ptr(), addr, "encoded into the recycled buffer");
+    assert!(second.ends_with(&[6u8; 1000]));
 }

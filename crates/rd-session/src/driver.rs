@@ -135,8 +135,16 @@ where
                     tracing::debug!(error = %e, "peer broke the protocol");
                 }
             }
-            WsMessage::Ping(_) => inner.proto.handle_keepalive(now),
-            WsMessage::Pong(_) => inner.proto.handle_pong(now),
+            WsMessage::Ping(_) => {
+                inner.proto.handle_keepalive(now);
+                // Keepalive comes every few seconds: the clock for freeing the recycled
+                // send buffers of a session that stopped sending.
+                inner.proto.trim_buffers();
+            }
+            WsMessage::Pong(_) => {
+                inner.proto.handle_pong(now);
+                inner.proto.trim_buffers();
+            }
             WsMessage::Text(_) => inner
                 .proto
                 .close(SessionEnd::Protocol(ProtocolError::TextFrame)),
@@ -222,12 +230,14 @@ where
                 }
                 Poll::Pending => break,
             }
+            let mut sent = None;
             let msg = match inner.proto.poll_transmit() {
                 None => break,
                 Some(Transmit::Message(bytes)) => {
                     tracing::trace!(target: "rd_proto::wire", len = bytes.len(), "sending");
                     tracing::trace!(target: "rd_proto::payload", message = ?bytes, "sending");
                     self.written_since_yield += bytes.len();
+                    sent = Some(bytes.clone());
                     WsMessage::Binary(bytes)
                 }
                 Some(Transmit::Ping) => WsMessage::Ping(Bytes::new()),
@@ -237,6 +247,12 @@ where
             if let Err(e) = Pin::new(&mut self.ws).start_send(msg) {
                 inner.proto.close(SessionEnd::Transport(e.to_string()));
                 return true;
+            }
+            // tungstenite has copied the message into its write buffer and dropped its
+            // handle: the buffer is ours alone again, and the next Data message is encoded
+            // into it (no allocation, and with glibc no fresh pages, per message).
+            if let Some(Ok(buf)) = sent.map(Bytes::try_into_mut) {
+                inner.proto.recycle(buf);
             }
         }
         if self.needs_flush {

@@ -149,12 +149,13 @@ pub fn generate_files(dir: &std::path::Path, scale: f64) -> Result<(u64, u64), B
     Ok((stall_size, large_size))
 }
 
-/// Runs the scenario on the tunnel `path` (rd-server at `path.addr`, `server_pid`).
+/// Runs the scenario on `path`: the tunnel (rd-server at `path.addr`, `server_pid`), or
+/// the relay chain for comparison (`server_pid` `None`: no rd-server memory or metrics).
 pub async fn run(
     path: &Path,
     files: &std::path::Path,
     stalled: usize,
-    server_pid: u32,
+    server_pid: Option<u32>,
     scale: f64,
 ) -> Result<IsolationResult, BoxError> {
     let (stall_size, large_size) = generate_files(files, scale)?;
@@ -188,7 +189,12 @@ pub async fn run(
     ));
 
     // Stall the readers.
-    let rss_before = proc::status_kib(server_pid, "VmRSS").unwrap_or(0);
+    let rss = || {
+        server_pid
+            .and_then(|pid| proc::status_kib(pid, "VmRSS"))
+            .unwrap_or(0)
+    };
+    let rss_before = rss();
     let stall_path = path.path("stall.bin");
     let mut streams = Vec::new();
     for _ in 0..stalled {
@@ -197,19 +203,21 @@ pub async fn run(
     // Let the stalled downloads fill whatever buffers they are allowed to (a benchmark, not
     // a test: waiting is the point).
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let mut rss_peak = proc::status_kib(server_pid, "VmRSS").unwrap_or(0);
-    let held = load::metric(path.addr, "rd_buffered_bytes")
-        .await
-        .unwrap_or(0.0);
-    let paused = load::metric(path.addr, "rd_streams_paused_by_us")
-        .await
-        .unwrap_or(0.0);
-    crate::say(format!(
+    let mut rss_peak = rss();
+    if server_pid.is_some() {
+        let held = load::metric(path.addr, "rd_buffered_bytes")
+            .await
+            .unwrap_or(0.0);
+        let paused = load::metric(path.addr, "rd_streams_paused_by_us")
+            .await
+            .unwrap_or(0.0);
+        crate::say(format!(
         "  {stalled} stalled readers; rd-server RSS {} -> {} MiB; the session holds {:.1} MiB unread, {paused} streams held back",
         rss_before >> 10,
         rss_peak >> 10,
         held / f64::from(1 << 20)
     ));
+    }
 
     // Fresh requests and the large download beside them.
     let large_path = path.clone();
@@ -228,7 +236,7 @@ pub async fn run(
         Ok(Ok(Ok(res))) if res.failed == 0 => mb_s(res.bytes, res.elapsed),
         _ => 0.0,
     };
-    rss_peak = rss_peak.max(proc::status_kib(server_pid, "VmRSS").unwrap_or(0));
+    rss_peak = rss_peak.max(rss());
     r.rss_growth_mib = rss_peak.saturating_sub(rss_before) as f64 / 1024.0;
     crate::say(format!(
         "  beside them: p50 {:.0} µs p99 {:.0} µs, {} of {} failed; {} MiB at {:.0} MB/s; RSS growth {:.0} MiB",
@@ -258,17 +266,22 @@ pub async fn run(
     Ok(r)
 }
 
-/// The table rows for one run.
-pub fn rows(r: &IsolationResult) -> Vec<Row> {
+/// The table rows for the tunnel's run `r`, with the relay chain's run of the same
+/// scenario in the relay column.
+pub fn rows(r: &IsolationResult, relay: &IsolationResult) -> Vec<Row> {
     let label = format!("{} stalled readers of 4 MiB", r.stalled);
     let p99_ok = r.failed == 0 && r.p99_us <= 2.0 * r.base_p99_us.max(1.0);
     vec![
         Row::new(&label, "fresh 1 KiB p50, unstalled / stalled", "µs")
-            .paths(r.base_p50_us, 0.0, r.p50_us)
-            .note("direct column: the same requests through the tunnel before the readers stalled"),
+            .paths(r.base_p50_us, relay.p50_us, r.p50_us)
+            .note("direct column: the same requests through the tunnel before the readers stalled; relay column: through the relay chain beside as many stalled readers"),
         Row::new(&label, "fresh 1 KiB p99, unstalled / stalled", "µs")
-            .paths(r.base_p99_us, 0.0, r.p99_us)
-            .target("<= 2x unstalled, no failure", p99_ok),
+            .paths(r.base_p99_us, relay.p99_us, r.p99_us)
+            .target("<= 2x unstalled, no failure", p99_ok)
+            .note(format!(
+                "relay chain: {:.0} µs unstalled, {} of {} failed beside the stalled readers",
+                relay.base_p99_us, relay.failed, relay.requests
+            )),
         Row::new(
             &label,
             &format!("fresh requests failed (of {})", r.requests),
@@ -277,7 +290,7 @@ pub fn rows(r: &IsolationResult) -> Vec<Row> {
         .tunnel_only(r.failed as f64)
         .target("0", r.failed == 0),
         Row::new(&label, "large download, alone / beside", "MB/s")
-            .paths(r.solo_mb_s, 0.0, r.beside_mb_s)
+            .paths(r.solo_mb_s, relay.beside_mb_s, r.beside_mb_s)
             .target(
                 ">= 0.5x alone",
                 r.beside_mb_s >= 0.5 * r.solo_mb_s && r.solo_mb_s > 0.0,

@@ -6,7 +6,12 @@
 //! yields ratios within that round (tunnel vs relay chain); the report is the median of
 //! the rounds' ratios, which a burst of other work on the machine moves much less than a
 //! single long run. Meant for A/B comparisons of builds (`--bin-dir`).
+//!
+//! [`fixed_round`], [`order`] and [`median`] also serve the full run's fixed-rate and
+//! head-of-line rows.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::load::{self, BoxError, Path};
@@ -50,7 +55,8 @@ struct Round {
     peak_mib: [f64; 2],
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// The median of `v` (0 when empty).
+pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     match v.len() {
         0 => 0.0,
@@ -59,13 +65,78 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// The order in which round `round` runs the three paths: rotating, so that none always
+/// runs first (or last, after the others warmed the caches).
+pub fn order(round: usize) -> [usize; 3] {
+    [round % 3, (round + 1) % 3, (round + 2) % 3]
+}
+
+/// One round of the fixed-rate open loop on every path (direct, relay, tunnel).
+#[derive(Debug, Default, Clone)]
+pub struct FixedRound {
+    pub p50: [f64; 3],
+    pub p99: [f64; 3],
+    /// Requests per second achieved.
+    pub achieved: [f64; 3],
+    pub errors: [u64; 3],
+    /// How far behind schedule the sender fell at most (ms).
+    pub max_lag_ms: [f64; 3],
+    /// Bytes the bulk download alongside moved (head-of-line rounds only).
+    pub bulk_bytes: [u64; 3],
+}
+
+/// Runs the fixed-rate open loop (`rate` requests per second of `file` for `duration`) on
+/// each path in the order of `round`. With `alongside`, a download of that file loops on
+/// the same path meanwhile (the head-of-line scenario), started 200 ms before the
+/// measurement so that it runs at full speed.
+pub async fn fixed_round(
+    clients: &[load::PoolClient],
+    paths: &[Path; 3],
+    round: usize,
+    file: &str,
+    rate: u64,
+    duration: Duration,
+    alongside: Option<&str>,
+) -> Result<FixedRound, BoxError> {
+    let mut r = FixedRound::default();
+    for i in order(round) {
+        let stop = Arc::new(AtomicBool::new(false));
+        let moved = Arc::new(AtomicU64::new(0));
+        let bulk = alongside.map(|bulk_file| {
+            tokio::spawn(load::background_bulk(
+                paths[i].clone(),
+                bulk_file.to_string(),
+                stop.clone(),
+                moved.clone(),
+            ))
+        });
+        if bulk.is_some() {
+            // A benchmark, not a test: the download needs a moment to reach full speed.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let l = load::open_loop(&clients[i], &paths[i], file, rate, duration).await;
+        stop.store(true, Ordering::Relaxed);
+        if let Some(bulk) = bulk {
+            bulk.await.ok();
+        }
+        let mut l = l?;
+        r.p50[i] = us(l.latencies.percentile(50.0));
+        r.p99[i] = us(l.latencies.percentile(99.0));
+        r.achieved[i] = l.rate();
+        r.errors[i] = l.errors;
+        r.max_lag_ms[i] = l.max_lag.as_secs_f64() * 1e3;
+        r.bulk_bytes[i] = moved.load(Ordering::Relaxed);
+    }
+    Ok(r)
+}
+
 /// Runs the plan on `paths` (direct, relay, tunnel); `pids` are rd-server and rd-client.
 pub async fn run(paths: &[Path; 3], pids: [u32; 2], plan: &Plan) -> Result<(), BoxError> {
     let clients: Vec<load::PoolClient> = (0..3).map(|_| load::pool_client()).collect();
     let mut rounds = Vec::new();
     for round in 0..plan.rounds {
         let mut r = Round::default();
-        let order: Vec<usize> = (0..3).map(|k| (k + round) % 3).collect();
+        let order = order(round);
         for &i in order.iter().filter(|_| plan.runs("bulk1")) {
             let meter = Meter::start(&pids);
             let b = load::bulk(&paths[i], plan.large.0, plan.large.1, 1).await?;
@@ -88,12 +159,18 @@ pub async fn run(paths: &[Path; 3], pids: [u32; 2], plan: &Plan) -> Result<(), B
             let l = load::closed_loop(&paths[i], plan.small, plan.conns, plan.duration).await?;
             r.small[i] = l.rate();
         }
-        for &i in order.iter().filter(|_| plan.runs("fixed")) {
-            let mut l =
-                load::open_loop(&clients[i], &paths[i], plan.small, plan.rate, plan.duration)
-                    .await?;
-            r.fixed_p50[i] = us(l.latencies.percentile(50.0));
-            r.fixed_p99[i] = us(l.latencies.percentile(99.0));
+        if plan.runs("fixed") {
+            let f = fixed_round(
+                &clients,
+                paths,
+                round,
+                plan.small,
+                plan.rate,
+                plan.duration,
+                None,
+            )
+            .await?;
+            (r.fixed_p50, r.fixed_p99) = (f.p50, f.p99);
         }
         say(format!(
             "round {}: bulk1 {:.0}/{:.0}/{:.0} MB/s, bulk8 {:.0}/{:.0}/{:.0} MB/s, small {:.0}/{:.0}/{:.0} req/s, \
