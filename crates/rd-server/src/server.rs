@@ -796,7 +796,10 @@ impl Server {
     {
         let metrics = &self.inner.metrics;
         metrics.session_added(client_key, peer);
+        // The session span is debug-only (see `handle`): these lines name the session.
         tracing::info!(
+            session = handle.session_key(),
+            peer,
             flow_control = handle.extensions().flow_control(),
             half_close = handle.extensions().half_close,
             "Handling backend connection request [{client_key}]"
@@ -812,6 +815,6 @@ impl Server {
         metrics.session_removed(client_key, peer);
         metrics.session_ended(end.kind());
         self.inner.drain_wake.notify_waiters();
-        tracing::info!(reason = %end, "session ended [{client_key}]");
+        tracing::info!(session = handle.session_key(), peer, reason = %end, "session ended [{client_key}]");
     }
 }
