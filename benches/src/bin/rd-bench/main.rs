@@ -706,26 +706,20 @@ impl Bench {
         let mut fixed = Vec::new();
         let mut hol = Vec::new();
         for round in 0..rounds {
-            let f = quick::fixed_round(
-                &clients,
-                &self.paths,
-                round,
-                self.small,
-                self.rate,
-                per_round,
-                None,
-            )
-            .await?;
-            let h = quick::fixed_round(
-                &clients,
-                &self.paths,
-                round,
-                self.small,
-                self.rate,
-                per_round,
-                Some(self.large.0),
-            )
-            .await?;
+            // Alone, then beside a large download.
+            let round_beside = |large| {
+                quick::fixed_round(
+                    &clients,
+                    &self.paths,
+                    round,
+                    self.small,
+                    self.rate,
+                    per_round,
+                    large,
+                )
+            };
+            let f = round_beside(None).await?;
+            let h = round_beside(Some(self.large.0)).await?;
             say(format!(
                 "  round {}: p50 {:.0}/{:.0}/{:.0} µs p99 {:.0}/{:.0}/{:.0} µs; beside bulk p99 {:.0}/{:.0}/{:.0} µs (direct/relay/tunnel)",
                 round + 1,

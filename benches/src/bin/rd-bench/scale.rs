@@ -235,19 +235,8 @@ async fn dial_latency(server: &Server, prefix: &str, n: usize) -> Result<(f64, f
 /// process holds one descriptor per session and 10,000 fit under a 20,000 limit.
 async fn dial(n: usize) -> Result<serde_json::Value, BoxError> {
     let (server, addr) = serve_sessions().await?;
-    // Closing the load's stdin (dropping `load`, also on error) ends it.
-    let mut load = std::process::Command::new(std::env::current_exe()?)
-        .args(["--storm-child", &addr.to_string(), &n.to_string()])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::inherit())
-        .spawn()?;
-    let stdout = load.stdout.take().ok_or("no stdout")?;
-    tokio::task::spawn_blocking(move || {
-        let mut line = String::new();
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)
-    })
-    .await??;
+    let (mut load, _) =
+        tokio::task::spawn_blocking(move || crate::storm::start_load(addr, n)).await??;
     wait_sessions(&server, n).await?;
     let live = server.list_clients().len();
     let (dial_p50_us, dial_p99_us) = dial_latency(&server, "storm", n).await?;

@@ -238,14 +238,14 @@ pub fn run_floor(n: usize) -> Result<StormResult, BoxError> {
     storm(&std::env::current_exe()?, &["--pong-floor"], n)
 }
 
-fn storm(bin: &Path, args: &[&str], n: usize) -> Result<StormResult, BoxError> {
-    let dir = TempDir::with_prefix("rd-storm")?;
-    let server = Proc::spawn("server", bin, args, &dir.0, true)?;
-    let addr = server.addr.ok_or("the server printed no address")?;
-    std::thread::sleep(Duration::from_millis(500));
-    let rss0 = procfs::status_kib(server.pid(), "VmRSS").unwrap_or(0);
-    let exe = std::env::current_exe()?;
-    let mut load = std::process::Command::new(exe)
+/// Starts a load process (`rd-bench --storm-child`) with `n` agents against `addr` and waits,
+/// blocking, for its report once every handshake is done. Closing its stdin (dropping the
+/// handle) ends it.
+pub fn start_load(
+    addr: SocketAddr,
+    n: usize,
+) -> Result<(std::process::Child, serde_json::Value), BoxError> {
+    let mut load = std::process::Command::new(std::env::current_exe()?)
         .args(["--storm-child", &addr.to_string(), &n.to_string()])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -254,8 +254,18 @@ fn storm(bin: &Path, args: &[&str], n: usize) -> Result<StormResult, BoxError> {
     let stdout = load.stdout.take().ok_or("no stdout")?;
     let mut line = String::new();
     std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
-    let v: serde_json::Value =
+    let v =
         serde_json::from_str(line.trim()).map_err(|e| format!("storm child said {line:?}: {e}"))?;
+    Ok((load, v))
+}
+
+fn storm(bin: &Path, args: &[&str], n: usize) -> Result<StormResult, BoxError> {
+    let dir = TempDir::with_prefix("rd-storm")?;
+    let server = Proc::spawn("server", bin, args, &dir.0, true)?;
+    let addr = server.addr.ok_or("the server printed no address")?;
+    std::thread::sleep(Duration::from_millis(500));
+    let rss0 = procfs::status_kib(server.pid(), "VmRSS").unwrap_or(0);
+    let (mut load, v) = start_load(addr, n)?;
     // Let the server settle (registrations, first pings), then measure memory and idle CPU.
     std::thread::sleep(Duration::from_secs(10));
     let rss1 = procfs::status_kib(server.pid(), "VmRSS").unwrap_or(0);
