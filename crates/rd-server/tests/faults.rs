@@ -440,6 +440,7 @@ async fn readers_that_stall_the_whole_session_do_not_get_it_killed_by_keepalive(
     // reading the websocket (the last resort), pings included. That is our own doing, not a
     // dead peer: the session must survive it, however long it lasts. With Pause/Resume and
     // a ceiling at Go's pause mark, one paused stream reaches it.
+    let log = capture_log();
     let mut config = fast_keepalive();
     config.session_receive_budget = 2 << 20;
     config.session_receive_ceiling = 2 << 20;
@@ -484,6 +485,15 @@ async fn readers_that_stall_the_whole_session_do_not_get_it_killed_by_keepalive(
         sample(&m, "rd_buffered_bytes").is_some_and(|b| b >= (2 << 20) as f64)
     })
     .await;
+    // The log says so, naming the session (rd-server keeps no span per session at info).
+    wait_until("the stall warning", || {
+        log.text().lines().any(|l| {
+            l.contains("WARN")
+                && l.contains("session stops reading")
+                && l.contains("client_key=foo")
+        })
+    })
+    .await;
     // Two keepalive timeouts of not reading.
     let ended = tokio::time::timeout(Duration::from_secs(2), first.closed()).await;
     assert!(
@@ -510,6 +520,46 @@ async fn readers_that_stall_the_whole_session_do_not_get_it_killed_by_keepalive(
         sessions.try_recv().is_err(),
         "the client must not have redialed"
     );
+    wait_until("the all-clear in the log", || {
+        log.text()
+            .lines()
+            .any(|l| l.contains("session reads again") && l.contains("client_key=foo"))
+    })
+    .await;
+}
+
+/// Log lines at the binaries' default level (info), as text without colours.
+#[derive(Clone, Default)]
+struct CapturedLog(Arc<Mutex<Vec<u8>>>);
+
+impl CapturedLog {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for CapturedLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Sends this process's log to a buffer (nextest runs each test in a process of its own).
+fn capture_log() -> CapturedLog {
+    let log = CapturedLog::default();
+    let writer = log.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    tracing::subscriber::set_global_default(subscriber).expect("no other subscriber");
+    log
 }
 
 /// A local connection that always has data to read and takes every write: a target that
