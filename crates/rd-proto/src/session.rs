@@ -148,6 +148,9 @@ pub enum Event {
     /// A configured limit refused something the peer sent (the stream or Connect concerned
     /// has been answered with an Error already); for metrics.
     LimitExceeded(Limit),
+    /// The session reads the websocket again after [`Limit::SessionStall`]: its readers
+    /// caught up.
+    ReadingResumed,
     /// The session ended; this is the last event.
     SessionClosed(SessionEnd),
 }
@@ -367,12 +370,6 @@ impl Session {
     /// what it chose to grant, and stopping would only stall honest streams.
     fn input_stalled_by_readers(&self) -> bool {
         !self.config.credit && self.budget.unread() >= self.config.session_receive_ceiling
-    }
-
-    /// Whether the session stopped reading the websocket until its readers catch up (see
-    /// [`Limit::SessionStall`]); false again once they have.
-    pub fn is_stalled(&self) -> bool {
-        self.stalled
     }
 
     /// Counters for metrics.
@@ -1101,7 +1098,7 @@ impl Session {
         }
         if self.stalled && !self.input_stalled_by_readers() {
             self.stalled = false;
-            tracing::debug!("session reads again: its readers caught up");
+            self.events.push_back(Event::ReadingResumed);
         }
         Ok(ReadOutcome::Data(chunk))
     }

@@ -71,8 +71,6 @@ pub struct SessionDriver<S> {
     events: Vec<Event>,
     /// Limits hit, reported to the observer once the lock is released.
     limits: Vec<Limit>,
-    /// The state machine had stopped reading for its readers when last looked at.
-    stalled: bool,
     pending_dials: Arc<AtomicUsize>,
     max_pending_connects: usize,
 }
@@ -116,7 +114,6 @@ where
             io_yield: None,
             events: Vec::new(),
             limits: Vec::new(),
-            stalled: false,
             pending_dials: Arc::new(AtomicUsize::new(0)),
             max_pending_connects,
         }
@@ -332,6 +329,12 @@ where
                         f(c, false);
                     }
                 }
+                // The other end of the stall `log_limit` warned about.
+                Event::ReadingResumed => tracing::info!(
+                    client_key = %self.shared.client_key,
+                    session_key = self.shared.session_key,
+                    "session reads again: its readers caught up"
+                ),
                 _ => {}
             }
         }
@@ -401,14 +404,6 @@ where
             progress |= self.write(cx, &mut inner);
         }
         self.collect_events(&mut inner);
-        let stalled = std::mem::replace(&mut self.stalled, inner.proto.is_stalled());
-        if stalled && !self.stalled {
-            tracing::info!(
-                client_key = %self.shared.client_key,
-                session_key = self.shared.session_key,
-                "session reads again: its readers caught up"
-            );
-        }
         let ended = inner.proto.end().cloned();
         drop(inner);
         self.dispatch();

@@ -24,7 +24,7 @@ use rd_benches::procfs::self_rss;
 use rd_proto::{ConnId, Message, Target};
 use rd_server::{Server, TunnelIdHeader};
 use rd_session::{BoxedIo, ConnectRefused, SessionBuilder};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
@@ -261,24 +261,7 @@ async fn wait_sessions(server: &Server, n: usize) -> Result<(), BoxError> {
 /// A websocket upgrade by hand; the connection is then held and never used.
 async fn raw_client(addr: std::net::SocketAddr, key: &str) -> Result<TcpStream, BoxError> {
     let mut tcp = TcpStream::connect(addr).await?;
-    tcp.set_nodelay(true)?;
-    let req = format!(
-        "GET /connect HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
-         X-Tunnel-ID: {key}\r\n\r\n"
-    );
-    tcp.write_all(req.as_bytes()).await?;
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if tcp.read(&mut byte).await? == 0 {
-            return Err("server closed during the upgrade".into());
-        }
-        head.push(byte[0]);
-    }
-    if !head.starts_with(b"HTTP/1.1 101") {
-        return Err(format!("upgrade refused: {}", String::from_utf8_lossy(&head)).into());
-    }
+    crate::storm::upgrade(&mut tcp, addr, key).await?;
     Ok(tcp)
 }
 

@@ -22,17 +22,24 @@ use crate::procs::{Proc, TempDir};
 /// Source addresses the load spreads over.
 const SOURCES: u8 = 50;
 
-/// One agent-like session: upgrade, then ping every 5 s and drain whatever comes back.
+/// One agent-like session from one of the source addresses, upgraded.
 async fn agent(addr: SocketAddr, i: usize) -> Result<TcpStream, BoxError> {
     let source = Ipv4Addr::new(127, 0, 0, 2 + (i % SOURCES as usize) as u8);
     let socket = TcpSocket::new_v4()?;
     socket.bind(SocketAddr::new(source.into(), 0))?;
     let mut tcp = socket.connect(addr).await?;
+    upgrade(&mut tcp, addr, &format!("storm-{i}")).await?;
+    Ok(tcp)
+}
+
+/// A websocket upgrade of `tcp` to `/connect` as agent `key`, by hand (nodelay on): the
+/// request, then the response head, which must be a 101.
+pub async fn upgrade(tcp: &mut TcpStream, addr: SocketAddr, key: &str) -> Result<(), BoxError> {
     tcp.set_nodelay(true)?;
     let req = format!(
         "GET /connect HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
-         X-Tunnel-ID: storm-{i}\r\n\r\n"
+         X-Tunnel-ID: {key}\r\n\r\n"
     );
     tcp.write_all(req.as_bytes()).await?;
     let mut head = Vec::new();
@@ -47,7 +54,7 @@ async fn agent(addr: SocketAddr, i: usize) -> Result<TcpStream, BoxError> {
         let line = String::from_utf8_lossy(&head);
         return Err(format!("upgrade refused: {}", line.lines().next().unwrap_or("")).into());
     }
-    Ok(tcp)
+    Ok(())
 }
 
 /// A masked, empty ping frame, as a client must send it.

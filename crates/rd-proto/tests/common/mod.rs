@@ -168,7 +168,10 @@ impl Peer {
                     }
                 }
                 Event::SessionClosed(_) => self.session_closed = true,
-                Event::ClientAdded(_) | Event::ClientRemoved(_) | Event::LimitExceeded(_) => {}
+                Event::ClientAdded(_)
+                | Event::ClientRemoved(_)
+                | Event::LimitExceeded(_)
+                | Event::ReadingResumed => {}
                 other => panic!("event this harness does not know: {other:?}"),
             }
             self.events.push(ev);
