@@ -12,7 +12,11 @@
 //!   receiver grants more as its reader consumes (in quarters of the window) and doubles a
 //!   stream's window while the reader finds its buffer empty (the window, not the reader,
 //!   limits the stream), as long as the session's granted bytes stay within its budget (like
-//!   yamux's and quinn's auto-tuning).
+//!   yamux's and quinn's auto-tuning). Past [`CREDIT_UNGATED_WINDOW`] a window grows only
+//!   when the reader consumed half of it within two round trips of the link (yamux's rule):
+//!   on a LAN the reader finds its buffer empty whenever the sender pauses, and without the
+//!   round trip every such pause would grow the window towards the maximum, bytes a fast
+//!   link never needed held in the receiver's memory.
 
 use std::time::{Duration, Instant};
 
@@ -21,6 +25,11 @@ use crate::config::Config;
 /// The credit each direction of a new stream starts with when the credit extension is on.
 /// Fixed by the extension so neither end has to announce it.
 pub const CREDIT_INITIAL_WINDOW: u32 = 32 * 1024;
+
+/// Windows up to this size grow on a starving reader alone; larger ones also need the
+/// reader to keep up with the link's round trip (see the module docs). 256 KiB covers a
+/// gigabyte per second over a quarter-millisecond round trip.
+pub const CREDIT_UNGATED_WINDOW: usize = 256 * 1024;
 
 /// What the receiver must tell the peer after a change in buffered bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,13 +51,20 @@ pub struct Overflow {
     pub cap: usize,
 }
 
-/// What flow control needs to know about the rest of the session to decide about one stream.
+/// What flow control needs to know about the rest of the session, the link and the time to
+/// decide about one stream.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Pressure {
     /// Unread bytes of every other stream.
     pub others_unread: usize,
     /// Credit granted and not yet consumed, all streams (credit mode).
     pub committed: usize,
+    /// The link's round trip, the smallest the session measured (`None`: none yet). Credit
+    /// windows past [`CREDIT_UNGATED_WINDOW`] do not grow without it.
+    pub rtt: Option<Duration>,
+    /// The time of the session's latest input: reads carry no clock of their own, and a
+    /// reader that starves consumes what just arrived.
+    pub now: Option<Instant>,
 }
 
 /// Bytes a stream's reader consumed per [`Config::receive_horizon`], measured from reads
@@ -112,6 +128,8 @@ pub struct CreditFlow {
     starved: bool,
     /// Bytes consumed since the window last grew (or the stream opened).
     since_growth: usize,
+    /// When the window last grew (`None`: never).
+    grown_at: Option<Instant>,
 }
 
 impl Default for CreditFlow {
@@ -121,6 +139,7 @@ impl Default for CreditFlow {
             credit: CREDIT_INITIAL_WINDOW as usize,
             starved: false,
             since_growth: 0,
+            grown_at: None,
         }
     }
 }
@@ -275,14 +294,40 @@ impl RecvFlow {
                 } else {
                     2
                 };
+                // A large window must also be what limits the stream. Limited by its window,
+                // a stream moves a window per round trip, so the bytes consumed since the
+                // last growth (or the last such check) arrived within a round trip per
+                // window; allow one round trip more for the first of them to come. A sender
+                // that pauses (its own source is slower) starves the reader too, but the
+                // window then outgrows the bytes the link holds, and more would only be
+                // held, not used.
+                let gated = c.window >= CREDIT_UNGATED_WINDOW;
+                let kept_up_with_link = !gated
+                    || match (pressure.rtt, pressure.now, c.grown_at) {
+                        (Some(rtt), Some(now), Some(at)) => {
+                            let rtt = rtt.as_nanos();
+                            let windows = c.since_growth as u128;
+                            let allowed = rtt + rtt * windows / c.window.max(1) as u128;
+                            now.saturating_duration_since(at).as_nanos() <= allowed
+                        }
+                        _ => false,
+                    };
+                // Gated windows only double: the check allows up to a few times the bytes in
+                // flight, and quadrupling on top would overshoot them.
+                let factor = if gated { 2 } else { factor };
                 let max_window = config.credit_max_window.min(config.stream_receive_cap);
-                if c.starved
+                let hungry = c.starved
                     && proven
                     && c.window < max_window
-                    && committed.saturating_add(c.window) <= budget
-                {
+                    && committed.saturating_add(c.window) <= budget;
+                if hungry && kept_up_with_link {
                     c.window = (c.window * factor).min(max_window);
                     c.since_growth = 0;
+                    c.grown_at = pressure.now;
+                } else if hungry {
+                    // Measure again from here, with the round trip known by then.
+                    c.since_growth = 0;
+                    c.grown_at = pressure.now;
                 } else if pressure.committed > budget && c.window > initial {
                     c.window = (c.window / 2).max(initial);
                 }
@@ -374,6 +419,7 @@ mod tests {
         let pressure = Pressure {
             others_unread: c.session_receive_budget / 2,
             committed: 0,
+            ..Pressure::default()
         };
         assert_eq!(f.on_data(c.pause_floor, 0, now, pressure, &c), Ok(None));
         assert_eq!(
@@ -385,6 +431,7 @@ mod tests {
         let halfway = Pressure {
             others_unread: c.session_receive_budget / 4,
             committed: 0,
+            ..Pressure::default()
         };
         let half_mark = c.high_watermark / 2;
         assert_eq!(g.on_data(half_mark, 0, now, halfway, &c), Ok(None));
@@ -401,6 +448,7 @@ mod tests {
         let pressure = Pressure {
             others_unread: c.session_receive_budget,
             committed: 0,
+            ..Pressure::default()
         };
         let mut f = RecvFlow::new(&c);
         let mut unread = 0;
@@ -444,6 +492,7 @@ mod tests {
         let busy = Pressure {
             others_unread: 0,
             committed: c.session_receive_budget / 2,
+            ..Pressure::default()
         };
         let mut f = RecvFlow::new(&c);
         // Hungry from the start, but nothing moved yet: no growth, and no grant for an
@@ -488,6 +537,7 @@ mod tests {
         let full = Pressure {
             others_unread: 0,
             committed: c.session_receive_budget,
+            ..Pressure::default()
         };
         f.on_starved();
         assert_eq!(f.on_data(8 * w, 0, now, full, &c), Ok(None));
@@ -506,6 +556,7 @@ mod tests {
         fn random_sequences_keep_invariants(
             credit in any::<bool>(),
             ops in proptest::collection::vec((any::<bool>(), 0usize..3_000_000, 0usize..200_000_000, 0u64..1000), 0..200),
+            rtt_us in 1u64..100_000,
         ) {
             let c = Config { credit, ..Config::default() };
             let mut f = RecvFlow::new(&c);
@@ -514,7 +565,7 @@ mod tests {
             let mut outstanding_pause = false;
             for (is_data, n, others, ms) in ops {
                 now += Duration::from_millis(ms);
-                let pressure = Pressure { others_unread: others, committed: others };
+                let pressure = Pressure { others_unread: others, committed: others, rtt: Some(Duration::from_micros(rtt_us)), now: Some(now) };
                 let signal = if is_data {
                     match f.on_data(n, unread, now, pressure, &c) {
                         Ok(s) => { unread += n; s }

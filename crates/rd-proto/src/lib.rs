@@ -56,6 +56,7 @@ pub use codec::{decode, DecodeError, HeaderField};
 pub use config::{Config, ConfigError};
 pub use flow::{
     CreditFlow, FlowSignal, Overflow, PauseFlow, Pressure, RecvFlow, CREDIT_INITIAL_WINDOW,
+    CREDIT_UNGATED_WINDOW,
 };
 pub use message::{
     data_header_len, put_data_header, ClientSession, ConnId, Frame, Message, MessageType, EOF_TEXT,

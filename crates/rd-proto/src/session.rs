@@ -280,6 +280,15 @@ pub struct Session {
     /// Where the window of the tick at `next_ping` starts (the previous tick, or the start).
     tick_from: Instant,
     next_sync: Option<Instant>,
+    /// When our oldest unanswered ping was queued (`None`: none is out): its pong measures
+    /// the round trip.
+    ping_sent_at: Option<Instant>,
+    /// The smallest round trip measured so far (queues on the path only add to it).
+    rtt: Option<Duration>,
+    /// When Data may next trigger a ping just to measure the round trip (credit mode).
+    next_rtt_probe: Option<Instant>,
+    /// The time of the latest input, for decisions on reads (which carry no clock).
+    clock: Instant,
     /// The ceiling was reached and input stopped; reported once per episode.
     stalled: bool,
     ended: Option<SessionEnd>,
@@ -297,6 +306,9 @@ impl Session {
         first_message_id: i64,
     ) -> Self {
         let is_client = side == Side::Client;
+        // With credit, measure the round trip right away, while the link is quiet: the
+        // windows of the first streams need it (every rd peer answers pings).
+        let rtt_probe = config.credit.then_some(now);
         Self {
             side,
             next_ping: if is_client {
@@ -320,15 +332,25 @@ impl Session {
             budget: ReceiveBudget::default(),
             control: VecDeque::new(),
             events: VecDeque::new(),
-            ping_due: false,
+            ping_due: rtt_probe.is_some(),
             last_keepalive: now,
             last_heard: now,
             peer_pings: false,
             last_talked: None,
             tick_from: now,
+            ping_sent_at: rtt_probe,
+            rtt: None,
+            next_rtt_probe: rtt_probe.map(|at| at + RTT_PROBE_INTERVAL),
+            clock: now,
             stalled: false,
             ended: None,
         }
+    }
+
+    /// The link's round trip: the smallest time a ping of ours took to be answered (`None`
+    /// before the first answer).
+    pub fn rtt(&self) -> Option<Duration> {
+        self.rtt
     }
 
     /// This session's side.
@@ -451,6 +473,8 @@ impl Session {
         Pressure {
             others_unread: self.budget.unread().saturating_sub(own),
             committed: self.budget.committed(),
+            rtt: self.rtt,
+            now: Some(self.clock),
         }
     }
 
@@ -523,6 +547,11 @@ impl Session {
     /// that an answer to our own ping does not count as the peer talking on its own, so a
     /// server side keeps pinging a peer that only answers every tick.
     pub fn handle_pong(&mut self, now: Instant) {
+        if let Some(sent) = self.ping_sent_at.take() {
+            let sample = now.saturating_duration_since(sent);
+            tracing::trace!(?sample, "round trip measured");
+            self.rtt = Some(self.rtt.map_or(sample, |rtt| rtt.min(sample)));
+        }
         let talked = self.last_talked;
         self.handle_keepalive(now);
         self.last_talked = talked;
@@ -533,6 +562,7 @@ impl Session {
     /// rather than `server_ping_after` after the last message: that would race the client's
     /// own 5 s pings.)
     fn heard(&mut self, now: Instant) {
+        self.clock = self.clock.max(now);
         self.last_heard = now;
         self.last_talked = Some(now);
     }
@@ -574,6 +604,17 @@ impl Session {
 
     fn on_data(&mut self, now: Instant, conn_id: ConnId, payload: Bytes) {
         let n = payload.len();
+        if self.config.credit
+            && n > 0
+            && self.ping_sent_at.is_none()
+            && self.next_rtt_probe.is_none_or(|at| now >= at)
+        {
+            // Credit windows past the ungated size need the round trip: a ping measures it
+            // (every rd peer answers; Go peers never negotiate credit).
+            self.ping_due = true;
+            self.ping_sent_at = Some(now);
+            self.next_rtt_probe = Some(now + RTT_PROBE_INTERVAL);
+        }
         let pressure = self.pressure(conn_id);
         let Some(s) = self.streams.get_mut(conn_id).filter(|s| s.on_wire()) else {
             let text = format!(
@@ -839,6 +880,7 @@ impl Session {
         if self.ended.is_some() {
             return;
         }
+        self.clock = self.clock.max(now);
         if self.input_stalled_by_readers() {
             // We stopped reading the websocket because our own readers are behind: the
             // peer's pings and pongs wait unread, which says nothing about the peer. Restart
@@ -850,6 +892,8 @@ impl Session {
             if self.side == Side::Server {
                 self.ping_due = true;
             }
+            // Its pong waits unread behind our readers: no measure of the link.
+            self.ping_sent_at = None;
         }
         if now.saturating_duration_since(self.last_keepalive) >= self.config.keepalive_timeout {
             self.close(SessionEnd::KeepaliveTimeout(self.config.keepalive_timeout));
@@ -869,6 +913,9 @@ impl Session {
                 _ => self.config.ping_interval,
             };
             self.ping_due = true;
+            if !self.input_stalled_by_readers() {
+                self.ping_sent_at.get_or_insert(now);
+            }
             self.tick_from = at;
             self.next_ping = Some(next_after(at, interval, now));
         }
@@ -1229,6 +1276,11 @@ impl Session {
 
 /// Error text for Data that arrives after the peer's Fin.
 const DATA_AFTER_FIN: &str = "data after fin";
+
+/// How often Data may trigger a ping that only measures the round trip (credit mode): the
+/// smallest sample is kept, so later ones only help when the first crossed a busy queue.
+/// yamux measures as often.
+const RTT_PROBE_INTERVAL: Duration = Duration::from_secs(10);
 
 fn next_after(at: Instant, interval: Duration, now: Instant) -> Instant {
     let next = at + interval;

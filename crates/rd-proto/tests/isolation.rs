@@ -196,8 +196,14 @@ fn run_with(config: Config, mut sender: Box<dyn Sender>, flood: bool) -> Outcome
     let mut max_unread = 0;
     let mut max_committed = 0;
     let mut per_stream_max: HashMap<ConnId, usize> = HashMap::new();
+    // Pings the sender answers: the pong is back a round trip later.
+    let mut pongs: VecDeque<Instant> = VecDeque::new();
     for step in 0..STEPS {
         now += STEP;
+        while pongs.front().is_some_and(|at| *at <= now) {
+            pongs.pop_front();
+            receiver.handle_pong(now);
+        }
         for msg in to_receiver.arrived(now) {
             assert!(
                 receiver.wants_input(),
@@ -218,6 +224,9 @@ fn run_with(config: Config, mut sender: Box<dyn Sender>, flood: bool) -> Outcome
             }
         }
         while let Some(t) = receiver.poll_transmit() {
+            if t == Transmit::Ping {
+                pongs.push_back(now + 2 * DELAY);
+            }
             if let Transmit::Message(msg) = t {
                 if let Message::Error { conn_id, text } = decode(msg.clone()).unwrap().message {
                     assert!(
@@ -351,18 +360,31 @@ fn a_peer_ignoring_pause_on_many_streams_loses_those_streams_only() {
     out.assert_fast_stream_kept_moving();
 }
 
-/// One credit stream over a long link (25 ms each way): the window auto-tunes to the
-/// bandwidth-delay product, so the stream moves close to what the link carries.
-#[test]
-fn credit_fills_a_long_link() {
+/// What one credit stream did over a simulated link.
+struct LinkRun {
+    /// Bytes the reader took, per `report_every` steps.
+    read_per_report: Vec<usize>,
+    /// The most credit the receiver had granted and not yet seen consumed at once.
+    max_committed: usize,
+    /// The round trip the receiver measured.
+    rtt: Option<Duration>,
+}
+
+/// One credit stream from `sender` to a receiver whose reader takes everything at once:
+/// `delay` each way (pings answered after the round trip), the sender sending at most
+/// `per_step` bytes per `step`. The receiver's first ping goes out at the first step, so the
+/// round trip it measures is up to a step longer than `2 * delay`.
+fn run_credit_link(
+    delay: Duration,
+    step: Duration,
+    per_step: usize,
+    steps: u32,
+    report_every: u32,
+) -> LinkRun {
     let mut config = Config::default();
     config.credit = true;
     let t0 = Instant::now();
     let mut now = t0;
-    let delay = Duration::from_millis(25);
-    let step = Duration::from_millis(1);
-    // 256 KiB per millisecond: about 268 MB/s, a BDP of 13 MiB over the round trip.
-    let per_step = 256 * 1024;
     let mut receiver = Session::new(Side::Server, config.clone(), Identity::client(), t0, 1);
     let mut sender = CreditSender {
         session: Session::new(Side::Client, config.clone(), Identity::client(), t0, 1),
@@ -372,10 +394,19 @@ fn credit_fills_a_long_link() {
         .unwrap();
     let mut to_sender: VecDeque<(Instant, Bytes)> = VecDeque::new();
     let mut to_receiver: VecDeque<(Instant, Bytes)> = VecDeque::new();
-    let mut read_per_second = Vec::new();
+    let mut pongs: VecDeque<Instant> = VecDeque::new();
+    let mut run = LinkRun {
+        read_per_report: Vec::new(),
+        max_committed: 0,
+        rtt: None,
+    };
     let mut read = 0usize;
-    for ms in 1..=3000u32 {
+    for n in 1..=steps {
         now += step;
+        while pongs.front().is_some_and(|at| *at <= now) {
+            pongs.pop_front();
+            receiver.handle_pong(now);
+        }
         while to_receiver.front().is_some_and(|(at, _)| *at <= now) {
             let (_, msg) = to_receiver.pop_front().unwrap();
             receiver.handle_message(now, msg).unwrap();
@@ -384,9 +415,11 @@ fn credit_fills_a_long_link() {
             read += b.len();
         }
         let _ = receiver.read(id, usize::MAX);
+        run.max_committed = run.max_committed.max(receiver.stats().receive_committed);
         while let Some(t) = receiver.poll_transmit() {
-            if let Transmit::Message(m) = t {
-                to_sender.push_back((now + delay, m));
+            match t {
+                Transmit::Message(m) => to_sender.push_back((now + delay, m)),
+                Transmit::Ping => pongs.push_back(now + 2 * delay),
             }
         }
         while to_sender.front().is_some_and(|(at, _)| *at <= now) {
@@ -398,18 +431,71 @@ fn credit_fills_a_long_link() {
         for (at, msg) in link.0 {
             to_receiver.push_back((at - DELAY + delay, msg));
         }
-        if ms % 1000 == 0 {
-            read_per_second.push(read);
+        if n % report_every == 0 {
+            run.read_per_report.push(read);
             read = 0;
         }
     }
-    eprintln!("bytes read per second: {read_per_second:?}");
+    run.rtt = receiver.rtt();
+    run
+}
+
+/// One credit stream over a long link (25 ms each way): the window auto-tunes to the
+/// bandwidth-delay product, so the stream moves close to what the link carries.
+#[test]
+fn credit_fills_a_long_link() {
+    // 256 KiB per millisecond: about 268 MB/s, a BDP of 13 MiB over the round trip.
+    let per_step = 256 * 1024;
+    let run = run_credit_link(
+        Duration::from_millis(25),
+        Duration::from_millis(1),
+        per_step,
+        3000,
+        1000,
+    );
+    eprintln!("bytes read per second: {:?}", run.read_per_report);
+    let rtt = run.rtt.expect("measured by a ping");
+    assert!(rtt >= Duration::from_millis(50) && rtt <= Duration::from_millis(52));
     let link_per_second = per_step * 1000;
     // After the first second the window covers the round trip.
-    for (second, bytes) in read_per_second.iter().enumerate().skip(1) {
+    for (second, bytes) in run.read_per_report.iter().enumerate().skip(1) {
         assert!(
             *bytes * 10 >= link_per_second * 8,
             "second {second}: {bytes} of {link_per_second} bytes"
+        );
+    }
+}
+
+/// A LAN (50 µs each way) whose sender is slower than the reader: the reader finds its
+/// buffer empty all the time, but the window is not what limits the stream, so it stays
+/// small instead of growing to the maximum, and the stream still moves at the sender's pace.
+#[test]
+fn credit_stays_small_when_the_sender_sets_the_pace() {
+    // 16 KiB per 50 µs: about 330 MB/s.
+    let per_step = 16 * 1024;
+    let run = run_credit_link(
+        Duration::from_micros(50),
+        Duration::from_micros(50),
+        per_step,
+        20_000,
+        10_000,
+    );
+    eprintln!(
+        "bytes read per half second: {:?}, most committed {}",
+        run.read_per_report, run.max_committed
+    );
+    let rtt = run.rtt.expect("measured by a ping");
+    assert!(rtt >= Duration::from_micros(100) && rtt <= Duration::from_micros(200));
+    assert!(
+        run.max_committed <= 2 * rd_proto::CREDIT_UNGATED_WINDOW,
+        "window grew to {} bytes",
+        run.max_committed
+    );
+    let sender_per_report = per_step * 10_000;
+    for (i, bytes) in run.read_per_report.iter().enumerate() {
+        assert!(
+            *bytes * 10 >= sender_per_report * 9,
+            "half second {i}: {bytes} of {sender_per_report} bytes"
         );
     }
 }
