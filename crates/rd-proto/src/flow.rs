@@ -301,20 +301,31 @@ impl RecvFlow {
                 // that pauses (its own source is slower) starves the reader too, but the
                 // window then outgrows the bytes the link holds, and more would only be
                 // held, not used.
-                let gated = c.window >= CREDIT_UNGATED_WINDOW;
-                let kept_up_with_link = !gated
-                    || match (pressure.rtt, pressure.now, c.grown_at) {
+                // Within two thirds of that time the window clearly is the limit and may quadruple
+                // (a long link ramps up in fewer round trips); otherwise it only doubles, as
+                // the check passes up to a few times the bytes the link holds.
+                let link_factor = if c.window < CREDIT_UNGATED_WINDOW {
+                    4
+                } else {
+                    match (pressure.rtt, pressure.now, c.grown_at) {
                         (Some(rtt), Some(now), Some(at)) => {
                             let rtt = rtt.as_nanos();
                             let windows = c.since_growth as u128;
                             let allowed = rtt + rtt * windows / c.window.max(1) as u128;
-                            now.saturating_duration_since(at).as_nanos() <= allowed
+                            let took = now.saturating_duration_since(at).as_nanos();
+                            if took * 3 <= allowed * 2 {
+                                4
+                            } else if took <= allowed {
+                                2
+                            } else {
+                                0
+                            }
                         }
-                        _ => false,
-                    };
-                // Gated windows only double: the check allows up to a few times the bytes in
-                // flight, and quadrupling on top would overshoot them.
-                let factor = if gated { 2 } else { factor };
+                        _ => 0,
+                    }
+                };
+                let kept_up_with_link = link_factor > 0;
+                let factor = factor.min(link_factor);
                 let max_window = config.credit_max_window.min(config.stream_receive_cap);
                 let hungry = c.starved
                     && proven
