@@ -154,8 +154,10 @@ where
         inner.proto.wants_input() && (control_was_queued || !inner.proto.has_control_queued())
     }
 
+    /// Reads messages until the websocket has none (its waker is then registered) or
+    /// reading should pause. Returns whether another turn must read again: not after
+    /// `Pending`, nor while the state machine refuses input (see [`turn`](Self::turn)).
     fn read(&mut self, cx: &mut Context<'_>, inner: &mut Inner) -> bool {
-        let mut progress = false;
         if !inner.proto.wants_input() {
             // Replies are piling up unsent, or readers are at the ceiling: read again once
             // the write half has drained them or readers have read.
@@ -164,9 +166,9 @@ where
         for _ in 0..BUDGET.read_messages {
             match Pin::new(&mut self.ws).poll_next(cx) {
                 Poll::Ready(Some(Ok(msg))) => {
-                    progress = true;
                     if !Self::on_ws_message(inner, msg) {
-                        break;
+                        // A control message goes out first; then read on.
+                        return true;
                     }
                 }
                 Poll::Ready(Some(Err(WsError::Capacity(CapacityError::MessageTooLong {
@@ -190,14 +192,18 @@ where
                     inner.proto.close(SessionEnd::PeerClosed);
                     return true;
                 }
-                Poll::Pending => break,
+                Poll::Pending => return false,
             }
         }
-        progress
+        // Out of budget with more to read.
+        true
     }
 
+    /// Writes what the state machine has to send and flushes it. Returns whether another
+    /// turn must write again: only when the budget ran out with more to send (a full socket,
+    /// an empty queue and the I/O yield each leave a waker that brings the driver back).
     fn write(&mut self, cx: &mut Context<'_>, inner: &mut Inner) -> bool {
-        let mut progress = false;
+        let mut again = true;
         if self
             .io_yield
             .as_ref()
@@ -217,6 +223,7 @@ where
                 if self.io_yield.is_none() {
                     self.io_yield = Some(IoPolled::after_next_io_poll(cx));
                 }
+                again = false;
                 break;
             }
             match Pin::new(&mut self.ws).poll_ready(cx) {
@@ -225,11 +232,17 @@ where
                     inner.proto.close(SessionEnd::Transport(e.to_string()));
                     return true;
                 }
-                Poll::Pending => break,
+                Poll::Pending => {
+                    again = false;
+                    break;
+                }
             }
             let mut sent = None;
             let msg = match inner.proto.poll_transmit() {
-                None => break,
+                None => {
+                    again = false;
+                    break;
+                }
                 Some(Transmit::Message(bytes)) => {
                     tracing::trace!(target: "rd_proto::wire", len = bytes.len(), "sending");
                     tracing::trace!(target: "rd_proto::payload", message = ?bytes, "sending");
@@ -239,7 +252,6 @@ where
                 }
                 Some(Transmit::Ping) => WsMessage::Ping(Bytes::new()),
             };
-            progress = true;
             self.needs_flush = true;
             if let Err(e) = Pin::new(&mut self.ws).start_send(msg) {
                 inner.proto.close(SessionEnd::Transport(e.to_string()));
@@ -263,7 +275,7 @@ where
                 Poll::Pending => {}
             }
         }
-        progress
+        again
     }
 
     /// Wakes the streams the state machine's events concern and keeps the rest for
@@ -397,11 +409,17 @@ where
             Some(w) if w.will_wake(cx.waker()) => {}
             _ => inner.driver = Some(cx.waker().clone()),
         }
+        // Another turn only where one is owed: a read or write that stopped with more to
+        // do, a timer that fired (it is re-armed next turn), or input the write just made
+        // welcome again. Everything else left a waker behind; an idle session's ping then
+        // costs one turn, not a second that finds nothing.
         let mut progress = false;
         if inner.proto.end().is_none() {
+            let refused_input = !inner.proto.wants_input();
             progress |= self.read(cx, &mut inner);
             progress |= self.timer(cx, &mut inner);
             progress |= self.write(cx, &mut inner);
+            progress |= refused_input && inner.proto.wants_input();
         }
         self.collect_events(&mut inner);
         let ended = inner.proto.end().cloned();
