@@ -13,10 +13,11 @@
 //!   stream's window while the reader finds its buffer empty (the window, not the reader,
 //!   limits the stream), as long as the session's granted bytes stay within its budget (like
 //!   yamux's and quinn's auto-tuning). Past [`CREDIT_UNGATED_WINDOW`] a window grows only
-//!   when the reader consumed half of it within two round trips of the link (yamux's rule):
-//!   on a LAN the reader finds its buffer empty whenever the sender pauses, and without the
-//!   round trip every such pause would grow the window towards the maximum, bytes a fast
-//!   link never needed held in the receiver's memory.
+//!   when the bytes read since its last growth arrived within about a round trip of the
+//!   link per window (yamux's rule, scaled to the bytes read): on a LAN the reader finds its
+//!   buffer empty whenever the sender pauses, and without the round trip every such pause
+//!   would grow the window towards the maximum, bytes a fast link never needed held in the
+//!   receiver's memory.
 
 use std::time::{Duration, Instant};
 
@@ -300,10 +301,10 @@ impl RecvFlow {
                 // window; allow one round trip more for the first of them to come. A sender
                 // that pauses (its own source is slower) starves the reader too, but the
                 // window then outgrows the bytes the link holds, and more would only be
-                // held, not used.
-                // Within two thirds of that time the window clearly is the limit and may quadruple
-                // (a long link ramps up in fewer round trips); otherwise it only doubles, as
-                // the check passes up to a few times the bytes the link holds.
+                // held, not used. Within two thirds of that time the window clearly is the
+                // limit and may quadruple (a long link ramps up in fewer round trips);
+                // otherwise it only doubles, as the check passes up to a few times the bytes
+                // the link holds.
                 let link_factor = if c.window < CREDIT_UNGATED_WINDOW {
                     4
                 } else {
