@@ -5,7 +5,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Instant;
 
 use http::Uri;
@@ -268,10 +268,20 @@ impl tokio::io::AsyncWrite for TimedStream {
 }
 
 /// A tunnel stream as a hyper-util client connection.
+///
+/// Go's protocol acknowledges no Connect, so a refused target shows only as the stream's
+/// error, which may arrive before hyper has sent its request. hyper reads an idle connection
+/// to notice it closing, and would then drop the connection and fail the request with a bare
+/// "connection was not ready". So an error read before anything was written is held and
+/// returned by the first write instead: the request fails with the target's own reason.
 #[derive(Debug)]
 pub struct TunnelConnection {
     io: TokioIo<TimedStream>,
     info: TunnelInfo,
+    /// Something was written: read errors are returned as they come.
+    written: bool,
+    /// A read error that came before anything was written, for the first write.
+    early_error: Option<io::Error>,
 }
 
 impl TunnelConnection {
@@ -279,12 +289,20 @@ impl TunnelConnection {
         Self {
             io: TokioIo::new(stream),
             info,
+            written: false,
+            early_error: None,
         }
     }
 
-    /// The stream inside.
+    /// The stream inside (an error held for the first write is dropped; the stream reports
+    /// its end itself).
     pub fn into_inner(self) -> TunnelStream {
         self.io.into_inner().into_inner()
+    }
+
+    /// The stream inside, to wait on [`TunnelStream::closed`], say.
+    pub fn get_ref(&self) -> &TunnelStream {
+        &self.io.inner().stream
     }
 
     /// Which session and stream this connection uses.
@@ -309,7 +327,20 @@ impl hyper::rt::Read for TunnelConnection {
         cx: &mut Context<'_>,
         buf: hyper::rt::ReadBufCursor<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        if self.written {
+            return Pin::new(&mut self.io).poll_read(cx, buf);
+        }
+        if self.early_error.is_some() {
+            // The first write returns it; hyper polls again once it has a request.
+            return Poll::Pending;
+        }
+        match ready!(Pin::new(&mut self.io).poll_read(cx, buf)) {
+            Err(e) => {
+                self.early_error = Some(e);
+                Poll::Pending
+            }
+            Ok(()) => Poll::Ready(Ok(())),
+        }
     }
 }
 
@@ -319,9 +350,16 @@ impl hyper::rt::Write for TunnelConnection {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        if let Some(e) = self.early_error.take() {
+            self.written = true;
+            return Poll::Ready(Err(e));
+        }
+        let written = ready!(Pin::new(&mut self.io).poll_write(cx, buf));
+        self.written |= matches!(written, Ok(n) if n > 0);
+        Poll::Ready(written)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Not the early error: hyper flushes an idle connection too.
         Pin::new(&mut self.io).poll_flush(cx)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -350,6 +350,55 @@ async fn metrics_count_sessions_connections_and_bytes() {
     assert!(expect("session_server_total_receive_bytes{clientkey=\"foo\"}") > 0.0);
 }
 
+/// Go's protocol acknowledges no Connect: a target that fails shows only as the stream's
+/// error, which may come after hyper took the connection as ready and before it sent the
+/// request (a loaded machine). hyper then reads the error on what it sees as an idle
+/// connection, drops it, and would fail the request with a bare "connection was not ready";
+/// the `/client` proxy put that in its 502. The request must fail with the target's error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_error_between_ready_and_the_request_is_the_requests_error() {
+    let ts = serve(Server::builder(TunnelIdHeader).build()).await;
+    let _agent = connected_agent(&ts, "foo").await;
+    let target = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let uri: http::Uri = format!("http://{}/", target.local_addr().unwrap())
+        .parse()
+        .unwrap();
+    let mut dialer = ts.server.dialer("foo");
+    let conn = bounded("the dial", tower_service::Service::call(&mut dialer, uri))
+        .await
+        .unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(conn).await.unwrap();
+    tokio::spawn(connection);
+    bounded("the connection to be ready", sender.ready())
+        .await
+        .unwrap();
+
+    // Now the target fails: accepted, then reset.
+    let (accepted, _) = bounded("the client's dial", target.accept()).await.unwrap();
+    accepted.set_zero_linger().unwrap();
+    drop(accepted);
+    let server = ts.server.clone();
+    wait_until("the error to reach the server's stream", || {
+        sample(&server.encode_metrics(), "rd_dial_seconds_count") == Some(1.0)
+    })
+    .await;
+
+    let request = http::Request::get("/")
+        .header("host", "target")
+        .body(empty())
+        .unwrap();
+    let err = bounded("the request to fail", sender.send_request(request))
+        .await
+        .expect_err("the target reset the connection");
+    let mut chain = err.to_string();
+    let mut source = std::error::Error::source(&err);
+    while let Some(e) = source {
+        chain.push_str(&format!(": {e}"));
+        source = e.source();
+    }
+    assert!(chain.contains("reset"), "{chain}");
+}
+
 #[tokio::test]
 async fn client_initiated_connect_is_refused_and_the_session_survives() {
     let ts = serve(Server::builder(TunnelIdHeader).build()).await;
