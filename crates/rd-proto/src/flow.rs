@@ -325,19 +325,17 @@ impl RecvFlow {
                         _ => 0,
                     }
                 };
-                let kept_up_with_link = link_factor > 0;
-                let factor = factor.min(link_factor);
                 let max_window = config.credit_max_window.min(config.stream_receive_cap);
                 let hungry = c.starved
                     && proven
                     && c.window < max_window
                     && committed.saturating_add(c.window) <= budget;
-                if hungry && kept_up_with_link {
-                    c.window = (c.window * factor).min(max_window);
-                    c.since_growth = 0;
-                    c.grown_at = pressure.now;
-                } else if hungry {
-                    // Measure again from here, with the round trip known by then.
+                if hungry {
+                    if link_factor > 0 {
+                        c.window = (c.window * factor.min(link_factor)).min(max_window);
+                    }
+                    // Grown or not, measure again from here (with the round trip known by
+                    // then, if it was not yet).
                     c.since_growth = 0;
                     c.grown_at = pressure.now;
                 } else if pressure.committed > budget && c.window > initial {

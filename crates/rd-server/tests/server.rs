@@ -390,12 +390,7 @@ async fn a_target_error_between_ready_and_the_request_is_the_requests_error() {
     let err = bounded("the request to fail", sender.send_request(request))
         .await
         .expect_err("the target reset the connection");
-    let mut chain = err.to_string();
-    let mut source = std::error::Error::source(&err);
-    while let Some(e) = source {
-        chain.push_str(&format!(": {e}"));
-        source = e.source();
-    }
+    let chain = rd_session::error_chain(&err);
     assert!(chain.contains("reset"), "{chain}");
 }
 
