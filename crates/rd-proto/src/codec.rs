@@ -21,6 +21,8 @@ pub enum HeaderField {
     Deadline,
     /// The increment of rd's Credit message.
     Credit,
+    /// The count of rd's Replicas message.
+    Replicas,
 }
 
 impl std::fmt::Display for HeaderField {
@@ -31,6 +33,7 @@ impl std::fmt::Display for HeaderField {
             Self::Type => "message type",
             Self::Deadline => "legacy deadline",
             Self::Credit => "credit increment",
+            Self::Replicas => "replica count",
         })
     }
 }
@@ -84,6 +87,12 @@ pub enum DecodeError {
     BadCredit {
         /// The decoded value.
         increment: i64,
+    },
+    /// A Replicas count that is not between 1 and 2^32-1.
+    #[error("invalid replica count {count}")]
+    BadReplicas {
+        /// The decoded value.
+        count: i64,
     },
 }
 
@@ -157,6 +166,16 @@ pub fn decode(mut buf: Bytes) -> Result<Frame, DecodeError> {
             let increment =
                 u32::try_from(increment).map_err(|_| DecodeError::BadCredit { increment })?;
             Message::Credit { conn_id, increment }
+        }
+        MessageType::GoAway => Message::GoAway {
+            reason: error_text(&buf),
+        },
+        MessageType::Replicas => {
+            let count = field(&mut buf, HeaderField::Replicas)?;
+            match u32::try_from(count) {
+                Ok(count) if count > 0 => Message::Replicas { count },
+                _ => return Err(DecodeError::BadReplicas { count }),
+            }
         }
     };
     Ok(Frame {

@@ -70,6 +70,12 @@ pub struct Config {
     /// only this side's writing, instead of Error `EOF`, which closes both directions. Off by
     /// default: Go peers never speak it.
     pub half_close: bool,
+    /// Use rd's replicas extension (both ends must have negotiated it at the upgrade; see
+    /// docs/protocol.md): a server may tell its agent how many replicas it counts
+    /// ([`Session::announce_replicas`](crate::Session::announce_replicas)) and that this
+    /// session is going away ([`Session::go_away`](crate::Session::go_away)). Off by
+    /// default: Go peers never speak it.
+    pub replicas: bool,
     /// The largest credit window a stream's receiver auto-tunes to; at most
     /// [`stream_receive_cap`](Self::stream_receive_cap).
     pub credit_max_window: usize,
@@ -108,6 +114,7 @@ impl Default for Config {
             session_receive_cap: 256 * 1024 * 1024,
             credit: false,
             half_close: false,
+            replicas: false,
             credit_max_window: 32 * 1024 * 1024,
             stream_send_buffer: 256 * 1024,
             max_data_payload: 64 * 1024,

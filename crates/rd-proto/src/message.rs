@@ -1,5 +1,5 @@
-//! The eight remotedialer messages (plus rd's negotiated Credit and Fin), one variant each, and
-//! their wire encoding.
+//! The eight remotedialer messages (plus rd's negotiated Credit, Fin, GoAway and Replicas), one
+//! variant each, and their wire encoding.
 
 use std::fmt;
 
@@ -53,10 +53,17 @@ pub enum MessageType {
     /// rd extension (negotiated, never sent to Go peers): the sender has finished writing on a
     /// connection (half-close); it still reads.
     Fin = 65,
+    /// rd extension (negotiated, never sent to Go peers): the sender is leaving; the
+    /// receiver opens no new streams on this session and makes its replacement elsewhere,
+    /// while the streams in flight go on.
+    GoAway = 66,
+    /// rd extension (negotiated, never sent to Go peers): how many replicas the server side
+    /// counts (itself included), so an agent knows how many sessions to hold.
+    Replicas = 67,
 }
 
 impl MessageType {
-    /// The type for a wire code, if it is one of the eight known ones.
+    /// The type for a wire code, if it is one this implementation knows.
     pub fn from_code(code: i64) -> Option<Self> {
         Some(match code {
             1 => Self::Data,
@@ -69,6 +76,8 @@ impl MessageType {
             8 => Self::SyncConnections,
             64 => Self::Credit,
             65 => Self::Fin,
+            66 => Self::GoAway,
+            67 => Self::Replicas,
             _ => return None,
         })
     }
@@ -156,6 +165,20 @@ pub enum Message {
         /// The connection.
         conn_id: ConnId,
     },
+    /// rd's replicas extension: the sender is leaving (a draining server). The receiver
+    /// opens no new streams on this session and makes a replacement elsewhere; streams in
+    /// flight go on until they end or the sender closes the session. Session-level
+    /// (connection id 0).
+    GoAway {
+        /// Why, for logs; at most [`MAX_ERROR_TEXT`] bytes once received.
+        reason: String,
+    },
+    /// rd's replicas extension: the replicas the sender counts, itself included (a server
+    /// that sees a peer come or go tells its agents). Session-level (connection id 0).
+    Replicas {
+        /// The count.
+        count: u32,
+    },
     /// A type this implementation does not know; receivers ignore it, as Go does.
     Unknown {
         /// The type code.
@@ -191,6 +214,8 @@ impl fmt::Debug for Message {
                 f.debug_struct("SyncConnections").field("ids", ids).finish()
             }
             Self::Fin { conn_id } => f.debug_struct("Fin").field("conn_id", conn_id).finish(),
+            Self::GoAway { reason } => f.debug_struct("GoAway").field("reason", reason).finish(),
+            Self::Replicas { count } => f.debug_struct("Replicas").field("count", count).finish(),
             Self::Credit { conn_id, increment } => f
                 .debug_struct("Credit")
                 .field("conn_id", conn_id)
@@ -228,6 +253,8 @@ impl Message {
             Self::SyncConnections { .. } => MessageType::SyncConnections as i64,
             Self::Credit { .. } => MessageType::Credit as i64,
             Self::Fin { .. } => MessageType::Fin as i64,
+            Self::GoAway { .. } => MessageType::GoAway as i64,
+            Self::Replicas { .. } => MessageType::Replicas as i64,
             Self::Unknown { type_code, .. } => *type_code,
         }
     }
@@ -243,7 +270,11 @@ impl Message {
             | Self::Credit { conn_id, .. }
             | Self::Fin { conn_id }
             | Self::Unknown { conn_id, .. } => *conn_id,
-            Self::AddClient(_) | Self::RemoveClient(_) | Self::SyncConnections { .. } => ConnId(0),
+            Self::AddClient(_)
+            | Self::RemoveClient(_)
+            | Self::SyncConnections { .. }
+            | Self::GoAway { .. }
+            | Self::Replicas { .. } => ConnId(0),
         }
     }
 
@@ -257,6 +288,8 @@ impl Message {
             }
             Self::SyncConnections { ids } => ids.len() * 8,
             Self::Credit { increment, .. } => varint_len(i64::from(*increment)),
+            Self::GoAway { reason } => reason.len(),
+            Self::Replicas { count } => varint_len(i64::from(*count)),
             Self::Pause { .. } | Self::Resume { .. } | Self::Fin { .. } | Self::Unknown { .. } => 0,
         }
     }
@@ -290,6 +323,8 @@ impl Message {
             Self::AddClient(c) | Self::RemoveClient(c) => buf.put_slice(c.to_string().as_bytes()),
             Self::SyncConnections { ids } => ids.iter().for_each(|id| buf.put_i64_le(*id)),
             Self::Credit { increment, .. } => put_varint(buf, i64::from(*increment)),
+            Self::GoAway { reason } => buf.put_slice(reason.as_bytes()),
+            Self::Replicas { count } => put_varint(buf, i64::from(*count)),
             Self::Pause { .. } | Self::Resume { .. } | Self::Fin { .. } | Self::Unknown { .. } => {}
         }
     }
@@ -387,6 +422,16 @@ mod tests {
         assert_eq!(hex(&Message::Resume { conn_id: c }, 5), "0a020e");
         // rd's half-close: header only, type 65 (zig-zag 130 = `82 01`).
         assert_eq!(hex(&Message::Fin { conn_id: c }, 5), "0a028201");
+        // rd's replicas extension: session-level, type 66 (`84 01`) with a reason, type 67
+        // (`86 01`) with a varint count (3 -> `06`).
+        let go_away = Message::GoAway {
+            reason: "drain".into(),
+        };
+        assert_eq!(hex(&go_away, 5), "0a008401647261696e");
+        let replicas = Message::Replicas { count: 3 };
+        assert_eq!(hex(&replicas, 5), "0a00860106");
+        assert_eq!(go_away.to_bytes(5).len(), go_away.encoded_len(5));
+        assert_eq!(replicas.to_bytes(5).len(), replicas.encoded_len(5));
         let sync = Message::SyncConnections { ids: vec![2, 3, 7] };
         assert_eq!(
             hex(&sync, 6),

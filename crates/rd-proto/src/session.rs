@@ -151,6 +151,17 @@ pub enum Event {
     /// The session reads the websocket again after [`Limit::SessionStall`]: its readers
     /// caught up.
     ReadingResumed,
+    /// The peer is going away (a draining server, with the replicas extension): open no new
+    /// streams here and make a replacement session elsewhere; the streams in flight go on.
+    /// At most once per session.
+    PeerGoingAway {
+        /// The peer's reason, for logs.
+        reason: String,
+    },
+    /// The peer server counts this many replicas, itself included (replicas extension): an
+    /// agent holds a session with each. Sent when the session starts to differ from the
+    /// upgrade's count, and on every change.
+    ReplicasAnnounced(u32),
     /// The session ended; this is the last event.
     SessionClosed(SessionEnd),
 }
@@ -216,6 +227,10 @@ pub enum OpenError {
     /// [`Config::max_streams`] streams are live.
     #[error("too many streams: limit {0}")]
     TooManyStreams(usize),
+    /// The peer said it is going away ([`Event::PeerGoingAway`]): new streams belong on
+    /// another session.
+    #[error("the peer is going away: {0}")]
+    PeerGoingAway(String),
 }
 
 /// What a read produced.
@@ -291,6 +306,10 @@ pub struct Session {
     clock: Instant,
     /// The ceiling was reached and input stopped; reported once per episode.
     stalled: bool,
+    /// We sent GoAway (replicas extension): at most once.
+    going_away: bool,
+    /// The peer's GoAway reason, once it sent one.
+    peer_going_away: Option<String>,
     ended: Option<SessionEnd>,
 }
 
@@ -343,6 +362,8 @@ impl Session {
             next_rtt_probe: rtt_probe.map(|at| at + RTT_PROBE_INTERVAL),
             clock: now,
             stalled: false,
+            going_away: false,
+            peer_going_away: None,
             ended: None,
         }
     }
@@ -528,6 +549,14 @@ impl Session {
             Message::Credit { conn_id, increment } => self.on_credit(conn_id, increment),
             Message::Fin { conn_id } => self.on_fin(conn_id),
             Message::SyncConnections { ids } => self.on_sync(now, &ids),
+            Message::GoAway { reason } => self.on_go_away(reason),
+            Message::Replicas { count } => {
+                // Only a server counts replicas for its agents; like Fin, ignored unless
+                // negotiated.
+                if self.config.replicas && self.side == Side::Client {
+                    self.events.push_back(Event::ReplicasAnnounced(count));
+                }
+            }
             Message::Unknown { type_code, conn_id } => {
                 tracing::debug!(type_code, %conn_id, "ignoring message of unknown type");
             }
@@ -789,6 +818,14 @@ impl Session {
     /// directions are done and the stream leaves the wire. Fin for an unknown or closed
     /// stream, a second Fin, and Fin on a session without the extension are ignored (the
     /// last as Go ignores types it does not know).
+    fn on_go_away(&mut self, reason: String) {
+        if !self.config.replicas || self.peer_going_away.is_some() {
+            return;
+        }
+        self.peer_going_away = Some(reason.clone());
+        self.events.push_back(Event::PeerGoingAway { reason });
+    }
+
     fn on_fin(&mut self, conn_id: ConnId) {
         if !self.config.half_close {
             tracing::debug!(%conn_id, "ignoring fin: the extension was not negotiated");
@@ -1070,6 +1107,9 @@ impl Session {
         if self.streams.len() >= self.config.max_streams {
             return Err(OpenError::TooManyStreams(self.config.max_streams));
         }
+        if let Some(reason) = &self.peer_going_away {
+            return Err(OpenError::PeerGoingAway(reason.clone()));
+        }
         let id = self.streams.allocate_id();
         self.queue_control(&Message::Connect {
             conn_id: id,
@@ -1222,6 +1262,48 @@ impl Session {
             Message::RemoveClient(client)
         };
         self.queue_control(&msg);
+    }
+
+    /// Tells the peer that this side is going away (replicas extension; nothing without it):
+    /// it opens no new streams here and makes its replacement elsewhere, while streams in
+    /// flight go on. Sent at most once; this side may still open streams (a draining server
+    /// serves requests for an agent until it is reachable elsewhere). Returns whether the
+    /// message was queued (false if not negotiated, already sent, or the session ended).
+    pub fn go_away(&mut self, reason: &str) -> bool {
+        if !self.config.replicas || self.going_away || self.ended.is_some() {
+            return false;
+        }
+        self.going_away = true;
+        // Received texts are cut to 100 bytes (as Error's); cut here on a char boundary.
+        let mut end = reason.len().min(crate::message::MAX_ERROR_TEXT);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.queue_control(&Message::GoAway {
+            reason: reason[..end].to_owned(),
+        });
+        true
+    }
+
+    /// Whether [`go_away`](Self::go_away) was sent.
+    pub fn is_going_away(&self) -> bool {
+        self.going_away
+    }
+
+    /// The peer's GoAway reason, if it sent one ([`Event::PeerGoingAway`]).
+    pub fn peer_going_away(&self) -> Option<&str> {
+        self.peer_going_away.as_deref()
+    }
+
+    /// Tells the agent on the other end how many replicas this server counts, itself
+    /// included (replicas extension, server side only; nothing otherwise). A count of 0 is
+    /// sent as 1.
+    pub fn announce_replicas(&mut self, count: u32) {
+        if self.config.replicas && self.side == Side::Server {
+            self.queue_control(&Message::Replicas {
+                count: count.max(1),
+            });
+        }
     }
 
     /// Ends the session: every stream ends with `tunnel disconnect`. When `end` is

@@ -60,6 +60,8 @@ fn type_name(code: i64) -> &'static str {
         Some(MessageType::SyncConnections) => "SyncConnections",
         Some(MessageType::Credit) => "Credit",
         Some(MessageType::Fin) => "Fin",
+        Some(MessageType::GoAway) => "GoAway",
+        Some(MessageType::Replicas) => "Replicas",
         None => "Unknown",
     }
 }
@@ -145,8 +147,12 @@ fn check_message(section: &str, index: usize, m: &Value) -> String {
             assert_eq!(ids, &want, "{ctx} sync ids");
             assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ctx} sorted");
         }
-        Message::Unknown { .. } | Message::Credit { .. } | Message::Fin { .. } => {
-            panic!("{ctx}: Go never sent an unknown type or rd's Credit or Fin")
+        Message::Unknown { .. }
+        | Message::Credit { .. }
+        | Message::Fin { .. }
+        | Message::GoAway { .. }
+        | Message::Replicas { .. } => {
+            panic!("{ctx}: Go never sent an unknown type or one of rd's extensions")
         }
     }
 

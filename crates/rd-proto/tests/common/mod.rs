@@ -171,7 +171,9 @@ impl Peer {
                 Event::ClientAdded(_)
                 | Event::ClientRemoved(_)
                 | Event::LimitExceeded(_)
-                | Event::ReadingResumed => {}
+                | Event::ReadingResumed
+                | Event::PeerGoingAway { .. }
+                | Event::ReplicasAnnounced(_) => {}
                 other => panic!("event this harness does not know: {other:?}"),
             }
             self.events.push(ev);
