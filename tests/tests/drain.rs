@@ -1,7 +1,9 @@
-//! Graceful drain of rd-server on SIGTERM (issue 13): a download in flight completes
-//! byte-exact within the grace period while new requests get 503 and /readyz fails, idle
-//! agents move to a peer at once and busy ones when their stream ends; a stream still
-//! running at the deadline is cut and logged; a second SIGTERM exits at once.
+//! Graceful drain of rd-server on SIGTERM (issues 13 and 23): a download in flight completes
+//! byte-exact within the grace period while /readyz fails and new requests that still reach
+//! the draining server are served through the peer that holds the agent; the agents, which
+//! hold a session with each replica, stay reachable through the other replica the whole
+//! time; a stream still running at the deadline is cut and logged; a second SIGTERM exits
+//! at once.
 //!
 //! The downloads are read by the test at its own pace: holding a read back keeps the
 //! stream in flight (flow control pauses it) for as long as a step needs, without timing.
@@ -149,7 +151,7 @@ fn wait_for_log(server: &Proc, what: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_lets_a_download_finish_and_moves_the_agents_to_a_peer() {
+async fn sigterm_lets_a_download_finish_and_the_agents_stay_reachable() {
     let dir = TempDir::new("drain");
     let sha = big_file(dir.path());
     let (_dummy, dummy) = start_dummy(dir.path());
@@ -161,51 +163,83 @@ async fn sigterm_lets_a_download_finish_and_moves_the_agents_to_a_peer() {
             Some((a, b))
         })
         .expect("two peered servers");
-    // Both agents know both servers and start on a (the first listed).
+    // Both agents know both servers and hold a session with each.
     let urls = format!("ws://{a_addr}/connect,ws://{b_addr}/connect");
     let _foo = Proc::start("rd-client", &["-connect", &urls, "-id", "foo"]);
     let _bar = Proc::start("rd-client", &["-connect", &urls, "-id", "bar"]);
     let ok = |r: &Reply| r.status == 200 && r.text() == HELLO;
     let hello = |id: &str| format!("/client/{id}/http/{dummy}/hello.txt");
-    poll_get(a_addr, &hello("foo"), STEP, ok).await;
-    poll_get(a_addr, &hello("bar"), STEP, ok).await;
-    assert_eq!((sessions_of(&a, "foo"), sessions_of(&a, "bar")), (1, 1));
+    for id in ["foo", "bar"] {
+        for server in [&a, &b] {
+            wait_until(&format!("{id}'s session on each server"), STEP, || {
+                sessions_of(server, id) == 1
+            });
+        }
+        poll_get(a_addr, &hello(id), STEP, ok).await;
+        poll_get(b_addr, &hello(id), STEP, ok).await;
+    }
+    // Each server reached each agent through its own session: no peer hop.
+    for server in [a_addr, b_addr] {
+        assert_eq!(metric(server, "rd_dials{route=\"peer\"}").await, None);
+        assert!(metric(server, "rd_dials{route=\"local\"}").await >= Some(2.0));
+    }
 
-    // A download through foo, partly read, then held: in flight when the drain begins.
+    // A download through foo's session on a, partly read, then held: in flight when the
+    // drain begins.
     let mut download = Download::start(a_addr, &format!("/client/foo/http/{dummy}/big.bin")).await;
     assert_eq!(download.status, 200);
     download.read_some(1 << 20).await;
 
     a.terminate();
     wait_for_log(&a, "draining");
-    // Not ready, and no new work, at once.
+    // Not ready at once; a request that still reaches a (a load balancer learns of the
+    // drain only at its next probe) is served, through b, which holds the agent.
     let r = try_get(a_addr, "/readyz", STEP).await.unwrap();
     assert_eq!(r.status, 503, "{}", r.text());
-    let r = try_get(a_addr, &hello("foo"), STEP).await.unwrap();
-    assert_eq!(r.status, 503, "{}", r.text());
-    assert!(r.text().contains("draining"), "{}", r.text());
-    // bar was idle: it went to b at once, and is reachable there while foo's download runs.
-    let r = poll_get(b_addr, &hello("bar"), STEP, ok).await;
-    assert_eq!(r.text(), HELLO);
-    assert_eq!(sessions_of(&b, "bar"), 1);
-    assert_eq!(sessions_of(&b, "foo"), 0, "foo stays while its stream runs");
+    for id in ["foo", "bar"] {
+        let r = try_get(a_addr, &hello(id), STEP).await.unwrap();
+        assert!(
+            ok(&r),
+            "{id} through the draining server: {} {}",
+            r.status,
+            r.text()
+        );
+        let r = try_get(b_addr, &hello(id), STEP).await.unwrap();
+        assert!(ok(&r), "{id} through b: {} {}", r.status, r.text());
+    }
+    assert!(metric(a_addr, "rd_dials{route=\"peer\"}").await >= Some(2.0));
+    assert_eq!(
+        metric(b_addr, "rd_dials{route=\"peer\"}").await,
+        None,
+        "b never needed a"
+    );
     assert!(a.is_running(), "a waits for the download");
+    // The agents were told, and made no second session with b (they hold one already).
+    assert_eq!((sessions_of(&b, "foo"), sessions_of(&b, "bar")), (1, 1));
 
     // The rest of the download arrives, byte-exact.
     download.finish(STEP).await.unwrap();
     assert_eq!(download.received.len(), BIG);
     assert_eq!(hex::encode(Sha256::digest(&download.received)), sha);
 
-    // a is done: it exits cleanly, well within its grace period, and foo moved to b.
+    // a is done: it exits cleanly, well within its grace period.
     let status = a
         .wait_exit(STEP)
         .expect("a exits once its last stream is over");
     assert!(status.success(), "{status:?}\n{}", a.stderr());
     let log = a.stderr();
     assert!(log.contains("finished_in_time=true"), "{log}");
+    assert!(log.contains("agents_told=2"), "{log}");
     assert!(!log.contains("stream cut"), "{log}");
-    let r = poll_get(b_addr, &hello("foo"), STEP, ok).await;
-    assert_eq!(r.text(), HELLO);
+    for id in ["foo", "bar"] {
+        let r = poll_get(b_addr, &hello(id), STEP, ok).await;
+        assert_eq!(r.text(), HELLO);
+    }
+}
+
+async fn metric(server: SocketAddr, series: &str) -> Option<f64> {
+    let text = try_get(server, "/metrics", STEP).await.unwrap().text();
+    sample(&text, series)
 }
 
 /// One server, one agent, one download held unread (so in flight) for SIGTERM to find.

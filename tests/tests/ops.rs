@@ -425,9 +425,10 @@ fn wait_until_outcome(p: &Proc, outcome: &str) -> serde_json::Value {
         .unwrap()
 }
 
-/// rd-client's `--metrics-listen`: /healthz follows the session (503 without one, 200 with
-/// one), /metrics counts sessions, reconnects, streams and bytes; both binaries export
-/// `process_*` and the build info.
+/// rd-client's `--metrics-listen`: /readyz and /healthz follow the sessions (503 without one,
+/// 200 with one), /livez answers all along, /metrics counts sessions, reconnects, streams and
+/// bytes, and the sessions held by server id; both binaries export `process_*` and the build
+/// info.
 #[tokio::test]
 async fn client_metrics_and_health_follow_the_session() {
     let dir = TempDir::new("ops-metrics");
@@ -449,6 +450,10 @@ async fn client_metrics_and_health_follow_the_session() {
     );
     let down = poll_get(metrics, "/healthz", START_BOUND, |_| true).await;
     assert_eq!(down.status, 503, "{}", down.text());
+    let down = try_get(metrics, "/readyz", START_BOUND).await.unwrap();
+    assert_eq!(down.status, 503, "{}", down.text());
+    let live = try_get(metrics, "/livez", START_BOUND).await.unwrap();
+    assert_eq!((live.status, live.text().as_str()), (200, "ok\n"));
     poll_get(metrics, "/metrics", START_BOUND, |r| {
         sample(&r.text(), "rd_client_reconnects_total").is_some_and(|n| n >= 1.0)
     })
@@ -457,7 +462,12 @@ async fn client_metrics_and_health_follow_the_session() {
     let listen = format!("127.0.0.1:{port}");
     let (_server, addr) = Proc::start_listening("rd-server", &["-listen", &listen]);
     let up = poll_get(metrics, "/healthz", START_BOUND, |r| r.status == 200).await;
-    assert_eq!(up.text(), "ok: session up\n");
+    assert_eq!(up.text(), "ok: 1 session(s) up\n");
+    let up = try_get(metrics, "/readyz", START_BOUND).await.unwrap();
+    assert_eq!(
+        (up.status, up.text().as_str()),
+        (200, "ok: 1 session(s) up\n")
+    );
     let reply = poll_get(
         addr,
         &format!("/client/foo/http/{target}/a.txt"),
@@ -472,6 +482,15 @@ async fn client_metrics_and_health_follow_the_session() {
     .await
     .text();
     assert_eq!(sample(&text, "rd_client_session_up"), Some(1.0), "{text}");
+    // A server without a peer id gives none: one session, under the empty id.
+    assert_eq!(
+        sample(
+            &text,
+            "rd_client_server_sessions{server_id=\"\",going_away=\"false\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
     assert_eq!(
         sample(&text, "rd_client_sessions_total"),
         Some(1.0),

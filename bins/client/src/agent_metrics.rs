@@ -1,9 +1,9 @@
-//! rd-client's `--metrics-listen`: Prometheus metrics of the agent's session and a health
-//! endpoint that says whether a session is up.
+//! rd-client's `--metrics-listen`: Prometheus metrics of the agent's sessions, liveness
+//! (`/livez`) and readiness (`/readyz`, `/healthz`: at least one session is up).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -12,9 +12,10 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use rd_client::StateObserver;
+use rd_client::{HeldSession, StateObserver};
 use rd_proto::Target;
 use rd_session::SessionObserver;
 use tokio::net::TcpListener;
@@ -23,8 +24,14 @@ use tokio::net::TcpListener;
 #[derive(Debug)]
 pub struct AgentMetrics {
     registry: Registry,
-    up: AtomicBool,
+    /// Sessions up now.
+    up: AtomicI64,
     session_up: Gauge,
+    /// Sessions held now, by the server's id (`""` for a Go server).
+    held: Family<Vec<(&'static str, String)>, Gauge>,
+    /// The server ids in `held` now, to remove the series of servers gone (a replica
+    /// replaced by one with a new id must not leave its series behind for good).
+    held_ids: Mutex<Vec<String>>,
     sessions: Counter,
     redials: Counter,
     streams: Gauge,
@@ -38,8 +45,10 @@ impl AgentMetrics {
     pub fn new() -> Self {
         let mut m = Self {
             registry: Registry::default(),
-            up: AtomicBool::new(false),
+            up: AtomicI64::new(0),
             session_up: Gauge::default(),
+            held: Family::default(),
+            held_ids: Mutex::new(Vec::new()),
             sessions: Counter::default(),
             redials: Counter::default(),
             streams: Gauge::default(),
@@ -52,8 +61,13 @@ impl AgentMetrics {
         let rd = r.sub_registry_with_prefix("rd_client");
         rd.register(
             "session_up",
-            "1 while a session with the tunnel server is established, else 0",
+            "1 while at least one session with a tunnel server is established, else 0",
             m.session_up.clone(),
+        );
+        rd.register(
+            "server_sessions",
+            "Sessions held now, by the server's id (empty for a Go server); going_away=true while a draining server still serves its streams",
+            m.held.clone(),
         );
         rd.register(
             "sessions",
@@ -114,16 +128,37 @@ impl SessionObserver for AgentMetrics {
 
 impl StateObserver for AgentMetrics {
     fn session_up(&self) {
-        self.up.store(true, Ordering::Relaxed);
-        self.session_up.set(1);
+        let up = self.up.fetch_add(1, Ordering::Relaxed) + 1;
+        self.session_up.set(i64::from(up > 0));
         self.sessions.inc();
     }
     fn session_down(&self) {
-        self.up.store(false, Ordering::Relaxed);
-        self.session_up.set(0);
+        let up = self.up.fetch_sub(1, Ordering::Relaxed) - 1;
+        self.session_up.set(i64::from(up > 0));
     }
     fn redialing(&self) {
         self.redials.inc();
+    }
+    fn sessions(&self, held: &[HeldSession]) {
+        let mut ids = self.held_ids.lock().unwrap_or_else(|p| p.into_inner());
+        for id in ids.drain(..) {
+            for going_away in ["false", "true"] {
+                self.held.remove(&vec![
+                    ("server_id", id.clone()),
+                    ("going_away", going_away.into()),
+                ]);
+            }
+        }
+        for s in held {
+            let id = s.server_id.clone().unwrap_or_default();
+            self.held
+                .get_or_create(&vec![
+                    ("server_id", id.clone()),
+                    ("going_away", s.going_away.to_string()),
+                ])
+                .inc();
+            ids.push(id);
+        }
     }
 }
 
@@ -145,20 +180,22 @@ fn route(metrics: &AgentMetrics, req: &Request<Incoming>) -> Response<Full<Bytes
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             metrics.encode(),
         ),
-        // Healthy means useful: the agent serves the server only while a session is up.
-        "/healthz" if metrics.up.load(Ordering::Relaxed) => {
-            response(StatusCode::OK, TEXT, "ok: session up\n".into())
-        }
-        "/healthz" => response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            TEXT,
-            "no session with the tunnel server\n".into(),
-        ),
+        // The process answers: restarting it would not help.
+        "/livez" => response(StatusCode::OK, TEXT, "ok\n".into()),
+        // Ready means useful: the agent serves the servers only while a session is up.
+        "/readyz" | "/healthz" => match metrics.up.load(Ordering::Relaxed) {
+            n if n > 0 => response(StatusCode::OK, TEXT, format!("ok: {n} session(s) up\n")),
+            _ => response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                TEXT,
+                "no session with a tunnel server\n".into(),
+            ),
+        },
         _ => response(StatusCode::NOT_FOUND, TEXT, "404 page not found\n".into()),
     }
 }
 
-/// Serves /metrics and /healthz on `listener` until the task is dropped.
+/// Serves /metrics, /livez, /readyz and /healthz on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, metrics: Arc<AgentMetrics>) {
     loop {
         let (tcp, _) = match listener.accept().await {

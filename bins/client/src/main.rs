@@ -20,7 +20,8 @@ use agent_metrics::AgentMetrics;
 use clap::{ArgAction, Parser};
 use http::{HeaderName, HeaderValue};
 use rd_client::{
-    AllowAll, AllowRule, AllowRules, Client, ClientBuilder, ConnectOptions, ProxyMode, TlsOptions,
+    AllowAll, AllowRule, AllowRules, Client, ClientBuilder, ConnectOptions, ProxyMode,
+    SessionCount, TlsOptions,
 };
 use rd_proto::Config;
 use rd_session::{Backoff, Extensions};
@@ -38,11 +39,12 @@ use tracing::Instrument;
 #[derive(Debug, Parser)]
 #[command(name = "rd-client", version = cli::VERSION)]
 struct Args {
-    /// Websocket URL of the server's tunnel endpoint (ws:// or wss://). Repeat it (or give a
-    /// comma-separated list) for several replicas: the client stays on one while it works
-    /// and moves to the next at once when it goes away (a drain, a crash), backing off only
-    /// once all have failed. A host name with several addresses counts as one server per
-    /// address (same Host header and TLS name).
+    /// Websocket URL of the server's tunnel endpoint (ws:// or wss://), a load balancer in
+    /// front of several replicas or one replica. Repeat it (or give a comma-separated list)
+    /// for several: the client dials them in turn until it holds its --sessions, and moves
+    /// on at once when one goes away (a drain, a crash), backing off only once all have
+    /// failed. A host name with several addresses counts as one server per address (same
+    /// Host header and TLS name).
     #[arg(
         long,
         env = "RD_CONNECT",
@@ -51,6 +53,12 @@ struct Args {
         default_value = "ws://localhost:8123/connect"
     )]
     connect: Vec<String>,
+    /// Sessions to hold: `all` (one with each replica the rd servers count, found through
+    /// the --connect URL(s) even behind one load balancer, so a drain, restart or crash of
+    /// one replica never leaves this agent unreachable and no request takes a peer hop), or
+    /// at most a number; 1 is the behaviour of earlier versions. A Go server always gets one.
+    #[arg(long, env = "RD_SESSIONS", value_name = "all|N", default_value = "all")]
+    sessions: SessionCount,
     /// Client id, sent as the X-Tunnel-ID header (the example server's client key).
     #[arg(long, env = "RD_CLIENT_ID", default_value = "foo")]
     id: String,
@@ -98,8 +106,9 @@ struct Args {
     /// Do not verify the server's TLS certificate (test setups only).
     #[arg(long, env = "RD_INSECURE_SKIP_VERIFY")]
     insecure_skip_verify: bool,
-    /// Serve Prometheus metrics at /metrics and the session's health at /healthz on this
-    /// address (":PORT" or "HOST:PORT"). Off by default.
+    /// Serve Prometheus metrics at /metrics, liveness at /livez and readiness at /readyz
+    /// (200 while at least one session is up; /healthz is the same) on this address
+    /// (":PORT" or "HOST:PORT"). Off by default.
     #[arg(long, env = "RD_METRICS_LISTEN", value_name = "ADDR")]
     metrics_listen: Option<String>,
     /// Flow control to ask for: `credit` (per-stream windows, used when the server is rd;
@@ -213,6 +222,9 @@ async fn build(args: &Args, metrics: Option<Arc<AgentMetrics>>) -> Result<Client
     let extensions = Extensions {
         credit: args.flow_control == FlowControl::Credit,
         half_close: !args.no_half_close,
+        // Safe with every server: a Go server never answers it. It also gives a client of
+        // one session (--sessions 1) a make-before-break move when an rd server drains.
+        replicas: true,
     };
     let mut config = Config::default();
     config.ping_interval = args.ping_interval;
@@ -242,6 +254,7 @@ async fn build(args: &Args, metrics: Option<Arc<AgentMetrics>>) -> Result<Client
                 .with_proxy(ProxyMode::Env(proxy_env)),
         )
         .extensions(extensions)
+        .sessions(args.sessions)
         .header(HeaderName::from_static("x-tunnel-id"), id);
     if let Some(token) = token {
         let mut value = HeaderValue::try_from(token.as_str())
@@ -372,6 +385,17 @@ mod tests {
             "Bearer x"
         );
         assert!(parse(&["rd-client", "--allow", "nocolon"]).is_err());
+        assert_eq!(
+            parse(&["rd-client"]).expect("defaults").sessions,
+            SessionCount::All
+        );
+        assert_eq!(
+            parse(&["rd-client", "-sessions", "1"])
+                .expect("one")
+                .sessions,
+            SessionCount::ONE
+        );
+        assert!(parse(&["rd-client", "--sessions", "0"]).is_err());
         let c =
             parse(&["rd-client", "-no-half-close", "-flow-control", "pause"]).expect("go style");
         assert!(c.no_half_close);

@@ -1,23 +1,29 @@
-//! [`Client`]: connect to a server, serve its Connects, and redial when the tunnel drops.
+//! [`Client`]: connect to the servers, serve their Connects, hold a session with each
+//! replica, and redial when one drops.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::{HeaderName, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use rand::Rng;
 use rd_proto::{Config, SessionEnd, Target};
+use rd_session::transport::ClientWebSocket;
 use rd_session::{
-    Backoff, BoxFuture, BoxedIo, ConnectRefused, Extensions, SessionBuilder, SessionHandle,
-    SessionObserver,
+    Backoff, BoxFuture, BoxedIo, ConnectRefused, Extensions, PeerNotices, SessionBuilder,
+    SessionHandle, SessionObserver, HELD_SERVERS_HEADER,
 };
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::allow::{ConnectAuthorizer, DenyAll};
 use crate::dial::{LocalDialer, NetDialer, DEFAULT_DIAL_TIMEOUT};
 use crate::failover::{self, Endpoint, Next, Rotation};
-use crate::transport::{connect_websocket_negotiated, ConnectError, ConnectOptions};
+use crate::fleet::{Fleet, HeldSession, ServerInfo, SessionCount};
+use crate::transport::{connect_websocket_with_headers, ConnectError, ConnectOptions};
 
 /// An error a callback returns.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -46,6 +52,46 @@ struct Ended {
     going_away: bool,
 }
 
+/// What a session running in a task of its own tells [`Client::run`].
+enum SessionEvent {
+    /// The server said something about itself (it is going away, it counts more replicas).
+    Notice { slot: u64, notices: PeerNotices },
+    /// The session is over.
+    Ended {
+        slot: u64,
+        result: Result<Ended, ClientError>,
+        uptime: Duration,
+        endpoint: Endpoint,
+    },
+}
+
+/// How one attempt of [`Client::run`] ended.
+enum Attempt {
+    /// A new session, running in a task of its own.
+    Joined { slot: u64, server: ServerInfo },
+    /// The server is one the client holds a session with already (its `409`, or its id in
+    /// the `101`), or it is leaving (a draining server's `503`): try again elsewhere.
+    Elsewhere { server: ServerInfo },
+    /// The attempt failed.
+    Failed(ClientError),
+}
+
+/// A connected websocket, and what the server said in its `101`.
+struct Established {
+    ws: ClientWebSocket,
+    extensions: Extensions,
+    server: ServerInfo,
+}
+
+/// After this many attempts in a row that reached a server already held, the client waits
+/// (with the fill backoff) before it tries again. Through a load balancer that spreads
+/// connections evenly, each attempt finds a given missing replica with a chance of one in
+/// the count; this many per replica counted leaves a few percent of agents waiting.
+const ELSEWHERE_PER_REPLICA: usize = 3;
+
+/// A count that grew is answered within a random delay of up to this: a whole fleet learns
+/// of a new replica at once, and must not dial the load balancer at once.
+const FILL_SPREAD: Duration = Duration::from_secs(1);
 /// Configures a [`Client`].
 pub struct ClientBuilder {
     /// The servers, tried in this order; never empty.
@@ -59,6 +105,7 @@ pub struct ClientBuilder {
     backoff: Backoff,
     observer: Option<Arc<dyn SessionObserver>>,
     state: Option<Arc<dyn StateObserver>>,
+    sessions: SessionCount,
 }
 
 impl fmt::Debug for ClientBuilder {
@@ -85,16 +132,17 @@ impl ClientBuilder {
             backoff: Backoff::default(),
             observer: None,
             state: None,
+            sessions: SessionCount::All,
         }
     }
 
-    /// Adds another server (replicas of one service, say). [`Client::run`] stays on one
-    /// server while it works; when that server goes away (a going-away close from a
-    /// draining rd server, a lost link, a refused handshake) the client tries the next
-    /// one at once, and backs off only after every server failed in a round. A URL whose
-    /// host name has several addresses (a Kubernetes headless Service, say) counts as one
-    /// server per address, reached with the URL's `Host` header and TLS name; names are
-    /// resolved again at each round.
+    /// Adds another server (replicas of one service, say). [`Client::run`] dials them in
+    /// turn: with one session ([`sessions`](Self::sessions)) it stays on one server while
+    /// it works; when that server goes away (a drain, a lost link, a refused handshake) the
+    /// client tries the next one at once, and backs off only after every server failed in a
+    /// round. A URL whose host name has several addresses (a Kubernetes headless Service,
+    /// say) counts as one server per address, reached with the URL's `Host` header and TLS
+    /// name; names are resolved again at each round.
     pub fn server(mut self, url: impl Into<String>) -> Self {
         self.urls.push(url.into());
         self
@@ -182,6 +230,23 @@ impl ClientBuilder {
         self
     }
 
+    /// How many sessions [`Client::run`] holds (default: [`SessionCount::All`], one with
+    /// each replica the servers count).
+    ///
+    /// An rd server with a peer id tells the agent its id and how many replicas it counts
+    /// (replicas extension); the client keeps dialing its URL(s), through a load balancer
+    /// or not, until it holds a session with that many distinct servers, and fills again
+    /// when the count grows, a server goes away or a session ends. Each replica then
+    /// reaches the agent through its own session: no peer hop, and no moment in which a
+    /// drain, a restart or a crash of one replica leaves the agent unreachable (a draining
+    /// server says so, and the client makes the replacement while the old session still
+    /// serves its streams). Against a Go server (no count) it holds one, as with
+    /// [`SessionCount::ONE`], the behaviour of earlier versions.
+    pub fn sessions(mut self, count: SessionCount) -> Self {
+        self.sessions = count;
+        self
+    }
+
     /// Builds the client.
     pub fn build(self) -> Client {
         Client {
@@ -192,7 +257,7 @@ impl ClientBuilder {
 }
 
 /// A tunnel client: [`connect`](Self::connect) for one session, [`run`](Self::run) to keep
-/// one up.
+/// one up with each replica.
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<ClientBuilder>,
@@ -205,10 +270,14 @@ pub struct Client {
 pub trait StateObserver: Send + Sync + 'static {
     /// A session is established.
     fn session_up(&self);
-    /// The session ended (or the callback failed).
+    /// A session ended (or its callback failed).
     fn session_down(&self);
     /// The client is about to wait and connect again.
     fn redialing(&self);
+    /// The sessions held changed (one came, went, or its server said it is going away).
+    fn sessions(&self, held: &[HeldSession]) {
+        let _ = held;
+    }
 }
 
 impl fmt::Debug for Client {
@@ -265,44 +334,70 @@ impl Client {
     /// every line, including those of the session's streams. The server's session key is
     /// not known on this side.
     ///
-    /// This tries the first server only; [`run`](Self::run) moves between servers.
+    /// This tries the first server only, for one session; [`run`](Self::run) moves between
+    /// servers and holds one session per replica.
     pub async fn connect(&self, cancel: &CancellationToken) -> Result<SessionEnd, ClientError> {
         let first = Endpoint {
             url: self.inner.urls[0].clone(),
             addr: None,
         };
-        self.connect_endpoint(&first, cancel)
-            .await
-            .map(|ended| ended.end)
+        let span = self.next_span();
+        async {
+            let Some(established) = self.establish(&first, &[], cancel, true).await? else {
+                return Ok(SessionEnd::Local);
+            };
+            let session = self.start_session(established.ws, established.extensions);
+            self.serve(session, 0, cancel, None)
+                .await
+                .map(|ended| ended.end)
+        }
+        .instrument(span)
+        .await
     }
 
-    async fn connect_endpoint(
-        &self,
-        endpoint: &Endpoint,
-        cancel: &CancellationToken,
-    ) -> Result<Ended, ClientError> {
+    fn next_span(&self) -> tracing::Span {
         let n = self.attempts.fetch_add(1, Ordering::Relaxed) + 1;
-        let span = tracing::info_span!("session", session = n);
-        self.connect_once(endpoint, cancel).instrument(span).await
+        tracing::info_span!("session", session = n)
     }
 
-    async fn connect_once(
+    /// Connects the websocket; `Ok(None)` if `cancel` fired first. `held` are the ids of
+    /// the servers held already (sent to rd servers, which answer `409` if theirs is
+    /// among them).
+    async fn establish(
         &self,
         endpoint: &Endpoint,
+        held: &[&str],
         cancel: &CancellationToken,
-    ) -> Result<Ended, ClientError> {
-        tracing::info!(server = %endpoint, "connecting to the tunnel server");
-        let options = self.inner.options.clone().with_connect_to(endpoint.addr);
-        let (ws, extensions) = tokio::select! {
-            r = connect_websocket_negotiated(&endpoint.url, &options) => r?,
-            () = cancel.cancelled() => return Ok(Ended { end: SessionEnd::Local, going_away: false }),
+        first: bool,
+    ) -> Result<Option<Established>, ClientError> {
+        if first {
+            tracing::info!(server = %endpoint, "connecting to the tunnel server");
+        } else {
+            tracing::debug!(server = %endpoint, "connecting to the tunnel server");
+        }
+        let mut options = self.inner.options.clone().with_connect_to(endpoint.addr);
+        if options.extensions.replicas && !held.is_empty() {
+            if let Ok(v) = HeaderValue::from_str(&held.join(",")) {
+                options.headers.insert(HELD_SERVERS_HEADER, v);
+            }
+        }
+        let (ws, extensions, headers) = tokio::select! {
+            r = connect_websocket_with_headers(&endpoint.url, &options) => r?,
+            () = cancel.cancelled() => return Ok(None),
         };
-        tracing::info!(
-            server = %endpoint,
-            flow_control = extensions.flow_control(),
-            half_close = extensions.half_close,
-            "connected to the tunnel server"
-        );
+        let server = if extensions.replicas {
+            ServerInfo::from_headers(&headers)
+        } else {
+            ServerInfo::default()
+        };
+        Ok(Some(Established {
+            ws,
+            extensions,
+            server,
+        }))
+    }
+
+    fn start_session(&self, ws: ClientWebSocket, extensions: Extensions) -> SessionHandle {
         let mut builder = SessionBuilder::client()
             .config(self.inner.session_config.clone())
             .extensions(extensions)
@@ -315,38 +410,60 @@ impl Client {
         if let Some(state) = &self.inner.state {
             state.session_up();
         }
+        session
+    }
+
+    /// Serves a session until it ends (or `cancel` fires), passing what the server says
+    /// about itself on to `notices`, and says why it ended.
+    async fn serve(
+        &self,
+        session: SessionHandle,
+        slot: u64,
+        cancel: &CancellationToken,
+        notices: Option<&mpsc::UnboundedSender<SessionEvent>>,
+    ) -> Result<Ended, ClientError> {
         let session_cancel = cancel.child_token();
-        let callback = self
+        let mut callback = self
             .inner
             .on_connect
             .as_ref()
             .map(|f| f(session.clone(), session_cancel.clone()));
-        let callback = async move {
-            match callback {
-                Some(fut) => fut.await,
-                None => std::future::pending().await,
-            }
-        };
-        let result = tokio::select! {
-            end = session.closed() => Ok(end),
-            () = cancel.cancelled() => {
-                session.close();
-                Ok(session.closed().await)
-            }
-            r = callback => match r {
-                // Go changes nothing when the callback returns without error.
-                Ok(()) => Ok(session.closed().await),
-                Err(e) => {
+        let mut watch = session.notices();
+        let result = loop {
+            tokio::select! {
+                end = session.closed() => break Ok(end),
+                () = cancel.cancelled() => {
                     session.close();
-                    Err(ClientError::OnConnect(e))
+                    break Ok(session.closed().await);
                 }
-            },
+                r = async { callback.as_mut().expect("guarded").await }, if callback.is_some() => {
+                    callback = None;
+                    match r {
+                        // Go changes nothing when the callback returns without error.
+                        Ok(()) => {}
+                        Err(e) => {
+                            session.close();
+                            break Err(ClientError::OnConnect(e));
+                        }
+                    }
+                }
+                changed = watch.changed() => {
+                    if changed.is_err() {
+                        // The session is gone; `closed` says why.
+                        break Ok(session.closed().await);
+                    }
+                    let now = watch.borrow_and_update().clone();
+                    if let Some(tx) = notices {
+                        tx.send(SessionEvent::Notice { slot, notices: now }).ok();
+                    }
+                }
+            }
         };
         session_cancel.cancel();
         if let Some(state) = &self.inner.state {
             state.session_down();
         }
-        let going_away = session.peer_went_away();
+        let going_away = session.peer_went_away() || session.peer_going_away().is_some();
         match &result {
             Ok(end) if going_away => {
                 tracing::info!(reason = %end, "session ended: the server is going away (draining)")
@@ -357,73 +474,354 @@ impl Client {
         result.map(|end| Ended { end, going_away })
     }
 
-    /// Keeps a session up until `cancel` fires. When the session ends or an attempt fails
-    /// the client tries the next server at once (see [`ClientBuilder::server`]); with one
-    /// server, or once every server failed in a round, it waits with capped exponential
-    /// backoff and jitter, reset after a healthy session. A server going away (a drain)
-    /// is left at once, whatever the count. A `503` with `Retry-After` keeps that server
-    /// aside for at least that long.
+    /// One attempt of [`run`](Self::run): connect to `endpoint` and, if the server is one
+    /// the client does not hold yet, run the session in a task of its own.
+    async fn attempt(
+        &self,
+        endpoint: &Endpoint,
+        fleet: &Fleet,
+        slot: u64,
+        cancel: &CancellationToken,
+        tasks: &mut JoinSet<()>,
+        events: &mpsc::UnboundedSender<SessionEvent>,
+    ) -> Option<Attempt> {
+        let span = self.next_span();
+        let first = fleet.len() == 0;
+        let established = match self
+            .establish(endpoint, &fleet.held_ids(), cancel, first)
+            .instrument(span.clone())
+            .await
+        {
+            Ok(Some(e)) => e,
+            Ok(None) => return None,
+            Err(ClientError::Connect(e)) => {
+                return Some(match elsewhere(&e) {
+                    Some(server) => Attempt::Elsewhere { server },
+                    None => Attempt::Failed(ClientError::Connect(e)),
+                })
+            }
+            Err(e) => return Some(Attempt::Failed(e)),
+        };
+        let Established {
+            ws,
+            extensions,
+            server,
+        } = established;
+        if server.id.as_deref().is_some_and(|id| fleet.holds(id)) {
+            // A server that ignores the held list (or raced us): not a second session.
+            let _span = span.enter();
+            tracing::debug!(
+                server_id = server.id.as_deref(),
+                "a server held already: closing"
+            );
+            let mut ws = ws;
+            tokio::time::timeout(Duration::from_secs(1), ws.close(None))
+                .await
+                .ok();
+            return Some(Attempt::Elsewhere { server });
+        }
+        let session = {
+            let _span = span.enter();
+            tracing::info!(
+                server = %endpoint,
+                server_id = server.id.as_deref(),
+                replicas = server.replicas,
+                flow_control = extensions.flow_control(),
+                half_close = extensions.half_close,
+                "connected to the tunnel server"
+            );
+            self.start_session(ws, extensions)
+        };
+        let client = self.clone();
+        let cancel = cancel.clone();
+        let events = events.clone();
+        let endpoint = endpoint.clone();
+        tasks.spawn(
+            async move {
+                let started = Instant::now();
+                let result = client.serve(session, slot, &cancel, Some(&events)).await;
+                events
+                    .send(SessionEvent::Ended {
+                        slot,
+                        result,
+                        uptime: started.elapsed(),
+                        endpoint,
+                    })
+                    .ok();
+            }
+            .instrument(span),
+        );
+        Some(Attempt::Joined { slot, server })
+    }
+
+    /// Keeps sessions up until `cancel` fires: one with each replica the servers count (see
+    /// [`ClientBuilder::sessions`]), each in a task of its own.
+    ///
+    /// When a session ends or an attempt fails the client tries the next server at once
+    /// (see [`ClientBuilder::server`]); with one server, or once every server failed in a
+    /// round, it waits with capped exponential backoff and jitter, reset after a healthy
+    /// session. A server going away (a drain) is left at once, whatever the count. A `503`
+    /// with `Retry-After` keeps that server aside for at least that long. An attempt that
+    /// reaches a server held already is tried again at once, and after a few in a row with
+    /// a backoff of its own (1 s doubling to 30 s): the agent is reachable meanwhile.
     pub async fn run(&self, cancel: CancellationToken) {
-        let mut backoff = self.inner.backoff.clone();
-        let mut rotation = Rotation::default();
-        rotation.set_endpoints(failover::resolve(&self.inner.urls, &self.inner.options).await);
-        while !cancel.is_cancelled() {
-            let Some(endpoint) = rotation.current().cloned() else {
-                break;
-            };
-            let started = Instant::now();
-            let next = match self.connect_endpoint(&endpoint, &cancel).await {
-                Ok(ended) => {
-                    let uptime = started.elapsed();
-                    backoff.session_ended(uptime);
-                    if !cancel.is_cancelled() && !ended.going_away {
-                        tracing::warn!(reason = %ended.end, server = %endpoint, "tunnel session lost");
-                    }
-                    rotation.session_ended(uptime, ended.going_away)
-                }
-                Err(e) => {
-                    match &e {
-                        ClientError::Connect(c) if c.is_auth_failure() => {
-                            tracing::error!(error = %rd_session::error_chain(&e), server = %endpoint, "the server refused our credentials");
-                        }
-                        _ => {
-                            tracing::warn!(error = %rd_session::error_chain(&e), server = %endpoint, "cannot reach the tunnel server")
-                        }
-                    }
-                    let retry_after = match &e {
-                        ClientError::Connect(c) => c.retry_after(),
-                        ClientError::OnConnect(_) => None,
-                    };
-                    rotation.attempt_failed(tokio::time::Instant::now(), retry_after)
-                }
-            };
-            if cancel.is_cancelled() {
-                break;
-            }
-            if let Some(state) = &self.inner.state {
-                state.redialing();
-            }
-            if next == Next::Now {
-                if let Some(to) = rotation.current() {
-                    tracing::info!(server = %to, "redialing at once");
-                }
-                continue;
-            }
-            let delay = backoff.next_delay();
-            tracing::info!(?delay, servers = rotation.len(), "redialing");
+        let mut run = Run {
+            backoff: self.inner.backoff.clone(),
+            fill_backoff: Backoff::new(
+                Duration::from_secs(1),
+                Duration::from_secs(30),
+                Duration::from_secs(60),
+            ),
+            rotation: Rotation::default(),
+            fleet: Fleet::new(self.inner.sessions),
+            next_dial: Some(tokio::time::Instant::now()),
+            new_round: false,
+            elsewhere: 0,
+            next_slot: 0,
+        };
+        run.rotation
+            .set_endpoints(failover::resolve(&self.inner.urls, &self.inner.options).await);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut tasks = JoinSet::new();
+        let sessions_cancel = cancel.child_token();
+        loop {
+            let dial_at = run.next_dial;
             tokio::select! {
-                () = tokio::time::sleep(delay) => {}
+                biased;
                 () = cancel.cancelled() => break,
-            }
-            rotation.set_endpoints(failover::resolve(&self.inner.urls, &self.inner.options).await);
-            let wait = rotation.start_round(tokio::time::Instant::now());
-            if !wait.is_zero() {
-                tracing::info!(?wait, "waiting for the server's Retry-After");
-                tokio::select! {
-                    () = tokio::time::sleep(wait) => {}
-                    () = cancel.cancelled() => break,
+                Some(event) = rx.recv() => self.on_event(&mut run, event, &cancel),
+                () = async { tokio::time::sleep_until(dial_at.expect("guarded")).await }, if dial_at.is_some() => {
+                    run.next_dial = None;
+                    if run.new_round {
+                        run.new_round = false;
+                        run.rotation.set_endpoints(
+                            failover::resolve(&self.inner.urls, &self.inner.options).await,
+                        );
+                        let wait = run.rotation.start_round(tokio::time::Instant::now());
+                        if !wait.is_zero() {
+                            tracing::info!(?wait, "waiting for the server's Retry-After");
+                            run.next_dial = Some(tokio::time::Instant::now() + wait);
+                            continue;
+                        }
+                    }
+                    let Some(endpoint) = run.rotation.current().cloned() else {
+                        break;
+                    };
+                    run.next_slot += 1;
+                    let slot = run.next_slot;
+                    let attempt = self
+                        .attempt(&endpoint, &run.fleet, slot, &sessions_cancel, &mut tasks, &tx)
+                        .await;
+                    match attempt {
+                        Some(attempt) => self.on_attempt(&mut run, &endpoint, attempt),
+                        None => break,
+                    }
                 }
+            }
+            // Reap finished session tasks (their outcome came as an event).
+            while tasks.try_join_next().is_some() {}
+        }
+        // Every session closes with a close frame; wait for them (each within the
+        // session's close bound).
+        sessions_cancel.cancel();
+        while tasks.join_next().await.is_some() {}
+    }
+
+    fn report(&self, run: &Run) {
+        if let Some(state) = &self.inner.state {
+            state.sessions(&run.fleet.held());
+        }
+    }
+
+    fn on_attempt(&self, run: &mut Run, endpoint: &Endpoint, attempt: Attempt) {
+        let now = tokio::time::Instant::now();
+        match attempt {
+            Attempt::Joined { slot, server } => {
+                run.fleet.add(slot, server);
+                run.elsewhere = 0;
+                run.fill_backoff.reset();
+                self.report(run);
+                if run.fleet.target() > 1 {
+                    tracing::info!(
+                        sessions = run.fleet.live_count(),
+                        replicas = run.fleet.target(),
+                        "holding sessions with {} of {} replicas",
+                        run.fleet.live_count(),
+                        run.fleet.target()
+                    );
+                }
+                if run.fleet.wants_more() {
+                    // The next replica is more likely behind the next endpoint.
+                    run.rotation.advance();
+                    run.next_dial = Some(now);
+                }
+            }
+            Attempt::Elsewhere { server } => {
+                if let (Some(id), Some(n)) = (server.id.as_deref(), server.replicas) {
+                    run.fleet.replicas_of(id, n);
+                }
+                if !run.fleet.wants_more() {
+                    return;
+                }
+                run.elsewhere += 1;
+                if run.rotation.len() > 1 && run.elsewhere < run.rotation.len() {
+                    run.rotation.advance();
+                    run.next_dial = Some(now);
+                } else if run.elsewhere < ELSEWHERE_PER_REPLICA * run.fleet.target() {
+                    run.next_dial = Some(now);
+                } else {
+                    run.elsewhere = 0;
+                    let delay = run.fill_backoff.next_delay();
+                    tracing::info!(
+                        ?delay,
+                        sessions = run.fleet.live_count(),
+                        replicas = run.fleet.target(),
+                        "every attempt reached a replica held already: trying again later"
+                    );
+                    run.next_dial = Some(now + delay);
+                }
+            }
+            Attempt::Failed(e) => {
+                match &e {
+                    ClientError::Connect(c) if c.is_auth_failure() => {
+                        tracing::error!(error = %rd_session::error_chain(&e), server = %endpoint, "the server refused our credentials");
+                    }
+                    _ => {
+                        tracing::warn!(error = %rd_session::error_chain(&e), server = %endpoint, "cannot reach the tunnel server")
+                    }
+                }
+                let retry_after = match &e {
+                    ClientError::Connect(c) => c.retry_after(),
+                    ClientError::OnConnect(_) => None,
+                };
+                let next = run.rotation.attempt_failed(now, retry_after);
+                self.schedule(run, next);
             }
         }
     }
+
+    fn on_event(&self, run: &mut Run, event: SessionEvent, cancel: &CancellationToken) {
+        match event {
+            SessionEvent::Notice { slot, notices } => {
+                let target = run.fleet.target();
+                let left = notices.going_away.is_some() && run.fleet.going_away(slot);
+                if let Some(n) = notices.replicas {
+                    run.fleet.replicas(slot, n);
+                }
+                self.report(run);
+                if !run.fleet.wants_more() {
+                    return;
+                }
+                let now = tokio::time::Instant::now();
+                if left {
+                    // Make-before-break: the replacement, while the old session still serves.
+                    tracing::info!(
+                        reason = notices.going_away.as_deref(),
+                        "a server is going away: making the replacement session"
+                    );
+                    run.elsewhere = 0;
+                    run.next_dial = Some(now);
+                } else if run.fleet.target() > target {
+                    run.fill_backoff.reset();
+                    run.elsewhere = 0;
+                    let spread = FILL_SPREAD.mul_f64(rand::rng().random_range(0.0..=1.0));
+                    tracing::info!(
+                        replicas = run.fleet.target(),
+                        "the servers count more replicas: filling"
+                    );
+                    let at = now + spread;
+                    run.next_dial = Some(run.next_dial.map_or(at, |t| t.min(at)));
+                }
+            }
+            SessionEvent::Ended {
+                slot,
+                result,
+                uptime,
+                endpoint,
+            } => {
+                run.fleet.remove(slot);
+                self.report(run);
+                run.backoff.session_ended(uptime);
+                if cancel.is_cancelled() {
+                    return;
+                }
+                let going_away = match &result {
+                    Ok(ended) => {
+                        if !ended.going_away {
+                            tracing::warn!(reason = %ended.end, server = %endpoint, "tunnel session lost");
+                        }
+                        ended.going_away
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %rd_session::error_chain(e), server = %endpoint, "tunnel session lost");
+                        false
+                    }
+                };
+                if !run.fleet.wants_more() || run.next_dial.is_some() {
+                    return;
+                }
+                let next = run.rotation.session_ended(uptime, going_away);
+                self.schedule(run, next);
+            }
+        }
+    }
+
+    /// Plans the next attempt after a failure or a lost session: at once, or after the
+    /// backoff and a new round.
+    fn schedule(&self, run: &mut Run, next: Next) {
+        if !run.fleet.wants_more() {
+            return;
+        }
+        if let Some(state) = &self.inner.state {
+            state.redialing();
+        }
+        let now = tokio::time::Instant::now();
+        if next == Next::Now {
+            if let Some(to) = run.rotation.current() {
+                tracing::info!(server = %to, "redialing at once");
+            }
+            run.next_dial = Some(now);
+            return;
+        }
+        let delay = run.backoff.next_delay();
+        tracing::info!(?delay, servers = run.rotation.len(), "redialing");
+        run.new_round = true;
+        run.next_dial = Some(now + delay);
+    }
+}
+
+/// What [`Client::run`] keeps between attempts.
+struct Run {
+    backoff: Backoff,
+    /// Between rounds of attempts that all reached servers held already.
+    fill_backoff: Backoff,
+    rotation: Rotation,
+    fleet: Fleet,
+    /// When to make the next attempt (`None`: none is wanted now).
+    next_dial: Option<tokio::time::Instant>,
+    /// The next attempt starts a round: resolve the names again, honour Retry-After.
+    new_round: bool,
+    /// Attempts in a row that reached a server held already.
+    elsewhere: usize,
+    next_slot: u64,
+}
+
+/// The server of a refused upgrade, if the refusal means "not here, try another replica":
+/// a `409` from a server the client holds already, or a draining server's `503`, each with
+/// the server's id (an rd server answering an agent that offered the replicas extension).
+fn elsewhere(e: &ConnectError) -> Option<ServerInfo> {
+    let ConnectError::Rejected {
+        status, headers, ..
+    } = e
+    else {
+        return None;
+    };
+    let info = ServerInfo::from_headers(headers);
+    let not_here = *status == StatusCode::CONFLICT
+        || (*status == StatusCode::SERVICE_UNAVAILABLE && !has_retry_after(headers));
+    (not_here && info.id.is_some()).then_some(info)
+}
+
+fn has_retry_after(headers: &HeaderMap) -> bool {
+    headers.contains_key(http::header::RETRY_AFTER)
 }

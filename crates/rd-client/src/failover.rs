@@ -75,6 +75,14 @@ impl Rotation {
         self.endpoints.get(self.current)
     }
 
+    /// Moves to the next endpoint, for the next of several sessions (the next replica is
+    /// more likely behind another endpoint).
+    pub(crate) fn advance(&mut self) {
+        if !self.endpoints.is_empty() {
+            self.current = (self.current + 1) % self.endpoints.len();
+        }
+    }
+
     /// How many endpoints there are.
     pub(crate) fn len(&self) -> usize {
         self.endpoints.len()

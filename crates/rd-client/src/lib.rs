@@ -2,8 +2,9 @@
 //!
 //! A [`Client`] dials out to a server's websocket endpoint (`ws://` or `wss://`, through an
 //! HTTP proxy from the environment when one is set), then lets the server open connections
-//! to targets on this side, within the [`ConnectAuthorizer`] rules. [`Client::run`] keeps
-//! one session up, redialing with capped exponential backoff and full jitter.
+//! to targets on this side, within the [`ConnectAuthorizer`] rules. [`Client::run`] keeps a
+//! session up with each replica the servers count (one with a Go server), redialing with
+//! capped exponential backoff and full jitter.
 //!
 //! ```no_run
 //! use http::{HeaderName, HeaderValue};
@@ -25,10 +26,12 @@ mod allow;
 mod client;
 mod dial;
 mod failover;
+mod fleet;
 
 pub use allow::{AllowAll, AllowRule, AllowRuleError, AllowRules, ConnectAuthorizer, DenyAll};
 pub use client::{BoxError, Client, ClientBuilder, ClientError, OnConnect, StateObserver};
 pub use dial::{LocalDialer, NetDialer, DEFAULT_DIAL_TIMEOUT};
+pub use fleet::{HeldSession, InvalidSessionCount, SessionCount};
 /// The websocket transport now lives in rd-session, shared with rd-server's peer links;
 /// re-exported here so `rd_client::transport::...` paths keep working.
 pub use rd_session::transport;

@@ -23,7 +23,9 @@ pub(crate) struct Routing {
     pub(crate) clients: SharedRegistry,
     pub(crate) peers: PeerSet,
     pub(crate) dial_seconds: Histogram,
-    /// Set by [`Server::begin_drain`](crate::Server::begin_drain): dials are refused.
+    /// Counts dials by route.
+    pub(crate) metrics: crate::metrics::Metrics,
+    /// Set by [`Server::begin_drain`](crate::Server::begin_drain): dials prefer the peers.
     pub(crate) draining: AtomicBool,
 }
 
@@ -43,18 +45,45 @@ enum Route {
 }
 
 impl Routing {
-    /// Local sessions first, then the first peer that announced the key (Go's order). The
-    /// two locks are taken one after the other, never together.
-    fn route(&self, client_key: &str) -> Option<Route> {
+    /// Where a dial for `client_key` goes.
+    ///
+    /// Normally our own session first (the oldest live one, as Go), then the first peer that
+    /// announced the key: the hop is only the fallback, for Go agents and rd agents still
+    /// filling their sessions. While draining, the other way round: a peer that is staying
+    /// first (so the session we hand over carries nothing new), then our own session unless
+    /// it was withdrawn (make-before-break: an agent not yet reachable elsewhere is still
+    /// served here), then a peer that is going away too. `serve_peer` is for Connects a peer
+    /// routed to us: our session first, draining or not, since the peer chose us.
+    ///
+    /// The two locks are taken one after the other, never together.
+    fn route(&self, client_key: &str, serve_peer: bool) -> Result<Route, DialError> {
         let local = registry::lock(&self.clients).route(client_key);
+        let draining = self.draining.load(Ordering::SeqCst);
+        if !draining || serve_peer {
+            if let Some(h) = local {
+                return Ok(Route::Local(h));
+            }
+            return self
+                .peers
+                .route(client_key)
+                .map(Route::Peer)
+                .ok_or_else(|| DialError::NoSession(client_key.to_owned()));
+        }
+        let peer = self.peers.route(client_key);
+        if let Some(link) = peer.as_ref().filter(|h| h.peer_going_away().is_none()) {
+            return Ok(Route::Peer(link.clone()));
+        }
         match local {
-            Some(h) => Some(Route::Local(h)),
-            None => self.peers.route(client_key).map(Route::Peer),
+            Some(h) if !self.peers.is_withdrawn(&h) => Ok(Route::Local(h)),
+            Some(_) if peer.is_none() => Err(DialError::Draining),
+            _ => peer
+                .map(Route::Peer)
+                .ok_or_else(|| DialError::NoSession(client_key.to_owned())),
         }
     }
 
     pub(crate) fn has_route(&self, client_key: &str) -> bool {
-        self.route(client_key).is_some()
+        self.route(client_key, false).is_ok()
     }
 }
 
@@ -75,9 +104,8 @@ impl ConnectHandler for PeerConnects {
                     target.network()
                 )));
             };
-            let stream = Dialer::new(routing, client_key.to_owned())
-                .dial_target(target.without_route())
-                .await
+            let (stream, _) = Dialer::new(routing, client_key.to_owned())
+                .dial_routed(target.without_route(), true)
                 .map_err(|e| ConnectRefused(e.to_string()))?;
             Ok(Box::new(stream) as BoxedIo)
         })
@@ -97,7 +125,9 @@ pub enum DialError {
     /// The session refused (ended, or too many streams).
     #[error(transparent)]
     Session(#[from] rd_session::DialError),
-    /// This server is draining ([`Server::begin_drain`](crate::Server::begin_drain)): it opens no new streams.
+    /// This server is draining ([`Server::begin_drain`](crate::Server::begin_drain)) and
+    /// has withdrawn the client's session (a Go agent, or one reachable elsewhere), and no
+    /// peer announced the client: it opens no new streams to it.
     #[error("server draining: no new connections")]
     Draining,
 }
@@ -141,24 +171,26 @@ impl Dialer {
 
     /// Same as [`dial`](Self::dial) with a parsed target.
     pub async fn dial_target(&self, target: Target) -> Result<TunnelStream, DialError> {
-        self.dial_routed(target).await.map(|(stream, _)| stream)
+        self.dial_routed(target, false).map(|(stream, _)| stream)
     }
 
-    /// Dials and says through which session (for logs).
-    async fn dial_routed(&self, target: Target) -> Result<(TunnelStream, TunnelInfo), DialError> {
-        if self.routing.draining.load(Ordering::SeqCst) {
-            return Err(DialError::Draining);
-        }
-        let route = self.routing.route(&self.client_key);
-        let (stream, session_key, via_peer) = match route {
-            Some(Route::Local(session)) => (session.dial(target)?, session.session_key(), false),
-            Some(Route::Peer(link)) => (
-                link.dial(target.routed_via(self.client_key.clone())?)?,
-                link.session_key(),
-                true,
-            ),
-            None => return Err(DialError::NoSession(self.client_key.clone())),
-        };
+    /// Dials and says through which session (for logs); see [`Routing::route`] for
+    /// `serve_peer`.
+    fn dial_routed(
+        &self,
+        target: Target,
+        serve_peer: bool,
+    ) -> Result<(TunnelStream, TunnelInfo), DialError> {
+        let (stream, session_key, via_peer) =
+            match self.routing.route(&self.client_key, serve_peer)? {
+                Route::Local(session) => (session.dial(target)?, session.session_key(), false),
+                Route::Peer(link) => (
+                    link.dial(target.routed_via(self.client_key.clone())?)?,
+                    link.session_key(),
+                    true,
+                ),
+            };
+        self.routing.metrics.dialed(via_peer);
         let info = TunnelInfo {
             session_key,
             stream_id: stream.id().0,
@@ -174,7 +206,7 @@ impl Dialer {
         address: &str,
     ) -> Result<(TimedStream, TunnelInfo), DialError> {
         let started = Instant::now();
-        let (stream, info) = self.dial_routed(Target::new(proto, address)?).await?;
+        let (stream, info) = self.dial_routed(Target::new(proto, address)?, false)?;
         Ok((
             TimedStream::new(stream, started, self.routing.dial_seconds.clone()),
             info,

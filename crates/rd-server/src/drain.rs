@@ -1,12 +1,22 @@
-//! Graceful drain: move the agents to other replicas without cutting the streams in flight.
+//! Graceful drain: move the agents to other replicas without cutting the streams in flight,
+//! and without a moment in which an agent is reachable through no replica.
 //!
 //! The order matters. A session carrying streams cannot be closed without cutting them, so:
-//! 1. stop taking work: new sessions and new streams are refused ([`Server::begin_drain`]),
-//!    and the peers are told our clients are gone, so they route nothing new through us;
-//! 2. close every idle client session with a going-away close (1001): rd clients redial at
-//!    once, to another replica;
-//! 3. as each busy session's last stream ends, close it the same way;
-//! 4. at the deadline, log every stream still running (client, target, bytes) and cut it.
+//! 1. stop taking new agents (new sessions are refused, readiness fails:
+//!    [`Server::begin_drain`]), and tell the peers we are going away (a GoAway on every peer
+//!    link: they stop counting us as a replica, and route through us only what no other peer
+//!    can take);
+//! 2. tell each rd agent (replicas extension) that its session here is going away: it opens
+//!    nothing new on it and makes its replacement elsewhere, while the streams in flight go
+//!    on. Go agents (and rd agents without the extension) are withdrawn from the peers at
+//!    once and keep today's behaviour: served until their streams end, then moved;
+//! 3. make-before-break: an rd agent's session is withdrawn from the peers only once
+//!    another replica announced the agent (or no peer is left to hand it to); until then
+//!    requests for it keep reaching it through us. Requests that enter here go to a peer
+//!    that holds the agent first, so the session we hand over carries nothing new;
+//! 4. close each withdrawn session with a going-away close (1001) once it carries no
+//!    stream;
+//! 5. at the deadline, log every stream still running (client, target, bytes) and cut it.
 //!
 //! Peer links stay up until the end: they carry other replicas' requests to our clients,
 //! and ours to theirs, that are still in flight.
@@ -18,11 +28,12 @@ use tokio::time::Instant;
 
 use crate::server::Server;
 
-/// The close reason agents see in the going-away Close frame.
+/// The close reason agents see in the going-away Close frame, and the GoAway reason.
 const GOING_AWAY_REASON: &str = "server draining";
 
 /// How often a drain looks again even without a wake-up: outgoing peer links have no
-/// observer to wake it when their streams end.
+/// observer to wake it when their streams end, and announcements from the peers (which
+/// make an agent reachable elsewhere) wake nobody.
 const RECHECK: Duration = Duration::from_millis(100);
 
 /// Bound on closing the last sessions after the drain.
@@ -35,6 +46,9 @@ pub struct DrainReport {
     /// Client sessions closed with a going-away close (idle at once, or once their last
     /// stream ended).
     pub sessions_moved: usize,
+    /// rd agents told their session here is going away (replicas extension), so that they
+    /// made their replacement while this one still served them.
+    pub agents_told: usize,
     /// Streams still running at the deadline, cut and logged.
     pub streams_cut: usize,
     /// Whether every stream finished within the grace period.
@@ -42,24 +56,34 @@ pub struct DrainReport {
 }
 
 impl Server {
-    /// Drains the server: [`begin_drain`](Self::begin_drain), withdraw our clients from the
-    /// peers, close each client session with a going-away close once it carries no stream,
-    /// wait up to `grace` for the streams in flight, log and cut those left at the
-    /// deadline (`stream cut at the drain deadline`: client, target, bytes sent and received
-    /// through the tunnel, age),
-    /// then [`shutdown`](Self::shutdown). Kubernetes' default grace is 30 s.
+    /// Drains the server: [`begin_drain`](Self::begin_drain), a GoAway to the peers and to
+    /// each rd agent, withdraw each agent from the peers once it is reachable through
+    /// another replica (Go agents at once), close each withdrawn client session with a
+    /// going-away close once it carries no stream, wait up to `grace` for the streams in
+    /// flight, log and cut those left at the deadline (`stream cut at the drain deadline`:
+    /// client, target, bytes sent and received through the tunnel, age), then
+    /// [`shutdown`](Self::shutdown). Kubernetes' default grace is 30 s.
     pub async fn drain(&self, grace: Duration) -> DrainReport {
         let deadline = Instant::now() + grace;
         self.begin_drain();
+        self.peers().go_away_links(GOING_AWAY_REASON);
+        let mut report = DrainReport::default();
         {
             // Under the registry's lock, as every announcement: see the lock order there.
             let registry = self.registry();
-            self.peers().withdraw(&registry.all_sessions());
+            let (rd, go): (Vec<SessionHandle>, Vec<SessionHandle>) = registry
+                .all_sessions()
+                .into_iter()
+                .partition(|s| s.extensions().replicas);
+            for s in &rd {
+                report.agents_told += usize::from(s.go_away(GOING_AWAY_REASON));
+            }
+            self.peers().withdraw(&go);
         }
-        let mut report = DrainReport::default();
         let (clients, links) = self.drain_view();
         tracing::info!(
             clients = clients.len(),
+            told_to_move = report.agents_told,
             peer_links = links.len(),
             streams = count_streams(clients.iter().chain(&links)),
             ?grace,
@@ -69,15 +93,19 @@ impl Server {
             // Registered before looking, so an end between the look and the wait still wakes us.
             let wake = self.inner.drain_wake.clone();
             let woken = wake.notified();
+            self.hand_over();
             let (clients, links) = self.drain_view();
+            let mut waiting = 0;
             for session in clients.iter().filter(|s| !s.is_closed()) {
-                if session.stats().streams == 0 {
+                if !self.peers().is_withdrawn(session) {
+                    waiting += 1;
+                } else if session.stats().streams == 0 {
                     session.close_going_away(GOING_AWAY_REASON);
                     report.sessions_moved += 1;
                 }
             }
             let busy = count_streams(clients.iter().chain(&links));
-            if busy == 0 {
+            if busy == 0 && waiting == 0 {
                 report.finished_in_time = true;
                 break;
             }
@@ -102,12 +130,34 @@ impl Server {
         }
         tracing::info!(
             sessions_moved = report.sessions_moved,
+            agents_told = report.agents_told,
             streams_cut = report.streams_cut,
             finished_in_time = report.finished_in_time,
             "drain over"
         );
         self.shutdown(CLOSE_BOUND).await;
         report
+    }
+
+    /// Withdraws from the peers every client session whose agent another replica announced
+    /// (it made its replacement), or all of them once no peer is left to hand them to.
+    fn hand_over(&self) {
+        let peers = self.peers();
+        let anywhere = peers.has_live_peer();
+        let registry = self.registry();
+        let ready: Vec<SessionHandle> = registry
+            .all_sessions()
+            .into_iter()
+            .filter(|s| !peers.is_withdrawn(s))
+            .filter(|s| !anywhere || peers.routable_elsewhere(s.client_key()))
+            .collect();
+        if !ready.is_empty() {
+            tracing::debug!(
+                sessions = ready.len(),
+                "agents reachable elsewhere: withdrawn"
+            );
+            peers.withdraw(&ready);
+        }
     }
 }
 

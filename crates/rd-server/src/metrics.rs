@@ -98,6 +98,11 @@ pub struct Metrics {
     pub peer_links_removed: Family<Labels, GoCounter>,
     /// DNS peer discovery rounds, by result (`ok`, `failed`).
     pub peer_discovery_rounds: Family<Labels, GoCounter>,
+    /// Streams dialed, by route: `local` (a session of the client on this server) or `peer`
+    /// (a hop through the peer server that holds the client's session).
+    pub dials: Family<Labels, GoCounter>,
+    /// Replicas this server counts, itself included: what it tells rd agents to fill.
+    pub replicas: Gauge,
 }
 
 impl Default for Metrics {
@@ -145,6 +150,8 @@ impl Metrics {
             peer_links_added: fam(),
             peer_links_removed: fam(),
             peer_discovery_rounds: fam(),
+            dials: fam(),
+            replicas: Gauge::default(),
         };
         let go: [(&str, &str, &Family<Labels, GoCounter>); 10] = [
             (
@@ -269,6 +276,16 @@ impl Metrics {
             "peer_links_removed",
             "Outgoing peer links removed, by source and reason (removed, self, replaced)",
             m.peer_links_removed.clone(),
+        );
+        rd.register(
+            "dials",
+            "Streams dialed through this server, by route: local (the client's session here) or peer (a hop through the replica that holds it)",
+            m.dials.clone(),
+        );
+        rd.register(
+            "replicas",
+            "Replicas this server counts, itself included (rd peers with a live link, draining ones left out): what rd agents are told to hold a session with",
+            m.replicas.clone(),
         );
         rd.register(
             "peer_discovery_rounds",
@@ -407,6 +424,13 @@ impl Metrics {
         let result = if ok { "ok" } else { "failed" };
         self.peer_discovery_rounds
             .get_or_create(&vec![("result", result.to_owned())])
+            .inc();
+    }
+
+    pub(crate) fn dialed(&self, via_peer: bool) {
+        let route = if via_peer { "peer" } else { "local" };
+        self.dials
+            .get_or_create(&vec![("route", route.into())])
             .inc();
     }
 

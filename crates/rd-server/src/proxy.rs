@@ -117,12 +117,28 @@ impl ClientProxy {
     /// streams would otherwise count as streams in flight and hold the drain for the
     /// pool's idle timeout. For the same reason it drops a client's pool when a peer
     /// withdraws a session of that client (the peer drains, or the session closed): a
-    /// pooled stream through that peer would keep the draining session busy.
+    /// pooled stream through that peer would keep the draining session busy. And it drops
+    /// a client's pool when a session of that client registers here: pooled streams made
+    /// through a peer while the agent had no session here would go on taking the hop.
+    ///
+    /// A draining server still serves the requests that reach it (a load balancer learns of
+    /// the drain only at its next readiness probe): its dialer sends them to a replica that
+    /// holds the agent when there is one, without pooling.
     pub fn new(server: Server) -> Self {
         let clients: Arc<Mutex<HashMap<String, Client<ProxyConnector, Body>>>> =
             Arc::new(Mutex::new(HashMap::new()));
         let per_client = Arc::downgrade(&clients);
         server.on_peer_withdrawal(move |client_key| {
+            if let Some(pools) = per_client.upgrade() {
+                let dropped = pools
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(client_key);
+                drop(dropped);
+            }
+        });
+        let per_client = Arc::downgrade(&clients);
+        server.on_session_added(move |client_key| {
             if let Some(pools) = per_client.upgrade() {
                 let dropped = pools
                     .lock()
@@ -215,12 +231,6 @@ impl ClientProxy {
             );
         };
         log.client = target.client.clone();
-        if self.server.is_draining() {
-            return log.reject(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server draining: send the request to another replica".into(),
-            );
-        }
         log.target = format!("{}://{}{}", target.scheme, target.host, target.path);
         if target.scheme != "http" && target.scheme != "https" {
             return log.reject(

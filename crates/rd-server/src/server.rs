@@ -10,7 +10,7 @@ use hyper_util::rt::TokioIo;
 use rd_proto::{ClientSession, Config, Target};
 use rd_session::{
     ConnectHandler, Extensions, RefuseAll, SessionBuilder, SessionHandle, SessionObserver,
-    EXTENSIONS_HEADER,
+    EXTENSIONS_HEADER, HELD_SERVERS_HEADER, REPLICAS_HEADER,
 };
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
@@ -49,9 +49,11 @@ pub const PEER_TOKEN_HEADER: &str = "X-API-Tunnel-Token";
 /// (in [`SERVER_ID_HEADER`]). Go servers ignore it; Go peers never send it, so they never
 /// get the answer.
 pub const ASK_SERVER_ID_HEADER: &str = "X-Rd-Ask-Server-Id";
-/// Header of an rd server's answer to a peer upgrade that sent [`ASK_SERVER_ID_HEADER`]:
-/// its own peer id. With `409 Conflict` it means "you reached yourself".
-pub const SERVER_ID_HEADER: &str = "X-Rd-Server-Id";
+/// Header of an rd server's answer to a peer upgrade that sent [`ASK_SERVER_ID_HEADER`], or
+/// to an agent that negotiated the replicas extension: its own peer id. With `409 Conflict`
+/// it means "you reached yourself" (a peer link) or "you hold a session here already" (an
+/// agent).
+pub use rd_session::SERVER_ID_HEADER;
 
 pub(crate) struct Inner {
     pub(crate) authorizer: Box<dyn Authorizer>,
@@ -76,6 +78,22 @@ pub(crate) struct Inner {
     pub(crate) drain_wake: Arc<tokio::sync::Notify>,
     /// Run once when the drain begins (a proxy drops its idle pooled streams).
     pub(crate) drain_hooks: Mutex<Vec<Box<dyn Fn() + Send + Sync>>>,
+    /// Run with a client key when a session of that client registers here (a proxy drops
+    /// its pooled streams to the client, which may go through a peer).
+    pub(crate) session_hooks: Mutex<Vec<ClientHook>>,
+}
+
+/// Run with a client key.
+pub(crate) type ClientHook = Box<dyn Fn(&str) + Send + Sync>;
+
+/// What [`Server::handle`] learned at the upgrade, for the session it starts.
+struct SessionStart {
+    client_key: String,
+    session_key: i64,
+    peer: bool,
+    extensions: Extensions,
+    /// The replica count the agent was told in the 101 (replicas extension only).
+    told: Option<u32>,
 }
 
 /// The address a request came from. A server loop that knows it inserts it into the
@@ -281,6 +299,7 @@ impl ServerBuilder {
                 discovering,
             ),
             dial_seconds: self.metrics.dial_seconds.clone(),
+            metrics: self.metrics.clone(),
             draining: AtomicBool::new(false),
         });
         match self.peer_discovery {
@@ -308,6 +327,7 @@ impl ServerBuilder {
                 shutdown,
                 drain_wake: Arc::new(tokio::sync::Notify::new()),
                 drain_hooks: Mutex::new(Vec::new()),
+                session_hooks: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -467,10 +487,11 @@ impl Server {
         }
     }
 
-    /// Starts draining: new sessions are refused (503), new streams too (dials fail with
-    /// [`DialError::Draining`](crate::DialError::Draining)), readiness probes fail; streams
-    /// in flight go on. [`drain`](Self::drain) does this first, then moves the agents and
-    /// waits for the streams.
+    /// Starts draining: new sessions are refused (503) and readiness probes fail; streams in
+    /// flight go on. New streams go to a peer that holds the agent when there is one, else
+    /// through the agent's session here unless it was withdrawn (then they fail with
+    /// [`DialError::Draining`](crate::DialError::Draining)). [`drain`](Self::drain) does this
+    /// first, then moves the agents and waits for the streams.
     pub fn begin_drain(&self) {
         if !self.inner.routing.draining.swap(true, Ordering::SeqCst) {
             let hooks = std::mem::take(
@@ -503,6 +524,26 @@ impl Server {
             hook();
         } else {
             hooks.push(Box::new(hook));
+        }
+    }
+
+    /// Runs `hook` with a client key whenever a session of that client registers here.
+    pub(crate) fn on_session_added(&self, hook: impl Fn(&str) + Send + Sync + 'static) {
+        self.inner
+            .session_hooks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Box::new(hook));
+    }
+
+    fn session_added(&self, client_key: &str) {
+        let hooks = self
+            .inner
+            .session_hooks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for hook in hooks.iter() {
+            hook(client_key);
         }
     }
 
@@ -556,11 +597,16 @@ impl Server {
         }
         if self.is_draining() {
             // No Retry-After: the agent should go to another replica, not come back here.
-            return reject(
+            let mut response = reject(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "draining",
                 "server draining: connect to another replica",
             );
+            // An rd agent filling its sessions reads our id as "this one is leaving".
+            if Extensions::from_headers(req.headers()).replicas {
+                self.add_replica_headers(&mut response);
+            }
+            return response;
         }
         // Admission: cheap to refuse, before any work that costs more than this.
         let Ok(permit) = inner.handshakes.clone().try_acquire_owned() else {
@@ -639,6 +685,19 @@ impl Server {
             );
             return reject(StatusCode::TOO_MANY_REQUESTS, "too_many_sessions", &text);
         }
+        let extensions = Extensions::from_headers(&parts.headers).intersect(inner.extensions);
+        if !peer && extensions.replicas && self.holds_us_already(&parts) {
+            // An agent filling one session per replica through a load balancer reached a
+            // replica it holds already: no second session (and no AddClient/RemoveClient
+            // churn across the peers), just our id and count so it tries again elsewhere.
+            inner.metrics.handshake_rejected("already_held");
+            let mut response = inner.error_writer.write_error(
+                StatusCode::CONFLICT,
+                "this agent holds a session with this server already",
+            );
+            self.add_replica_headers(&mut response);
+            return response;
+        }
         let accept = match accept_key(&parts) {
             Ok(accept) => accept,
             Err(bad) => {
@@ -649,7 +708,9 @@ impl Server {
                 return reject(bad.status, "bad_upgrade", &text);
             }
         };
-        let extensions = Extensions::from_headers(&parts.headers).intersect(inner.extensions);
+        // What the agent is told at the upgrade; if it has changed by the time the session
+        // is registered, the session is told again (see `run_session`).
+        let told = (!peer && extensions.replicas).then(|| self.peers().replica_count());
         let session_key = rand::random::<i64>() & i64::MAX;
         // At debug level only: the subscriber holds about 2 KiB per live span and takes a
         // lock on each poll that enters it, which a server with 10,000 idle agents pays
@@ -663,15 +724,18 @@ impl Server {
                     Ok(upgraded) => {
                         let io = TokioIo::new(upgraded);
                         let burst = server.inner.ws_read_burst;
+                        let start = SessionStart {
+                            client_key,
+                            session_key,
+                            peer,
+                            extensions,
+                            told,
+                        };
                         if burst == 0 {
-                            server
-                                .run_session(io, client_key, session_key, peer, extensions, permit)
-                                .await
+                            server.run_session(io, start, permit).await
                         } else {
                             let io = rd_session::BurstReader::with_burst(io, burst);
-                            server
-                                .run_session(io, client_key, session_key, peer, extensions, permit)
-                                .await
+                            server.run_session(io, start, permit).await
                         }
                     }
                     Err(e) => tracing::info!(error = %e, "websocket upgrade failed"),
@@ -693,8 +757,41 @@ impl Server {
         }
         if peer {
             self.add_server_id(&mut response, asked_id);
+        } else if told.is_some() {
+            self.add_replica_headers(&mut response);
         }
         response
+    }
+
+    /// Whether an agent's upgrade says it holds a session with this server already
+    /// ([`HELD_SERVERS_HEADER`]).
+    fn holds_us_already(&self, parts: &http::request::Parts) -> bool {
+        let Some(own) = self.peers().identity() else {
+            return false;
+        };
+        parts
+            .headers
+            .get_all(HELD_SERVERS_HEADER)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|id| id.trim() == own.id)
+    }
+
+    /// Our id and replica count, for an agent that negotiated the replicas extension (a
+    /// server without a peer id is one replica with no id: the agent keeps one session).
+    fn add_replica_headers(&self, response: &mut Response<Body>) {
+        let Some(own) = self.peers().identity() else {
+            return;
+        };
+        let h = response.headers_mut();
+        if let Ok(v) = HeaderValue::from_str(&own.id) {
+            h.insert(SERVER_ID_HEADER, v);
+        }
+        h.insert(
+            REPLICAS_HEADER,
+            HeaderValue::from(self.peers().replica_count()),
+        );
     }
 
     /// Answers an rd peer that asked for our id (never a Go peer: it does not ask).
@@ -725,14 +822,18 @@ impl Server {
     async fn run_session<S>(
         &self,
         io: S,
-        client_key: String,
-        session_key: i64,
-        peer: bool,
-        extensions: Extensions,
+        start: SessionStart,
         permit: tokio::sync::OwnedSemaphorePermit,
     ) where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
+        let SessionStart {
+            client_key,
+            session_key,
+            peer,
+            extensions,
+            told,
+        } = start;
         let inner = &self.inner;
         let ws = WebSocketStream::from_raw_socket(
             io,
@@ -778,6 +879,12 @@ impl Server {
                 // Under the registry's lock: links see announcements in its order.
                 self.peers().announce(&handle, true);
             }
+            // A recount between the 101 and the registration told every session but this one.
+            let count = self.peers().replica_count();
+            if told.is_some_and(|t| t != count) {
+                handle.announce_replicas(count);
+            }
+            self.session_added(&client_key);
             // The handshake is over: the session runs, and counts no more against admission.
             drop(permit);
             self.serve_registered(handle, driver, &client_key, false)

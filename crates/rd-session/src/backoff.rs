@@ -89,6 +89,11 @@ impl Backoff {
         Duration::from_nanos(rand::rng().random_range(floor.min(nanos)..=nanos))
     }
 
+    /// Starts over from the first ceiling.
+    pub fn reset(&mut self) {
+        self.ceiling = self.initial;
+    }
+
     /// Call when a session ends after `uptime`; a long healthy session resets the ceiling.
     pub fn session_ended(&mut self, uptime: Duration) {
         if uptime >= self.reset_after {

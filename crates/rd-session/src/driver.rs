@@ -341,6 +341,17 @@ where
                         f(c, false);
                     }
                 }
+                Event::PeerGoingAway { reason } => {
+                    tracing::debug!(%reason, "the peer is going away");
+                    self.shared
+                        .notices
+                        .send_modify(|n| n.going_away = Some(reason));
+                }
+                Event::ReplicasAnnounced(count) => {
+                    self.shared
+                        .notices
+                        .send_modify(|n| n.replicas = Some(count));
+                }
                 // The other end of the stall `log_limit` warned about.
                 Event::ReadingResumed => tracing::info!(
                     client_key = %self.shared.client_key,

@@ -75,6 +75,10 @@ pub enum DialError {
     /// The target cannot be encoded.
     #[error(transparent)]
     InvalidTarget(#[from] TargetError),
+    /// The peer said it is going away (replicas extension): open the stream on another
+    /// session.
+    #[error("the peer is going away: {0}")]
+    PeerGoingAway(String),
 }
 
 impl From<OpenError> for DialError {
@@ -82,6 +86,7 @@ impl From<OpenError> for DialError {
         match e {
             OpenError::TooManyStreams(n) => Self::TooManyStreams(n),
             OpenError::SessionClosed(end) => Self::SessionClosed(end),
+            OpenError::PeerGoingAway(reason) => Self::PeerGoingAway(reason),
             // OpenError is non_exhaustive; anything new means the session cannot dial.
             _ => Self::SessionClosed(SessionEnd::Local),
         }

@@ -19,6 +19,29 @@ pub const CREDIT: &str = "credit";
 /// sender's direction.
 pub const HALF_CLOSE: &str = "half-close";
 
+/// The token for replicas ([`Config::replicas`]): an rd server tells its agent its id and how
+/// many replicas it counts, and that a session is going away (a drain); the agent holds a
+/// session with each replica. See [`REPLICAS_HEADER`].
+pub const REPLICAS: &str = "replicas";
+
+/// Response header of an rd server with a peer id: that id. On a `101` to an rd peer link
+/// that asked for it, or to an agent that negotiated [`REPLICAS`]; on a `409 Conflict` to a
+/// peer link that reached the server that sent it, or to an agent that holds a session with
+/// this server already ([`HELD_SERVERS_HEADER`]).
+pub const SERVER_ID_HEADER: &str = "x-rd-server-id";
+
+/// Response header of an rd server to an agent that negotiated [`REPLICAS`] (on the `101`,
+/// and on the `409` of [`HELD_SERVERS_HEADER`]): how many replicas it counts, itself
+/// included (the rd servers it has a live peer link with, draining ones left out). The
+/// agent holds a session with that many distinct [server ids](SERVER_ID_HEADER).
+pub const REPLICAS_HEADER: &str = "x-rd-replicas";
+
+/// Request header of an agent that offers [`REPLICAS`]: the ids of the servers it holds a
+/// session with already, comma-separated. A server that finds its own id there answers
+/// `409 Conflict` with its id and count instead of starting a second session, so that an
+/// agent filling its sessions through a load balancer costs the fleet no session churn.
+pub const HELD_SERVERS_HEADER: &str = "x-rd-held-servers";
+
 /// A set of rd protocol extensions.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Extensions {
@@ -26,6 +49,9 @@ pub struct Extensions {
     pub credit: bool,
     /// Half-close: Fin ends one direction of a stream, where Go's Error `EOF` ends both.
     pub half_close: bool,
+    /// Replicas: the server's id and replica count at the upgrade, GoAway and Replicas
+    /// messages in the session.
+    pub replicas: bool,
 }
 
 impl Extensions {
@@ -33,20 +59,26 @@ impl Extensions {
     pub const SUPPORTED: Self = Self {
         credit: true,
         half_close: true,
+        replicas: true,
     };
 
     /// None: the plain Go protocol.
     pub const NONE: Self = Self {
         credit: false,
         half_close: false,
+        replicas: false,
     };
 
     /// The header value naming these extensions, `None` for the empty set (no header).
     pub fn header_value(self) -> Option<HeaderValue> {
-        let tokens: Vec<&str> = [(self.credit, CREDIT), (self.half_close, HALF_CLOSE)]
-            .into_iter()
-            .filter_map(|(on, token)| on.then_some(token))
-            .collect();
+        let tokens: Vec<&str> = [
+            (self.credit, CREDIT),
+            (self.half_close, HALF_CLOSE),
+            (self.replicas, REPLICAS),
+        ]
+        .into_iter()
+        .filter_map(|(on, token)| on.then_some(token))
+        .collect();
         if tokens.is_empty() {
             return None;
         }
@@ -64,6 +96,8 @@ impl Extensions {
                     found.credit = true;
                 } else if token.eq_ignore_ascii_case(HALF_CLOSE) {
                     found.half_close = true;
+                } else if token.eq_ignore_ascii_case(REPLICAS) {
+                    found.replicas = true;
                 }
             }
         }
@@ -75,6 +109,7 @@ impl Extensions {
         Self {
             credit: self.credit && other.credit,
             half_close: self.half_close && other.half_close,
+            replicas: self.replicas && other.replicas,
         }
     }
 
@@ -91,6 +126,16 @@ impl Extensions {
     pub fn apply(self, config: &mut Config) {
         config.credit = self.credit;
         config.half_close = self.half_close;
+        config.replicas = self.replicas;
+    }
+
+    /// The extensions a session's config says are in force.
+    pub fn of_config(config: &Config) -> Self {
+        Self {
+            credit: config.credit,
+            half_close: config.half_close,
+            replicas: config.replicas,
+        }
     }
 }
 
@@ -112,7 +157,7 @@ mod tests {
         assert_eq!(Extensions::from_headers(&headers), Extensions::SUPPORTED);
         assert_eq!(
             Extensions::SUPPORTED.header_value().expect("not empty"),
-            "credit, half-close"
+            "credit, half-close, replicas"
         );
         headers.insert(
             EXTENSIONS_HEADER,
@@ -121,26 +166,27 @@ mod tests {
         assert_eq!(
             Extensions::from_headers(&headers),
             Extensions {
-                credit: false,
-                half_close: true
+                half_close: true,
+                ..Extensions::NONE
             }
         );
         headers.insert(
             EXTENSIONS_HEADER,
-            HeaderValue::from_static("half-close, Credit"),
+            HeaderValue::from_static("half-close, Credit,REPLICAS"),
         );
         assert_eq!(Extensions::from_headers(&headers), Extensions::SUPPORTED);
         let credit_only = Extensions {
             credit: true,
-            half_close: false,
+            ..Extensions::NONE
         };
         assert_eq!(credit_only.header_value().expect("not empty"), "credit");
         assert_eq!(Extensions::SUPPORTED.intersect(credit_only), credit_only);
         let mut config = Config::default();
         Extensions::SUPPORTED.apply(&mut config);
-        assert!(config.credit && config.half_close);
+        assert!(config.credit && config.half_close && config.replicas);
+        assert_eq!(Extensions::of_config(&config), Extensions::SUPPORTED);
         Extensions::NONE.apply(&mut config);
-        assert!(!config.credit && !config.half_close);
+        assert!(!config.credit && !config.half_close && !config.replicas);
         headers.insert(
             EXTENSIONS_HEADER,
             HeaderValue::from_static("something-else"),

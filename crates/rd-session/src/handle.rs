@@ -6,6 +6,7 @@ use std::sync::Arc;
 use crate::extensions::Extensions;
 use rd_proto::{ClientSession, Config, Identity, Session, SessionEnd, SessionStats, Side, Target};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -19,6 +20,18 @@ use crate::stream::TunnelStream;
 
 /// The websocket Close status "going away" (RFC 6455 section 7.4.1).
 pub const GOING_AWAY: u16 = 1001;
+
+/// What the peer said about itself during a session with the replicas extension (see
+/// [`SessionHandle::notices`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PeerNotices {
+    /// The reason of the peer's GoAway, once it sent one: open no new streams here.
+    pub going_away: Option<String>,
+    /// The replica count the peer announced last in the session (the upgrade's count until
+    /// then is the caller's to keep).
+    pub replicas: Option<u32>,
+}
 
 /// A cloneable handle to a running session.
 #[derive(Clone)]
@@ -138,12 +151,47 @@ impl SessionHandle {
 
     /// The rd extensions in force on this session (none with a Go peer).
     pub fn extensions(&self) -> Extensions {
-        let inner = self.shared.lock();
-        let config = inner.proto.config();
-        Extensions {
-            credit: config.credit,
-            half_close: config.half_close,
+        Extensions::of_config(self.shared.lock().proto.config())
+    }
+
+    /// Tells the peer that this end is going away (replicas extension; does nothing with a
+    /// peer that did not negotiate it, a Go agent say): it opens no new streams here and
+    /// makes its replacement elsewhere, while streams in flight go on, both ways. This end
+    /// may still open streams. Returns whether the notice was sent (false: not negotiated,
+    /// sent already, or the session ended).
+    pub fn go_away(&self, reason: &str) -> bool {
+        let mut inner = self.shared.lock();
+        let sent = inner.proto.go_away(reason);
+        if sent {
+            inner.wake_driver();
         }
+        sent
+    }
+
+    /// Whether [`go_away`](Self::go_away) was sent on this session.
+    pub fn is_going_away(&self) -> bool {
+        self.shared.lock().proto.is_going_away()
+    }
+
+    /// Tells the agent on the other end how many replicas this server counts, itself
+    /// included (replicas extension, server side; nothing otherwise).
+    pub fn announce_replicas(&self, count: u32) {
+        let mut inner = self.shared.lock();
+        if inner.proto.config().replicas {
+            inner.proto.announce_replicas(count);
+            inner.wake_driver();
+        }
+    }
+
+    /// What the peer said about itself in the session (replicas extension): whether it is
+    /// going away, and the latest replica count it announced. The receiver sees each change.
+    pub fn notices(&self) -> watch::Receiver<PeerNotices> {
+        self.shared.notices.subscribe()
+    }
+
+    /// The peer's GoAway reason, if it said it is going away.
+    pub fn peer_going_away(&self) -> Option<String> {
+        self.shared.notices.borrow().going_away.clone()
     }
 
     /// Whether two handles are the same session.

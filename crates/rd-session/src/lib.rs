@@ -59,8 +59,11 @@ pub use backoff::{Backoff, DEFAULT_BACKOFF_INITIAL, DEFAULT_BACKOFF_JITTER, DEFA
 pub use burst_reader::{BurstReader, DEFAULT_BURST};
 pub use driver::{AnnouncementFn, SessionDriver};
 pub use error::{error_chain, DialError, StreamClosed};
-pub use extensions::{Extensions, CREDIT, EXTENSIONS_HEADER, HALF_CLOSE};
-pub use handle::{SessionBuilder, SessionHandle, GOING_AWAY};
+pub use extensions::{
+    Extensions, CREDIT, EXTENSIONS_HEADER, HALF_CLOSE, HELD_SERVERS_HEADER, REPLICAS,
+    REPLICAS_HEADER, SERVER_ID_HEADER,
+};
+pub use handle::{PeerNotices, SessionBuilder, SessionHandle, GOING_AWAY};
 pub use incoming::{pipe, BoxFuture, BoxedIo, ConnectHandler, ConnectRefused, LocalIo, RefuseAll};
 pub use observer::{NoObserver, SessionObserver};
 pub use socket::{tune_tunnel_socket, TUNNEL_SOCKET_BUFFER};

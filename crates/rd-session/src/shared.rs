@@ -12,6 +12,7 @@ use std::task::Waker;
 use rd_proto::{ConnId, Session, SessionEnd};
 use tokio::sync::watch;
 
+use crate::handle::PeerNotices;
 use crate::observer::SessionObserver;
 
 #[derive(Debug, Default)]
@@ -92,6 +93,8 @@ impl Inner {
 pub(crate) struct Shared {
     inner: Mutex<Inner>,
     pub(crate) ended: watch::Sender<Option<SessionEnd>>,
+    /// What the peer said about itself (GoAway, Replicas); the driver publishes it.
+    pub(crate) notices: watch::Sender<PeerNotices>,
     pub(crate) session_key: i64,
     pub(crate) client_key: String,
     pub(crate) observer: Arc<dyn SessionObserver>,
@@ -121,6 +124,7 @@ impl Shared {
                 peer_close_code: None,
             }),
             ended: watch::Sender::new(None),
+            notices: watch::Sender::new(PeerNotices::default()),
             session_key,
             client_key,
             observer,

@@ -70,9 +70,20 @@ pub(super) async fn run(set: PeerSet, key: LinkKey, url: String, cancel: Cancell
                     .connect_handler_arc(shared.settings.connects.clone())
                     .spawn(ws);
                 let live = set.link_up(&key, session.clone());
-                let end = tokio::select! {
-                    end = session.closed() => Some(end),
-                    () = cancel.cancelled() => None,
+                let mut notices = session.notices();
+                let end = loop {
+                    tokio::select! {
+                        end = session.closed() => break Some(end),
+                        () = cancel.cancelled() => break None,
+                        // The peer said it is going away (it drains): it is no longer a
+                        // replica our agents should hold a session with.
+                        Ok(()) = notices.changed() => {
+                            if notices.borrow_and_update().going_away.is_some() {
+                                tracing::info!("peer is going away (draining)");
+                                set.recount();
+                            }
+                        }
+                    }
                 };
                 set.link_down(live);
                 session.close();

@@ -114,8 +114,11 @@ struct State {
     /// Discovered addresses that turned out to be this server: not dialed again while DNS
     /// lists them.
     own_addresses: HashSet<SocketAddr>,
-    /// Draining: our clients were withdrawn from the links, and none is announced again.
-    withdrawn: bool,
+    /// Client sessions (by session key) withdrawn from the links while draining: told gone,
+    /// and never announced again.
+    withdrawn: HashSet<i64>,
+    /// The replica count last computed (see [`PeerSet::recount`]).
+    replicas: u32,
 }
 
 /// Our own peer id and the token every peer shares.
@@ -151,6 +154,11 @@ struct Shared {
     withdrawal_hooks: Mutex<Vec<WithdrawalHook>>,
 }
 
+/// Whether a link session's peer said it is going away (a draining replica).
+fn going_away(h: &SessionHandle) -> bool {
+    h.peer_going_away().is_some()
+}
+
 /// See [`PeerSet::on_withdrawal`].
 type WithdrawalHook = Box<dyn Fn(&str) + Send + Sync>;
 
@@ -184,7 +192,10 @@ impl PeerSet {
             discovering,
             discovered_once: AtomicBool::new(!discovering),
             converge: Mutex::new((None, std::time::Duration::ZERO)),
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                replicas: 1,
+                ..State::default()
+            }),
             withdrawal_hooks: Mutex::new(Vec::new()),
         }))
     }
@@ -349,6 +360,48 @@ impl PeerSet {
         if let Some(link) = self.state().links.get_mut(key) {
             link.learned_id = id;
         }
+        self.recount();
+    }
+
+    // ---- the replica count ----------------------------------------------------------
+
+    /// Replicas this server counts, itself included: the distinct rd servers (those that
+    /// gave their id) it has a live outgoing link with, left out those that said they are
+    /// going away. What an rd agent is told to hold a session with.
+    pub(crate) fn replica_count(&self) -> u32 {
+        self.state().replicas
+    }
+
+    fn count_replicas(state: &State) -> u32 {
+        let ids: HashSet<&str> = state
+            .live
+            .iter()
+            .filter(|(_, _, h)| !h.is_closed() && !going_away(h))
+            .filter_map(|(_, key, _)| state.links.get(key)?.learned_id.as_deref())
+            .collect();
+        u32::try_from(ids.len() + 1).unwrap_or(u32::MAX)
+    }
+
+    /// Computes the replica count again (a link came or went, a peer said it is going
+    /// away) and, if it changed, tells every rd agent of ours (a Replicas message on each
+    /// session that negotiated the extension; the others ignore the call).
+    pub(crate) fn recount(&self) {
+        let changed = {
+            let mut state = self.state();
+            let count = Self::count_replicas(&state);
+            (std::mem::replace(&mut state.replicas, count) != count).then_some(count)
+        };
+        let Some(count) = changed else { return };
+        self.0.metrics.replicas.set(i64::from(count));
+        tracing::info!(
+            replicas = count,
+            "replica count changed: telling the agents"
+        );
+        // Not under our lock: the registry's comes first (see the lock order in `registry`).
+        let sessions = registry::lock(&self.0.clients).all_sessions();
+        for h in sessions {
+            h.announce_replicas(count);
+        }
     }
 
     /// Registers a running link session and queues AddClient for every client session now
@@ -356,26 +409,34 @@ impl PeerSet {
     fn link_up(&self, key: &LinkKey, session: SessionHandle) -> u64 {
         let clients = registry::lock(&self.0.clients);
         let mut state = self.state();
-        if !state.withdrawn {
-            for h in clients.all_sessions() {
+        for h in clients.all_sessions() {
+            if !state.withdrawn.contains(&h.session_key()) {
                 session.announce(announcement(&h), true);
             }
         }
         let id = state.next_live;
         state.next_live += 1;
         state.live.push((id, key.clone(), session));
+        drop(state);
+        drop(clients);
+        self.recount();
         id
     }
 
     fn link_down(&self, id: u64) {
         self.state().live.retain(|(i, _, _)| *i != id);
+        self.recount();
     }
 
     /// Tells every running link about a client session added or removed. The caller holds
     /// the registry's lock, so links see announcements in the registry's order.
     pub(crate) fn announce(&self, client: &SessionHandle, added: bool) {
-        let state = self.state();
-        if state.withdrawn {
+        let mut state = self.state();
+        if state.withdrawn.contains(&client.session_key()) {
+            if !added {
+                // Told gone already; the session has ended, so its key can go.
+                state.withdrawn.remove(&client.session_key());
+            }
             return;
         }
         for (_, _, link) in &state.live {
@@ -383,18 +444,49 @@ impl PeerSet {
         }
     }
 
-    /// Tells every running link that `clients` (all of ours, under the registry's lock) are
-    /// gone, so peers route nothing new through us while a drain lets the streams finish;
-    /// no client is announced again.
+    /// Tells every running link that `clients` (under the registry's lock) are gone, so
+    /// peers route nothing new to them through us while a drain lets their streams finish;
+    /// they are not announced again. Those withdrawn before are skipped.
     pub(crate) fn withdraw(&self, clients: &[SessionHandle]) {
         let mut state = self.state();
-        if std::mem::replace(&mut state.withdrawn, true) {
-            return;
-        }
+        let fresh: Vec<&SessionHandle> = clients
+            .iter()
+            .filter(|h| state.withdrawn.insert(h.session_key()))
+            .collect();
         for (_, _, link) in &state.live {
-            for h in clients {
+            for h in &fresh {
                 link.announce(announcement(h), false);
             }
+        }
+    }
+
+    /// Whether `client` was withdrawn from the links ([`withdraw`](Self::withdraw)).
+    pub(crate) fn is_withdrawn(&self, client: &SessionHandle) -> bool {
+        self.state().withdrawn.contains(&client.session_key())
+    }
+
+    /// Whether a peer that is not going away announced a session of `client_key`: requests
+    /// for it can go there instead of through a session of ours.
+    pub(crate) fn routable_elsewhere(&self, client_key: &str) -> bool {
+        self.state().incoming.iter().any(|p| {
+            p.routes.contains_key(client_key) && !p.handle.is_closed() && !going_away(&p.handle)
+        })
+    }
+
+    /// Whether any peer link is up, either way, to a peer that is not going away: whether
+    /// a draining server has anywhere to hand its agents over to.
+    pub(crate) fn has_live_peer(&self) -> bool {
+        let state = self.state();
+        let live = |h: &SessionHandle| !h.is_closed() && !going_away(h);
+        state.incoming.iter().any(|p| live(&p.handle)) || state.live.iter().any(|(_, _, h)| live(h))
+    }
+
+    /// Tells every peer link, either way, that this server is going away (replicas
+    /// extension: Go peers and older rd ones are told nothing): peers stop counting it as a
+    /// replica, and route through it only what no other peer can take.
+    pub(crate) fn go_away_links(&self, reason: &str) {
+        for h in self.link_sessions() {
+            h.go_away(reason);
         }
     }
 
@@ -524,13 +616,21 @@ impl PeerSet {
             .push(Box::new(hook));
     }
 
-    /// The first live incoming link that announced `client_key`.
+    /// The first live incoming link that announced `client_key`, one whose peer is not
+    /// going away if there is one (a draining peer serves an agent until it is reachable
+    /// elsewhere, so it is the last resort, not no route).
     pub(crate) fn route(&self, client_key: &str) -> Option<SessionHandle> {
-        self.state()
+        let state = self.state();
+        let mut announced = state
             .incoming
             .iter()
-            .find(|p| p.routes.contains_key(client_key) && !p.handle.is_closed())
-            .map(|p| p.handle.clone())
+            .filter(|p| p.routes.contains_key(client_key) && !p.handle.is_closed())
+            .map(|p| &p.handle);
+        let first = announced.next()?;
+        if !going_away(first) {
+            return Some(first.clone());
+        }
+        Some(announced.find(|h| !going_away(h)).unwrap_or(first).clone())
     }
 
     pub(crate) fn incoming_sessions(&self) -> Vec<SessionHandle> {
