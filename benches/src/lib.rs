@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 pub mod dns;
+pub mod front;
 pub mod metrics;
 pub mod process;
 

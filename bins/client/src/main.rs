@@ -120,6 +120,11 @@ struct Args {
     /// open, as TCP does; without it (and always with a Go server) that shutdown closes both.
     #[arg(long, env = "RD_NO_HALF_CLOSE")]
     no_half_close: bool,
+    /// Do not offer rd's replicas extension: towards rd servers, behave as a Go agent (one
+    /// session, whatever --sessions says, and no make-before-break move when a server
+    /// drains: the agent moves when the draining server closes its session).
+    #[arg(long, env = "RD_NO_REPLICAS")]
+    no_replicas: bool,
     /// First redial delay ceiling; it doubles on each failure up to --backoff-max.
     #[arg(long, env = "RD_BACKOFF_INITIAL", value_name = "DURATION", default_value = "1s", value_parser = duration)]
     backoff_initial: Duration,
@@ -224,7 +229,7 @@ async fn build(args: &Args, metrics: Option<Arc<AgentMetrics>>) -> Result<Client
         half_close: !args.no_half_close,
         // Safe with every server: a Go server never answers it. It also gives a client of
         // one session (--sessions 1) a make-before-break move when an rd server drains.
-        replicas: true,
+        replicas: !args.no_replicas,
     };
     let mut config = Config::default();
     config.ping_interval = args.ping_interval;
@@ -399,6 +404,11 @@ mod tests {
         let c =
             parse(&["rd-client", "-no-half-close", "-flow-control", "pause"]).expect("go style");
         assert!(c.no_half_close);
+        assert!(
+            parse(&["rd-client", "-no-replicas"])
+                .expect("go style")
+                .no_replicas
+        );
         assert!(!parse(&["rd-client"]).expect("defaults").no_half_close);
         let c = parse(&[
             "rd-client",

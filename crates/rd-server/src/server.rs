@@ -454,6 +454,13 @@ impl Server {
         self.peers().links()
     }
 
+    /// Replicas this server counts, itself included: the rd peers it has a live link with,
+    /// draining ones left out. rd agents are told it (in the `101`, and in the session when
+    /// it changes) and hold a session with that many servers.
+    pub fn replica_count(&self) -> u32 {
+        self.peers().replica_count()
+    }
+
     /// Whether the first round of [peer discovery](ServerBuilder::peer_discovery) is done
     /// (true without discovery).
     pub fn peers_discovered(&self) -> bool {
