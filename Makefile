@@ -128,11 +128,13 @@ image: image-bins
 image-check:
 	bash docs/deploy/test-image.sh
 
-# Rolling restart (issue 13's scale check): 5 rd-server replicas on 127.0.0.11-15 found through
-# dnsmasq on loopback, 2,000 rd-client library clients, small requests and hashed 16 MiB
-# downloads through random ready replicas while each replica is drained and restarted in turn.
-# Prints the table, writes target/rolling/report.json; exits non-zero on a cut transfer or a
-# request refused outside the instant its client moved.
+# Rolling restart (issues 13 and 23's scale check): 5 rd-server replicas on 127.0.0.11-15 found
+# through dnsmasq on loopback, behind a round-robin front; 2,000 rd-client library agents given
+# only the front's URL (each holds a session with every replica), a tenth holding a long-lived
+# idle stream; small requests and hashed 16 MiB downloads through random ready replicas while
+# each replica is drained and restarted in turn. Prints the table, writes
+# target/rolling/report.json; exits non-zero on a failed request, a cut transfer or a peer hop
+# in the steady state.
 ROLLING_CLIENTS ?= 2000
 rolling:
 	$(CARGO) build --release --bins -p rd-server-bin -p rd-client-bin -p rd-dummy-bin -p rd-benches

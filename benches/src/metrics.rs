@@ -13,7 +13,12 @@ use tokio::net::TcpStream;
 
 /// rd-server's `/metrics`, each series name summed over its labels; `None` if unreachable.
 pub async fn metrics(server: SocketAddr) -> Option<BTreeMap<String, f64>> {
-    let text = tokio::time::timeout(Duration::from_secs(3), async {
+    Some(parse_metrics(&metrics_text(server).await?))
+}
+
+/// rd-server's `/metrics` as it came; `None` if unreachable.
+pub async fn metrics_text(server: SocketAddr) -> Option<String> {
+    tokio::time::timeout(Duration::from_secs(3), async {
         let tcp = TcpStream::connect(server).await.ok()?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
             .await
@@ -33,8 +38,15 @@ pub async fn metrics(server: SocketAddr) -> Option<BTreeMap<String, f64>> {
         Some(String::from_utf8_lossy(&body).into_owned())
     })
     .await
-    .ok()??;
-    Some(parse_metrics(&text))
+    .ok()?
+}
+
+/// One series with its labels exactly as written (`rd_dials{route="peer"}`) in a metrics
+/// text; `None` if absent.
+pub fn series(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// Each series name of an OpenMetrics text, summed over its labels (comments skipped).

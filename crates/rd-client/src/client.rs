@@ -89,6 +89,10 @@ struct Established {
 /// the count; this many per replica counted leaves a few percent of agents waiting.
 const ELSEWHERE_PER_REPLICA: usize = 3;
 
+/// An attempt that reached a server held already is made again within a random delay of up
+/// to this.
+const ELSEWHERE_JITTER: Duration = Duration::from_millis(50);
+
 /// A count that grew is answered within a random delay of up to this: a whole fleet learns
 /// of a new replica at once, and must not dial the load balancer at once.
 const FILL_SPREAD: Duration = Duration::from_secs(1);
@@ -668,7 +672,11 @@ impl Client {
                     run.rotation.advance();
                     run.next_dial = Some(now);
                 } else if run.elsewhere < ELSEWHERE_PER_REPLICA * run.fleet.target() {
-                    run.next_dial = Some(now);
+                    // Not at once: agents that retry in lockstep through a round-robin
+                    // balancer can meet the same replica every time (2,000 agents and five
+                    // replicas did, in rd-rolling).
+                    let jitter = ELSEWHERE_JITTER.mul_f64(rand::rng().random_range(0.0..=1.0));
+                    run.next_dial = Some(now + jitter);
                 } else {
                     run.elsewhere = 0;
                     let delay = run.fill_backoff.next_delay();

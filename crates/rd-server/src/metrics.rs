@@ -103,6 +103,8 @@ pub struct Metrics {
     pub dials: Family<Labels, GoCounter>,
     /// Replicas this server counts, itself included: what it tells rd agents to fill.
     pub replicas: Gauge,
+    /// Agents (distinct client keys) with a session on this server (at the last scrape).
+    pub agents: Gauge,
 }
 
 impl Default for Metrics {
@@ -152,6 +154,7 @@ impl Metrics {
             peer_discovery_rounds: fam(),
             dials: fam(),
             replicas: Gauge::default(),
+            agents: Gauge::default(),
         };
         let go: [(&str, &str, &Family<Labels, GoCounter>); 10] = [
             (
@@ -286,6 +289,11 @@ impl Metrics {
             "replicas",
             "Replicas this server counts, itself included (rd peers with a live link, draining ones left out): what rd agents are told to hold a session with",
             m.replicas.clone(),
+        );
+        rd.register(
+            "agents",
+            "Agents (distinct client ids) with a session on this server, not counting peers (at the last scrape)",
+            m.agents.clone(),
         );
         rd.register(
             "peer_discovery_rounds",

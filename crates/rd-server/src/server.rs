@@ -388,6 +388,8 @@ impl Server {
 
     /// Refreshes the gauges computed from session state, then encodes every metric.
     pub fn encode_metrics(&self) -> String {
+        let agents = self.registry().client_keys().len();
+        self.inner.metrics.agents.set(agents as i64);
         let mut sessions = self.registry().all_sessions();
         sessions.extend(self.peers().incoming_sessions());
         let (mut by_us, mut by_peer, mut buffered) = (0, 0, 0);

@@ -183,6 +183,7 @@ impl PeerSet {
         shutdown: CancellationToken,
         discovering: bool,
     ) -> Self {
+        metrics.replicas.set(1);
         Self(Arc::new(Shared {
             identity,
             settings,
