@@ -344,12 +344,12 @@ where
                 Event::PeerGoingAway { reason } => {
                     tracing::debug!(%reason, "the peer is going away");
                     self.shared
-                        .notices
+                        .notices()
                         .send_modify(|n| n.going_away = Some(reason));
                 }
                 Event::ReplicasAnnounced(count) => {
                     self.shared
-                        .notices
+                        .notices()
                         .send_modify(|n| n.replicas = Some(count));
                 }
                 // The other end of the stall `log_limit` warned about.

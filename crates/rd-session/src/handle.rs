@@ -186,12 +186,16 @@ impl SessionHandle {
     /// What the peer said about itself in the session (replicas extension): whether it is
     /// going away, and the latest replica count it announced. The receiver sees each change.
     pub fn notices(&self) -> watch::Receiver<PeerNotices> {
-        self.shared.notices.subscribe()
+        self.shared.notices().subscribe()
     }
 
     /// The peer's GoAway reason, if it said it is going away.
     pub fn peer_going_away(&self) -> Option<String> {
-        self.shared.notices.borrow().going_away.clone()
+        self.shared
+            .lock()
+            .proto
+            .peer_going_away()
+            .map(str::to_owned)
     }
 
     /// Whether two handles are the same session.

@@ -93,8 +93,10 @@ impl Inner {
 pub(crate) struct Shared {
     inner: Mutex<Inner>,
     pub(crate) ended: watch::Sender<Option<SessionEnd>>,
-    /// What the peer said about itself (GoAway, Replicas); the driver publishes it.
-    pub(crate) notices: watch::Sender<PeerNotices>,
+    /// What the peer said about itself (GoAway, Replicas); the driver publishes it. Made on
+    /// first use: a server holds thousands of agent sessions whose notices nobody watches,
+    /// and a watch channel costs a few hundred bytes each.
+    notices: std::sync::OnceLock<watch::Sender<PeerNotices>>,
     pub(crate) session_key: i64,
     pub(crate) client_key: String,
     pub(crate) observer: Arc<dyn SessionObserver>,
@@ -124,11 +126,17 @@ impl Shared {
                 peer_close_code: None,
             }),
             ended: watch::Sender::new(None),
-            notices: watch::Sender::new(PeerNotices::default()),
+            notices: std::sync::OnceLock::new(),
             session_key,
             client_key,
             observer,
         })
+    }
+
+    /// The channel of the peer's notices.
+    pub(crate) fn notices(&self) -> &watch::Sender<PeerNotices> {
+        self.notices
+            .get_or_init(|| watch::Sender::new(PeerNotices::default()))
     }
 
     /// Locks the state. A panic while holding the lock cannot leave the sans-IO state
