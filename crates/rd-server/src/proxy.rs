@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -127,26 +127,20 @@ impl ClientProxy {
     pub fn new(server: Server) -> Self {
         let clients: Arc<Mutex<HashMap<String, Client<ProxyConnector, Body>>>> =
             Arc::new(Mutex::new(HashMap::new()));
-        let per_client = Arc::downgrade(&clients);
-        server.on_peer_withdrawal(move |client_key| {
-            if let Some(pools) = per_client.upgrade() {
+        // Dropped outside the lock: dropping a pool closes its connections.
+        let drop_pool = |pools: &Weak<Mutex<HashMap<String, _>>>, client_key: &str| {
+            if let Some(pools) = pools.upgrade() {
                 let dropped = pools
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(client_key);
                 drop(dropped);
             }
-        });
+        };
         let per_client = Arc::downgrade(&clients);
-        server.on_session_added(move |client_key| {
-            if let Some(pools) = per_client.upgrade() {
-                let dropped = pools
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(client_key);
-                drop(dropped);
-            }
-        });
+        server.on_peer_withdrawal(move |client_key| drop_pool(&per_client, client_key));
+        let per_client = Arc::downgrade(&clients);
+        server.on_session_added(move |client_key| drop_pool(&per_client, client_key));
         let pools = Arc::downgrade(&clients);
         server.on_drain(move || {
             if let Some(pools) = pools.upgrade() {
