@@ -1,7 +1,8 @@
 //! Client failover between replicas: three rd-server processes on 127.0.0.1, .2 and .3
-//! (same port), peered with static `-peers`; one rd-client given all three. Killing the
-//! server it is on (SIGKILL) moves it to another at once, and requests entering any
-//! surviving server reach it again.
+//! (same port), peered with static `-peers`; rd-clients given all three. One holding a
+//! single session (`--sessions 1`) moves to another server at once when its own is killed
+//! (SIGKILL); one holding a session with each (the default) loses nothing: requests
+//! entering the survivors reach it throughout.
 #![allow(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
@@ -63,13 +64,26 @@ async fn a_client_moves_to_another_replica_when_its_server_is_killed() {
     let urls: Vec<String> = (1..=3)
         .map(|i| format!("ws://127.0.0.{i}:{port}/connect"))
         .collect();
-    let _client = Proc::start("rd-client", &["-connect", &urls.join(","), "-id", "foo"]);
+    let _client = Proc::start(
+        "rd-client",
+        &["-connect", &urls.join(","), "-id", "foo", "--sessions", "1"],
+    );
+    let _all = Proc::start("rd-client", &["-connect", &urls.join(","), "-id", "all"]);
+    let all_path = format!("/client/all/http/{dummy}/hello.txt");
     let path = format!("/client/foo/http/{dummy}/hello.txt");
     let ok = |r: &Reply| r.status == 200 && r.text() == HELLO;
 
     // Reachable through every server: directly on one, through the peers on the others.
     for (_, addr) in &servers {
         poll_get(*addr, &path, Duration::from_secs(15), ok).await;
+    }
+    // `all` holds a session with each.
+    for (p, _) in &servers {
+        wait_until(
+            "all's session on each server",
+            Duration::from_secs(15),
+            || sessions_of(p, "all") == 1,
+        );
     }
     let on = servers
         .iter()
@@ -80,6 +94,15 @@ async fn a_client_moves_to_another_replica_when_its_server_is_killed() {
     let killed_at = Instant::now();
     servers[on].0.kill();
     let (_, gone) = servers.remove(on);
+    // `all` never needed to move: every request through the survivors reaches it.
+    for (_, addr) in &servers {
+        for _ in 0..10 {
+            let r = try_get(*addr, &all_path, Duration::from_secs(15))
+                .await
+                .unwrap();
+            assert!(ok(&r), "all through {addr}: {} {}", r.status, r.text());
+        }
+    }
     // Back on one of the others: its session count for foo goes up.
     let mut before = before;
     before.remove(on);

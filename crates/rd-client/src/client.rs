@@ -70,8 +70,9 @@ enum Attempt {
     /// A new session, running in a task of its own.
     Joined { slot: u64, server: ServerInfo },
     /// The server is one the client holds a session with already (its `409`, or its id in
-    /// the `101`), or it is leaving (a draining server's `503`): try again elsewhere.
-    Elsewhere { server: ServerInfo },
+    /// the `101`: `held`), or it is leaving (a draining server's `503`): try again
+    /// elsewhere.
+    Elsewhere { server: ServerInfo, held: bool },
     /// The attempt failed.
     Failed(ClientError),
 }
@@ -92,6 +93,13 @@ const ELSEWHERE_PER_REPLICA: usize = 3;
 /// An attempt that reached a server held already is made again within a random delay of up
 /// to this.
 const ELSEWHERE_JITTER: Duration = Duration::from_millis(50);
+
+/// For this long after the count grew, the fill backoff is at most [`FILL_EAGER_MAX`]: a new
+/// replica behind a load balancer is reachable once it is ready, seconds after its peers
+/// count it.
+const FILL_EAGER: Duration = Duration::from_secs(30);
+/// See [`FILL_EAGER`].
+const FILL_EAGER_MAX: Duration = Duration::from_secs(2);
 
 /// A count that grew is answered within a random delay of up to this: a whole fleet learns
 /// of a new replica at once, and must not dial the load balancer at once.
@@ -433,6 +441,9 @@ impl Client {
             .as_ref()
             .map(|f| f(session.clone(), session_cancel.clone()));
         let mut watch = session.notices();
+        // What the server said before we subscribed counts too (a GoAway or a new count
+        // right after the upgrade): the first `changed` returns it.
+        watch.mark_changed();
         let result = loop {
             tokio::select! {
                 end = session.closed() => break Ok(end),
@@ -500,7 +511,7 @@ impl Client {
             Ok(None) => return None,
             Err(ClientError::Connect(e)) => {
                 return Some(match elsewhere(&e) {
-                    Some(server) => Attempt::Elsewhere { server },
+                    Some((server, held)) => Attempt::Elsewhere { server, held },
                     None => Attempt::Failed(ClientError::Connect(e)),
                 })
             }
@@ -522,7 +533,7 @@ impl Client {
             tokio::time::timeout(Duration::from_secs(1), ws.close(None))
                 .await
                 .ok();
-            return Some(Attempt::Elsewhere { server });
+            return Some(Attempt::Elsewhere { server, held: true });
         }
         let session = {
             let _span = span.enter();
@@ -581,6 +592,8 @@ impl Client {
             next_dial: Some(tokio::time::Instant::now()),
             new_round: false,
             elsewhere: 0,
+            elsewhere_ids: Vec::new(),
+            fill_eager_until: None,
             next_slot: 0,
         };
         run.rotation
@@ -643,6 +656,7 @@ impl Client {
             Attempt::Joined { slot, server } => {
                 run.fleet.add(slot, server);
                 run.elsewhere = 0;
+                run.elsewhere_ids.clear();
                 run.fill_backoff.reset();
                 self.report(run);
                 if run.fleet.target() > 1 {
@@ -656,22 +670,39 @@ impl Client {
                 }
                 if run.fleet.wants_more() {
                     // The next replica is more likely behind the next endpoint.
-                    run.rotation.advance();
+                    run.rotation.advance(now);
                     run.next_dial = Some(now);
                 }
             }
-            Attempt::Elsewhere { server } => {
-                if let (Some(id), Some(n)) = (server.id.as_deref(), server.replicas) {
+            Attempt::Elsewhere { server, held } => {
+                if let (true, Some(id), Some(n)) = (held, server.id.as_deref(), server.replicas) {
+                    // A draining process's count may not be its successor's (a replica
+                    // restarted under the same id): only a held server's is taken.
                     run.fleet.replicas_of(id, n);
                 }
                 if !run.fleet.wants_more() {
                     return;
                 }
                 run.elsewhere += 1;
-                if run.rotation.len() > 1 && run.elsewhere < run.rotation.len() {
-                    run.rotation.advance();
-                    run.next_dial = Some(now);
-                } else if run.elsewhere < ELSEWHERE_PER_REPLICA * run.fleet.target() {
+                if let Some(id) = server.id {
+                    if !run.elsewhere_ids.contains(&id) {
+                        run.elsewhere_ids.push(id);
+                    }
+                }
+                let several = run.rotation.len() > 1;
+                // One pass over the endpoints when there are several (each may be another
+                // replica); else a few attempts per replica counted through the one URL,
+                // unless they all reach the same server (a replica's own address, not a
+                // balancer: more attempts would only reach it again).
+                let round = if several {
+                    run.rotation.len()
+                } else if run.elsewhere >= 3 && run.elsewhere_ids.len() == 1 {
+                    run.elsewhere
+                } else {
+                    ELSEWHERE_PER_REPLICA * run.fleet.target()
+                };
+                if run.elsewhere < round {
+                    run.rotation.advance(now);
                     // Not at once: agents that retry in lockstep through a round-robin
                     // balancer can meet the same replica every time (2,000 agents and five
                     // replicas did, in rd-rolling).
@@ -679,13 +710,19 @@ impl Client {
                     run.next_dial = Some(now + jitter);
                 } else {
                     run.elsewhere = 0;
-                    let delay = run.fill_backoff.next_delay();
+                    run.elsewhere_ids.clear();
+                    let mut delay = run.fill_backoff.next_delay();
+                    if run.fill_eager_until.is_some_and(|t| now < t) {
+                        delay = delay.min(FILL_EAGER_MAX);
+                    }
                     tracing::info!(
                         ?delay,
                         sessions = run.fleet.live_count(),
                         replicas = run.fleet.target(),
                         "every attempt reached a replica held already: trying again later"
                     );
+                    // Names are resolved again: a replaced pod has a new address.
+                    run.new_round = true;
                     run.next_dial = Some(now + delay);
                 }
             }
@@ -709,6 +746,7 @@ impl Client {
     }
 
     fn on_event(&self, run: &mut Run, event: SessionEvent, cancel: &CancellationToken) {
+        let now = tokio::time::Instant::now();
         match event {
             SessionEvent::Notice { slot, notices } => {
                 let target = run.fleet.target();
@@ -720,7 +758,6 @@ impl Client {
                 if !run.fleet.wants_more() {
                     return;
                 }
-                let now = tokio::time::Instant::now();
                 if left {
                     // Make-before-break: the replacement, while the old session still serves.
                     tracing::info!(
@@ -728,10 +765,17 @@ impl Client {
                         "a server is going away: making the replacement session"
                     );
                     run.elsewhere = 0;
+                    run.elsewhere_ids.clear();
+                    run.new_round = true;
                     run.next_dial = Some(now);
                 } else if run.fleet.target() > target {
                     run.fill_backoff.reset();
                     run.elsewhere = 0;
+                    run.elsewhere_ids.clear();
+                    // The new replica may take a few seconds to be ready behind a balancer:
+                    // keep looking for it often meanwhile.
+                    run.fill_eager_until = Some(now + FILL_EAGER);
+                    run.new_round = true;
                     let spread = FILL_SPREAD.mul_f64(rand::rng().random_range(0.0..=1.0));
                     tracing::info!(
                         replicas = run.fleet.target(),
@@ -765,17 +809,20 @@ impl Client {
                         false
                     }
                 };
-                if !run.fleet.wants_more() || run.next_dial.is_some() {
+                if !run.fleet.wants_more() {
                     return;
                 }
-                let next = run.rotation.session_ended(uptime, going_away);
+                let next = run.rotation.session_ended(&endpoint, uptime, going_away);
                 self.schedule(run, next);
             }
         }
     }
 
     /// Plans the next attempt after a failure or a lost session: at once, or after the
-    /// backoff and a new round.
+    /// backoff and a new round. A plan already made (the fill's next attempt) is kept when
+    /// it comes later than "at once", and put back when it comes sooner than the backoff:
+    /// a lost session is not left waiting behind a long fill backoff, and sessions that die
+    /// right after their upgrade do not make the client redial in a tight loop.
     fn schedule(&self, run: &mut Run, next: Next) {
         if !run.fleet.wants_more() {
             return;
@@ -784,17 +831,22 @@ impl Client {
             state.redialing();
         }
         let now = tokio::time::Instant::now();
-        if next == Next::Now {
+        let at = if next == Next::Now {
             if let Some(to) = run.rotation.current() {
                 tracing::info!(server = %to, "redialing at once");
             }
-            run.next_dial = Some(now);
-            return;
-        }
-        let delay = run.backoff.next_delay();
-        tracing::info!(?delay, servers = run.rotation.len(), "redialing");
-        run.new_round = true;
-        run.next_dial = Some(now + delay);
+            now
+        } else {
+            let delay = run.backoff.next_delay();
+            tracing::info!(?delay, servers = run.rotation.len(), "redialing");
+            run.new_round = true;
+            now + delay
+        };
+        run.next_dial = Some(match (run.next_dial, next) {
+            (Some(planned), Next::Now) => planned.min(at),
+            (Some(planned), Next::Backoff) => planned.max(at),
+            (None, _) => at,
+        });
     }
 }
 
@@ -811,13 +863,18 @@ struct Run {
     new_round: bool,
     /// Attempts in a row that reached a server held already.
     elsewhere: usize,
+    /// The servers those attempts reached.
+    elsewhere_ids: Vec<String>,
+    /// Until then (after the count grew) the fill backoff stays short.
+    fill_eager_until: Option<tokio::time::Instant>,
     next_slot: u64,
 }
 
 /// The server of a refused upgrade, if the refusal means "not here, try another replica":
-/// a `409` from a server the client holds already, or a draining server's `503`, each with
-/// the server's id (an rd server answering an agent that offered the replicas extension).
-fn elsewhere(e: &ConnectError) -> Option<ServerInfo> {
+/// a `409` from a server the client holds already (`true`), or a draining server's `503`
+/// (`false`), each with the server's id (an rd server answering an agent that offered the
+/// replicas extension).
+fn elsewhere(e: &ConnectError) -> Option<(ServerInfo, bool)> {
     let ConnectError::Rejected {
         status, headers, ..
     } = e
@@ -825,9 +882,9 @@ fn elsewhere(e: &ConnectError) -> Option<ServerInfo> {
         return None;
     };
     let info = ServerInfo::from_headers(headers);
-    let not_here = *status == StatusCode::CONFLICT
-        || (*status == StatusCode::SERVICE_UNAVAILABLE && !has_retry_after(headers));
-    (not_here && info.id.is_some()).then_some(info)
+    let held = *status == StatusCode::CONFLICT;
+    let leaving = *status == StatusCode::SERVICE_UNAVAILABLE && !has_retry_after(headers);
+    ((held || leaving) && info.id.is_some()).then_some((info, held))
 }
 
 fn has_retry_after(headers: &HeaderMap) -> bool {

@@ -75,11 +75,16 @@ impl Rotation {
         self.endpoints.get(self.current)
     }
 
-    /// Moves to the next endpoint, for the next of several sessions (the next replica is
-    /// more likely behind another endpoint).
-    pub(crate) fn advance(&mut self) {
-        if !self.endpoints.is_empty() {
-            self.current = (self.current + 1) % self.endpoints.len();
+    /// Moves to the next endpoint that may be tried at `now` (one that did not answer
+    /// `Retry-After`), for the next of several sessions: the next replica is more likely
+    /// behind another endpoint. Stays if none may.
+    pub(crate) fn advance(&mut self, now: Instant) {
+        let n = self.endpoints.len();
+        if let Some(i) = (1..n)
+            .map(|k| (self.current + k) % n)
+            .find(|&i| self.eligible(i, now))
+        {
+            self.current = i;
         }
     }
 
@@ -88,9 +93,17 @@ impl Rotation {
         self.endpoints.len()
     }
 
-    /// A session on the current endpoint ended after `uptime`; `going_away` if the server
-    /// said it is leaving (a drain).
-    pub(crate) fn session_ended(&mut self, uptime: Duration, going_away: bool) -> Next {
+    /// A session on `endpoint` ended after `uptime`; `going_away` if the server said it is
+    /// leaving (a drain). The next attempt goes elsewhere if there is elsewhere.
+    pub(crate) fn session_ended(
+        &mut self,
+        endpoint: &Endpoint,
+        uptime: Duration,
+        going_away: bool,
+    ) -> Next {
+        if let Some(i) = self.endpoints.iter().position(|e| e == endpoint) {
+            self.current = i;
+        }
         if uptime >= STABLE {
             // The server worked: a new round starts with the others.
             self.tried.fill(false);
@@ -253,7 +266,8 @@ mod tests {
     fn a_lost_server_moves_the_client_to_the_next_at_once() {
         let mut r = rotation(3);
         let long = Duration::from_secs(30);
-        assert_eq!(r.session_ended(long, false), Next::Now);
+        let first = endpoints(3)[0].clone();
+        assert_eq!(r.session_ended(&first, long, false), Next::Now);
         assert_eq!(at(&r), "ws://127.0.0.2:8123/connect");
         // The next one is down too: the third, still at once.
         assert_eq!(r.attempt_failed(Instant::now(), None), Next::Now);
@@ -268,10 +282,11 @@ mod tests {
     fn one_server_backs_off_unless_it_went_away_after_working() {
         let mut r = rotation(1);
         let long = Duration::from_secs(30);
-        assert_eq!(r.session_ended(long, false), Next::Backoff);
-        assert_eq!(r.session_ended(long, true), Next::Now);
+        let only = endpoints(1)[0].clone();
+        assert_eq!(r.session_ended(&only, long, false), Next::Backoff);
+        assert_eq!(r.session_ended(&only, long, true), Next::Now);
         assert_eq!(
-            r.session_ended(Duration::from_millis(10), true),
+            r.session_ended(&only, Duration::from_millis(10), true),
             Next::Backoff,
             "a server that sends its clients away at once does not make them loop"
         );
@@ -282,8 +297,9 @@ mod tests {
     fn sessions_that_drop_at_once_end_the_round() {
         let mut r = rotation(2);
         let short = Duration::from_millis(10);
-        assert_eq!(r.session_ended(short, false), Next::Now);
-        assert_eq!(r.session_ended(short, false), Next::Backoff);
+        let eps = endpoints(2);
+        assert_eq!(r.session_ended(&eps[0], short, false), Next::Now);
+        assert_eq!(r.session_ended(&eps[1], short, false), Next::Backoff);
     }
 
     #[test]
@@ -321,13 +337,37 @@ mod tests {
     #[test]
     fn the_current_endpoint_survives_a_new_resolution() {
         let mut r = rotation(3);
-        r.session_ended(Duration::from_secs(30), false);
+        r.session_ended(&endpoints(3)[0], Duration::from_secs(30), false);
         assert_eq!(at(&r), "ws://127.0.0.2:8123/connect");
         let mut again = endpoints(3);
         again.reverse();
         r.set_endpoints(again);
         assert_eq!(at(&r), "ws://127.0.0.2:8123/connect");
         r.set_endpoints(endpoints(1));
+        assert_eq!(at(&r), "ws://127.0.0.1:8123/connect");
+    }
+
+    #[test]
+    fn a_session_ends_where_it_was_and_advance_skips_retry_after() {
+        let now = Instant::now();
+        let eps = endpoints(3);
+        let mut r = rotation(3);
+        // The session on the third ended while the rotation pointed at the first: the next
+        // attempt goes to the one after the third.
+        assert_eq!(
+            r.session_ended(&eps[2], Duration::from_secs(30), false),
+            Next::Now
+        );
+        assert_eq!(at(&r), "ws://127.0.0.1:8123/connect");
+        // The second said Retry-After: advancing from the first skips it.
+        r.advance(now);
+        assert_eq!(at(&r), "ws://127.0.0.2:8123/connect");
+        r.attempt_failed(now, Some(Duration::from_secs(60)));
+        // The third was tried in this round (its session ended): the first is next.
+        assert_eq!(at(&r), "ws://127.0.0.1:8123/connect");
+        r.advance(now);
+        assert_eq!(at(&r), "ws://127.0.0.3:8123/connect", "the second is aside");
+        r.advance(now);
         assert_eq!(at(&r), "ws://127.0.0.1:8123/connect");
     }
 

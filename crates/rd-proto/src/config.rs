@@ -72,8 +72,8 @@ pub struct Config {
     pub half_close: bool,
     /// Use rd's replicas extension (both ends must have negotiated it at the upgrade; see
     /// docs/protocol.md): a server may tell its agent how many replicas it counts
-    /// ([`Session::announce_replicas`](crate::Session::announce_replicas)) and that this
-    /// session is going away ([`Session::go_away`](crate::Session::go_away)). Off by
+    /// ([`Session::announce_replicas`](crate::Session::announce_replicas)) and either side
+    /// that it is going away ([`Session::go_away`](crate::Session::go_away)). Off by
     /// default: Go peers never speak it.
     pub replicas: bool,
     /// The largest credit window a stream's receiver auto-tunes to; at most

@@ -519,6 +519,12 @@ impl Session {
                     });
                     return Ok(());
                 }
+                if !self.negotiated(&err) {
+                    // A type of an extension this session did not negotiate is unknown to
+                    // it, whatever its payload: ignored, as Go ignores unknown types.
+                    tracing::debug!(error = %err, "ignoring malformed message of an extension not negotiated");
+                    return Ok(());
+                }
                 let err = ProtocolError::Decode(err);
                 self.close(SessionEnd::Protocol(err.clone()));
                 return Err(err);
@@ -818,6 +824,16 @@ impl Session {
     /// directions are done and the stream leaves the wire. Fin for an unknown or closed
     /// stream, a second Fin, and Fin on a session without the extension are ignored (the
     /// last as Go ignores types it does not know).
+    /// Whether a decode error concerns a message this session speaks: false for the types of
+    /// extensions it did not negotiate.
+    fn negotiated(&self, err: &DecodeError) -> bool {
+        match err {
+            DecodeError::BadCredit { .. } => self.config.credit,
+            DecodeError::BadReplicas { .. } => self.config.replicas,
+            _ => true,
+        }
+    }
+
     fn on_go_away(&mut self, reason: String) {
         if !self.config.replicas || self.peer_going_away.is_some() {
             return;
@@ -1107,7 +1123,10 @@ impl Session {
         if self.streams.len() >= self.config.max_streams {
             return Err(OpenError::TooManyStreams(self.config.max_streams));
         }
-        if let Some(reason) = &self.peer_going_away {
+        // An agent opens nothing more towards a server that is leaving. A server side only
+        // takes note: a draining peer server that says GoAway on a peer link still serves
+        // the agents it alone holds through that link, so the streams routed to it must open.
+        if let (Some(reason), Side::Client) = (&self.peer_going_away, self.side) {
             return Err(OpenError::PeerGoingAway(reason.clone()));
         }
         let id = self.streams.allocate_id();

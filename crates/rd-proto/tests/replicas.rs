@@ -138,6 +138,38 @@ fn without_the_extension_nothing_is_sent_and_nothing_received_counts() {
 }
 
 #[test]
+fn a_server_side_told_go_away_still_opens_streams() {
+    // A draining peer server says GoAway on a peer link it dialed; the other server (the
+    // link's server side) still routes to it the agents only it holds.
+    let mut sim = Sim::new(replicas());
+    assert!(sim.client.session.go_away("server draining"));
+    sim.flush();
+    assert_eq!(going_away(&sim.server.take_events()), ["server draining"]);
+    let id = sim.open(Side::Server).unwrap();
+    sim.write(Side::Server, id, b"routed").unwrap();
+    sim.flush();
+    assert_eq!(
+        sim.read(Side::Client, id, 64).unwrap(),
+        ReadOutcome::Data(Bytes::from_static(b"routed"))
+    );
+}
+
+#[test]
+fn malformed_extension_messages_from_a_peer_that_did_not_negotiate_are_ignored() {
+    let raw = |code: i64, value: i64| {
+        let mut raw = bytes::BytesMut::new();
+        for v in [1, 0, code, value] {
+            rd_proto::varint::put_varint(&mut raw, v);
+        }
+        raw.freeze()
+    };
+    let mut sim = Sim::new(Config::default());
+    sim.inject(Side::Client, raw(REPLICAS, 0)).unwrap();
+    sim.inject(Side::Client, raw(64, -5)).unwrap();
+    assert!(sim.client.session.end().is_none());
+}
+
+#[test]
 fn a_bad_replica_count_ends_the_session() {
     for count in [0i64, -1, 1 << 40] {
         let mut sim = Sim::new(replicas());

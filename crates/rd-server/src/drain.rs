@@ -11,9 +11,10 @@
 //!    on. Go agents (and rd agents without the extension) are withdrawn from the peers at
 //!    once and keep today's behaviour: served until their streams end, then moved;
 //! 3. make-before-break: an rd agent's session is withdrawn from the peers only once
-//!    another replica announced the agent (or no peer is left to hand it to); until then
-//!    requests for it keep reaching it through us. Requests that enter here go to a peer
-//!    that holds the agent first, so the session we hand over carries nothing new;
+//!    another replica announced the agent (or no peer is left to hand it to, or it was not
+//!    held elsewhere within [`HANDOVER_WAIT`]); until then requests for it keep reaching it
+//!    through us. Requests that enter here go to a peer that holds the agent first, so the
+//!    session we hand over carries nothing new;
 //! 4. close each withdrawn session with a going-away close (1001) once it carries no
 //!    stream;
 //! 5. at the deadline, log every stream still running (client, target, bytes) and cut it.
@@ -35,6 +36,13 @@ const GOING_AWAY_REASON: &str = "server draining";
 /// observer to wake it when their streams end, and announcements from the peers (which
 /// make an agent reachable elsewhere) wake nobody.
 const RECHECK: Duration = Duration::from_millis(100);
+
+/// How long an rd agent told to move gets to be held by another replica before its session
+/// here is let go anyway (withdrawn, and closed once idle), as a Go agent's is at once.
+/// Behind a load balancer an agent is held elsewhere within a second or two; one that is
+/// not by then reaches only this replica (its own address, say) or cannot reach the others,
+/// and keeping it would only keep the drain, and the rolling restart, waiting.
+const HANDOVER_WAIT: Duration = Duration::from_secs(10);
 
 /// Bound on closing the last sessions after the drain.
 const CLOSE_BOUND: Duration = Duration::from_secs(2);
@@ -65,21 +73,10 @@ impl Server {
     /// [`shutdown`](Self::shutdown). Kubernetes' default grace is 30 s.
     pub async fn drain(&self, grace: Duration) -> DrainReport {
         let deadline = Instant::now() + grace;
+        let handover_deadline = Instant::now() + HANDOVER_WAIT.min(grace);
         self.begin_drain();
-        self.peers().go_away_links(GOING_AWAY_REASON);
         let mut report = DrainReport::default();
-        {
-            // Under the registry's lock, as every announcement: see the lock order there.
-            let registry = self.registry();
-            let (rd, go): (Vec<SessionHandle>, Vec<SessionHandle>) = registry
-                .all_sessions()
-                .into_iter()
-                .partition(|s| s.extensions().replicas);
-            for s in &rd {
-                report.agents_told += usize::from(s.go_away(GOING_AWAY_REASON));
-            }
-            self.peers().withdraw(&go);
-        }
+        report.agents_told += self.tell_going_away();
         let (clients, links) = self.drain_view();
         tracing::info!(
             clients = clients.len(),
@@ -93,7 +90,19 @@ impl Server {
             // Registered before looking, so an end between the look and the wait still wakes us.
             let wake = self.inner.drain_wake.clone();
             let woken = wake.notified();
-            self.hand_over();
+            // Again each pass: a session or a peer link that came up after the first (an
+            // upgrade in flight when the drain began, a link redialed) is told too.
+            report.agents_told += self.tell_going_away();
+            let overdue = Instant::now() >= handover_deadline;
+            let let_go = self.hand_over(overdue);
+            if let_go > 0 {
+                tracing::info!(
+                    agents = let_go,
+                    wait = ?HANDOVER_WAIT,
+                    "agents not held by another replica: moved anyway (they reach only this one, \
+                     or cannot reach the others)"
+                );
+            }
             let (clients, links) = self.drain_view();
             let mut waiting = 0;
             for session in clients.iter().filter(|s| !s.is_closed()) {
@@ -139,18 +148,38 @@ impl Server {
         report
     }
 
+    /// Sends GoAway on every peer link and to every rd agent not told yet, and withdraws the
+    /// sessions of agents that cannot be told (Go agents) at once. Returns how many agents
+    /// were told now.
+    fn tell_going_away(&self) -> usize {
+        self.peers().go_away_links(GOING_AWAY_REASON);
+        // Under the registry's lock, as every announcement: see the lock order there.
+        let registry = self.registry();
+        let (rd, go): (Vec<SessionHandle>, Vec<SessionHandle>) = registry
+            .all_sessions()
+            .into_iter()
+            .partition(|s| s.extensions().replicas);
+        let go: Vec<SessionHandle> = go
+            .into_iter()
+            .filter(|s| !self.peers().is_withdrawn(s))
+            .collect();
+        self.peers().withdraw(&go);
+        rd.iter().filter(|s| s.go_away(GOING_AWAY_REASON)).count()
+    }
+
     /// Withdraws from the peers every client session whose agent another replica announced
-    /// (it made its replacement), or all of them once no peer is left to hand them to.
-    fn hand_over(&self) {
+    /// (it made its replacement), or all of them once no peer is left to hand them to, or
+    /// (`overdue`) once the handover wait is over. Returns how many were let go without
+    /// being held elsewhere.
+    fn hand_over(&self, overdue: bool) -> usize {
         let peers = self.peers();
         let anywhere = peers.has_live_peer();
         let registry = self.registry();
-        let ready: Vec<SessionHandle> = registry
+        let (ready, stuck): (Vec<SessionHandle>, Vec<SessionHandle>) = registry
             .all_sessions()
             .into_iter()
             .filter(|s| !peers.is_withdrawn(s))
-            .filter(|s| !anywhere || peers.routable_elsewhere(s.client_key()))
-            .collect();
+            .partition(|s| !anywhere || peers.routable_elsewhere(s.client_key()));
         if !ready.is_empty() {
             tracing::debug!(
                 sessions = ready.len(),
@@ -158,6 +187,11 @@ impl Server {
             );
             peers.withdraw(&ready);
         }
+        if overdue && !stuck.is_empty() {
+            peers.withdraw(&stuck);
+            return stuck.len();
+        }
+        0
     }
 }
 

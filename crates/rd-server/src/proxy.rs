@@ -188,9 +188,9 @@ impl ClientProxy {
         };
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         if self.server.is_draining() {
-            // Nothing is pooled while draining (see `new`): a request that got past the
-            // check in `handle` as the drain began gets a client of its own, whose
-            // connection is dropped with it.
+            // Nothing is pooled while draining (see `new`): a request that reaches a
+            // draining server gets a client of its own, whose connection is dropped with it
+            // (a pooled stream would keep the session we hand over busy).
             return build();
         }
         clients.entry(key.to_owned()).or_insert_with(build).clone()

@@ -613,7 +613,7 @@ impl Server {
             );
             // An rd agent filling its sessions reads our id as "this one is leaving".
             if Extensions::from_headers(req.headers()).replicas {
-                self.add_replica_headers(&mut response);
+                self.add_replica_headers(&mut response, self.peers().replica_count());
             }
             return response;
         }
@@ -704,7 +704,7 @@ impl Server {
                 StatusCode::CONFLICT,
                 "this agent holds a session with this server already",
             );
-            self.add_replica_headers(&mut response);
+            self.add_replica_headers(&mut response, self.peers().replica_count());
             return response;
         }
         let accept = match accept_key(&parts) {
@@ -766,8 +766,8 @@ impl Server {
         }
         if peer {
             self.add_server_id(&mut response, asked_id);
-        } else if told.is_some() {
-            self.add_replica_headers(&mut response);
+        } else if let Some(count) = told {
+            self.add_replica_headers(&mut response, count);
         }
         response
     }
@@ -787,9 +787,10 @@ impl Server {
             .any(|id| id.trim() == own.id)
     }
 
-    /// Our id and replica count, for an agent that negotiated the replicas extension (a
-    /// server without a peer id is one replica with no id: the agent keeps one session).
-    fn add_replica_headers(&self, response: &mut Response<Body>) {
+    /// Our id and `count`, the replica count, for an agent that negotiated the replicas
+    /// extension (a server without a peer id is one replica with no id: the agent keeps one
+    /// session).
+    fn add_replica_headers(&self, response: &mut Response<Body>, count: u32) {
         let Some(own) = self.peers().identity() else {
             return;
         };
@@ -797,10 +798,7 @@ impl Server {
         if let Ok(v) = HeaderValue::from_str(&own.id) {
             h.insert(SERVER_ID_HEADER, v);
         }
-        h.insert(
-            REPLICAS_HEADER,
-            HeaderValue::from(self.peers().replica_count()),
-        );
+        h.insert(REPLICAS_HEADER, HeaderValue::from(count));
     }
 
     /// Answers an rd peer that asked for our id (never a Go peer: it does not ask).

@@ -129,6 +129,75 @@ async fn servers_that_give_no_count_keep_the_agent_at_one_session() {
 }
 
 #[tokio::test]
+async fn an_agent_only_a_draining_server_holds_stays_reachable_through_its_peer() {
+    let (a, b) = peered_pair(|b| b.build()).await;
+    wait_until("a and b count each other", || {
+        a.server.replica_count() == 2 && b.server.replica_count() == 2
+    })
+    .await;
+    // An agent that knows only a (its own address, one session): it cannot move.
+    let client = agent(&a.ws_url(), "foo")
+        .sessions(SessionCount::ONE)
+        .build();
+    let _running = RunningClient::spawn(client);
+    let server_b = b.server.clone();
+    wait_until("b routes foo through a", || server_b.has_session("foo")).await;
+
+    let drain = tokio::spawn({
+        let server = a.server.clone();
+        async move { server.drain(std::time::Duration::from_secs(3)).await }
+    });
+    wait_until("a drains", || a.server.is_draining()).await;
+    // Make-before-break: a keeps foo announced (nobody else holds it) and serves what b
+    // routes to it, although it said GoAway on the link. The agent answers (no target
+    // listens on port 1): 502 with its dial error, not 500 or 503.
+    for _ in 0..3 {
+        let (status, body) = get_text(b.addr, "/client/foo/http/127.0.0.1:1/").await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+        assert!(
+            body.contains("connection refused"),
+            "not the agent's answer: {body}"
+        );
+    }
+    let report = bounded("the drain", drain).await.unwrap();
+    assert!(
+        !report.finished_in_time,
+        "foo was never held elsewhere: {report:?}"
+    );
+}
+
+#[tokio::test]
+async fn sessions_that_die_after_their_upgrade_are_redialed_with_backoff() {
+    let (a, b) = peered_pair(|b| b.build()).await;
+    wait_until("a counts b", || a.server.replica_count() == 2).await;
+    // A callback that fails at once ends every session right after its upgrade.
+    let client = agent(&a.ws_url(), "foo")
+        .server(b.ws_url())
+        .on_connect(|_, _| async { Err::<(), rd_client::BoxError>("refuse".into()) })
+        .build();
+    let _running = RunningClient::spawn(client);
+    let sessions = || {
+        [&a, &b]
+            .iter()
+            .map(|ts| {
+                sample(
+                    &ts.server.encode_metrics(),
+                    "session_server_total_add_websocket_session{clientkey=\"foo\",peer=\"false\"}",
+                )
+                .unwrap_or(0.0)
+            })
+            .sum::<f64>()
+    };
+    wait_until("a first session", || sessions() >= 1.0).await;
+    // The agent's backoff is 20 ms doubling to 200 ms: a second holds a few dozen
+    // attempts at most. A client redialing at once after each short session makes
+    // hundreds (each a session and an AddClient/RemoveClient on every peer link).
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let n = sessions();
+    assert!(n < 60.0, "{n} sessions in about a second");
+}
+
+#[tokio::test]
 async fn a_server_held_already_answers_409_with_its_id_and_count() {
     let (a, _b) = peered_pair(|b| b.build()).await;
     wait_until("a counts b", || a.server.replica_count() == 2).await;

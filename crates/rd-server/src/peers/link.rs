@@ -71,6 +71,8 @@ pub(super) async fn run(set: PeerSet, key: LinkKey, url: String, cancel: Cancell
                     .spawn(ws);
                 let live = set.link_up(&key, session.clone());
                 let mut notices = session.notices();
+                // A GoAway that came before we subscribed counts too.
+                notices.mark_changed();
                 let end = loop {
                     tokio::select! {
                         end = session.closed() => break Some(end),

@@ -385,8 +385,11 @@ impl PeerSet {
 
     /// Computes the replica count again (a link came or went, a peer said it is going
     /// away) and, if it changed, tells every rd agent of ours (a Replicas message on each
-    /// session that negotiated the extension; the others ignore the call).
+    /// session that negotiated the extension; the others ignore the call). Under the
+    /// registry's lock, then ours (the lock order), from the computation to the last
+    /// message: two recounts at once cannot tell the agents their counts out of order.
     pub(crate) fn recount(&self) {
+        let clients = registry::lock(&self.0.clients);
         let changed = {
             let mut state = self.state();
             let count = Self::count_replicas(&state);
@@ -398,9 +401,7 @@ impl PeerSet {
             replicas = count,
             "replica count changed: telling the agents"
         );
-        // Not under our lock: the registry's comes first (see the lock order in `registry`).
-        let sessions = registry::lock(&self.0.clients).all_sessions();
-        for h in sessions {
+        for h in clients.all_sessions() {
             h.announce_replicas(count);
         }
     }
