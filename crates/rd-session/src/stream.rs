@@ -92,6 +92,12 @@ impl TunnelStream {
         &self.shared.client_key
     }
 
+    /// Labels the stream with what it is for (an origin such as `connect`), as listed by
+    /// [`SessionHandle::streams`](crate::SessionHandle::streams).
+    pub fn set_label(&self, label: &'static str) {
+        self.shared.lock().proto.set_stream_label(self.id, label);
+    }
+
     /// Closes the stream now, sending `reason` to the peer as the Error text. Buffered
     /// outgoing bytes are dropped.
     pub fn reset(&self, reason: &str) {
