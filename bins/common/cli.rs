@@ -116,13 +116,31 @@ pub fn init_tracing(debug: bool, format: LogFormat) -> tracing_appender::non_blo
             .with_ansi(io::IsTerminal::is_terminal(&io::stderr()))
             .init(),
         LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(true)
+            .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+            .event_format(crate::log_json::JsonLines)
             .init(),
     }
     guard
+}
+
+/// Prints a line for programs that read stdout (`listening on URL`): `text` as it is, or
+/// with `--log-format json` one JSON object like the log lines (`message` and `fields`,
+/// level INFO, `module` the binary), so a collector that merges stdout and stderr (as
+/// Kubernetes does) sees nothing but JSON.
+pub fn announce(format: LogFormat, text: &str, message: &str, fields: &[(&str, String)]) {
+    match format {
+        LogFormat::Text => say_out(text),
+        LogFormat::Json => {
+            let mut line = crate::log_json::Line::new("INFO");
+            line.field("message", serde_json::Value::String(message.to_owned()));
+            for (name, value) in fields {
+                line.field(name, serde_json::Value::String(value.clone()));
+            }
+            let module = env!("CARGO_BIN_NAME").replace('-', "_");
+            line.put("module", serde_json::Value::String(module));
+            say_out(&line.to_json());
+        }
+    }
 }
 
 /// `--version` text: the package version and the commit it was built from.

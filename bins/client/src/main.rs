@@ -7,6 +7,8 @@ mod checks;
 mod cli;
 #[path = "../../common/go_flags.rs"]
 mod go_flags;
+#[path = "../../common/log_json.rs"]
+mod log_json;
 #[path = "../../common/process_metrics.rs"]
 mod process_metrics;
 

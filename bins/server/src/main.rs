@@ -8,6 +8,8 @@ mod cli;
 mod forwards;
 #[path = "../../common/go_flags.rs"]
 mod go_flags;
+#[path = "../../common/log_json.rs"]
+mod log_json;
 #[path = "../../common/process_metrics.rs"]
 mod process_metrics;
 mod routes;

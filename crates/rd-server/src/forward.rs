@@ -181,7 +181,10 @@ async fn accept_loop(
     tracker: TaskTracker,
 ) {
     let limit = Arc::new(Semaphore::new(forward.max_connections));
-    let dialer = forward.server.dialer(&forward.spec.client_key);
+    let dialer = forward
+        .server
+        .dialer(&forward.spec.client_key)
+        .labeled("forward");
     loop {
         let permit = tokio::select! {
             p = limit.clone().acquire_owned() => match p {

@@ -87,6 +87,11 @@ impl TunnelStream {
         poll_fn(|cx| self.poll_closed(cx)).await;
     }
 
+    /// The key of the session this stream runs on (0 on a client side).
+    pub fn session_key(&self) -> i64 {
+        self.shared.session_key
+    }
+
     /// The client key of the session this stream runs on.
     pub fn client_key(&self) -> &str {
         &self.shared.client_key
