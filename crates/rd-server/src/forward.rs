@@ -30,6 +30,19 @@ pub enum ForwardSpecError {
     /// A `tcp` target without a numeric port.
     #[error("invalid forward {0:?}: a tcp address needs host:port")]
     NoPort(String),
+    /// A protocol a forward cannot carry: it listens on TCP, so only stream targets
+    /// (`tcp`, `tcp4`, `tcp6`, `unix`) work; every connection to a `udp` one would fail on
+    /// the agent.
+    #[error(
+        "invalid forward {spec:?}: {proto} forwards are not supported (the forward listens on \
+         TCP and the agent would dial {proto} for every connection); forward tcp or unix targets"
+    )]
+    Unsupported {
+        /// The whole value.
+        spec: String,
+        /// The protocol.
+        proto: String,
+    },
     /// The target does not fit the protocol.
     #[error("invalid forward {spec:?}: {error}")]
     Target {
@@ -68,6 +81,12 @@ impl FromStr for ForwardSpec {
         let has_port = address
             .rsplit_once(':')
             .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if !matches!(proto, "tcp" | "tcp4" | "tcp6" | "unix") {
+            return Err(ForwardSpecError::Unsupported {
+                spec: spec.to_owned(),
+                proto: proto.to_owned(),
+            });
+        }
         if proto.starts_with("tcp") && !has_port {
             // Caught here rather than as every connection's dial error on the agent.
             return Err(ForwardSpecError::NoPort(spec.to_owned()));
@@ -284,5 +303,12 @@ mod tests {
                 "{err}"
             );
         }
+        let udp = "127.0.0.1:5353=foo:udp/127.0.0.1:53"
+            .parse::<ForwardSpec>()
+            .expect_err("udp is refused at start-up");
+        assert!(
+            udp.to_string().contains("udp forwards are not supported"),
+            "{udp}"
+        );
     }
 }

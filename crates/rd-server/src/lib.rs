@@ -20,12 +20,14 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
 mod agent_auth;
 mod auth;
 pub mod connect;
 mod dialer;
 mod drain;
 pub mod forward;
+mod guards;
 mod log_limit;
 mod metrics;
 mod peers;

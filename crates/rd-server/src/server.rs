@@ -168,6 +168,7 @@ pub struct ServerBuilder {
     peer_connect: rd_session::transport::ConnectOptions,
     peer_discovery: Option<PeerDiscovery>,
     metrics: Metrics,
+    guards: crate::guards::Guards,
 }
 
 impl fmt::Debug for ServerBuilder {
@@ -195,7 +196,30 @@ impl ServerBuilder {
             peer_connect: rd_session::transport::ConnectOptions::default(),
             peer_discovery: None,
             metrics: Metrics::new(),
+            guards: crate::guards::Guards::default(),
         }
+    }
+
+    /// Closes a tunnel stream that moved no byte either way for `timeout` (reset with
+    /// `idle timeout: ...`, counted in `rd_streams_expired{guard="idle_timeout"}`). Off by
+    /// default, as Go: a stream lives as long as both ends keep it. Streams stuck on a
+    /// target or a client that went quiet otherwise live as long as their session.
+    /// Checked a few times per timeout, so a stream may outlive it by a quarter of it.
+    /// Needs a tokio runtime at [`build`](Self::build).
+    pub fn stream_idle_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.guards.idle_timeout = timeout.filter(|t| !t.is_zero());
+        self
+    }
+
+    /// Closes a stream this server dialed whose agent has not answered it at all within
+    /// `timeout` (no data, error, credit or half-close: a dial stuck on the agent's side),
+    /// reset with `dial timeout: ...` and counted in
+    /// `rd_streams_expired{guard="pending_dial_timeout"}`. Off by default. A target that
+    /// never speaks first and never reads enough to be granted credit (a one-way stream
+    /// of a few KiB) counts as unanswered too: keep the timeout above such silences.
+    pub fn pending_dial_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.guards.pending_dial_timeout = timeout.filter(|t| !t.is_zero());
+        self
     }
 
     /// Replaces Go's `DefaultErrorWriter` for handshake failures.
@@ -337,7 +361,7 @@ impl ServerBuilder {
             Some(_) => tracing::warn!("peer discovery needs a peer id and token; not discovering"),
             None => {}
         }
-        Server {
+        let server = Server {
             inner: Arc::new(Inner {
                 authorizer: self.authorizer,
                 error_writer: self.error_writer,
@@ -360,7 +384,9 @@ impl ServerBuilder {
                 session_hooks: Mutex::new(Vec::new()),
                 records: Mutex::new(HashMap::new()),
             }),
-        }
+        };
+        self.guards.start(&server);
+        server
     }
 }
 
