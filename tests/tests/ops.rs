@@ -539,7 +539,7 @@ fn client_json_lines_carry_the_agent_id() {
     for line in client.stderr().lines() {
         let v: serde_json::Value = serde_json::from_str(line)
             .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
-        if v["target"]
+        if v["module"]
             .as_str()
             .is_some_and(|t| t.starts_with("rd_client::client"))
         {

@@ -14,7 +14,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::splice::{splice, SpliceError};
+use crate::splice::splice;
+use crate::tunnel_use::TunnelUse;
 use crate::Server;
 
 /// Default of [`Forward::max_connections`].
@@ -230,32 +231,27 @@ async fn accept_loop(
         tcp.set_nodelay(true).ok();
         let (dialer, target, cancel) =
             (dialer.clone(), forward.spec.target.clone(), cancel.clone());
+        let used = TunnelUse::start(
+            forward.server.metrics(),
+            "forward",
+            &forward.spec.client_key,
+            format!("{}/{}", target.proto(), target.address()),
+            Some(peer),
+        );
         let span = tracing::debug_span!("connection", %peer);
         tracker.spawn(
             async move {
                 let _permit = permit;
+                let mut used = used;
                 let tunnel = match dialer.dial_target(target).await {
                     Ok(tunnel) => tunnel,
-                    Err(e) => {
-                        // Dropping `tcp` closes the connection at once.
-                        tracing::warn!(%peer, error = %e, "forwarded connection closed");
-                        return;
-                    }
+                    // Dropping `tcp` closes the connection at once.
+                    Err(e) => return used.ended("refused", &e.to_string()),
                 };
+                used.carried_by(tunnel.session_key(), tunnel.id().0);
                 tokio::select! {
-                    r = splice(tunnel, tcp) => match r {
-                        Ok(moved) => tracing::debug!(
-                            to_target = moved.to_tunnel, from_target = moved.from_tunnel,
-                            "forwarded connection ended"
-                        ),
-                        Err(e @ SpliceError::Tunnel(_)) => tracing::warn!(
-                            %peer, error = %rd_session::error_chain(&e), "forwarded connection failed"
-                        ),
-                        Err(e) => tracing::debug!(
-                            error = %rd_session::error_chain(&e), "forwarded connection ended"
-                        ),
-                    },
-                    () = cancel.cancelled() => tracing::debug!("forward stopped"),
+                    r = splice(tunnel, used.count(tcp)) => used.finished(&r),
+                    () = cancel.cancelled() => used.ended("stopped", "the forward stopped"),
                 }
             }
             .instrument(span),
