@@ -340,6 +340,23 @@ pub fn free_port() -> u16 {
     l.local_addr().unwrap().port()
 }
 
+/// Starts rd-client as `id` against the tunnel endpoint `url`, with its metrics listener
+/// (`/metrics`, the probes, `/admin/streams`) on 127.0.0.1:0; returns the process and that
+/// listener's address.
+pub fn start_agent_with_metrics(url: &str, id: &str) -> (Proc, SocketAddr) {
+    Proc::start_listening(
+        "rd-client",
+        &[
+            "-connect",
+            url,
+            "-id",
+            id,
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+    )
+}
+
 /// Starts rd-dummy serving `dir` on 127.0.0.1:0.
 pub fn start_dummy(dir: &Path) -> (Proc, SocketAddr) {
     Proc::start_listening(

@@ -184,17 +184,7 @@ async fn the_admin_api_shows_agents_and_streams_and_disconnects_them() {
     );
     let admin: SocketAddr = admin_listen.parse().unwrap();
     let url = format!("ws://{addr}/connect");
-    let (_client, client_metrics) = Proc::start_listening(
-        "rd-client",
-        &[
-            "-connect",
-            &url,
-            "-id",
-            "foo",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ],
-    );
+    let (_client, client_metrics) = start_agent_with_metrics(&url, "foo");
     // Without credentials: 401, like /client.
     let (status, _) = http(admin, "GET", "/admin/agents", &[]).await;
     assert_eq!(status, 401);

@@ -141,14 +141,14 @@ impl App {
         }
         if let Some(rest) = path.strip_prefix("/client/") {
             if let Err(refused) = self.caller(&req) {
-                return refused;
+                return *refused;
             }
             return self.proxy.handle(req, rest).await;
         }
         if AdminApi::serves(&path) {
             return match self.caller(&req) {
                 Ok(who) => self.api.handle(&req, &who),
-                Err(refused) => refused,
+                Err(refused) => *refused,
             };
         }
         match path.as_str() {
@@ -177,7 +177,7 @@ impl App {
     /// Who is asking, for the operator routes (`/client`, `/admin`): the admin credential's
     /// name and the address, or the refusal to send (401) when `--admin-auth` wants
     /// credentials the request does not carry.
-    fn caller<B>(&self, req: &Request<B>) -> Result<String, Response<Body>> {
+    fn caller<B>(&self, req: &Request<B>) -> Result<String, Box<Response<Body>>> {
         let remote = req.extensions().get::<RemoteAddr>().map(|r| r.0);
         let from = remote.map_or_else(String::new, |r| format!(" from {r}"));
         let Some(auth) = &self.admin_auth else {
@@ -203,7 +203,7 @@ impl App {
             http::header::WWW_AUTHENTICATE,
             http::HeaderValue::from_static("Bearer, Basic realm=\"rd\""),
         );
-        Err(r)
+        Err(Box::new(r))
     }
 }
 
