@@ -383,6 +383,10 @@ impl Client {
                 return Ok(SessionEnd::Local);
             };
             let session = self.start_session(established.ws, established.extensions);
+            if let Some(state) = &self.inner.state {
+                let id = established.server.id.as_deref();
+                state.session_started(&session, &first.url, id);
+            }
             self.serve(session, 0, cancel, None)
                 .await
                 .map(|ended| ended.end)

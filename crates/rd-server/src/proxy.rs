@@ -266,6 +266,15 @@ impl ClientProxy {
             };
             let response =
                 crate::proxy_upgrade::forward(connector, req, uri, &target.host, timeout).await;
+            // Counted when answered: the upgraded connection is spliced on its own.
+            let outcome = if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                "upgraded"
+            } else {
+                "refused"
+            };
+            self.server
+                .metrics()
+                .tunnel_used("client", outcome, started.elapsed().as_secs_f64());
             tracing::info!(
                 client = %crate::short_id(&target.client),
                 %method,
