@@ -124,6 +124,17 @@ pub fn init_tracing(debug: bool, format: LogFormat) -> tracing_appender::non_blo
     guard
 }
 
+/// Prints `WHAT URL` (`listening on http://...`, `admin listening on ...`) with
+/// [`announce`]: `url` is the JSON form's `url`.
+pub fn announce_listening(format: LogFormat, what: &str, url: &str) {
+    announce(
+        format,
+        &format!("{what} {url}"),
+        what,
+        &[("url", url.to_owned())],
+    );
+}
+
 /// Prints a line for programs that read stdout (`listening on URL`): `text` as it is, or
 /// with `--log-format json` one JSON object like the log lines (`message` and `fields`,
 /// level INFO, `module` the binary), so a collector that merges stdout and stderr (as

@@ -554,8 +554,8 @@ async fn go_durations_booleans_and_cidr_rules_are_taken() {
     .await;
     assert_eq!(reply.text(), "cidr\n");
     assert!(server.is_running());
-    // RD_DEBUG=1 turned debug logging on.
-    assert!(server.stderr().contains("DEBUG"), "{}", server.stderr());
+    // RD_DEBUG=1 turned debug logging on (lines reach stderr through the log thread).
+    wait_until("a DEBUG line", BOUND, || server.stderr().contains("DEBUG"));
 }
 
 /// `--max-auth-refusals N`: a wrong token is not retried forever; the agent exits with

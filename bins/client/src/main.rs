@@ -315,12 +315,7 @@ async fn main() -> ExitCode {
         };
         if let Ok(addr) = agent_metrics::local_addr(&listener) {
             let url = format!("http://{addr}");
-            cli::announce(
-                args.log_format,
-                &format!("listening on {url}"),
-                "listening on",
-                &[("url", url.clone())],
-            );
+            cli::announce_listening(args.log_format, "listening on", &url);
         }
         tokio::spawn(agent_metrics::serve(listener, metrics));
     }

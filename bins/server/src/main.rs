@@ -482,12 +482,7 @@ async fn run(args: Args, checked: Checked) -> Result<(), Box<dyn std::error::Err
     let _forwards = forwards::start(&server, forwards, args.log_format)?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     let url = format!("{scheme}://{local}");
-    cli::announce(
-        args.log_format,
-        &format!("listening on {url}"),
-        "listening on",
-        &[("url", url.clone())],
-    );
+    cli::announce_listening(args.log_format, "listening on", &url);
     let proxy = Arc::new(rd_server::proxy::ClientProxy::new(server.clone()));
     let front = routes::Front::default();
     let app = |role| {
@@ -506,12 +501,7 @@ async fn run(args: Args, checked: Checked) -> Result<(), Box<dyn std::error::Err
     let admin = match admin_listener {
         Some(admin) => {
             let url = format!("{scheme}://{}", admin.local_addr()?);
-            cli::announce(
-                args.log_format,
-                &format!("admin listening on {url}"),
-                "admin listening on",
-                &[("url", url.clone())],
-            );
+            cli::announce_listening(args.log_format, "admin listening on", &url);
             let served = routes::serve(admin, tls.clone(), app(routes::Role::Admin));
             Some(tokio::spawn(served))
         }
