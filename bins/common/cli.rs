@@ -5,6 +5,7 @@
 
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 
@@ -116,13 +117,42 @@ pub fn init_tracing(debug: bool, format: LogFormat) -> tracing_appender::non_blo
             .with_ansi(io::IsTerminal::is_terminal(&io::stderr()))
             .init(),
         LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(true)
+            .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+            .event_format(crate::log_json::JsonLines)
             .init(),
     }
     guard
+}
+
+/// Prints `WHAT URL` (`listening on http://...`, `admin listening on ...`) with
+/// [`announce`]: `url` is the JSON form's `url`.
+pub fn announce_listening(format: LogFormat, what: &str, url: &str) {
+    announce(
+        format,
+        &format!("{what} {url}"),
+        what,
+        &[("url", url.to_owned())],
+    );
+}
+
+/// Prints a line for programs that read stdout (`listening on URL`): `text` as it is, or
+/// with `--log-format json` one JSON object like the log lines (`message` and `fields`,
+/// level INFO, `module` the binary), so a collector that merges stdout and stderr (as
+/// Kubernetes does) sees nothing but JSON.
+pub fn announce(format: LogFormat, text: &str, message: &str, fields: &[(&str, String)]) {
+    match format {
+        LogFormat::Text => say_out(text),
+        LogFormat::Json => {
+            let mut line = crate::log_json::Line::new("INFO");
+            line.field("message", serde_json::Value::String(message.to_owned()));
+            for (name, value) in fields {
+                line.field(name, serde_json::Value::String(value.clone()));
+            }
+            let module = env!("CARGO_BIN_NAME").replace('-', "_");
+            line.put("module", serde_json::Value::String(module));
+            say_out(&line.to_json());
+        }
+    }
 }
 
 /// `--version` text: the package version and the commit it was built from.
@@ -288,6 +318,59 @@ impl Signals {
     }
 }
 
+/// Parses a duration the way Go's `time.ParseDuration` reads it, and the forms people
+/// write: `100ms`, `1.5s`, `1m30s`, `2h`, `1m 30s`, `0`; a plain number is seconds (as
+/// earlier rd-client versions took it). Each `NUMBER UNIT` term may have a fraction; the
+/// units are humantime's (`ns`, `us`, `ms`, `s`, `m`, `h`, `d`, ... and their long names).
+pub fn duration(text: &str) -> Result<Duration, String> {
+    let bad = |why: &str| {
+        format!("invalid duration {text:?}: {why}; want e.g. 250ms, 1.5s, 1m30s, 2h or 0")
+    };
+    let s = text.trim();
+    if s.is_empty() {
+        return Err(bad("empty"));
+    }
+    if s.starts_with('-') {
+        return Err(bad("negative"));
+    }
+    if s.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        let secs: f64 = s.parse().map_err(|_| bad("not a number"))?;
+        return Duration::try_from_secs_f64(secs).map_err(|e| bad(&e.to_string()));
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s.trim_start_matches('+');
+    while !rest.is_empty() {
+        rest = rest.trim_start();
+        let number_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let (number, tail) = rest.split_at(number_end);
+        let unit_end = tail
+            .find(|c: char| c.is_ascii_digit() || c == '.' || c.is_whitespace())
+            .unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_end);
+        if number.is_empty() || unit.is_empty() {
+            return Err(bad("each term is a number and a unit"));
+        }
+        let amount: f64 = number.parse().map_err(|_| bad("not a number"))?;
+        // humantime knows the units; the fraction is ours (it takes whole numbers only).
+        let one = humantime::parse_duration(&format!("1{unit}"))
+            .map_err(|_| bad(&format!("unknown unit {unit:?}")))?;
+        let term = Duration::try_from_secs_f64(one.as_secs_f64() * amount)
+            .map_err(|_| bad("too large"))?;
+        total = total.checked_add(term).ok_or_else(|| bad("too large"))?;
+        rest = tail;
+    }
+    Ok(total)
+}
+
+/// A boolean flag's value, from the command line or the environment: `1/0`, `true/false`,
+/// `yes/no` (also `on/off`, `y/n`, `t/f`), any case, as clap's `BoolishValueParser` reads
+/// them.
+pub fn boolish() -> clap::builder::BoolishValueParser {
+    clap::builder::BoolishValueParser::new()
+}
+
 /// The first line of a secret file, without its line ending. The error names the file,
 /// never its content.
 pub fn read_secret(path: &std::path::Path) -> Result<String, String> {
@@ -324,6 +407,26 @@ mod tests {
         }
         for good in [":8123", "127.0.0.1:0", "[::1]:8123", "localhost:8123", ":0"] {
             assert_eq!(check_listen("--listen", good), Ok(()), "{good}");
+        }
+    }
+
+    #[test]
+    fn durations_take_go_forms() {
+        let ok = |s: &str, ms: u64| assert_eq!(duration(s), Ok(Duration::from_millis(ms)), "{s}");
+        ok("0", 0);
+        ok("100ms", 100);
+        ok("2s", 2000);
+        ok("1.5s", 1500);
+        ok("1m30s", 90_000);
+        ok("1m 30s", 90_000);
+        ok("2h", 7_200_000);
+        ok("1h2m3s4ms", 3_723_004);
+        ok(".5s", 500);
+        ok("5", 5000);
+        assert_eq!(duration("1500us"), Ok(Duration::from_micros(1500)));
+        for bad in ["", "-1s", "1x", "ms", "1m30", "s1", "1..5s"] {
+            let err = duration(bad).unwrap_err();
+            assert!(err.starts_with("invalid duration"), "{bad}: {err}");
         }
     }
 

@@ -46,6 +46,18 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// The URL of a `listening on URL` line, or of its `--log-format json` form
+/// (`{"message":"listening on","url":"URL",...}`).
+pub fn listening_url(line: &str) -> Option<String> {
+    if let Some(url) = line.strip_prefix("listening on ") {
+        return Some(url.trim().to_owned());
+    }
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    (v["message"] == "listening on")
+        .then(|| v["url"].as_str().map(str::to_owned))
+        .flatten()
+}
+
 /// A child process, killed when dropped. Its stderr is collected (and printed if the test
 /// is failing when the guard drops); stdout is scanned for the `listening on` line.
 #[derive(Debug)]
@@ -96,8 +108,8 @@ impl Proc {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { return };
                 lines_sink.lock().unwrap().push(line.clone());
-                if let Some(url) = line.strip_prefix("listening on ") {
-                    tx.send(url.trim().to_owned()).ok();
+                if let Some(url) = listening_url(&line) {
+                    tx.send(url).ok();
                 }
             }
         });
@@ -326,6 +338,23 @@ impl Drop for TempDir {
 pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()
+}
+
+/// Starts rd-client as `id` against the tunnel endpoint `url`, with its metrics listener
+/// (`/metrics`, the probes, `/admin/streams`) on 127.0.0.1:0; returns the process and that
+/// listener's address.
+pub fn start_agent_with_metrics(url: &str, id: &str) -> (Proc, SocketAddr) {
+    Proc::start_listening(
+        "rd-client",
+        &[
+            "-connect",
+            url,
+            "-id",
+            id,
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+    )
 }
 
 /// Starts rd-dummy serving `dir` on 127.0.0.1:0.

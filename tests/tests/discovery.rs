@@ -43,6 +43,11 @@ fn start_server(n: u8, port: u16, dns: SocketAddr, token_file: &Path) -> (Proc, 
         &peers_dns,
         "--peers-dns-interval",
         "300ms",
+        // The agent of the replica stopped below knows only that replica, so its drain
+        // waits out the whole grace period for the pooled streams through it: 30 s, the
+        // same as the bound the test waits for its exit (it lost that race now and then).
+        "--grace-period",
+        "5s",
     ];
     // The token and the DNS server from the environment, as a pod gets them; the token
     // from a file for one replica, from RD_TOKEN for the others.

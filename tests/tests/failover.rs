@@ -64,6 +64,8 @@ async fn a_client_moves_to_another_replica_when_its_server_is_killed() {
     let urls: Vec<String> = (1..=3)
         .map(|i| format!("ws://127.0.0.{i}:{port}/connect"))
         .collect();
+    // One session: with one per replica (the default) the agent may already hold the
+    // others when the kill comes, and then has nowhere to move (it raced the fill).
     let _client = Proc::start(
         "rd-client",
         &["-connect", &urls.join(","), "-id", "foo", "--sessions", "1"],

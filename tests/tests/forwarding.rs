@@ -174,7 +174,10 @@ async fn connect_with_curl_through_an_agent_and_its_errors() {
     );
     wait_until("the unknown agent's log line", BOUND, || {
         server.stderr().lines().any(|l| {
-            l.contains("CONNECT refused") && l.contains("failed to find Session for client bar")
+            l.contains("tunnel connection")
+                && l.contains("origin=\"connect\"")
+                && l.contains("outcome=\"refused\"")
+                && l.contains("failed to find Session for client bar")
         })
     });
 
@@ -473,7 +476,8 @@ async fn forward_carries_100_concurrent_echoes_and_closes_promptly_when_the_agen
     assert!(ends_within(&mut tcp, BOUND).await);
     wait_until("the forward's log line", BOUND, || {
         server.stderr().lines().any(|l| {
-            l.contains("forwarded connection closed")
+            l.contains("tunnel connection")
+                && l.contains("origin=\"forward\"")
                 && l.contains("failed to find Session for client foo")
         })
     });

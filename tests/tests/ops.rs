@@ -437,17 +437,7 @@ async fn client_metrics_and_health_follow_the_session() {
     // The client starts first, against a server that is not there yet.
     let port = free_port();
     let url = format!("ws://127.0.0.1:{port}/connect");
-    let (_client, metrics) = Proc::start_listening(
-        "rd-client",
-        &[
-            "-connect",
-            &url,
-            "-id",
-            "foo",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ],
-    );
+    let (_client, metrics) = start_agent_with_metrics(&url, "foo");
     let down = poll_get(metrics, "/healthz", START_BOUND, |_| true).await;
     assert_eq!(down.status, 503, "{}", down.text());
     let down = try_get(metrics, "/readyz", START_BOUND).await.unwrap();
@@ -539,7 +529,7 @@ fn client_json_lines_carry_the_agent_id() {
     for line in client.stderr().lines() {
         let v: serde_json::Value = serde_json::from_str(line)
             .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
-        if v["target"]
+        if v["module"]
             .as_str()
             .is_some_and(|t| t.starts_with("rd_client::client"))
         {

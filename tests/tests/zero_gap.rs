@@ -200,17 +200,7 @@ async fn an_agent_holds_every_replica_and_no_drain_or_crash_leaves_it_unreachabl
 
     // The rd agent knows only the front.
     let url = format!("ws://{}/connect", front.addr);
-    let (_foo, foo_metrics) = Proc::start_listening(
-        "rd-client",
-        &[
-            "-connect",
-            &url,
-            "-id",
-            "foo",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ],
-    );
+    let (_foo, foo_metrics) = start_agent_with_metrics(&url, "foo");
     wait_held(foo_metrics, &["server-1", "server-2", "server-3"]).await;
     // A Go-style agent (one session, none of rd's extensions) through the same front.
     let _bar = Proc::start(

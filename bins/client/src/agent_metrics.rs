@@ -1,5 +1,7 @@
 //! rd-client's `--metrics-listen`: Prometheus metrics of the agent's sessions, liveness
-//! (`/livez`) and readiness (`/readyz`, `/healthz`: at least one session is up).
+//! (`/livez`), readiness (`/readyz`, `/healthz`: at least one session is up) and the
+//! agent's sessions and streams as JSON (`/admin/streams`, the same views as rd-server's
+//! admin API).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -17,12 +19,46 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use rd_client::{HeldSession, StateObserver};
 use rd_proto::Target;
-use rd_session::SessionObserver;
+use rd_session::inspect::{self, SessionView, StreamView};
+use rd_session::{SessionHandle, SessionObserver};
+use serde::Serialize;
 use tokio::net::TcpListener;
+
+/// One session the agent holds, for `/admin/streams`.
+#[derive(Debug)]
+struct Held {
+    handle: SessionHandle,
+    url: String,
+    server_id: Option<String>,
+    since: std::time::SystemTime,
+}
+
+/// `GET /admin/streams`.
+#[derive(Debug, Serialize)]
+struct StreamsDoc<'a> {
+    client_id: &'a str,
+    sessions: Vec<HeldDoc>,
+}
+
+/// One session: the server it is with, and its streams.
+#[derive(Debug, Serialize)]
+struct HeldDoc {
+    /// The server's peer id (`null` for a Go server or one without an id).
+    server_id: Option<String>,
+    /// The URL it was reached through.
+    url: String,
+    since: String,
+    #[serde(flatten)]
+    view: SessionView,
+    streams: Vec<StreamView>,
+}
 
 /// The agent's metrics; shared by the client (as observer) and the HTTP endpoint.
 #[derive(Debug)]
 pub struct AgentMetrics {
+    client_id: String,
+    /// The sessions held now (the `/admin/streams` view).
+    live: Mutex<Vec<Held>>,
     registry: Registry,
     /// Sessions up now.
     up: AtomicI64,
@@ -41,9 +77,12 @@ pub struct AgentMetrics {
 }
 
 impl AgentMetrics {
-    /// Every metric registered, with the process metrics and build info.
-    pub fn new() -> Self {
+    /// Every metric registered, with the process metrics and build info, for the agent
+    /// `client_id`.
+    pub fn new(client_id: &str) -> Self {
         let mut m = Self {
+            client_id: client_id.to_owned(),
+            live: Mutex::new(Vec::new()),
             registry: Registry::default(),
             up: AtomicI64::new(0),
             session_up: Gauge::default(),
@@ -102,6 +141,34 @@ impl AgentMetrics {
         m
     }
 
+    fn live(&self) -> std::sync::MutexGuard<'_, Vec<Held>> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The `/admin/streams` document.
+    fn streams(&self) -> String {
+        let wall = std::time::SystemTime::now();
+        let sessions = self
+            .live()
+            .iter()
+            .map(|h| HeldDoc {
+                server_id: h.server_id.clone(),
+                url: h.url.clone(),
+                since: inspect::rfc3339(h.since),
+                view: SessionView::of(&h.handle, wall),
+                streams: StreamView::all_of(&h.handle, wall),
+            })
+            .collect();
+        let doc = StreamsDoc {
+            client_id: &self.client_id,
+            sessions,
+        };
+        // Strings, numbers and booleans: serializing cannot fail.
+        let mut text = serde_json::to_string_pretty(&doc).unwrap_or_default();
+        text.push('\n');
+        text
+    }
+
     fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
@@ -138,6 +205,17 @@ impl StateObserver for AgentMetrics {
     }
     fn redialing(&self) {
         self.redials.inc();
+    }
+    fn session_started(&self, session: &SessionHandle, url: &str, server_id: Option<&str>) {
+        self.live().push(Held {
+            handle: session.clone(),
+            url: url.to_owned(),
+            server_id: server_id.map(str::to_owned),
+            since: std::time::SystemTime::now(),
+        });
+    }
+    fn session_ended(&self, session: &SessionHandle) {
+        self.live().retain(|h| !h.handle.same_session(session));
     }
     fn sessions(&self, held: &[HeldSession]) {
         let mut ids = self.held_ids.lock().unwrap_or_else(|p| p.into_inner());
@@ -180,6 +258,7 @@ fn route(metrics: &AgentMetrics, req: &Request<Incoming>) -> Response<Full<Bytes
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             metrics.encode(),
         ),
+        "/admin/streams" => response(StatusCode::OK, "application/json", metrics.streams()),
         // The process answers: restarting it would not help.
         "/livez" => response(StatusCode::OK, TEXT, "ok\n".into()),
         // Ready means useful: the agent serves the servers only while a session is up.

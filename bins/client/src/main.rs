@@ -7,6 +7,8 @@ mod checks;
 mod cli;
 #[path = "../../common/go_flags.rs"]
 mod go_flags;
+#[path = "../../common/log_json.rs"]
+mod log_json;
 #[path = "../../common/process_metrics.rs"]
 mod process_metrics;
 
@@ -71,13 +73,13 @@ struct Args {
     #[arg(long, env = "RD_CLIENT_TOKEN_FILE", conflicts_with = "token")]
     token_file: Option<PathBuf>,
     /// Debug logging, including a dump of every tunnel message. (Go's example defaults to on.)
-    #[arg(long, env = "RD_DEBUG", num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = ArgAction::Set)]
+    #[arg(long, env = "RD_DEBUG", num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = ArgAction::Set, value_parser = cli::boolish())]
     debug: bool,
     /// Log line format.
     #[arg(long, env = "RD_LOG_FORMAT", value_enum, default_value_t = cli::LogFormat::Text)]
     log_format: cli::LogFormat,
     /// Exit after the first session ends, as Go's example does, instead of redialing.
-    #[arg(long, env = "RD_ONCE")]
+    #[arg(long, env = "RD_ONCE", value_parser = cli::boolish())]
     once: bool,
     /// Extra header for the upgrade request, as Name:Value; repeatable (one per line in the
     /// environment variable, whose value --help never shows: headers often carry credentials).
@@ -104,11 +106,13 @@ struct Args {
     #[arg(long, env = "RD_CA_CERT", value_delimiter = ',')]
     ca_cert: Vec<PathBuf>,
     /// Do not verify the server's TLS certificate (test setups only).
-    #[arg(long, env = "RD_INSECURE_SKIP_VERIFY")]
+    #[arg(long, env = "RD_INSECURE_SKIP_VERIFY", value_parser = cli::boolish())]
     insecure_skip_verify: bool,
-    /// Serve Prometheus metrics at /metrics, liveness at /livez and readiness at /readyz
-    /// (200 while at least one session is up; /healthz is the same) on this address
-    /// (":PORT" or "HOST:PORT"). Off by default.
+    /// Serve Prometheus metrics at /metrics, liveness at /livez, readiness at /readyz
+    /// (200 while at least one session is up; /healthz is the same) and this agent's
+    /// sessions and streams at /admin/streams (JSON) on this address (":PORT" or
+    /// "HOST:PORT"; no credentials: keep it on loopback or a private network). Off by
+    /// default.
     #[arg(long, env = "RD_METRICS_LISTEN", value_name = "ADDR")]
     metrics_listen: Option<String>,
     /// Flow control to ask for: `credit` (per-stream windows, used when the server is rd;
@@ -118,12 +122,12 @@ struct Args {
     /// Do not offer rd's half-close extension. With it (the default, used when the server is
     /// rd) a forwarded connection whose one side shuts down writing keeps the other direction
     /// open, as TCP does; without it (and always with a Go server) that shutdown closes both.
-    #[arg(long, env = "RD_NO_HALF_CLOSE")]
+    #[arg(long, env = "RD_NO_HALF_CLOSE", value_parser = cli::boolish())]
     no_half_close: bool,
     /// Do not offer rd's replicas extension: towards rd servers, behave as a Go agent (one
     /// session, whatever --sessions says, and no make-before-break move when a server
     /// drains: the agent moves when the draining server closes its session).
-    #[arg(long, env = "RD_NO_REPLICAS")]
+    #[arg(long, env = "RD_NO_REPLICAS", value_parser = cli::boolish())]
     no_replicas: bool,
     /// First redial delay ceiling; it doubles on each failure up to --backoff-max.
     #[arg(long, env = "RD_BACKOFF_INITIAL", value_name = "DURATION", default_value = "1s", value_parser = duration)]
@@ -146,25 +150,21 @@ struct Args {
     /// Give up on a server that sent no ping or pong for this long (Go: 60s).
     #[arg(long, env = "RD_KEEPALIVE_TIMEOUT", value_name = "DURATION", default_value = "60s", value_parser = duration)]
     keepalive_timeout: Duration,
+    /// Exit (status 3) after this many handshakes in a row refused for the agent's
+    /// credentials (401/403: a wrong or unknown --id or token) instead of retrying forever;
+    /// 0 (the default) retries forever, as Go does.
+    #[arg(
+        long,
+        env = "RD_MAX_AUTH_REFUSALS",
+        value_name = "N",
+        default_value_t = 0
+    )]
+    max_auth_refusals: u32,
 }
 
-/// Parses `500ms`, `5s`, `2m` or a plain number of seconds.
+/// Durations: Go's forms and more (see [`cli::duration`]), one parser for both binaries.
 fn duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = match s.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
-        Some(i) => s.split_at(i),
-        None => (s, "s"),
-    };
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?}: want e.g. 500ms, 5s, 2m"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        _ => return Err(format!("invalid duration unit in {s:?}: use ms, s or m")),
-    };
-    Duration::try_from_secs_f64(secs).map_err(|e| format!("invalid duration {s:?}: {e}"))
+    cli::duration(s)
 }
 
 /// `--flow-control`.
@@ -260,6 +260,7 @@ async fn build(args: &Args, metrics: Option<Arc<AgentMetrics>>) -> Result<Client
         )
         .extensions(extensions)
         .sessions(args.sessions)
+        .max_auth_refusals(args.max_auth_refusals)
         .header(HeaderName::from_static("x-tunnel-id"), id);
     if let Some(token) = token {
         let mut value = HeaderValue::try_from(token.as_str())
@@ -296,7 +297,7 @@ async fn main() -> ExitCode {
     let metrics = args
         .metrics_listen
         .as_ref()
-        .map(|_| Arc::new(AgentMetrics::new()));
+        .map(|_| Arc::new(AgentMetrics::new(&args.id)));
     let client = match build(&args, metrics.clone()).await {
         Ok(c) => c,
         Err(e) => {
@@ -313,7 +314,8 @@ async fn main() -> ExitCode {
             }
         };
         if let Ok(addr) = agent_metrics::local_addr(&listener) {
-            cli::say_out(&format!("listening on http://{addr}"));
+            let url = format!("http://{addr}");
+            cli::announce_listening(args.log_format, "listening on", &url);
         }
         tokio::spawn(agent_metrics::serve(listener, metrics));
     }
@@ -340,8 +342,11 @@ async fn run(args: Args, client: Client, cancel: CancellationToken) -> ExitCode 
             }
         };
     }
-    client.run(cancel).await;
-    ExitCode::SUCCESS
+    match client.run(cancel).await {
+        // The credentials will not fix themselves: not a crash to restart at once.
+        rd_client::RunEnd::CredentialsRefused(_) => ExitCode::from(3),
+        _ => ExitCode::SUCCESS,
+    }
 }
 
 #[cfg(test)]
@@ -430,7 +435,8 @@ mod tests {
             .expect("runtime");
         assert!(rt.block_on(build(&c, None)).is_ok());
         assert_eq!(duration("2m"), Ok(Duration::from_secs(120)));
-        assert!(duration("5h").is_err() && duration("x").is_err());
+        assert_eq!(duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert!(duration("x").is_err() && duration("5 parsecs").is_err());
         let bad = parse(&["rd-client", "--backoff-jitter", "2"]).expect("parses");
         assert!(
             rt.block_on(build(&bad, None)).is_err(),

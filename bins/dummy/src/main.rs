@@ -12,6 +12,8 @@ mod files;
 mod go_flags;
 mod http_date;
 mod listing;
+#[path = "../../common/log_json.rs"]
+mod log_json;
 mod mime;
 mod range;
 mod sanitize;

@@ -59,23 +59,24 @@ impl AdminAuth {
         Ok(auth)
     }
 
-    /// Whether an `Authorization` header value carries accepted credentials.
-    pub fn allows(&self, authorization: Option<&[u8]>) -> bool {
-        let Some(value) = authorization.and_then(|v| std::str::from_utf8(v).ok()) else {
-            return false;
-        };
-        let Some((scheme, credentials)) = value.trim().split_once(' ') else {
-            return false;
-        };
+    /// Who the credentials of an `Authorization` header value are, for log lines (never
+    /// the secret): `basic USER`, or `bearer #N` (the Nth bearer line of the file).
+    pub fn who(&self, authorization: Option<&[u8]>) -> Option<String> {
+        let value = authorization.and_then(|v| std::str::from_utf8(v).ok())?;
+        let (scheme, credentials) = value.trim().split_once(' ')?;
         let credentials = credentials.trim();
         if scheme.eq_ignore_ascii_case("bearer") {
-            any_equal(&self.bearer, credentials.as_bytes())
+            let n = which(&self.bearer, credentials.as_bytes())?;
+            Some(format!("bearer #{}", n + 1))
         } else if scheme.eq_ignore_ascii_case("basic") {
-            base64::engine::general_purpose::STANDARD
+            let pair = base64::engine::general_purpose::STANDARD
                 .decode(credentials)
-                .is_ok_and(|pair| any_equal(&self.basic, &pair))
+                .ok()?;
+            which(&self.basic, &pair)?;
+            let user = pair.split(|&b| b == b':').next().unwrap_or_default();
+            Some(format!("basic {}", String::from_utf8_lossy(user)))
         } else {
-            false
+            None
         }
     }
 }
@@ -92,9 +93,16 @@ impl AdminAuth {
 
 /// Compares against every accepted secret, each in time independent of where they differ.
 fn any_equal(accepted: &[Vec<u8>], offered: &[u8]) -> bool {
-    accepted
-        .iter()
-        .fold(false, |found, a| found | constant_time_eq(a, offered))
+    which(accepted, offered).is_some()
+}
+
+/// The index of the accepted secret `offered` equals; every one is compared, each in time
+/// independent of where they differ.
+fn which(accepted: &[Vec<u8>], offered: &[u8]) -> Option<usize> {
+    accepted.iter().enumerate().fold(None, |found, (i, a)| {
+        let equal = constant_time_eq(a, offered);
+        found.or(equal.then_some(i))
+    })
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -117,9 +125,11 @@ mod tests {
     #[test]
     fn bearer_and_basic_credentials() {
         let auth = AdminAuth::parse("# ops\nbearer t0ken\nbasic ops:pa55\n").expect("valid");
-        assert!(auth.allows(Some(b"Bearer t0ken")));
+        assert!(auth.who(Some(b"Bearer t0ken")).is_some());
         let basic = base64::engine::general_purpose::STANDARD.encode("ops:pa55");
-        assert!(auth.allows(Some(format!("Basic {basic}").as_bytes())));
+        assert!(auth
+            .who(Some(format!("Basic {basic}").as_bytes()))
+            .is_some());
         for bad in [
             None,
             Some(&b"Bearer wrong"[..]),
@@ -127,9 +137,19 @@ mod tests {
             Some(&b"Basic !!!"[..]),
             Some(&b"Digest t0ken"[..]),
         ] {
-            assert!(!auth.allows(bad), "{bad:?}");
+            assert!(auth.who(bad).is_none(), "{bad:?}");
         }
         assert!(!format!("{auth:?}").contains("t0ken"));
+        assert_eq!(
+            auth.who(Some(b"Bearer t0ken")).as_deref(),
+            Some("bearer #1")
+        );
+        assert_eq!(
+            auth.who(Some(format!("Basic {basic}").as_bytes()))
+                .as_deref(),
+            Some("basic ops")
+        );
+        assert_eq!(auth.who(Some(b"Bearer nope")), None);
         assert_eq!(AdminAuth::parse("bearer\n").err(), Some(1));
         assert_eq!(AdminAuth::parse("# nothing\n").err(), Some(0));
     }

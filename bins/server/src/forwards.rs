@@ -1,35 +1,16 @@
-//! `--forward` and `--connect-wait`: parsing, and starting the forwards before the main
-//! listener so a bad forward stops the server at startup.
-
-use std::time::Duration;
+//! `--forward`: binding every forward's listener before the main listener, so a bad
+//! forward stops the server at start-up, then starting them.
 
 use rd_server::forward::{Forward, ForwardHandle, ForwardSpec};
 use rd_server::Server;
+use tokio::net::TcpListener;
 
 use crate::cli;
 
-/// Parses `--connect-wait`: `250ms`, `2s`, or `0`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let bad = || format!("invalid duration {text:?}: want e.g. 100ms, 2s or 0");
-    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
-        Some(at) => text.split_at(at),
-        None => (text, ""),
-    };
-    let n: u64 = number.parse().map_err(|_| bad())?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "" if n == 0 => Ok(Duration::ZERO),
-        _ => Err(bad()),
-    }
-}
-
-/// Binds every forward's listener, then starts them; prints `forwarding ADDR to
-/// CLIENT:PROTO/ADDRESS` on stdout for each (the bound address, so `:0` is usable).
-pub async fn start(
-    server: &Server,
+/// Binds every forward's listener.
+pub async fn bind(
     specs: &[ForwardSpec],
-) -> Result<Vec<ForwardHandle>, Box<dyn std::error::Error>> {
+) -> Result<Vec<(ForwardSpec, TcpListener)>, Box<dyn std::error::Error>> {
     let mut listeners = Vec::with_capacity(specs.len());
     for spec in specs {
         let listener = cli::bind(&spec.listen)
@@ -37,32 +18,43 @@ pub async fn start(
             .map_err(|e| format!("--forward {spec}: {e}"))?;
         listeners.push((spec.clone(), listener));
     }
+    Ok(listeners)
+}
+
+/// Starts the bound forwards; prints `forwarding ADDR to CLIENT:PROTO/ADDRESS` on stdout
+/// for each (the bound address, so `:0` is usable), and warns about a forward that anyone
+/// can reach: forwards take no credentials.
+pub fn start(
+    server: &Server,
+    listeners: Vec<(ForwardSpec, TcpListener)>,
+    format: cli::LogFormat,
+) -> Result<Vec<ForwardHandle>, Box<dyn std::error::Error>> {
     let mut handles = Vec::with_capacity(listeners.len());
     for (spec, listener) in listeners {
         let addr = listener.local_addr()?;
-        println!(
-            "forwarding {addr} to {}:{}/{}",
+        let to = format!(
+            "{}:{}/{}",
             spec.client_key,
             spec.target.proto(),
             spec.target.address()
         );
+        cli::announce(
+            format,
+            &format!("forwarding {addr} to {to}"),
+            "forwarding",
+            &[("listen", addr.to_string()), ("to", to)],
+        );
         tracing::info!(%addr, forward = %spec, "forward listening");
+        if !addr.ip().is_loopback() {
+            tracing::warn!(
+                listen = %addr,
+                forward = %spec,
+                "this forward is open to anyone who reaches its address (forwards take no \
+                 credentials): they reach its target on the agent's side; listen on \
+                 127.0.0.1 or a private address"
+            );
+        }
         handles.push(Forward::new(server.clone(), spec).spawn(listener));
     }
     Ok(handles)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_parse() {
-        assert_eq!(parse_duration("100ms"), Ok(Duration::from_millis(100)));
-        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
-        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
-        for bad in ["", "5", "1m", "ms", "-1s", "1.5s"] {
-            assert!(parse_duration(bad).is_err(), "{bad}");
-        }
-    }
 }

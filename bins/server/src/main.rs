@@ -8,6 +8,8 @@ mod cli;
 mod forwards;
 #[path = "../../common/go_flags.rs"]
 mod go_flags;
+#[path = "../../common/log_json.rs"]
+mod log_json;
 #[path = "../../common/process_metrics.rs"]
 mod process_metrics;
 mod routes;
@@ -75,13 +77,16 @@ struct Args {
     /// endpoint agents need. Default: everything on --listen, as Go's example.
     #[arg(long, env = "RD_ADMIN_LISTEN", value_name = "ADDR")]
     admin_listen: Option<String>,
-    /// Require credentials for /client: a file of "bearer TOKEN" and "basic USER:PASSWORD"
-    /// lines ('#' comments).
+    /// Require credentials for the operator's routes: /client and /admin (an Authorization
+    /// header), HTTP CONNECT and plain-HTTP proxy requests (the proxy password: any bearer
+    /// token, or the password of a "basic CLIENT:PASSWORD" line). A file of "bearer TOKEN"
+    /// and "basic USER:PASSWORD" lines ('#' comments). Without it, whoever reaches the
+    /// listener serving them reaches every agent's network.
     #[arg(long, env = "RD_ADMIN_AUTH", value_name = "FILE")]
     admin_auth: Option<PathBuf>,
     /// Label connection counters with the target address, as Go does (an outsider then
     /// chooses how many series there are).
-    #[arg(long, env = "RD_METRICS_PER_ADDRESS")]
+    #[arg(long, env = "RD_METRICS_PER_ADDRESS", value_parser = cli::boolish())]
     metrics_per_address: bool,
     /// Peers to link to: id:token:url,id:token:url (the url may contain colons).
     #[arg(
@@ -99,13 +104,13 @@ struct Args {
     #[arg(long, env = "RD_PEERS_DNS", value_name = "NAME:PORT")]
     peers_dns: Option<rd_server::PeerDiscovery>,
     /// How often --peers-dns is resolved again.
-    #[arg(long, env = "RD_PEERS_DNS_INTERVAL", value_name = "DURATION", default_value = "10s", value_parser = forwards::parse_duration)]
+    #[arg(long, env = "RD_PEERS_DNS_INTERVAL", value_name = "DURATION", default_value = "10s", value_parser = cli::duration)]
     peers_dns_interval: Duration,
     /// DNS server for --peers-dns instead of the system's (/etc/resolv.conf).
     #[arg(long, env = "RD_DNS_SERVER", value_name = "IP:PORT")]
     dns_server: Option<std::net::SocketAddr>,
     /// Debug logging, including a dump of every tunnel message.
-    #[arg(long, env = "RD_DEBUG", num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = ArgAction::Set)]
+    #[arg(long, env = "RD_DEBUG", num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = ArgAction::Set, value_parser = cli::boolish())]
     debug: bool,
     /// Log line format.
     #[arg(long, env = "RD_LOG_FORMAT", value_enum, default_value_t = cli::LogFormat::Text)]
@@ -117,14 +122,14 @@ struct Args {
     #[arg(long, env = "RD_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
     /// Serve Prometheus metrics at /metrics.
-    #[arg(long, env = "RD_METRICS", num_args = 0..=1, default_missing_value = "true", default_value_t = true, action = ArgAction::Set)]
+    #[arg(long, env = "RD_METRICS", num_args = 0..=1, default_missing_value = "true", default_value_t = true, action = ArgAction::Set, value_parser = cli::boolish())]
     metrics: bool,
     /// Extra CA certificate (PEM) to verify peers' TLS certificates; repeatable (comma-separated
     /// in the environment variable).
     #[arg(long, env = "RD_PEER_CA_CERT", value_delimiter = ',')]
     peer_ca_cert: Vec<PathBuf>,
     /// Do not verify peers' TLS certificates (what Go remotedialer always does).
-    #[arg(long, env = "RD_PEER_INSECURE_SKIP_VERIFY")]
+    #[arg(long, env = "RD_PEER_INSECURE_SKIP_VERIFY", value_parser = cli::boolish())]
     peer_insecure_skip_verify: bool,
     /// Forward a local port through an agent, like ssh -L: every connection to LISTEN is
     /// dialed through client CLIENT to PROTO/ADDRESS on its side; repeatable.
@@ -138,21 +143,21 @@ struct Args {
     forward: Vec<rd_server::forward::ForwardSpec>,
     /// How long an HTTP CONNECT waits for the agent to refuse or fail the dial before
     /// answering 200 (a refusal is answered 502 with the agent's text); 0 answers at once.
-    #[arg(long, env = "RD_CONNECT_WAIT", value_name = "DURATION", default_value = "100ms", value_parser = forwards::parse_duration)]
+    #[arg(long, env = "RD_CONNECT_WAIT", value_name = "DURATION", default_value = "100ms", value_parser = cli::duration)]
     connect_wait: Duration,
     /// Ping a client that sent nothing for this long (Go's server never pings; Go and rd
     /// clients ping every 5s themselves, so these go out only to quiet ones); 0 disables.
-    #[arg(long, env = "RD_PING_AFTER", value_name = "DURATION", default_value = "5s", value_parser = forwards::parse_duration)]
+    #[arg(long, env = "RD_PING_AFTER", value_name = "DURATION", default_value = "5s", value_parser = cli::duration)]
     ping_after: Duration,
     /// Drop a client that pinged or answered pings before and then sent nothing for this
     /// long (a dead link); 0 disables, leaving Go's 60s keepalive timeout.
-    #[arg(long, env = "RD_ANSWER_TIMEOUT", value_name = "DURATION", default_value = "15s", value_parser = forwards::parse_duration)]
+    #[arg(long, env = "RD_ANSWER_TIMEOUT", value_name = "DURATION", default_value = "15s", value_parser = cli::duration)]
     answer_timeout: Duration,
     /// On SIGTERM (or SIGINT), drain: refuse new agents and requests (503, /readyz fails),
     /// ask the agents to move to another replica (going-away close, each once its streams
     /// are done), let streams in flight finish for up to this long, then log and cut the
     /// rest and exit. A second signal exits at once. 0 cuts at once.
-    #[arg(long, env = "RD_GRACE_PERIOD", value_name = "DURATION", default_value = "30s", value_parser = forwards::parse_duration)]
+    #[arg(long, env = "RD_GRACE_PERIOD", value_name = "DURATION", default_value = "30s", value_parser = cli::duration)]
     grace_period: Duration,
     /// Websocket upgrades in progress at once; more are answered 503 with Retry-After.
     #[arg(long, env = "RD_MAX_PENDING_HANDSHAKES", value_name = "N", default_value_t = rd_server::DEFAULT_MAX_PENDING_HANDSHAKES)]
@@ -165,6 +170,25 @@ struct Args {
     /// reads (bulk data); the buffer exists only during such bursts. 0 turns bursts off.
     #[arg(long, env = "RD_WS_READ_BURST", value_name = "BYTES", default_value_t = rd_server::DEFAULT_WS_READ_BURST)]
     ws_read_burst: usize,
+    /// Close a tunnel stream (CONNECT, forward, /client) that moved no byte either way for
+    /// this long; 0 (the default, as Go) never does. The shipped manifests set 1h.
+    #[arg(long, env = "RD_STREAM_IDLE_TIMEOUT", value_name = "DURATION", default_value = "0", value_parser = cli::duration)]
+    stream_idle_timeout: Duration,
+    /// Close a stream whose agent has not answered the dial at all (no data, error or
+    /// credit) within this long; 0 (the default) never does. A target that never speaks
+    /// and a client that sends less than a credit window count as unanswered.
+    #[arg(long, env = "RD_PENDING_DIAL_TIMEOUT", value_name = "DURATION", default_value = "0", value_parser = cli::duration)]
+    pending_dial_timeout: Duration,
+    /// Dials through one session still waiting for the agent's first answer; one more is
+    /// refused ("too many dials pending through this session") and counted in
+    /// rd_dials_refused{reason="max_pending_dials"}.
+    #[arg(
+        long,
+        env = "RD_MAX_PENDING_DIALS",
+        value_name = "N",
+        default_value_t = 4096
+    )]
+    max_pending_dials: usize,
 }
 
 /// A `--peers` entry.
@@ -243,6 +267,16 @@ async fn check_config(args: &Args) -> Result<Checked, ConfigError> {
     }
     if let Some(admin) = &args.admin_listen {
         cli::check_listen("--admin-listen", admin).map_err(ConfigError)?;
+        if admin.trim() == args.listen.trim() {
+            return Err(ConfigError(format!(
+                "--admin-listen {admin:?}: the same address as --listen; the admin routes \
+                 need an address of their own (or leave --admin-listen out to serve \
+                 everything on --listen)"
+            )));
+        }
+    }
+    for spec in &args.forward {
+        cli::check_listen("--forward", &spec.listen).map_err(ConfigError)?;
     }
     let admin_auth = match &args.admin_auth {
         Some(path) => Some(Arc::new(
@@ -370,7 +404,9 @@ async fn run(args: Args, checked: Checked) -> Result<(), Box<dyn std::error::Err
     let metrics = rd_server::Metrics::new_with(|registry| {
         process_metrics::register(registry, env!("CARGO_PKG_VERSION"), env!("RD_COMMIT"));
     })
-    .with_address_labels(args.metrics_per_address);
+    .with_address_labels(args.metrics_per_address)
+    // Without tokens anyone chooses client keys: their series go when their sessions do.
+    .transient_client_keys(agent_tokens.is_none());
     let builder = match &agent_tokens {
         Some(tokens) => {
             tracing::info!(
@@ -386,6 +422,7 @@ async fn run(args: Args, checked: Checked) -> Result<(), Box<dyn std::error::Err
     let mut config = rd_proto::Config::default();
     config.server_ping_after = (!args.ping_after.is_zero()).then_some(args.ping_after);
     config.answer_timeout = (!args.answer_timeout.is_zero()).then_some(args.answer_timeout);
+    config.max_pending_dials = args.max_pending_dials;
     config.validate()?;
     let mut builder = builder
         .metrics(metrics)
@@ -393,6 +430,8 @@ async fn run(args: Args, checked: Checked) -> Result<(), Box<dyn std::error::Err
         .max_pending_handshakes(args.max_pending_handshakes)
         .websocket_read_buffer(args.ws_read_buffer)
         .websocket_read_burst(args.ws_read_burst)
+        .stream_idle_timeout(Some(args.stream_idle_timeout))
+        .pending_dial_timeout(Some(args.pending_dial_timeout))
         .peer_connect_options(rd_session::transport::ConnectOptions::default().with_tls(peer_tls));
     if !args.id.is_empty() && !peer_token.is_empty() {
         builder = builder.peer_identity(&args.id, &peer_token);
@@ -415,23 +454,35 @@ async fn run(args: Args, checked: Checked) -> Result<(), Box<dyn std::error::Err
     for p in peers {
         server.add_peer(p.url, p.id, p.token);
     }
-    let _forwards = forwards::start(&server, &args.forward).await?;
+    // Every socket is bound before anything says it listens: a second bind that fails
+    // (the admin address taken) exits without a `listening on` line first.
+    let forwards = forwards::bind(&args.forward).await?;
     let listener = cli::bind(&args.listen)
         .await
         .map_err(|e| format!("--listen: {e}"))?;
+    let admin_listener = match &args.admin_listen {
+        Some(admin) => Some(
+            cli::bind(admin)
+                .await
+                .map_err(|e| format!("--admin-listen: {e}"))?,
+        ),
+        None => None,
+    };
     let local = listener.local_addr()?;
-    if agent_tokens.is_none() && !local.ip().is_loopback() {
-        tracing::warn!(
-            %local,
-            "agents are not authenticated: any X-Tunnel-ID is accepted from anywhere this \
-             address is reachable; use --agent-tokens (see docs/security.md)"
-        );
-    }
+    let operator = match &admin_listener {
+        Some(a) => a.local_addr()?,
+        None => local,
+    };
+    warn_if_open(
+        &local,
+        &operator,
+        agent_tokens.is_some(),
+        admin_auth.is_some(),
+    );
+    let _forwards = forwards::start(&server, forwards, args.log_format)?;
     let scheme = if tls.is_some() { "https" } else { "http" };
-    cli::say_out(&format!(
-        "listening on {scheme}://{}",
-        listener.local_addr()?
-    ));
+    let url = format!("{scheme}://{local}");
+    cli::announce_listening(args.log_format, "listening on", &url);
     let proxy = Arc::new(rd_server::proxy::ClientProxy::new(server.clone()));
     let front = routes::Front::default();
     let app = |role| {
@@ -447,15 +498,10 @@ async fn run(args: Args, checked: Checked) -> Result<(), Box<dyn std::error::Err
             .front(front.clone()),
         )
     };
-    let admin = match &args.admin_listen {
+    let admin = match admin_listener {
         Some(admin) => {
-            let admin = cli::bind(admin)
-                .await
-                .map_err(|e| format!("--admin-listen: {e}"))?;
-            cli::say_out(&format!(
-                "admin listening on {scheme}://{}",
-                admin.local_addr()?
-            ));
+            let url = format!("{scheme}://{}", admin.local_addr()?);
+            cli::announce_listening(args.log_format, "admin listening on", &url);
             let served = routes::serve(admin, tls.clone(), app(routes::Role::Admin));
             Some(tokio::spawn(served))
         }
@@ -509,6 +555,34 @@ async fn run(args: Args, checked: Checked) -> Result<(), Box<dyn std::error::Err
         admin.abort();
     }
     Ok(())
+}
+
+/// Says at start-up what anyone who reaches a listener can do, when that is more than
+/// nothing: register as any agent (no `--agent-tokens`), reach every agent's network
+/// through `/client`, `/admin`, CONNECT or plain-HTTP proxy requests (no `--admin-auth`).
+/// Loopback listeners are left out: only this machine reaches them.
+fn warn_if_open(
+    agents: &std::net::SocketAddr,
+    operator: &std::net::SocketAddr,
+    agent_tokens: bool,
+    admin_auth: bool,
+) {
+    if !agent_tokens && !agents.ip().is_loopback() {
+        tracing::warn!(
+            listen = %agents,
+            "agents are not authenticated: anyone who reaches this address can register as \
+             any client id (X-Tunnel-ID) and receive the requests meant for it; use \
+             --agent-tokens (see docs/security.md)"
+        );
+    }
+    if !admin_auth && !operator.ip().is_loopback() {
+        tracing::warn!(
+            listen = %operator,
+            "/client, /admin, CONNECT and plain-HTTP proxy requests are open to anyone who \
+             reaches this address, and through them every agent's network; use --admin-auth \
+             and keep them on --admin-listen with a private address (see docs/security.md)"
+        );
+    }
 }
 
 #[cfg(test)]

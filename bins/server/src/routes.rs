@@ -9,7 +9,8 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use rd_server::connect::ConnectProxy;
+use rd_server::admin::AdminApi;
+use rd_server::connect::{ConnectError, ConnectProxy};
 use rd_server::proxy::ClientProxy;
 use rd_server::{text_response, Body, RemoteAddr, Server};
 
@@ -51,6 +52,7 @@ pub struct App {
     role: Role,
     admin_auth: Option<Arc<AdminAuth>>,
     front: Front,
+    api: AdminApi,
 }
 
 /// The CONNECT proxy; with `--admin-auth`, its proxy password is checked against the file.
@@ -67,7 +69,7 @@ fn connect_proxy(server: &Server, auth: Option<&Arc<AdminAuth>>) -> ConnectProxy
     }
 }
 
-/// Refused `/client` requests without credentials, logged at most a few a second.
+/// Refused `/client` and `/admin` requests without credentials, logged at most a few a second.
 static UNAUTHENTICATED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl App {
@@ -81,6 +83,7 @@ impl App {
         Self {
             proxy,
             connect: connect_proxy(&server, admin_auth.as_ref()),
+            api: AdminApi::new(server.clone()),
             server,
             metrics,
             role,
@@ -122,6 +125,7 @@ impl App {
             };
         }
         let path = req.uri().path().to_owned();
+        let absolute = req.uri().scheme().is_some();
         if path == "/connect" && tunnel {
             return self.server.handle(req).await;
         }
@@ -136,29 +140,16 @@ impl App {
             return text_response(StatusCode::NOT_FOUND, "404 page not found\n".into());
         }
         if let Some(rest) = path.strip_prefix("/client/") {
-            if let Some(auth) = &self.admin_auth {
-                let given = req.headers().get(http::header::AUTHORIZATION);
-                if !auth.allows(given.map(|v| v.as_bytes())) {
-                    let n = UNAUTHENTICATED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    // The first refusal, then one in a hundred: an outsider sets the pace.
-                    if n % 100 == 0 {
-                        let remote = req.extensions().get::<RemoteAddr>().map(|r| r.0);
-                        tracing::info!(
-                            remote = remote.map(tracing::field::display),
-                            credentials = given.is_some(),
-                            refused_so_far = n + 1,
-                            "tunnel request rejected: no valid admin credentials"
-                        );
-                    }
-                    let mut r = text_response(StatusCode::UNAUTHORIZED, "unauthorized\n".into());
-                    r.headers_mut().insert(
-                        http::header::WWW_AUTHENTICATE,
-                        http::HeaderValue::from_static("Bearer, Basic realm=\"rd\""),
-                    );
-                    return r;
-                }
+            if let Err(refused) = self.caller(&req) {
+                return *refused;
             }
             return self.proxy.handle(req, rest).await;
+        }
+        if AdminApi::serves(&path) {
+            return match self.caller(&req) {
+                Ok(who) => self.api.handle(&req, &who),
+                Err(refused) => *refused,
+            };
         }
         match path.as_str() {
             "/healthz" => health(&self.server).await,
@@ -176,8 +167,43 @@ impl App {
                 );
                 r
             }
+            // `curl -x http://rd-server:8123 http://host/...` without a user: CONNECT would
+            // ask for one, so does this (a bare 404 said nothing about the missing user).
+            _ if absolute => ConnectProxy::error_response(&ConnectError::NoCredentials),
             _ => text_response(StatusCode::NOT_FOUND, "404 page not found\n".into()),
         }
+    }
+
+    /// Who is asking, for the operator routes (`/client`, `/admin`): the admin credential's
+    /// name and the address, or the refusal to send (401) when `--admin-auth` wants
+    /// credentials the request does not carry.
+    fn caller<B>(&self, req: &Request<B>) -> Result<String, Box<Response<Body>>> {
+        let remote = req.extensions().get::<RemoteAddr>().map(|r| r.0);
+        let from = remote.map_or_else(String::new, |r| format!(" from {r}"));
+        let Some(auth) = &self.admin_auth else {
+            return Ok(format!("unauthenticated caller{from}"));
+        };
+        let given = req.headers().get(http::header::AUTHORIZATION);
+        if let Some(who) = auth.who(given.map(|v| v.as_bytes())) {
+            return Ok(format!("{who}{from}"));
+        }
+        let n = UNAUTHENTICATED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // The first refusal, then one in a hundred: an outsider sets the pace.
+        if n % 100 == 0 {
+            tracing::info!(
+                remote = remote.map(tracing::field::display),
+                path = req.uri().path(),
+                credentials = given.is_some(),
+                refused_so_far = n + 1,
+                "operator request rejected: no valid admin credentials"
+            );
+        }
+        let mut r = text_response(StatusCode::UNAUTHORIZED, "unauthorized\n".into());
+        r.headers_mut().insert(
+            http::header::WWW_AUTHENTICATE,
+            http::HeaderValue::from_static("Bearer, Basic realm=\"rd\""),
+        );
+        Err(Box::new(r))
     }
 }
 

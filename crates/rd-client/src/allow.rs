@@ -40,30 +40,85 @@ impl ConnectAuthorizer for DenyAll {
 }
 
 /// One `proto:address` rule; `*` in the address matches any run of characters, and proto
-/// `tcp` also covers `tcp4` and `tcp6`. Examples: `tcp:127.0.0.1:*`, `tcp:*:443`,
+/// `tcp` also covers `tcp4` and `tcp6`. A tcp or udp rule's host may be a CIDR block
+/// (`tcp:127.0.0.0/8:*`, `tcp:[fd00::]/8:443`), which matches the IP addresses in it.
+/// Examples: `tcp:127.0.0.1:*`, `tcp:*:443`, `tcp:10.0.0.0/8:22`,
 /// `unix:/var/run/docker.sock`, `*:*` (everything).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AllowRule {
     proto: String,
     address: String,
+    /// The host as a CIDR block, and the port pattern after it.
+    cidr: Option<(ipnet::IpNet, String)>,
 }
 
-/// An allow rule that does not parse.
+/// An allow rule that does not parse, or that could never match a target.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid allow rule {0:?}: want proto:address, e.g. tcp:127.0.0.1:* or unix:/var/run/docker.sock")]
-pub struct AllowRuleError(String);
+#[non_exhaustive]
+pub enum AllowRuleError {
+    /// Not `proto:address`.
+    #[error("invalid allow rule {0:?}: want proto:address, e.g. tcp:127.0.0.1:* or unix:/var/run/docker.sock")]
+    Syntax(String),
+    /// A tcp or udp rule without a port: targets are always `host:port`, so it would
+    /// match nothing.
+    #[error("invalid allow rule {0:?}: a {1} target is host:port, so this rule would never match; add the port, e.g. {0}:*")]
+    NoPort(String, String),
+    /// A host with a `/` that is not a CIDR block.
+    #[error("invalid allow rule {rule:?}: {host:?} is not a CIDR block ({error}); e.g. 127.0.0.0/8 or [fd00::]/8")]
+    Cidr {
+        /// The rule.
+        rule: String,
+        /// Its host.
+        host: String,
+        /// Why the block does not parse.
+        error: String,
+    },
+}
+
+/// Whether a protocol's targets are `host:port`.
+fn has_ports(proto: &str) -> bool {
+    proto.starts_with("tcp") || proto.starts_with("udp")
+}
 
 impl FromStr for AllowRule {
     type Err = AllowRuleError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.split_once(':') {
-            Some((proto, address)) if !proto.is_empty() && !address.is_empty() => Ok(Self {
-                proto: proto.to_owned(),
-                address: address.to_owned(),
-            }),
-            _ => Err(AllowRuleError(s.to_owned())),
+        let Some((proto, address)) = s
+            .split_once(':')
+            .filter(|(p, a)| !p.is_empty() && !a.is_empty())
+        else {
+            return Err(AllowRuleError::Syntax(s.to_owned()));
+        };
+        let mut cidr = None;
+        if has_ports(proto) {
+            // `host:port`; a bracketed IPv6 host keeps its colons. A `*` can stand for the
+            // port (`tcp:*` is every tcp target).
+            let split = address
+                .rsplit_once(':')
+                .filter(|(h, p)| !h.is_empty() && !p.is_empty() && !p.ends_with(']'));
+            let (host, port) = match split {
+                Some(parts) => parts,
+                None if address.contains('*') => (address, "*"),
+                None => return Err(AllowRuleError::NoPort(s.to_owned(), proto.to_owned())),
+            };
+            if host.contains('/') {
+                let bare = host.replace(['[', ']'], "");
+                let net = bare
+                    .parse::<ipnet::IpNet>()
+                    .map_err(|e| AllowRuleError::Cidr {
+                        rule: s.to_owned(),
+                        host: host.to_owned(),
+                        error: e.to_string(),
+                    })?;
+                cidr = Some((net, port.to_owned()));
+            }
         }
+        Ok(Self {
+            proto: proto.to_owned(),
+            address: address.to_owned(),
+            cidr,
+        })
     }
 }
 
@@ -81,7 +136,21 @@ impl AllowRule {
             "tcp" => matches!(target.proto(), "tcp" | "tcp4" | "tcp6"),
             p => p == target.proto(),
         };
-        proto_ok && glob(self.address.as_bytes(), target.address().as_bytes())
+        if !proto_ok {
+            return false;
+        }
+        match &self.cidr {
+            None => glob(self.address.as_bytes(), target.address().as_bytes()),
+            Some((net, port)) => target
+                .address()
+                .rsplit_once(':')
+                .and_then(|(host, p)| {
+                    let host = host.trim_start_matches('[').trim_end_matches(']');
+                    let ip = host.parse::<std::net::IpAddr>().ok()?;
+                    Some(net.contains(&ip) && glob(port.as_bytes(), p.as_bytes()))
+                })
+                .unwrap_or(false),
+        }
     }
 }
 
@@ -145,6 +214,47 @@ mod tests {
             .expect("valid")
             .matches(&t("udp", "x:1")));
         assert!("nocolon".parse::<AllowRule>().is_err());
+    }
+
+    #[test]
+    fn cidr_blocks_match_addresses_in_them() {
+        let rule = |r: &str| r.parse::<AllowRule>().expect("valid rule");
+        let loopback = rule("tcp:127.0.0.0/8:*");
+        assert!(loopback.matches(&t("tcp", "127.0.0.1:8125")));
+        assert!(loopback.matches(&t("tcp4", "127.255.0.9:1")));
+        assert!(!loopback.matches(&t("tcp", "10.0.0.1:80")));
+        assert!(
+            !loopback.matches(&t("tcp", "localhost:80")),
+            "names are not in a block"
+        );
+        let ssh = rule("tcp:10.0.0.0/8:22");
+        assert!(ssh.matches(&t("tcp", "10.1.2.3:22")));
+        assert!(!ssh.matches(&t("tcp", "10.1.2.3:23")));
+        let v6 = rule("tcp:[fd00::]/8:*");
+        assert!(v6.matches(&t("tcp6", "[fd12::1]:443")));
+        assert!(!v6.matches(&t("tcp6", "[::1]:443")));
+    }
+
+    #[test]
+    fn rules_that_could_never_match_are_refused() {
+        for (bad, want) in [
+            ("tcp:127.0.0.1", "would never match"),
+            ("udp:127.0.0.1", "would never match"),
+            ("tcp:127.0.0.0/33:*", "not a CIDR block"),
+            ("tcp:foo/8:*", "not a CIDR block"),
+        ] {
+            let err = bad.parse::<AllowRule>().expect_err(bad).to_string();
+            assert!(err.contains(want), "{bad}: {err}");
+        }
+        for good in [
+            "tcp:127.0.0.1:*",
+            "unix:/run/x.sock",
+            "*:*",
+            "tcp:[::1]:22",
+            "tcp:*",
+        ] {
+            assert!(good.parse::<AllowRule>().is_ok(), "{good}");
+        }
     }
 
     #[test]

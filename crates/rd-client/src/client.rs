@@ -118,6 +118,8 @@ pub struct ClientBuilder {
     observer: Option<Arc<dyn SessionObserver>>,
     state: Option<Arc<dyn StateObserver>>,
     sessions: SessionCount,
+    /// Handshakes refused for credentials in a row after which `run` gives up (0: never).
+    max_auth_refusals: u32,
 }
 
 impl fmt::Debug for ClientBuilder {
@@ -145,6 +147,7 @@ impl ClientBuilder {
             observer: None,
             state: None,
             sessions: SessionCount::All,
+            max_auth_refusals: 0,
         }
     }
 
@@ -259,6 +262,15 @@ impl ClientBuilder {
         self
     }
 
+    /// Gives up after `n` handshakes in a row refused for the agent's credentials (401 or
+    /// 403): [`run`](Client::run) returns [`RunEnd::CredentialsRefused`] instead of
+    /// retrying forever (frp's `loginFailExit`). 0, the default, retries forever: a token
+    /// being rolled out may be accepted later. A session in between starts the count again.
+    pub fn max_auth_refusals(mut self, n: u32) -> Self {
+        self.max_auth_refusals = n;
+        self
+    }
+
     /// Builds the client.
     pub fn build(self) -> Client {
         Client {
@@ -266,6 +278,17 @@ impl ClientBuilder {
             attempts: Arc::new(AtomicU64::new(0)),
         }
     }
+}
+
+/// Why [`Client::run`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RunEnd {
+    /// The cancellation token fired.
+    Cancelled,
+    /// [`ClientBuilder::max_auth_refusals`] handshakes in a row were refused for the
+    /// agent's credentials.
+    CredentialsRefused(u32),
 }
 
 /// A tunnel client: [`connect`](Self::connect) for one session, [`run`](Self::run) to keep
@@ -289,6 +312,15 @@ pub trait StateObserver: Send + Sync + 'static {
     /// The sessions held changed (one came, went, or its server said it is going away).
     fn sessions(&self, held: &[HeldSession]) {
         let _ = held;
+    }
+    /// A session started with the server at `url` (whose peer id is `server_id`, if it
+    /// gave one): its handle, to list its streams (an admin endpoint).
+    fn session_started(&self, session: &SessionHandle, url: &str, server_id: Option<&str>) {
+        let _ = (session, url, server_id);
+    }
+    /// That session ended.
+    fn session_ended(&self, session: &SessionHandle) {
+        let _ = session;
     }
 }
 
@@ -359,6 +391,10 @@ impl Client {
                 return Ok(SessionEnd::Local);
             };
             let session = self.start_session(established.ws, established.extensions);
+            if let Some(state) = &self.inner.state {
+                let id = established.server.id.as_deref();
+                state.session_started(&session, &first.url, id);
+            }
             self.serve(session, 0, cancel, None)
                 .await
                 .map(|ended| ended.end)
@@ -477,6 +513,7 @@ impl Client {
         session_cancel.cancel();
         if let Some(state) = &self.inner.state {
             state.session_down();
+            state.session_ended(&session);
         }
         let going_away = session.peer_went_away() || session.peer_going_away().is_some();
         match &result {
@@ -547,6 +584,9 @@ impl Client {
             );
             self.start_session(ws, extensions)
         };
+        if let Some(state) = &self.inner.state {
+            state.session_started(&session, &endpoint.url, server.id.as_deref());
+        }
         let client = self.clone();
         let cancel = cancel.clone();
         let events = events.clone();
@@ -579,7 +619,7 @@ impl Client {
     /// with `Retry-After` keeps that server aside for at least that long. An attempt that
     /// reaches a server held already is tried again at once, and after a few in a row with
     /// a backoff of its own (1 s doubling to 30 s): the agent is reachable meanwhile.
-    pub async fn run(&self, cancel: CancellationToken) {
+    pub async fn run(&self, cancel: CancellationToken) -> RunEnd {
         let mut run = Run {
             backoff: self.inner.backoff.clone(),
             fill_backoff: Backoff::new(
@@ -595,7 +635,9 @@ impl Client {
             elsewhere_ids: Vec::new(),
             fill_eager_until: None,
             next_slot: 0,
+            auth_refusals: 0,
         };
+        let mut end = RunEnd::Cancelled;
         run.rotation
             .set_endpoints(failover::resolve(&self.inner.urls, &self.inner.options).await);
         let (tx, mut rx) = mpsc::unbounded_channel();
@@ -633,6 +675,19 @@ impl Client {
                         Some(attempt) => self.on_attempt(&mut run, &endpoint, attempt),
                         None => break,
                     }
+                    let max = self.inner.max_auth_refusals;
+                    if max > 0 && run.auth_refusals >= max {
+                        tracing::error!(
+                            refusals = run.auth_refusals,
+                            "giving up: the server refused this agent's credentials {} times \
+                             in a row. Check that --id (X-Tunnel-ID) and the token \
+                             (--token-file, RD_CLIENT_TOKEN or --token) match a line of the \
+                             server's --agent-tokens file, then start the agent again",
+                            run.auth_refusals
+                        );
+                        end = RunEnd::CredentialsRefused(run.auth_refusals);
+                        break;
+                    }
                 }
             }
             // Reap finished session tasks (their outcome came as an event).
@@ -642,6 +697,7 @@ impl Client {
         // session's close bound).
         sessions_cancel.cancel();
         while tasks.join_next().await.is_some() {}
+        end
     }
 
     fn report(&self, run: &Run) {
@@ -654,6 +710,7 @@ impl Client {
         let now = tokio::time::Instant::now();
         match attempt {
             Attempt::Joined { slot, server } => {
+                run.auth_refusals = 0;
                 run.fleet.add(slot, server);
                 run.elsewhere = 0;
                 run.elsewhere_ids.clear();
@@ -729,6 +786,7 @@ impl Client {
             Attempt::Failed(e) => {
                 match &e {
                     ClientError::Connect(c) if c.is_auth_failure() => {
+                        run.auth_refusals += 1;
                         tracing::error!(error = %rd_session::error_chain(&e), server = %endpoint, "the server refused our credentials");
                     }
                     _ => {
@@ -868,6 +926,8 @@ struct Run {
     /// Until then (after the count grew) the fill backoff stays short.
     fill_eager_until: Option<tokio::time::Instant>,
     next_slot: u64,
+    /// Handshakes refused for our credentials since the last session.
+    auth_refusals: u32,
 }
 
 /// The server of a refused upgrade, if the refusal means "not here, try another replica":

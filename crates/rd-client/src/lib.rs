@@ -29,7 +29,7 @@ mod failover;
 mod fleet;
 
 pub use allow::{AllowAll, AllowRule, AllowRuleError, AllowRules, ConnectAuthorizer, DenyAll};
-pub use client::{BoxError, Client, ClientBuilder, ClientError, OnConnect, StateObserver};
+pub use client::{BoxError, Client, ClientBuilder, ClientError, OnConnect, RunEnd, StateObserver};
 pub use dial::{LocalDialer, NetDialer, DEFAULT_DIAL_TIMEOUT};
 pub use fleet::{HeldSession, InvalidSessionCount, SessionCount};
 /// The websocket transport now lives in rd-session, shared with rd-server's peer links;

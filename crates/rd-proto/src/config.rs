@@ -94,6 +94,12 @@ pub struct Config {
     /// Incoming Connects whose local dial has not finished yet; one more is answered with an
     /// Error (`too many connects in flight`). Used by the runtime, which does the dialing.
     pub max_pending_connects: usize,
+    /// Streams this side opened whose peer has not answered them in any way yet (no Data,
+    /// Error, Fin, Pause, Resume or Credit): dials pending through the session. One more
+    /// [`open_stream`](crate::Session::open_stream) is refused with
+    /// [`OpenError::TooManyPendingDials`](crate::OpenError::TooManyPendingDials), so a
+    /// peer that stopped answering cannot pile up dials without bound. Go has no limit.
+    pub max_pending_dials: usize,
 }
 
 impl Default for Config {
@@ -121,6 +127,7 @@ impl Default for Config {
             max_streams: 65_536,
             max_queued_control: 4096,
             max_pending_connects: 16_384,
+            max_pending_dials: 4096,
         }
     }
 }
@@ -167,6 +174,9 @@ impl Config {
             return Err(ConfigError(
                 "session_receive_cap must be at least stream_receive_cap",
             ));
+        }
+        if self.max_pending_dials == 0 {
+            return Err(ConfigError("max_pending_dials must be positive"));
         }
         if self.max_data_payload == 0 || self.stream_send_buffer == 0 {
             return Err(ConfigError(

@@ -66,5 +66,5 @@ pub use session::{
     Event, Identity, Limit, OpenError, ProtocolError, ReadOutcome, Session, SessionEnd,
     SessionStats, Side, StreamError, Transmit,
 };
-pub use stream::{Origin, StreamEnd, StreamInfo};
+pub use stream::{Origin, StreamEnd, StreamFlow, StreamInfo};
 pub use target::{Target, TargetError, MAX_CONNECT_PAYLOAD};

@@ -52,6 +52,19 @@ impl RecvHalf {
         }
     }
 
+    /// The credit window (`None` in Pause mode).
+    pub(crate) fn window(&self) -> Option<usize> {
+        match &self.flow {
+            RecvFlow::Pause(_) => None,
+            RecvFlow::Credit(c) => Some(c.window()),
+        }
+    }
+
+    /// Credit granted to the peer and not yet used (0 in Pause mode).
+    pub(crate) fn credit(&self) -> usize {
+        self.flow.credit()
+    }
+
     pub(crate) fn since_pause(&self) -> usize {
         self.flow.since_pause()
     }

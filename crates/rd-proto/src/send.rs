@@ -75,6 +75,11 @@ impl SendHalf {
         limit.saturating_sub(self.queued)
     }
 
+    /// Credit the peer still grants us (`None` with Pause/Resume peers).
+    pub(crate) fn credit(&self) -> Option<usize> {
+        self.credit
+    }
+
     pub(crate) fn paused_by_peer(&self) -> bool {
         self.paused_by_peer
     }

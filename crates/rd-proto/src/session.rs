@@ -227,6 +227,9 @@ pub enum OpenError {
     /// [`Config::max_streams`] streams are live.
     #[error("too many streams: limit {0}")]
     TooManyStreams(usize),
+    /// [`Config::max_pending_dials`] streams we opened wait for the peer's first answer.
+    #[error("too many dials pending through this session: {0} wait for the peer's answer")]
+    TooManyPendingDials(usize),
     /// The peer said it is going away ([`Event::PeerGoingAway`]): new streams belong on
     /// another session.
     #[error("the peer is going away: {0}")]
@@ -449,19 +452,32 @@ impl Session {
         self.streams.get(id).map(|s| &s.target)
     }
 
-    /// Every stream in the table (unordered), with its target and the bytes moved so far.
+    /// Every stream in the table (unordered), with its target, the bytes moved so far, when
+    /// it last heard from the peer or moved bytes, and its flow control state.
     pub fn stream_infos(&self) -> Vec<StreamInfo> {
+        self.streams.iter().map(|(id, s)| s.info(*id)).collect()
+    }
+
+    /// Labels stream `id` with what it is for (an origin such as `connect`), for
+    /// [`stream_infos`](Self::stream_infos); unknown ids are ignored.
+    pub fn set_stream_label(&mut self, id: ConnId, label: &'static str) {
+        if let Some(s) = self.streams.get_mut(id) {
+            s.label = Some(label);
+        }
+    }
+
+    /// Streams we opened that the peer has not answered in any way yet (no Data, Error,
+    /// Fin, Pause, Resume or Credit): their dials are pending.
+    pub fn pending_dials(&self) -> usize {
         self.streams
             .iter()
-            .map(|(id, s)| StreamInfo {
-                id: *id,
-                target: s.target.clone(),
-                origin: s.origin,
-                opened_at: s.opened_at,
-                bytes_written: s.bytes_written,
-                bytes_read: s.bytes_read,
-            })
-            .collect()
+            .filter(|(_, s)| s.dial_pending())
+            .count()
+    }
+
+    /// When anything (a message, ping or pong) last arrived from the peer.
+    pub fn last_heard(&self) -> Instant {
+        self.last_heard
     }
 
     fn message_id(&mut self) -> i64 {
@@ -535,6 +551,11 @@ impl Session {
             // Application bytes (credentials, tokens) only on this separate target, which an
             // operator must turn on explicitly (RD_WIRE_PAYLOADS in the binaries).
             tracing::trace!(target: "rd_proto::payload", message_id = frame.message_id, %conn_id, ?payload, "received");
+        }
+        let conn_id = frame.message.conn_id();
+        if let Some(s) = self.streams.get_mut(conn_id) {
+            s.last_heard = Some(now);
+            s.last_activity = s.last_activity.max(now);
         }
         match frame.message {
             Message::Data { conn_id, payload } => self.on_data(now, conn_id, payload),
@@ -1129,6 +1150,14 @@ impl Session {
         if let (Some(reason), Side::Client) = (&self.peer_going_away, self.side) {
             return Err(OpenError::PeerGoingAway(reason.clone()));
         }
+        // Counting walks the table: only once it is large enough to hold that many.
+        if self.streams.len() >= self.config.max_pending_dials
+            && self.pending_dials() >= self.config.max_pending_dials
+        {
+            return Err(OpenError::TooManyPendingDials(
+                self.config.max_pending_dials,
+            ));
+        }
         let id = self.streams.allocate_id();
         self.queue_control(&Message::Connect {
             conn_id: id,
@@ -1154,6 +1183,7 @@ impl Session {
         }
         let taken = &data[..data.len().min(room)];
         s.bytes_written += taken.len() as u64;
+        s.last_activity = s.last_activity.max(self.clock);
         s.send.push(
             id,
             taken,
@@ -1198,6 +1228,7 @@ impl Session {
         // No Pause, Resume or Credit for a direction the peer has finished.
         let receiving = s.accepts_data();
         s.bytes_read += chunk.len() as u64;
+        s.last_activity = s.last_activity.max(self.clock);
         self.budget.apply(before, s.recv.held());
         if receiving {
             self.send_signal(id, signal);

@@ -91,6 +91,15 @@ pub(crate) struct Stream {
     pub(crate) bytes_written: u64,
     /// Bytes the application read from the stream (received from the peer).
     pub(crate) bytes_read: u64,
+    /// What the application says the stream is for (see
+    /// [`Session::set_stream_label`](crate::Session::set_stream_label)).
+    pub(crate) label: Option<&'static str>,
+    /// When the last frame for this stream came from the peer (`None`: none yet; for a
+    /// stream we opened, the dial is still pending).
+    pub(crate) last_heard: Option<Instant>,
+    /// When bytes last moved on the stream, either way (the session's clock: its latest
+    /// input, so an application write is dated at most a keepalive period early).
+    pub(crate) last_activity: Instant,
 }
 
 /// One stream as [`Session::stream_infos`](crate::Session::stream_infos) lists it: what an
@@ -109,6 +118,44 @@ pub struct StreamInfo {
     pub bytes_written: u64,
     /// Bytes the application read from it.
     pub bytes_read: u64,
+    /// What the application said the stream is for
+    /// ([`Session::set_stream_label`](crate::Session::set_stream_label)).
+    pub label: Option<&'static str>,
+    /// When the last frame for the stream came from the peer; `None` for a stream we
+    /// opened means its dial is pending (the far side has not answered in any way yet).
+    pub last_heard: Option<Instant>,
+    /// When bytes last moved either way (or the stream opened).
+    pub last_activity: Instant,
+    /// Whether the stream is still on the wire (false once it ended, while the
+    /// application may still read what it buffered).
+    pub on_wire: bool,
+    /// Whether our writing has ended (Fin or Error `EOF` queued or sent).
+    pub finished: bool,
+    /// Whether the peer's writing has ended (its Fin, half-close only).
+    pub peer_finished: bool,
+    /// Flow control and the bytes the stream holds.
+    pub flow: StreamFlow,
+}
+
+/// One stream's flow control state, as [`StreamInfo::flow`] reports it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StreamFlow {
+    /// Received bytes the application has not read yet.
+    pub unread: usize,
+    /// Bytes written and queued for the peer, not yet sent.
+    pub send_queued: usize,
+    /// Our flow control holds the peer back: our Pause is outstanding, or (credit) the peer
+    /// used all the credit we granted.
+    pub paused_by_us: bool,
+    /// The peer's flow control holds us back: its Pause, or no credit left.
+    pub paused_by_peer: bool,
+    /// Credit mode: the receive window we aim to keep granted (`None` with Pause/Resume).
+    pub recv_window: Option<usize>,
+    /// Credit mode: bytes the peer may still send us.
+    pub recv_credit: Option<usize>,
+    /// Credit mode: bytes we may still send the peer.
+    pub send_credit: Option<usize>,
 }
 
 impl Stream {
@@ -128,7 +175,42 @@ impl Stream {
             released: false,
             bytes_written: 0,
             bytes_read: 0,
+            label: None,
+            last_heard: None,
+            last_activity: now,
         }
+    }
+
+    /// The stream as [`Session::stream_infos`](crate::Session::stream_infos) lists it.
+    pub(crate) fn info(&self, id: crate::ConnId) -> StreamInfo {
+        StreamInfo {
+            id,
+            target: self.target.clone(),
+            origin: self.origin,
+            opened_at: self.opened_at,
+            bytes_written: self.bytes_written,
+            bytes_read: self.bytes_read,
+            label: self.label,
+            last_heard: self.last_heard,
+            last_activity: self.last_activity,
+            on_wire: self.on_wire(),
+            finished: self.life != Lifecycle::Open,
+            peer_finished: self.peer_fin,
+            flow: StreamFlow {
+                unread: self.recv.held().unread,
+                send_queued: self.send.queued(),
+                paused_by_us: self.recv.holding_back(),
+                paused_by_peer: self.send.held_back(),
+                recv_window: self.recv.window(),
+                recv_credit: self.recv.window().map(|_| self.recv.credit()),
+                send_credit: self.send.credit(),
+            },
+        }
+    }
+
+    /// Whether we opened the stream and the peer has not answered it in any way yet.
+    pub(crate) fn dial_pending(&self) -> bool {
+        self.origin == Origin::Local && self.last_heard.is_none() && self.on_wire()
     }
 
     /// Whether the stream still exists for the peer: its Errors, Pause, Resume and Credit

@@ -164,6 +164,10 @@ impl Authorizer for AgentTokens {
         };
         Box::pin(async move { verdict })
     }
+
+    fn method(&self) -> &'static str {
+        "agent-token"
+    }
 }
 
 #[cfg(test)]

@@ -27,6 +27,13 @@ pub enum Authorization {
 pub trait Authorizer: Send + Sync + 'static {
     /// Judges the request head.
     fn authorize(&self, request: &Parts) -> BoxFuture<Authorization>;
+
+    /// How an accepted client proved its key, as the admin API shows it: `none` (the key
+    /// is taken as claimed), `agent-token`, or `authorizer` (the application's own check,
+    /// the default).
+    fn method(&self) -> &'static str {
+        "authorizer"
+    }
 }
 
 impl<F, Fut> Authorizer for F
@@ -53,6 +60,10 @@ impl Authorizer for TunnelIdHeader {
             .filter(|v| !v.is_empty())
             .map(str::to_owned);
         Box::pin(async move { id.map_or(Authorization::Unauthorized, Authorization::Client) })
+    }
+
+    fn method(&self) -> &'static str {
+        "none"
     }
 }
 

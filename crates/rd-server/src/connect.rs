@@ -12,7 +12,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine;
 use bytes::Bytes;
@@ -22,7 +22,8 @@ use hyper_util::rt::TokioIo;
 use rd_session::TunnelStream;
 use tokio::io::AsyncWriteExt;
 
-use crate::splice::{splice, SpliceError};
+use crate::splice::splice;
+use crate::tunnel_use::TunnelUse;
 use crate::{Body, DialError, Server};
 
 /// Default of [`ConnectProxy::connect_wait`].
@@ -132,48 +133,41 @@ impl ConnectProxy {
     /// Handles a `CONNECT` request: answers `200` and splices the upgraded connection to the
     /// tunnel stream, or answers the error as one line of text.
     pub async fn handle<B: Send + 'static>(&self, mut req: Request<B>) -> Response<Body> {
-        let started = Instant::now();
         let authority = req
             .uri()
             .authority()
             .map(|a| a.as_str().to_owned())
             .unwrap_or_default();
-        let client = basic_user_password(req.headers()).map(|(user, _)| user);
+        let client = basic_user_password(req.headers())
+            .map(|(user, _)| user)
+            .unwrap_or_default();
+        let remote = req.extensions().get::<crate::RemoteAddr>().map(|r| r.0);
+        let mut used = TunnelUse::start(
+            self.server.metrics(),
+            "connect",
+            &client,
+            authority.clone(),
+            remote,
+        );
         match self.open(&req, &authority).await {
             Ok((tunnel, first)) => {
                 let on_upgrade = hyper::upgrade::on(&mut req);
-                let client = client.unwrap_or_default();
-                tracing::info!(%client, target = %authority, elapsed = ?started.elapsed(), "CONNECT tunnel open");
+                used.carried_by(tunnel.session_key(), tunnel.id().0);
+                used.answered(200);
+                tracing::debug!(client = %crate::short_id(&client), target = %authority, "CONNECT tunnel open");
                 tokio::spawn(async move {
                     let upgraded = match on_upgrade.await {
                         Ok(upgraded) => upgraded,
-                        Err(e) => {
-                            tracing::debug!(error = %e, "CONNECT upgrade failed");
-                            return;
-                        }
+                        Err(e) => return used.ended("cut", &format!("upgrade failed: {e}")),
                     };
-                    let mut local = TokioIo::new(upgraded);
+                    let mut local = used.count(TokioIo::new(upgraded));
                     if let Some(first) = first {
                         if let Err(e) = local.write_all(&first).await {
-                            tracing::debug!(error = %e, "CONNECT client went away");
-                            return;
+                            return used.ended("cut", &format!("the caller went away: {e}"));
                         }
                     }
-                    match splice(tunnel, local).await {
-                        Ok(moved) => tracing::debug!(
-                            %client, target = %authority,
-                            to_target = moved.to_tunnel, from_target = moved.from_tunnel,
-                            "CONNECT tunnel closed"
-                        ),
-                        Err(e @ SpliceError::Tunnel(_)) => tracing::info!(
-                            %client, target = %authority, error = %rd_session::error_chain(&e),
-                            "CONNECT tunnel failed"
-                        ),
-                        Err(e) => tracing::debug!(
-                            %client, target = %authority, error = %rd_session::error_chain(&e),
-                            "CONNECT tunnel ended"
-                        ),
-                    }
+                    let result = splice(tunnel, local).await;
+                    used.finished(&result);
                 });
                 let mut response = Response::new(empty());
                 *response.status_mut() = StatusCode::OK;
@@ -181,10 +175,13 @@ impl ConnectProxy {
             }
             Err(e) => {
                 let status = e.status();
-                tracing::warn!(
-                    client = %client.unwrap_or_default(), target = %authority,
-                    status = status.as_u16(), error = %e, "CONNECT refused"
-                );
+                used.answered(status.as_u16());
+                let outcome = if status.is_client_error() {
+                    "rejected"
+                } else {
+                    "refused"
+                };
+                used.ended(outcome, &e.to_string());
                 Self::error_response(&e)
             }
         }
@@ -248,7 +245,12 @@ impl ConnectProxy {
             }
         }
         // Brackets of an IPv6 literal stay: the agent's Go-style dialer expects them.
-        let tunnel = self.server.dialer(&client).dial("tcp", authority).await?;
+        let tunnel = self
+            .server
+            .dialer(&client)
+            .labeled("connect")
+            .dial("tcp", authority)
+            .await?;
         if self.connect_wait.is_zero() {
             return Ok((tunnel, None));
         }

@@ -105,6 +105,7 @@ impl ConnectHandler for PeerConnects {
                 )));
             };
             let (stream, _) = Dialer::new(routing, client_key.to_owned())
+                .labeled("peer")
                 .dial_routed(target.without_route(), true)
                 .map_err(|e| ConnectRefused(e.to_string()))?;
             Ok(Box::new(stream) as BoxedIo)
@@ -117,7 +118,7 @@ impl ConnectHandler for PeerConnects {
 #[non_exhaustive]
 pub enum DialError {
     /// No session for the client, here or at a peer (Go's text).
-    #[error("failed to find Session for client {0}")]
+    #[error("failed to find Session for client {}", crate::short_id(.0))]
     NoSession(String),
     /// The target does not fit the protocol.
     #[error(transparent)]
@@ -130,6 +131,21 @@ pub enum DialError {
     /// peer announced the client: it opens no new streams to it.
     #[error("server draining: no new connections")]
     Draining,
+}
+
+impl DialError {
+    /// A stable name for the `rd_dials_refused{reason}` label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NoSession(_) => "no_session",
+            Self::InvalidTarget(_) | Self::Session(rd_session::DialError::InvalidTarget(_)) => {
+                "invalid_target"
+            }
+            Self::Session(rd_session::DialError::TooManyPendingDials(_)) => "max_pending_dials",
+            Self::Session(_) => "session",
+            Self::Draining => "draining",
+        }
+    }
 }
 
 impl From<DialError> for io::Error {
@@ -148,6 +164,8 @@ impl From<DialError> for io::Error {
 pub struct Dialer {
     routing: Arc<Routing>,
     client_key: String,
+    /// What the streams are for, as the admin API shows them (`None`: `library`).
+    label: Option<&'static str>,
 }
 
 impl Dialer {
@@ -155,7 +173,15 @@ impl Dialer {
         Self {
             routing,
             client_key,
+            label: None,
         }
+    }
+
+    /// Labels every stream this dialer opens with its origin (`/client`, `connect`,
+    /// `forward`, `peer`), for the admin API.
+    pub(crate) fn labeled(mut self, label: &'static str) -> Self {
+        self.label = Some(label);
+        self
     }
 
     /// The client this dialer reaches.
@@ -181,15 +207,29 @@ impl Dialer {
         target: Target,
         serve_peer: bool,
     ) -> Result<(TunnelStream, TunnelInfo), DialError> {
-        let (stream, session_key, via_peer) =
-            match self.routing.route(&self.client_key, serve_peer)? {
-                Route::Local(session) => (session.dial(target)?, session.session_key(), false),
-                Route::Peer(link) => (
-                    link.dial(target.routed_via(self.client_key.clone())?)?,
-                    link.session_key(),
-                    true,
-                ),
-            };
+        let routed =
+            self.routing
+                .route(&self.client_key, serve_peer)
+                .and_then(|route| match route {
+                    Route::Local(session) => {
+                        Ok((session.dial(target)?, session.session_key(), false))
+                    }
+                    Route::Peer(link) => Ok((
+                        link.dial(target.routed_via(self.client_key.clone())?)?,
+                        link.session_key(),
+                        true,
+                    )),
+                });
+        let (stream, session_key, via_peer) = match routed {
+            Ok(routed) => routed,
+            Err(e) => {
+                self.routing.metrics.dial_refused(e.reason());
+                return Err(e);
+            }
+        };
+        if let Some(label) = self.label {
+            stream.set_label(label);
+        }
         self.routing.metrics.dialed(via_peer);
         let info = TunnelInfo {
             session_key,

@@ -14,7 +14,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::splice::{splice, SpliceError};
+use crate::splice::splice;
+use crate::tunnel_use::TunnelUse;
 use crate::Server;
 
 /// Default of [`Forward::max_connections`].
@@ -30,6 +31,19 @@ pub enum ForwardSpecError {
     /// A `tcp` target without a numeric port.
     #[error("invalid forward {0:?}: a tcp address needs host:port")]
     NoPort(String),
+    /// A protocol a forward cannot carry: it listens on TCP, so only stream targets
+    /// (`tcp`, `tcp4`, `tcp6`, `unix`) work; every connection to a `udp` one would fail on
+    /// the agent.
+    #[error(
+        "invalid forward {spec:?}: {proto} forwards are not supported (the forward listens on \
+         TCP and the agent would dial {proto} for every connection); forward tcp or unix targets"
+    )]
+    Unsupported {
+        /// The whole value.
+        spec: String,
+        /// The protocol.
+        proto: String,
+    },
     /// The target does not fit the protocol.
     #[error("invalid forward {spec:?}: {error}")]
     Target {
@@ -68,6 +82,12 @@ impl FromStr for ForwardSpec {
         let has_port = address
             .rsplit_once(':')
             .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if !matches!(proto, "tcp" | "tcp4" | "tcp6" | "unix") {
+            return Err(ForwardSpecError::Unsupported {
+                spec: spec.to_owned(),
+                proto: proto.to_owned(),
+            });
+        }
         if proto.starts_with("tcp") && !has_port {
             // Caught here rather than as every connection's dial error on the agent.
             return Err(ForwardSpecError::NoPort(spec.to_owned()));
@@ -181,7 +201,10 @@ async fn accept_loop(
     tracker: TaskTracker,
 ) {
     let limit = Arc::new(Semaphore::new(forward.max_connections));
-    let dialer = forward.server.dialer(&forward.spec.client_key);
+    let dialer = forward
+        .server
+        .dialer(&forward.spec.client_key)
+        .labeled("forward");
     loop {
         let permit = tokio::select! {
             p = limit.clone().acquire_owned() => match p {
@@ -208,32 +231,27 @@ async fn accept_loop(
         tcp.set_nodelay(true).ok();
         let (dialer, target, cancel) =
             (dialer.clone(), forward.spec.target.clone(), cancel.clone());
+        let used = TunnelUse::start(
+            forward.server.metrics(),
+            "forward",
+            &forward.spec.client_key,
+            format!("{}/{}", target.proto(), target.address()),
+            Some(peer),
+        );
         let span = tracing::debug_span!("connection", %peer);
         tracker.spawn(
             async move {
                 let _permit = permit;
+                let mut used = used;
                 let tunnel = match dialer.dial_target(target).await {
                     Ok(tunnel) => tunnel,
-                    Err(e) => {
-                        // Dropping `tcp` closes the connection at once.
-                        tracing::warn!(%peer, error = %e, "forwarded connection closed");
-                        return;
-                    }
+                    // Dropping `tcp` closes the connection at once.
+                    Err(e) => return used.ended("refused", &e.to_string()),
                 };
+                used.carried_by(tunnel.session_key(), tunnel.id().0);
                 tokio::select! {
-                    r = splice(tunnel, tcp) => match r {
-                        Ok(moved) => tracing::debug!(
-                            to_target = moved.to_tunnel, from_target = moved.from_tunnel,
-                            "forwarded connection ended"
-                        ),
-                        Err(e @ SpliceError::Tunnel(_)) => tracing::warn!(
-                            %peer, error = %rd_session::error_chain(&e), "forwarded connection failed"
-                        ),
-                        Err(e) => tracing::debug!(
-                            error = %rd_session::error_chain(&e), "forwarded connection ended"
-                        ),
-                    },
-                    () = cancel.cancelled() => tracing::debug!("forward stopped"),
+                    r = splice(tunnel, used.count(tcp)) => used.finished(&r),
+                    () = cancel.cancelled() => used.ended("stopped", "the forward stopped"),
                 }
             }
             .instrument(span),
@@ -281,5 +299,12 @@ mod tests {
                 "{err}"
             );
         }
+        let udp = "127.0.0.1:5353=foo:udp/127.0.0.1:53"
+            .parse::<ForwardSpec>()
+            .expect_err("udp is refused at start-up");
+        assert!(
+            udp.to_string().contains("udp forwards are not supported"),
+            "{udp}"
+        );
     }
 }

@@ -20,12 +20,14 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
 mod agent_auth;
 mod auth;
 pub mod connect;
 mod dialer;
 mod drain;
 pub mod forward;
+mod guards;
 mod log_limit;
 mod metrics;
 mod peers;
@@ -35,6 +37,7 @@ mod proxy_upgrade;
 mod registry;
 mod server;
 pub mod splice;
+mod tunnel_use;
 mod upgrade;
 
 pub use agent_auth::{AgentTokens, TokenFileError, AGENT_TOKEN_HEADER};
@@ -53,6 +56,29 @@ pub use server::{
     DEFAULT_MAX_PENDING_HANDSHAKES, DEFAULT_MAX_SESSIONS_PER_CLIENT, DEFAULT_WS_READ_BUFFER,
     DEFAULT_WS_READ_BURST, PEER_ID_HEADER, PEER_TOKEN_HEADER, SERVER_ID_HEADER,
 };
+
+/// Longest client id quoted whole in error bodies and log lines.
+const SHORT_ID: usize = 128;
+
+/// A client id as error bodies and log lines quote it: whole up to 128 bytes, else its
+/// start and how much was left out. Whoever sends a request chooses the id, and a 10 KB id
+/// echoed whole makes every error body and log line 10 KB.
+pub fn short_id(id: &str) -> std::borrow::Cow<'_, str> {
+    if id.len() <= SHORT_ID {
+        return id.into();
+    }
+    let mut end = SHORT_ID;
+    while !id.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes in all)", &id[..end], id.len()).into()
+}
+
+/// A duration in milliseconds with at most three decimals, for log lines
+/// (`duration_ms=1.906`, not `1.9066459999999998`).
+pub(crate) fn duration_ms(d: std::time::Duration) -> f64 {
+    d.as_micros() as f64 / 1000.0
+}
 
 /// Errors inside response bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

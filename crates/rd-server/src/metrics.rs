@@ -1,9 +1,11 @@
 //! Prometheus metrics: Go's counters under Go's names and labels, plus gauges Go lacks.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use prometheus_client::encoding::{EncodeMetric, MetricEncoder};
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
@@ -105,6 +107,46 @@ pub struct Metrics {
     pub replicas: Gauge,
     /// Agents (distinct client keys) with a session on this server (at the last scrape).
     pub agents: Gauge,
+    /// Sessions registered since start; minus [`sessions_closed`](Self::sessions_closed) it
+    /// is [`sessions`](Self::sessions) at every scrape.
+    pub sessions_opened: Counter,
+    /// Sessions that ended since start.
+    pub sessions_closed: Counter,
+    /// Streams opened since start (dialed here or asked for by the peer); minus
+    /// [`streams_closed`](Self::streams_closed) it is [`streams`](Self::streams) at every
+    /// scrape.
+    pub streams_opened: Counter,
+    /// Streams closed since start.
+    pub streams_closed: Counter,
+    /// Completed uses of the tunnel (a `/client` request, a CONNECT, a forwarded
+    /// connection), by origin (`client`, `connect`, `forward`) and outcome.
+    pub tunnel_uses: Family<Labels, Counter>,
+    /// How long each use took, by origin and outcome.
+    pub tunnel_use_seconds: Family<Labels, Histogram, fn() -> Histogram>,
+    /// Dials refused before a stream existed, by reason (`max_pending_dials`, `no_session`,
+    /// `draining`, `session`, `invalid_target`).
+    pub dials_refused: Family<Labels, Counter>,
+    /// Streams a leak guard closed, by guard (`idle_timeout`, `pending_dial_timeout`).
+    pub streams_expired: Family<Labels, Counter>,
+    /// Sessions and streams per client key, for [`transient_client_keys`](Self::transient_client_keys).
+    key_use: Arc<Mutex<HashMap<String, KeyUse>>>,
+    /// Whether the series of a client key go away once its last session and stream end.
+    transient_keys: bool,
+}
+
+/// What one client key has open now, and which connection series it made.
+#[derive(Debug, Default)]
+struct KeyUse {
+    sessions: usize,
+    streams: usize,
+    peer: bool,
+    /// `(proto, addr)` label values of its connection counters.
+    conns: HashSet<(String, String)>,
+}
+
+/// The buckets of [`Metrics::tunnel_use_seconds`]: 1 ms to about 4.6 hours.
+fn use_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 4.0, 12))
 }
 
 impl Default for Metrics {
@@ -155,6 +197,16 @@ impl Metrics {
             dials: fam(),
             replicas: Gauge::default(),
             agents: Gauge::default(),
+            sessions_opened: Counter::default(),
+            sessions_closed: Counter::default(),
+            streams_opened: Counter::default(),
+            streams_closed: Counter::default(),
+            tunnel_uses: Family::default(),
+            tunnel_use_seconds: Family::new_with_constructor(use_histogram as fn() -> Histogram),
+            dials_refused: Family::default(),
+            streams_expired: Family::default(),
+            key_use: Arc::default(),
+            transient_keys: false,
         };
         let go: [(&str, &str, &Family<Labels, GoCounter>); 10] = [
             (
@@ -296,6 +348,46 @@ impl Metrics {
             m.agents.clone(),
         );
         rd.register(
+            "sessions_opened",
+            "Sessions registered since start (minus rd_sessions_closed_total: rd_sessions)",
+            m.sessions_opened.clone(),
+        );
+        rd.register(
+            "sessions_closed",
+            "Sessions that ended since start",
+            m.sessions_closed.clone(),
+        );
+        rd.register(
+            "streams_opened",
+            "Streams opened since start (minus rd_streams_closed_total: rd_streams)",
+            m.streams_opened.clone(),
+        );
+        rd.register(
+            "streams_closed",
+            "Streams closed since start",
+            m.streams_closed.clone(),
+        );
+        rd.register(
+            "tunnel_uses",
+            "Completed uses of the tunnel by origin (client, connect, forward) and outcome (completed, refused, rejected, cut, timeout, failed)",
+            m.tunnel_uses.clone(),
+        );
+        rd.register(
+            "tunnel_use_seconds",
+            "How long each use of the tunnel took, by origin and outcome",
+            m.tunnel_use_seconds.clone(),
+        );
+        rd.register(
+            "dials_refused",
+            "Dials refused before a stream existed, by reason (max_pending_dials, no_session, draining, session, invalid_target)",
+            m.dials_refused.clone(),
+        );
+        rd.register(
+            "streams_expired",
+            "Streams a leak guard closed, by guard (idle_timeout, pending_dial_timeout)",
+            m.streams_expired.clone(),
+        );
+        rd.register(
             "peer_discovery_rounds",
             "DNS peer discovery rounds, by result (ok, failed)",
             m.peer_discovery_rounds.clone(),
@@ -316,6 +408,18 @@ impl Metrics {
         self
     }
 
+    /// Removes every series of a client key once its last session and stream have ended
+    /// (`session_server_total_*{clientkey=...}`). Without agent authentication anyone who
+    /// reaches the tunnel port chooses client keys, and each key would otherwise leave its
+    /// series behind for good: 500 anonymous handshakes left 2,500 series. Off by default,
+    /// as Go keeps every series; rd-server turns it on unless `--agent-tokens` bounds the
+    /// keys. The counters of a key that comes back start again from zero (a counter reset
+    /// to Prometheus, which `rate()` handles).
+    pub fn transient_client_keys(mut self, on: bool) -> Self {
+        self.transient_keys = on;
+        self
+    }
+
     /// The registry, to encode or to nest in an application's own.
     pub fn registry(&self) -> &Registry {
         &self.registry
@@ -330,17 +434,99 @@ impl Metrics {
     }
 
     pub(crate) fn session_added(&self, client_key: &str, peer: bool) {
+        // Under the key table's lock, so a key's series are never removed between this and
+        // the session's first bytes (see `forget_if_unused`).
+        let mut keys = self.keys();
+        let key = keys.entry(client_key.to_owned()).or_default();
+        key.sessions += 1;
+        key.peer |= peer;
         self.add_ws
             .get_or_create(&session_labels(client_key, peer))
             .inc();
+        self.sessions_opened.inc();
         self.sessions.inc();
     }
 
     pub(crate) fn session_removed(&self, client_key: &str, peer: bool) {
+        let mut keys = self.keys();
         self.remove_ws
             .get_or_create(&session_labels(client_key, peer))
             .inc();
+        self.sessions_closed.inc();
         self.sessions.dec();
+        if let Some(key) = keys.get_mut(client_key) {
+            key.sessions = key.sessions.saturating_sub(1);
+        }
+        self.forget_if_unused(&mut keys, client_key);
+    }
+
+    fn keys(&self) -> std::sync::MutexGuard<'_, HashMap<String, KeyUse>> {
+        self.key_use.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Drops a key's entry once nothing of it is open, and with
+    /// [`transient_client_keys`](Self::transient_client_keys) its series too.
+    fn forget_if_unused(&self, keys: &mut HashMap<String, KeyUse>, client_key: &str) {
+        let Some(key) = keys.get(client_key) else {
+            return;
+        };
+        if key.sessions > 0 || key.streams > 0 {
+            return;
+        }
+        let Some(key) = keys.remove(client_key) else {
+            return;
+        };
+        if !self.transient_keys || key.peer {
+            return;
+        }
+        for peer in [false, true] {
+            let labels = session_labels(client_key, peer);
+            self.add_ws.remove(&labels);
+            self.remove_ws.remove(&labels);
+        }
+        for (proto, addr) in &key.conns {
+            let labels = conn_labels(client_key, proto, addr);
+            self.add_conn.remove(&labels);
+            self.remove_conn.remove(&labels);
+        }
+        let labels = vec![("clientkey", client_key.to_owned())];
+        self.transmit_bytes.remove(&labels);
+        self.transmit_error_bytes.remove(&labels);
+        self.receive_bytes.remove(&labels);
+    }
+
+    /// Sessions and streams opened minus closed, as the gauges show them: set at scrape so
+    /// they always reconcile with the counters.
+    pub(crate) fn reconcile(&self) {
+        let open = |opened: &Counter, closed: &Counter| {
+            i64::try_from(opened.get().saturating_sub(closed.get())).unwrap_or(i64::MAX)
+        };
+        self.sessions
+            .set(open(&self.sessions_opened, &self.sessions_closed));
+        self.streams
+            .set(open(&self.streams_opened, &self.streams_closed));
+    }
+
+    /// Counts one use of the tunnel that is over.
+    pub(crate) fn tunnel_used(&self, origin: &'static str, outcome: &str, took: f64) {
+        let labels = vec![
+            ("origin", origin.to_owned()),
+            ("outcome", outcome.to_owned()),
+        ];
+        self.tunnel_uses.get_or_create(&labels).inc();
+        self.tunnel_use_seconds.get_or_create(&labels).observe(took);
+    }
+
+    pub(crate) fn dial_refused(&self, reason: &'static str) {
+        self.dials_refused
+            .get_or_create(&vec![("reason", reason.to_owned())])
+            .inc();
+    }
+
+    pub(crate) fn stream_expired(&self, guard: &'static str) {
+        self.streams_expired
+            .get_or_create(&vec![("guard", guard.to_owned())])
+            .inc();
     }
 
     fn addr_label<'a>(&self, addr: &'a str) -> &'a str {
@@ -352,17 +538,36 @@ impl Metrics {
     }
 
     pub(crate) fn connection_added(&self, client_key: &str, proto: &str, addr: &str) {
+        let addr = self.addr_label(addr);
+        let mut keys = self.keys();
+        // A key's entry exists while a session of it does: no allocation per stream.
+        if !keys.contains_key(client_key) {
+            keys.insert(client_key.to_owned(), KeyUse::default());
+        }
+        if let Some(key) = keys.get_mut(client_key) {
+            key.streams += 1;
+            if self.transient_keys && !key.conns.iter().any(|(p, a)| p == proto && a == addr) {
+                key.conns.insert((proto.to_owned(), addr.to_owned()));
+            }
+        }
         self.add_conn
-            .get_or_create(&conn_labels(client_key, proto, self.addr_label(addr)))
+            .get_or_create(&conn_labels(client_key, proto, addr))
             .inc();
+        self.streams_opened.inc();
         self.streams.inc();
     }
 
     pub(crate) fn connection_removed(&self, client_key: &str, proto: &str, addr: &str) {
+        let mut keys = self.keys();
         self.remove_conn
             .get_or_create(&conn_labels(client_key, proto, self.addr_label(addr)))
             .inc();
+        self.streams_closed.inc();
         self.streams.dec();
+        if let Some(key) = keys.get_mut(client_key) {
+            key.streams = key.streams.saturating_sub(1);
+        }
+        self.forget_if_unused(&mut keys, client_key);
     }
 
     /// The byte counters of one client key. They are bumped on every read and write, so a

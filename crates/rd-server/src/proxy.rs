@@ -182,7 +182,7 @@ impl ClientProxy {
                 .pool_timer(TokioTimer::new())
                 .pool_idle_timeout(self.pool_idle_timeout)
                 .build(ProxyConnector {
-                    dialer: self.server.dialer(key),
+                    dialer: self.server.dialer(key).labeled("/client"),
                     tls: self.tls.clone(),
                 })
         };
@@ -217,6 +217,7 @@ impl ClientProxy {
             started: Instant::now(),
             info: None,
             sent: Arc::new(AtomicU64::new(0)),
+            metrics: self.server.metrics().clone(),
         };
         let Some(target) = ProxyPath::parse(rest) else {
             return log.reject(
@@ -224,7 +225,7 @@ impl ClientProxy {
                 "want /client/{id}/{scheme}/{host}/{path}".into(),
             );
         };
-        log.client = target.client.clone();
+        log.client = crate::short_id(&target.client).into_owned();
         log.target = format!("{}://{}{}", target.scheme, target.host, target.path);
         if target.scheme != "http" && target.scheme != "https" {
             return log.reject(
@@ -240,7 +241,7 @@ impl ClientProxy {
         if !self.server.has_session(&target.client) {
             return log.reject(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                format!("failed to find Session for client {}", target.client),
+                crate::DialError::NoSession(target.client.clone()).to_string(),
             );
         }
         let path_and_query = match query {
@@ -260,13 +261,22 @@ impl ClientProxy {
             let started = std::time::Instant::now();
             let method = req.method().clone();
             let connector = ProxyConnector {
-                dialer: self.server.dialer(&target.client),
+                dialer: self.server.dialer(&target.client).labeled("/client"),
                 tls: self.tls.clone(),
             };
             let response =
                 crate::proxy_upgrade::forward(connector, req, uri, &target.host, timeout).await;
+            // Counted when answered: the upgraded connection is spliced on its own.
+            let outcome = if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                "upgraded"
+            } else {
+                "refused"
+            };
+            self.server
+                .metrics()
+                .tunnel_used("client", outcome, started.elapsed().as_secs_f64());
             tracing::info!(
-                client = %target.client,
+                client = %crate::short_id(&target.client),
                 %method,
                 url = %format!("{}://{}{}", target.scheme, target.host, target.path),
                 status = response.status().as_u16(),
@@ -341,6 +351,8 @@ struct RequestLog {
     info: Option<TunnelInfo>,
     /// Request body bytes sent towards the target.
     sent: Arc<AtomicU64>,
+    /// Where the request is counted (`rd_tunnel_uses{origin="client"}`).
+    metrics: crate::Metrics,
 }
 
 impl RequestLog {
@@ -348,7 +360,10 @@ impl RequestLog {
         let session = self.info.map(|i| i.session_key);
         let stream = self.info.map(|i| i.stream_id);
         let sent = self.sent.load(Ordering::Relaxed);
-        let duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        let took = self.started.elapsed();
+        self.metrics
+            .tunnel_used("client", outcome, took.as_secs_f64());
+        let duration_ms = crate::duration_ms(took);
         macro_rules! line {
             ($level:ident) => {
                 tracing::$level!(
@@ -377,6 +392,8 @@ impl RequestLog {
     /// Logs a rejected request (rate-limited) and answers it.
     fn reject(mut self, status: StatusCode, text: String) -> Response<Body> {
         self.status = status.as_u16();
+        self.metrics
+            .tunnel_used("client", "rejected", self.started.elapsed().as_secs_f64());
         rejection!(
             REJECTED,
             client = %self.client,

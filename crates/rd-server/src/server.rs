@@ -1,5 +1,6 @@
 //! [`Server`]: the upgrade endpoint, the session manager and the API around them.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -81,6 +82,33 @@ pub(crate) struct Inner {
     /// Run with a client key when a session of that client registers here (a proxy drops
     /// its pooled streams to the client, which may go through a peer).
     pub(crate) session_hooks: Mutex<Vec<ClientHook>>,
+    /// What the admin API tells about each running session (clients and incoming peer
+    /// links), by session key.
+    pub(crate) records: Mutex<HashMap<i64, Arc<SessionRecord>>>,
+}
+
+/// One running session as the admin API shows it, beyond what its handle knows.
+#[derive(Debug)]
+pub(crate) struct SessionRecord {
+    pub(crate) handle: SessionHandle,
+    pub(crate) peer: bool,
+    /// Where the upgrade came from (when the serving loop said).
+    pub(crate) remote: Option<std::net::SocketAddr>,
+    /// How the client proved its key ([`Authorizer::method`]; `peer-token` for peers).
+    pub(crate) auth: &'static str,
+    /// When the session was registered.
+    pub(crate) since: std::time::SystemTime,
+    /// Payload bytes the session's streams moved.
+    pub(crate) bytes: Arc<SessionBytes>,
+}
+
+/// A session's payload bytes each way, counted by its observer.
+#[derive(Debug, Default)]
+pub(crate) struct SessionBytes {
+    /// Written into the session's streams (towards the agent).
+    pub(crate) sent: std::sync::atomic::AtomicU64,
+    /// Read from them (from the agent).
+    pub(crate) received: std::sync::atomic::AtomicU64,
 }
 
 /// Run with a client key.
@@ -94,6 +122,8 @@ struct SessionStart {
     extensions: Extensions,
     /// The replica count the agent was told in the 101 (replicas extension only).
     told: Option<u32>,
+    remote: Option<std::net::SocketAddr>,
+    auth: &'static str,
 }
 
 /// The address a request came from. A server loop that knows it inserts it into the
@@ -138,6 +168,7 @@ pub struct ServerBuilder {
     peer_connect: rd_session::transport::ConnectOptions,
     peer_discovery: Option<PeerDiscovery>,
     metrics: Metrics,
+    guards: crate::guards::Guards,
 }
 
 impl fmt::Debug for ServerBuilder {
@@ -165,7 +196,30 @@ impl ServerBuilder {
             peer_connect: rd_session::transport::ConnectOptions::default(),
             peer_discovery: None,
             metrics: Metrics::new(),
+            guards: crate::guards::Guards::default(),
         }
+    }
+
+    /// Closes a tunnel stream that moved no byte either way for `timeout` (reset with
+    /// `idle timeout: ...`, counted in `rd_streams_expired{guard="idle_timeout"}`). Off by
+    /// default, as Go: a stream lives as long as both ends keep it. Streams stuck on a
+    /// target or a client that went quiet otherwise live as long as their session.
+    /// Checked a few times per timeout, so a stream may outlive it by a quarter of it.
+    /// Needs a tokio runtime at [`build`](Self::build).
+    pub fn stream_idle_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.guards.idle_timeout = timeout.filter(|t| !t.is_zero());
+        self
+    }
+
+    /// Closes a stream this server dialed whose agent has not answered it at all within
+    /// `timeout` (no data, error, credit or half-close: a dial stuck on the agent's side),
+    /// reset with `dial timeout: ...` and counted in
+    /// `rd_streams_expired{guard="pending_dial_timeout"}`. Off by default. A target that
+    /// never speaks first and never reads enough to be granted credit (a one-way stream
+    /// of a few KiB) counts as unanswered too: keep the timeout above such silences.
+    pub fn pending_dial_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.guards.pending_dial_timeout = timeout.filter(|t| !t.is_zero());
+        self
     }
 
     /// Replaces Go's `DefaultErrorWriter` for handshake failures.
@@ -307,7 +361,7 @@ impl ServerBuilder {
             Some(_) => tracing::warn!("peer discovery needs a peer id and token; not discovering"),
             None => {}
         }
-        Server {
+        let server = Server {
             inner: Arc::new(Inner {
                 authorizer: self.authorizer,
                 error_writer: self.error_writer,
@@ -328,8 +382,11 @@ impl ServerBuilder {
                 drain_wake: Arc::new(tokio::sync::Notify::new()),
                 drain_hooks: Mutex::new(Vec::new()),
                 session_hooks: Mutex::new(Vec::new()),
+                records: Mutex::new(HashMap::new()),
             }),
-        }
+        };
+        self.guards.start(&server);
+        server
     }
 }
 
@@ -338,6 +395,8 @@ struct StreamMetrics {
     metrics: Metrics,
     client_key: String,
     bytes: ByteCounters,
+    /// The same bytes for this session alone (the admin API).
+    session_bytes: Arc<SessionBytes>,
     /// The server's [`Inner::drain_wake`].
     drain_wake: Arc<tokio::sync::Notify>,
 }
@@ -355,9 +414,15 @@ impl SessionObserver for StreamMetrics {
     }
     fn transmitted(&self, bytes: usize) {
         self.bytes.transmit.inc_by(bytes as u64);
+        self.session_bytes
+            .sent
+            .fetch_add(bytes as u64, Ordering::Relaxed);
     }
     fn received(&self, bytes: usize) {
         self.bytes.receive.inc_by(bytes as u64);
+        self.session_bytes
+            .received
+            .fetch_add(bytes as u64, Ordering::Relaxed);
     }
     fn reset(&self, text: &str) {
         self.bytes.transmit_error.inc_by(text.len() as u64);
@@ -400,6 +465,7 @@ impl Server {
             buffered += stats.receive_buffered;
         }
         let m = &self.inner.metrics;
+        m.reconcile();
         m.streams_paused_by_us.set(by_us as i64);
         m.streams_paused_by_peer.set(by_peer as i64);
         m.buffered_bytes.set(buffered as i64);
@@ -566,6 +632,14 @@ impl Server {
         self.inner.accepting.load(Ordering::SeqCst)
     }
 
+    pub(crate) fn records(&self) -> MutexGuard<'_, HashMap<i64, Arc<SessionRecord>>> {
+        self.inner.records.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn add_record(&self, record: Arc<SessionRecord>) {
+        self.records().insert(record.handle.session_key(), record);
+    }
+
     /// Whether the server has no sessions (used after shutdown).
     pub fn is_idle(&self) -> bool {
         self.registry().is_empty() && self.peers().incoming_sessions().is_empty()
@@ -584,7 +658,7 @@ impl Server {
             .headers()
             .get("x-tunnel-id")
             .or_else(|| req.headers().get(PEER_ID_HEADER))
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+            .map(|v| crate::short_id(&String::from_utf8_lossy(v.as_bytes())).into_owned());
         let reject = |status: StatusCode, metric: &'static str, reason: &str| {
             inner.metrics.handshake_rejected(metric);
             rejection!(
@@ -637,6 +711,7 @@ impl Server {
         let (parts, _body) = req.into_parts();
         let peer_check = self.peer_of(&parts);
         let asked_id = parts.headers.contains_key(ASK_SERVER_ID_HEADER);
+        let mut auth = "peer-token";
         let (client_key, peer) = match peer_check {
             PeerCheck::Peer(id) => (id, true),
             PeerCheck::ItsMe => {
@@ -650,6 +725,7 @@ impl Server {
             PeerCheck::NotPeer | PeerCheck::Refused(_) => {
                 match inner.authorizer.authorize(&parts).await {
                     Authorization::Client(key) => {
+                        auth = inner.authorizer.method();
                         if let PeerCheck::Refused(why) = peer_check {
                             rejection!(
                                 REJECTED,
@@ -739,6 +815,8 @@ impl Server {
                             peer,
                             extensions,
                             told,
+                            remote,
+                            auth,
                         };
                         if burst == 0 {
                             server.run_session(io, start, permit).await
@@ -840,6 +918,8 @@ impl Server {
             peer,
             extensions,
             told,
+            remote,
+            auth,
         } = start;
         let inner = &self.inner;
         let ws = WebSocketStream::from_raw_socket(
@@ -851,12 +931,27 @@ impl Server {
             )),
         )
         .await;
+        // Counted before its byte counters are resolved: a key's series are removed only
+        // while it has no session (`Metrics::transient_client_keys`).
+        inner.metrics.session_added(&client_key, peer);
+        let session_bytes = Arc::new(SessionBytes::default());
         let observer = Arc::new(StreamMetrics {
             metrics: inner.metrics.clone(),
             client_key: client_key.clone(),
             bytes: inner.metrics.byte_counters(&client_key),
+            session_bytes: session_bytes.clone(),
             drain_wake: inner.drain_wake.clone(),
         });
+        let record = |handle: &SessionHandle| {
+            Arc::new(SessionRecord {
+                handle: handle.clone(),
+                peer,
+                remote,
+                auth,
+                since: std::time::SystemTime::now(),
+                bytes: session_bytes.clone(),
+            })
+        };
         let mut builder = SessionBuilder::server(client_key.clone(), session_key)
             .config(inner.session_config.clone())
             .extensions(extensions)
@@ -873,6 +968,7 @@ impl Server {
             });
             let (handle, driver) = builder.start(ws);
             link.set(handle.clone()).ok();
+            self.add_record(record(&handle));
             self.peers().incoming_added(handle.clone());
             drop(permit);
             self.serve_registered(handle, driver, &client_key, true)
@@ -880,6 +976,7 @@ impl Server {
         } else {
             builder = builder.connect_handler_arc(inner.client_connect.clone());
             let (handle, driver) = builder.start(ws);
+            self.add_record(record(&handle));
             {
                 let mut registry = self.registry();
                 registry.add_client(handle.clone());
@@ -909,7 +1006,6 @@ impl Server {
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let metrics = &self.inner.metrics;
-        metrics.session_added(client_key, peer);
         // The session span is debug-only (see `handle`): these lines name the session.
         tracing::info!(
             session = handle.session_key(),
@@ -926,6 +1022,7 @@ impl Server {
             registry.remove_client(&handle);
             self.peers().announce(&handle, false);
         }
+        self.records().remove(&handle.session_key());
         metrics.session_removed(client_key, peer);
         metrics.session_ended(end.kind());
         self.inner.drain_wake.notify_waiters();

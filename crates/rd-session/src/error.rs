@@ -79,6 +79,10 @@ pub enum DialError {
     /// session.
     #[error("the peer is going away: {0}")]
     PeerGoingAway(String),
+    /// [`Config::max_pending_dials`](rd_proto::Config::max_pending_dials) dials through the
+    /// session still wait for the peer's first answer: the peer is slow or stuck.
+    #[error("too many dials pending through this session: {0} wait for the agent's answer")]
+    TooManyPendingDials(usize),
 }
 
 impl From<OpenError> for DialError {
@@ -87,6 +91,7 @@ impl From<OpenError> for DialError {
             OpenError::TooManyStreams(n) => Self::TooManyStreams(n),
             OpenError::SessionClosed(end) => Self::SessionClosed(end),
             OpenError::PeerGoingAway(reason) => Self::PeerGoingAway(reason),
+            OpenError::TooManyPendingDials(n) => Self::TooManyPendingDials(n),
             // OpenError is non_exhaustive; anything new means the session cannot dial.
             _ => Self::SessionClosed(SessionEnd::Local),
         }

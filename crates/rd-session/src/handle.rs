@@ -114,6 +114,42 @@ impl SessionHandle {
         self.shared.lock().proto.stream_infos()
     }
 
+    /// Closes stream `id` now with `reason` as its Error text (an operator's or a leak
+    /// guard's decision; the application holding the stream sees it end). Returns whether
+    /// the stream was still on the wire.
+    pub fn reset_stream(&self, id: rd_proto::ConnId, reason: &str) -> bool {
+        let mut inner = self.shared.lock();
+        if !inner.proto.is_stream_open(id) {
+            return false;
+        }
+        inner.proto.reset(id, reason).ok();
+        inner.wake_driver();
+        drop(inner);
+        self.shared.observer.reset(reason);
+        true
+    }
+
+    /// When anything (a message, ping or pong) last arrived from the peer.
+    pub fn last_heard(&self) -> std::time::Instant {
+        self.shared.lock().proto.last_heard()
+    }
+
+    /// The link's round trip as measured with pings (`None` before the first answer).
+    pub fn rtt(&self) -> Option<std::time::Duration> {
+        self.shared.lock().proto.rtt()
+    }
+
+    /// Dials pending through the session: streams opened here the peer has not answered.
+    pub fn pending_dials(&self) -> usize {
+        self.shared.lock().proto.pending_dials()
+    }
+
+    /// The session's clock now (tokio's, so paused-time tests see it move): what
+    /// [`streams`](Self::streams) and [`last_heard`](Self::last_heard) are measured against.
+    pub fn now(&self) -> std::time::Instant {
+        now()
+    }
+
     /// Waits until the session has ended and says why.
     pub async fn closed(&self) -> SessionEnd {
         let mut rx = self.shared.ended.subscribe();

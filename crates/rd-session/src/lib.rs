@@ -49,6 +49,7 @@ mod error;
 mod extensions;
 mod handle;
 mod incoming;
+pub mod inspect;
 mod observer;
 mod shared;
 mod socket;

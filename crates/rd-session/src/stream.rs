@@ -87,9 +87,20 @@ impl TunnelStream {
         poll_fn(|cx| self.poll_closed(cx)).await;
     }
 
+    /// The key of the session this stream runs on (0 on a client side).
+    pub fn session_key(&self) -> i64 {
+        self.shared.session_key
+    }
+
     /// The client key of the session this stream runs on.
     pub fn client_key(&self) -> &str {
         &self.shared.client_key
+    }
+
+    /// Labels the stream with what it is for (an origin such as `connect`), as listed by
+    /// [`SessionHandle::streams`](crate::SessionHandle::streams).
+    pub fn set_label(&self, label: &'static str) {
+        self.shared.lock().proto.set_stream_label(self.id, label);
     }
 
     /// Closes the stream now, sending `reason` to the peer as the Error text. Buffered

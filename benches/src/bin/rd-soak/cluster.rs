@@ -233,6 +233,14 @@ impl ProcSnap {
     }
 }
 
+/// Opened minus closed minus the gauge `name` (`rd_sessions`, `rd_streams`); `None` when the
+/// server does not export the counters.
+fn drift(m: &std::collections::BTreeMap<String, f64>, name: &str) -> Option<f64> {
+    let opened = m.get(&format!("{name}_opened_total"))?;
+    let closed = m.get(&format!("{name}_closed_total"))?;
+    Some(opened - closed - m.get(name)?)
+}
+
 /// rd-server's and rd-client's resources plus the server's gauges.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
@@ -242,6 +250,11 @@ pub struct Snapshot {
     pub sessions: Option<f64>,
     pub streams: Option<f64>,
     pub tasks: Option<f64>,
+    /// `rd_sessions_opened_total - rd_sessions_closed_total - rd_sessions` (0 when the
+    /// counters reconcile with the gauge).
+    pub sessions_drift: Option<f64>,
+    /// The same for streams.
+    pub streams_drift: Option<f64>,
 }
 
 impl Snapshot {
@@ -255,6 +268,8 @@ impl Snapshot {
             sessions: m.get("rd_sessions").copied(),
             streams: m.get("rd_streams").copied(),
             tasks: m.get("rd_runtime_alive_tasks").copied(),
+            sessions_drift: drift(&m, "rd_sessions"),
+            streams_drift: drift(&m, "rd_streams"),
         }
     }
 
@@ -266,6 +281,8 @@ impl Snapshot {
             "rd_sessions": self.sessions,
             "rd_streams": self.streams,
             "rd_runtime_alive_tasks": self.tasks,
+            "rd_sessions_drift": self.sessions_drift,
+            "rd_streams_drift": self.streams_drift,
         })
     }
 }

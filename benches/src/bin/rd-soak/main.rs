@@ -384,6 +384,29 @@ fn checks(base: &Snapshot, fin: &Snapshot, stream_bound: f64) -> Vec<Check> {
         "= 1".into(),
         |_| 1.0,
     ));
+    // Counters that reconcile (issue 27): opened minus closed is the gauge, at both scrapes.
+    for (resource, b, f) in [
+        (
+            "rd_sessions_opened - closed - rd_sessions",
+            base.sessions_drift,
+            fin.sessions_drift,
+        ),
+        (
+            "rd_streams_opened - closed - rd_streams",
+            base.streams_drift,
+            fin.streams_drift,
+        ),
+    ] {
+        // Compared as distances from zero: the check passes when the final one is 0.
+        c.push(Check::new(
+            "rd-server",
+            resource,
+            b.map(f64::abs),
+            f.map(f64::abs),
+            "= 0".into(),
+            |_| 0.0,
+        ));
+    }
     let tb = base.tasks;
     let extra = fin.streams.unwrap_or(0.0) - base.streams.unwrap_or(0.0);
     c.push(Check::new(

@@ -162,7 +162,9 @@ impl RunningClient {
     pub fn spawn(client: Client) -> Self {
         let cancel = CancellationToken::new();
         let c = cancel.clone();
-        let task = tokio::spawn(async move { client.run(c).await });
+        let task = tokio::spawn(async move {
+            client.run(c).await;
+        });
         Self {
             cancel,
             task: Some(task),
