@@ -13,9 +13,12 @@ pub const LEGACY_DEADLINE_MS: i64 = 15_000;
 /// Bytes of Error text a Go receiver keeps; the rest is cut.
 pub const MAX_ERROR_TEXT: usize = 100;
 /// Bytes of AddClient/RemoveClient payload a Go receiver reads.
-pub const MAX_CLIENT_PAYLOAD: usize = 100;
+pub(crate) const MAX_CLIENT_PAYLOAD: usize = 100;
 /// Error text that means a clean end of stream (Go's `io.EOF`).
-pub const EOF_TEXT: &str = "EOF";
+pub(crate) const EOF_TEXT: &str = "EOF";
+/// The credit each direction of a new stream starts with when the credit extension is on
+/// (docs/protocol.md, "`credit`"). Fixed by the extension so neither end has to announce it.
+pub const CREDIT_INITIAL_WINDOW: u32 = 32 * 1024;
 
 /// A virtual connection id, allocated by the side that sends Connect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -27,7 +30,7 @@ impl fmt::Display for ConnId {
     }
 }
 
-/// The wire type codes (PROTOCOL.md 1.4).
+/// The wire type codes (docs/protocol.md, "Message layout").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum MessageType {
@@ -397,7 +400,7 @@ mod tests {
 
     #[test]
     fn protocol_worked_examples() {
-        // PROTOCOL.md 1.7, with small ids.
+        // docs/protocol.md's worked examples, with small ids.
         let hex = |m: &Message, id| hex::encode(m.to_bytes(id));
         let c = ConnId(1);
         let connect = Message::Connect {

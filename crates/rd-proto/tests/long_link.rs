@@ -1,0 +1,292 @@
+//! Credit over a long link (issue 24), on a virtual clock: an rd sender whose applications
+//! always have data, an rd receiver whose reader takes everything at once, and between them
+//! a link with a one-way delay, a rate and a deep buffer, as the relay in rd-bench's
+//! long-link rows. Measured per round trip: what the reader got against what the link
+//! carries, and how many round trips the credit windows took to get there.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rd_proto::{
+    Config, ConnId, Event, Identity, ReadOutcome, Session, Side, StreamError, Target, Transmit,
+};
+
+/// What the simulated link does to one direction.
+#[derive(Debug, Clone, Copy)]
+struct Link {
+    /// One-way delay.
+    delay: Duration,
+    /// Bytes per second (the data direction only; the other direction carries grants).
+    rate: u64,
+}
+
+/// One direction of the link: messages leave the serializer at the rate, in order, and
+/// arrive `delay` later.
+struct Wire {
+    link: Link,
+    next_free: Instant,
+    queue: VecDeque<(Instant, Item)>,
+}
+
+enum Item {
+    Message(Bytes),
+    Ping,
+    Pong,
+}
+
+impl Wire {
+    fn new(link: Link, now: Instant) -> Self {
+        Self {
+            link,
+            next_free: now,
+            queue: VecDeque::new(),
+        }
+    }
+
+    fn send(&mut self, now: Instant, item: Item, len: usize) {
+        let start = self.next_free.max(now);
+        let on_wire = Duration::from_nanos(len as u64 * 1_000_000_000 / self.link.rate);
+        self.next_free = start + on_wire;
+        self.queue
+            .push_back((self.next_free + self.link.delay, item));
+    }
+
+    fn arrived(&mut self, now: Instant) -> Vec<Item> {
+        let mut out = Vec::new();
+        while self.queue.front().is_some_and(|(at, _)| *at <= now) {
+            out.push(self.queue.pop_front().unwrap().1);
+        }
+        out
+    }
+}
+
+/// What a run measured.
+struct Run {
+    /// Bytes the reader took, all streams, per round trip.
+    per_rtt: Vec<usize>,
+    /// What the link carries per round trip.
+    link_per_rtt: usize,
+    /// The most the receiver had committed (granted and unread) at once.
+    max_committed: usize,
+}
+
+impl Run {
+    /// The first round trip from which every later one moved at least `share` of what the
+    /// link carries (the last, partial one aside).
+    fn ramp(&self, share: f64) -> usize {
+        let full = |b: &usize| *b as f64 >= share * self.link_per_rtt as f64;
+        let n = self.per_rtt.len() - 1;
+        (0..n)
+            .find(|&i| self.per_rtt[i..n].iter().all(full))
+            .unwrap_or(n)
+    }
+
+    /// What the reader got after round trip `from`, against what the link carried.
+    fn share_after(&self, from: usize) -> f64 {
+        let n = self.per_rtt.len() - 1;
+        let got: usize = self.per_rtt[from..n].iter().sum();
+        got as f64 / (self.link_per_rtt * (n - from)) as f64
+    }
+}
+
+/// `streams` bulk streams from an rd sender to an rd receiver over `link` for `rtts` round
+/// trips, on a step of `step`.
+fn run(link: Link, streams: usize, rtts: u32, config: Config) -> Run {
+    let rtt = 2 * link.delay;
+    let step = Duration::from_micros(250);
+    let t0 = Instant::now();
+    let mut now = t0;
+    let mut receiver = Session::new(Side::Server, config.clone(), Identity::client(), t0, 1);
+    let mut sender = Session::new(Side::Client, config, Identity::client(), t0, 1);
+    // The receiver's pings (its round-trip probes) are answered by the sender's runtime;
+    // grants travel the quiet direction, the data and the pongs the busy one.
+    let mut to_sender = Wire::new(
+        Link {
+            rate: u64::MAX / 2,
+            ..link
+        },
+        t0,
+    );
+    let mut to_receiver = Wire::new(link, t0);
+    // Let the session's first round trip be measured on a quiet link, as in rd-bench
+    // (the agents connect before the downloads start).
+    while receiver.rtt().is_none() {
+        step_link(
+            &mut now,
+            step,
+            &mut receiver,
+            &mut sender,
+            &mut to_sender,
+            &mut to_receiver,
+        );
+    }
+    let target = Target::new("tcp", "127.0.0.1:80").unwrap();
+    let ids: Vec<ConnId> = (0..streams)
+        .map(|_| receiver.open_stream(now, target.clone()).unwrap())
+        .collect();
+    let mut per_rtt = vec![0usize];
+    let mut bucket_end = now + rtt;
+    let mut max_committed = 0;
+    let end = now + rtt * rtts;
+    while now < end {
+        step_link(
+            &mut now,
+            step,
+            &mut receiver,
+            &mut sender,
+            &mut to_sender,
+            &mut to_receiver,
+        );
+        for &id in &ids {
+            loop {
+                match receiver.read(id, usize::MAX) {
+                    Ok(ReadOutcome::Data(b)) => *per_rtt.last_mut().unwrap() += b.len(),
+                    Err(StreamError::Blocked) => break,
+                    other => panic!("reader: {other:?}"),
+                }
+            }
+        }
+        while receiver.poll_event().is_some() {}
+        max_committed = max_committed.max(receiver.stats().receive_committed);
+        receiver.assert_invariants();
+        if now >= bucket_end {
+            per_rtt.push(0);
+            bucket_end += rtt;
+        }
+    }
+    let link_per_rtt = (link.rate as u128 * rtt.as_nanos() / 1_000_000_000) as usize;
+    eprintln!(
+        "{streams} stream(s), {rtt:?} round trip, {} MB/s: per round trip (MB) {:?}; most committed {} MiB",
+        link.rate / 1_000_000,
+        per_rtt
+            .iter()
+            .map(|b| (*b as f64 / 1e5).round() / 10.0)
+            .collect::<Vec<_>>(),
+        max_committed >> 20
+    );
+    Run {
+        per_rtt,
+        link_per_rtt,
+        max_committed,
+    }
+}
+
+/// One step: deliveries both ways, the sender's applications fill their streams, and
+/// both sessions transmit what they may.
+fn step_link(
+    now: &mut Instant,
+    step: Duration,
+    receiver: &mut Session,
+    sender: &mut Session,
+    to_sender: &mut Wire,
+    to_receiver: &mut Wire,
+) {
+    *now += step;
+    let now = *now;
+    for item in to_receiver.arrived(now) {
+        match item {
+            Item::Message(m) => receiver.handle_message(now, m).unwrap(),
+            Item::Pong => receiver.handle_pong(now),
+            Item::Ping => receiver.handle_keepalive(now),
+        }
+    }
+    while let Some(t) = receiver.poll_transmit() {
+        match t {
+            Transmit::Message(m) => {
+                let len = m.len();
+                to_sender.send(now, Item::Message(m), len);
+            }
+            Transmit::Ping => to_sender.send(now, Item::Ping, 2),
+        }
+    }
+    for item in to_sender.arrived(now) {
+        match item {
+            Item::Message(m) => sender.handle_message(now, m).unwrap(),
+            Item::Ping => {
+                // The sender's websocket answers at once, ahead of the Data it sends next
+                // (but behind what is already on the link).
+                sender.handle_keepalive(now);
+                to_receiver.send(now, Item::Pong, 2);
+            }
+            Item::Pong => sender.handle_pong(now),
+        }
+    }
+    let chunk = [7u8; 64 * 1024];
+    while let Some(ev) = sender.poll_event() {
+        if let Event::StreamRequested { id, .. } | Event::StreamWritable { id } = ev {
+            while sender.write(id, &chunk).is_ok() {}
+        }
+    }
+    // The link's buffer is deep: what the sender may send goes out now.
+    while let Some(t) = sender.poll_transmit() {
+        match t {
+            Transmit::Message(m) => {
+                let len = m.len();
+                to_receiver.send(now, Item::Message(m), len);
+            }
+            Transmit::Ping => to_receiver.send(now, Item::Ping, 2),
+        }
+        while let Some(ev) = sender.poll_event() {
+            if let Event::StreamWritable { id } = ev {
+                while sender.write(id, &chunk).is_ok() {}
+            }
+        }
+    }
+}
+
+fn credit() -> Config {
+    let mut c = Config::default();
+    c.credit = true;
+    c
+}
+
+const RATE: u64 = 100_000_000;
+
+fn check(run: &Run, max_ramp: usize) {
+    let ramp = run.ramp(0.95);
+    let after = run.share_after(ramp);
+    eprintln!("ramp: {ramp} round trips, then {after:.3} of the link");
+    assert!(
+        ramp <= max_ramp,
+        "the windows took {ramp} round trips to fill the link"
+    );
+    assert!(after >= 0.95, "after the ramp: {after:.3} of the link");
+}
+
+/// 200 ms at 100 MB/s: a bandwidth-delay product of 20 MB, one stream.
+#[test]
+fn credit_fills_a_200_ms_link() {
+    let link = Link {
+        delay: Duration::from_millis(100),
+        rate: RATE,
+    };
+    let run = run(link, 1, 20, credit());
+    check(&run, 5);
+}
+
+/// 50 ms at 100 MB/s: 5 MB in flight, one stream.
+#[test]
+fn credit_fills_a_50_ms_link() {
+    let link = Link {
+        delay: Duration::from_millis(25),
+        rate: RATE,
+    };
+    let run = run(link, 1, 40, credit());
+    check(&run, 5);
+}
+
+/// Eight streams share a 200 ms link: together they fill it, and the windows the
+/// receiver committed stay within the session budget.
+#[test]
+fn eight_credit_streams_fill_a_200_ms_link_within_the_budget() {
+    let link = Link {
+        delay: Duration::from_millis(100),
+        rate: RATE,
+    };
+    let config = credit();
+    let run = run(link, 8, 20, config.clone());
+    check(&run, 5);
+    assert!(run.max_committed <= config.session_receive_budget);
+}
