@@ -163,7 +163,10 @@ pub async fn run(
         let link = spawn_relay(server, Some(rtt)).await?;
         let connect = format!("ws://{link}/connect");
         let client = bin_dir.join("rd-client");
-        let (credit_id, pause_id) = (format!("long-credit-{rtt_ms}"), format!("long-pause-{rtt_ms}"));
+        let (credit_id, pause_id) = (
+            format!("long-credit-{rtt_ms}"),
+            format!("long-pause-{rtt_ms}"),
+        );
         let mut agents = Vec::new();
         for (id, flow) in [(&credit_id, "credit"), (&pause_id, "pause")] {
             agents.push(Proc::spawn(
