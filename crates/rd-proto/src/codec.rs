@@ -3,9 +3,8 @@
 use bytes::{Buf, Bytes};
 
 use crate::error::{DecodeError, HeaderField};
-use crate::message::{
-    ClientSession, ConnId, Frame, Message, MessageType, MAX_CLIENT_PAYLOAD, MAX_ERROR_TEXT,
-};
+use crate::ids::{ClientSession, ConnId};
+use crate::message::{Frame, Message, MessageType, MAX_CLIENT_PAYLOAD, MAX_ERROR_TEXT};
 use crate::target::Target;
 use crate::varint::{get_varint, VarintError};
 

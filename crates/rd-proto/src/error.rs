@@ -8,7 +8,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::message::ConnId;
+use crate::ids::ConnId;
 
 /// Which header field a decode error is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -2,7 +2,7 @@
 //! ([`Limit`]).
 
 use crate::error::{SessionEnd, StreamEnd};
-use crate::message::{ClientSession, ConnId};
+use crate::ids::{ClientSession, ConnId};
 use crate::target::Target;
 
 /// Something the application should know about.

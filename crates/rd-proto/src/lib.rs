@@ -37,7 +37,7 @@
 //! ```
 //!
 //! Inside, one idea per module, imported one way (no module imports one that imports it):
-//! `varint`, `target`, `message` and `error` are the vocabulary; `codec` decodes; `config`
+//! `varint`, `ids`, `target`, `message` and `error` are the vocabulary; `codec` decodes; `config`
 //! holds [`Side`], [`Identity`] and [`Config`]; `event` and `outbox` are what a session
 //! says; `timer` and `keepalive` its pings and deadlines; `streams` its virtual connections
 //! (table, streams, receive and send halves, flow control, the receive budget); `session`
@@ -50,6 +50,7 @@ mod codec;
 mod config;
 mod error;
 mod event;
+mod ids;
 mod keepalive;
 mod message;
 mod outbox;
@@ -67,9 +68,10 @@ pub use error::{
     StreamError, TargetError,
 };
 pub use event::{Event, Limit};
+pub use ids::{ClientSession, ConnId};
 pub use message::{
-    data_header_len, put_data_header, ClientSession, ConnId, Frame, Message, MessageType,
-    CREDIT_INITIAL_WINDOW, LEGACY_DEADLINE_MS, MAX_ERROR_TEXT,
+    data_header_len, put_data_header, Frame, Message, MessageType, CREDIT_INITIAL_WINDOW,
+    LEGACY_DEADLINE_MS, MAX_ERROR_TEXT,
 };
 pub use outbox::Transmit;
 pub use session::{Session, SessionStats};

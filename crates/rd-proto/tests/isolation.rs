@@ -173,6 +173,10 @@ struct Outcome {
     fast_read_second_half: usize,
     max_unread: usize,
     max_committed: usize,
+    /// What each stalled stream holds unread at the end.
+    stalled_unread: Vec<usize>,
+    /// Streams whose peer has no credit left (or that we paused) at the end.
+    holding_back: usize,
 }
 
 fn run(config: Config, sender: Box<dyn Sender>) -> Outcome {
@@ -282,6 +286,11 @@ fn run_with(config: Config, mut sender: Box<dyn Sender>, flood: bool) -> Outcome
         fast_read_second_half,
         max_unread,
         max_committed,
+        stalled_unread: stalled
+            .iter()
+            .filter_map(|&id| receiver.unread(id))
+            .collect(),
+        holding_back: receiver.stats().paused_by_us,
     }
 }
 
@@ -321,7 +330,7 @@ fn pause_only_peer_stalled_streams_do_not_stall_the_fast_one() {
 }
 
 #[test]
-fn credit_peer_stalled_streams_hold_one_window_and_the_fast_one_moves() {
+fn credit_peer_stalled_streams_hold_exactly_their_windows_and_the_fast_one_moves() {
     let mut config = Config::default();
     config.credit = true;
     let t0 = Instant::now();
@@ -338,6 +347,17 @@ fn credit_peer_stalled_streams_hold_one_window_and_the_fast_one_moves() {
     );
     assert!(out.max_unread <= out.max_committed);
     out.assert_fast_stream_kept_moving();
+    // Each stalled stream holds exactly its window: the sender filled it, and has no credit
+    // left on any of them.
+    assert_eq!(out.stalled_unread.len(), STALLED);
+    for unread in &out.stalled_unread {
+        assert_eq!(*unread, CREDIT_INITIAL_WINDOW as usize);
+    }
+    assert!(
+        out.holding_back >= STALLED,
+        "{} streams held back",
+        out.holding_back
+    );
 }
 
 #[test]

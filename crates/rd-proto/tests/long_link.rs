@@ -290,3 +290,76 @@ fn eight_credit_streams_fill_a_200_ms_link_within_the_budget() {
     check(&run, 5);
     assert!(run.max_committed <= config.session_receive_budget);
 }
+
+/// A peer that sends beyond the credit it was granted loses that stream, and only that
+/// stream: at once for a message larger than the credit left plus a send buffer (what a
+/// released sender may still send whatever its credit), else once what it sent beyond its
+/// credit passes the stream's cap.
+#[test]
+fn a_sender_beyond_its_credit_is_reset() {
+    let config = credit();
+    let initial = rd_proto::CREDIT_INITIAL_WINDOW as usize;
+    let data = |id: ConnId, n: usize| {
+        rd_proto::Message::Data {
+            conn_id: id,
+            payload: Bytes::from(vec![7u8; n]),
+        }
+        .to_bytes(1)
+    };
+    for one_message in [true, false] {
+        let t0 = Instant::now();
+        let mut receiver = Session::new(Side::Server, config.clone(), Identity::client(), t0, 1);
+        let target = Target::new("tcp", "127.0.0.1:80").unwrap();
+        let honest = receiver.open_stream(t0, target.clone()).unwrap();
+        let flooding = receiver.open_stream(t0, target).unwrap();
+        while receiver.poll_transmit().is_some() {}
+        receiver.handle_message(t0, data(honest, initial)).unwrap();
+        if one_message {
+            receiver
+                .handle_message(t0, data(flooding, initial + config.stream_send_buffer))
+                .unwrap();
+            assert!(
+                receiver.is_stream_open(flooding),
+                "within credit and a send buffer"
+            );
+            receiver
+                .handle_message(t0, data(flooding, initial + config.stream_send_buffer + 1))
+                .unwrap();
+        } else {
+            let mut sent = 0;
+            while receiver.is_stream_open(flooding) {
+                receiver
+                    .handle_message(t0, data(flooding, 64 * 1024))
+                    .unwrap();
+                sent += 64 * 1024;
+                assert!(sent <= config.stream_receive_cap + 64 * 1024, "never reset");
+            }
+            assert!(sent > config.stream_receive_cap);
+        }
+        assert!(!receiver.is_stream_open(flooding));
+        let mut reset = Vec::new();
+        while let Some(Transmit::Message(m)) = receiver.poll_transmit() {
+            if let rd_proto::Message::Error { conn_id, text } = rd_proto::decode(m).unwrap().message
+            {
+                reset.push((conn_id, text));
+            }
+        }
+        assert_eq!(reset.len(), 1, "{reset:?}");
+        assert_eq!(reset[0].0, flooding);
+        assert!(
+            reset[0].1.contains("ignored flow control"),
+            "{}",
+            reset[0].1
+        );
+        let events: Vec<Event> = std::iter::from_fn(|| receiver.poll_event()).collect();
+        assert!(events.contains(&Event::LimitExceeded(rd_proto::Limit::StreamReceiveCap)));
+        // The honest stream and the session go on.
+        assert!(receiver.is_stream_open(honest));
+        assert_eq!(
+            receiver.read(honest, usize::MAX),
+            Ok(ReadOutcome::Data(Bytes::from(vec![7u8; initial])))
+        );
+        assert!(receiver.end().is_none());
+        receiver.assert_invariants();
+    }
+}

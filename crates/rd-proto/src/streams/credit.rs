@@ -41,7 +41,7 @@ use super::budget::Pressure;
 
 /// The largest window without a measured round trip: 256 KiB covers a gigabyte per second
 /// over a quarter-millisecond round trip.
-pub(crate) const UNTIMED_MAX_WINDOW: usize = 256 * 1024;
+const UNTIMED_MAX_WINDOW: usize = 256 * 1024;
 
 /// The largest factor a window grows by in one step when its stream's burst rate is known.
 const TIMED_GROWTH: usize = 8;

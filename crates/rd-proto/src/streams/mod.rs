@@ -22,7 +22,8 @@ use bytes::{Bytes, BytesMut};
 use crate::config::{Config, Side};
 use crate::error::{StreamEnd, StreamError};
 use crate::event::{Event, Limit};
-use crate::message::{ConnId, Message, EOF_TEXT};
+use crate::ids::ConnId;
+use crate::message::{Message, EOF_TEXT};
 use crate::outbox::Outbox;
 use crate::pool::SendPool;
 use crate::target::Target;
@@ -33,24 +34,17 @@ mod pause;
 mod recv;
 mod send;
 mod stream;
+#[cfg(test)]
+mod tests;
 
 use budget::{Held, Pressure, ReceiveBudget};
 use recv::FlowSignal;
 use stream::{PeerFin, Sent, Stream};
 
-pub use stream::{Origin, StreamInfo};
+pub use stream::{Origin, ReadOutcome, StreamInfo};
 
 /// Error text for Data that arrives after the peer's Fin.
 const DATA_AFTER_FIN: &str = "data after fin";
-
-/// What a read produced.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ReadOutcome {
-    /// Bytes; empty only when the read asked for at most 0 bytes.
-    Data(Bytes),
-    /// A clean end of stream.
-    Eof,
-}
 
 /// Data arrived for a stream that is not on the wire; the session answers it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,6 +115,12 @@ impl Streams {
             t.queued += s.queued();
         }
         t
+    }
+
+    /// What stream `id`'s receive half holds.
+    #[cfg(test)]
+    fn held(&self, id: ConnId) -> Option<Held> {
+        self.map.get(&id).map(Stream::held)
     }
 
     pub(crate) fn unread(&self, id: ConnId) -> Option<usize> {

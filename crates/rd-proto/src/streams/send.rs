@@ -8,7 +8,8 @@ use std::collections::VecDeque;
 use bytes::{BufMut, Bytes};
 
 use crate::config::Config;
-use crate::message::{data_header_len, put_data_header, ConnId, CREDIT_INITIAL_WINDOW};
+use crate::ids::ConnId;
+use crate::message::{data_header_len, put_data_header, CREDIT_INITIAL_WINDOW};
 use crate::outbox::Outbox;
 use crate::pool::SendPool;
 

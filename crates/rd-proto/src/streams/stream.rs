@@ -8,7 +8,8 @@ use bytes::Bytes;
 
 use crate::config::Config;
 use crate::error::{StreamEnd, StreamError};
-use crate::message::{ConnId, Message, EOF_TEXT};
+use crate::ids::ConnId;
+use crate::message::{Message, EOF_TEXT};
 use crate::outbox::Outbox;
 use crate::pool::SendPool;
 use crate::target::Target;
@@ -16,7 +17,15 @@ use crate::target::Target;
 use super::budget::{Held, Pressure};
 use super::recv::{FlowSignal, Overflow, RecvHalf};
 use super::send::SendHalf;
-use super::ReadOutcome;
+
+/// What a read produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadOutcome {
+    /// Bytes; empty only when the read asked for at most 0 bytes.
+    Data(Bytes),
+    /// A clean end of stream.
+    Eof,
+}
 
 /// Which side sent the Connect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
