@@ -70,7 +70,12 @@ struct Run {
     link_per_rtt: usize,
     /// The most the receiver had committed (granted and unread) at once.
     max_committed: usize,
+    /// Bytes each stream's reader took after the first `SETTLED` round trips.
+    per_stream_settled: Vec<usize>,
 }
+
+/// Round trips after which the streams are compared with each other.
+const SETTLED: usize = 8;
 
 impl Run {
     /// The first round trip from which every later one moved at least `share` of what the
@@ -129,6 +134,7 @@ fn run(link: Link, streams: usize, rtts: u32, config: Config) -> Run {
     let mut per_rtt = vec![0usize];
     let mut bucket_end = now + rtt;
     let mut max_committed = 0;
+    let mut per_stream_settled = vec![0; streams];
     let end = now + rtt * rtts;
     while now < end {
         step_link(
@@ -139,10 +145,16 @@ fn run(link: Link, streams: usize, rtts: u32, config: Config) -> Run {
             &mut to_sender,
             &mut to_receiver,
         );
-        for &id in &ids {
+        for (i, &id) in ids.iter().enumerate() {
             loop {
-                match receiver.read(id, usize::MAX) {
-                    Ok(ReadOutcome::Data(b)) => *per_rtt.last_mut().unwrap() += b.len(),
+                // In pieces, as a proxy's reader takes them.
+                match receiver.read(id, 8 * 1024) {
+                    Ok(ReadOutcome::Data(b)) => {
+                        *per_rtt.last_mut().unwrap() += b.len();
+                        if per_rtt.len() > SETTLED {
+                            per_stream_settled[i] += b.len();
+                        }
+                    }
                     Err(StreamError::Blocked) => break,
                     other => panic!("reader: {other:?}"),
                 }
@@ -170,6 +182,7 @@ fn run(link: Link, streams: usize, rtts: u32, config: Config) -> Run {
         per_rtt,
         link_per_rtt,
         max_committed,
+        per_stream_settled,
     }
 }
 
@@ -289,6 +302,19 @@ fn eight_credit_streams_fill_a_200_ms_link_within_the_budget() {
     let run = run(link, 8, 20, config.clone());
     check(&run, 5);
     assert!(run.max_committed <= config.session_receive_budget);
+    // Once the windows have settled, the streams share the link about equally (so they
+    // finish about together): none gets less than half its share.
+    let total: usize = run.per_stream_settled.iter().sum();
+    eprintln!(
+        "per stream after {SETTLED} round trips: {:?}",
+        run.per_stream_settled
+    );
+    for (i, got) in run.per_stream_settled.iter().enumerate() {
+        assert!(
+            got * 8 * 2 >= total,
+            "stream {i} got {got} of {total} bytes"
+        );
+    }
 }
 
 /// A peer that sends beyond the credit it was granted loses that stream, and only that

@@ -12,6 +12,9 @@ pub(crate) struct Held {
     pub(crate) unread: usize,
     /// Unread plus credit the peer may still use (equals `unread` in Pause mode).
     pub(crate) committed: usize,
+    /// 1 if the stream's credit window grew past the initial one, else 0: the streams that
+    /// share the budget beyond their initial windows.
+    pub(crate) grown: usize,
 }
 
 impl Held {
@@ -19,6 +22,7 @@ impl Held {
         Self {
             unread: self.unread.saturating_add(other.unread),
             committed: self.committed.saturating_add(other.committed),
+            grown: self.grown.saturating_add(other.grown),
         }
     }
 }
@@ -38,10 +42,16 @@ impl ReceiveBudget {
         self.total.committed
     }
 
+    /// Streams whose credit window grew past the initial one.
+    pub(crate) fn grown(&self) -> usize {
+        self.total.grown
+    }
+
     /// One stream went from holding `before` to holding `after`.
     pub(crate) fn apply(&mut self, before: Held, after: Held) {
         self.total.unread = adjust(self.total.unread, before.unread, after.unread);
         self.total.committed = adjust(self.total.committed, before.committed, after.committed);
+        self.total.grown = adjust(self.total.grown, before.grown, after.grown);
     }
 
     /// Panics unless the totals are the sum of `halves`.
@@ -73,6 +83,9 @@ pub(crate) struct Pressure {
     pub(crate) others_unread: usize,
     /// Unread bytes and unused credit of every other stream (credit mode).
     pub(crate) others_committed: usize,
+    /// The stream's fair share of the budget: the budget over the streams whose windows
+    /// grew, this one counted (credit mode).
+    pub(crate) fair_share: usize,
     /// The link's round trip, the smallest the session measured (`None`: none yet).
     pub(crate) rtt: Option<Duration>,
     /// The time of the session's latest input: reads carry no clock of their own, and a

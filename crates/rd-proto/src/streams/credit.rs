@@ -7,8 +7,9 @@
 //! adaptive window and quinn's receive windows are sized. A stream whose reader keeps up
 //! then never waits for credit, and one whose reader stops holds no more than its window.
 //!
-//! - **Growth**, only while the window is what limits the stream: the reader found its
-//!   buffer empty and waits, the stream moved at least two thirds of the window within the
+//! - **Growth**, only while the window is what limits the stream: Data found the reader
+//!   waiting for it within the last round trip, the stream moved at least two thirds of
+//!   the window within the
 //!   last round trip (a window-limited stream moves its window once per round trip), and it
 //!   used half the window since it last grew. A sender slower than the link (its own source
 //!   sets the pace), a slow reader, or a link slower than the window moves less, and the
@@ -130,12 +131,14 @@ pub(crate) struct CreditWindow {
     window: usize,
     /// Granted and not yet received: what the peer may still send.
     credit: usize,
-    /// The reader found nothing to read since the last grant.
-    starved: bool,
+    /// When Data last arrived for a reader that was waiting for it, since the window last
+    /// grew: a reader that waits keeps up, so the window (or the sender) is what limits the
+    /// stream. (The arrival times it, not the read: reads carry no clock.)
+    starved: Option<Instant>,
     /// Bytes consumed since the window last grew (or the stream opened).
     since_growth: usize,
-    /// When the window last grew (`None`: never).
-    grown_at: Option<Instant>,
+    /// When the window last grew or shrank (`None`: never).
+    changed_at: Option<Instant>,
     meter: RateMeter,
 }
 
@@ -144,9 +147,9 @@ impl Default for CreditWindow {
         Self {
             window: CREDIT_INITIAL_WINDOW as usize,
             credit: CREDIT_INITIAL_WINDOW as usize,
-            starved: false,
+            starved: None,
             since_growth: 0,
-            grown_at: None,
+            changed_at: None,
             meter: RateMeter::default(),
         }
     }
@@ -158,30 +161,42 @@ impl CreditWindow {
         self.credit
     }
 
+    /// Whether the window grew past the initial one: the stream shares the budget.
+    pub(crate) fn grown(&self) -> bool {
+        self.window > CREDIT_INITIAL_WINDOW as usize
+    }
+
     /// The window the receiver currently aims to keep granted.
     #[cfg(test)]
     pub(crate) fn window(&self) -> usize {
         self.window
     }
 
-    /// `n` bytes arrived at `now`. False, and nothing changes, if they exceed the credit by
-    /// more than `slack` (a released sender may send its queued data whatever the credit;
-    /// more is a peer ignoring the credit it negotiated).
+    /// `n` bytes arrived at `pressure.now`, for a reader that was waiting for them or not.
+    /// False, and nothing changes, if they exceed the credit by more than `slack` (a
+    /// released sender may send its queued data whatever the credit; more is a peer
+    /// ignoring the credit it negotiated).
     #[must_use = "bytes beyond the credit must be refused"]
-    pub(crate) fn on_data(&mut self, n: usize, slack: usize, pressure: Pressure) -> bool {
+    pub(crate) fn on_data(
+        &mut self,
+        n: usize,
+        reader_waiting: bool,
+        slack: usize,
+        pressure: Pressure,
+    ) -> bool {
         if n > self.credit.saturating_add(slack) {
             return false;
         }
         self.credit = self.credit.saturating_sub(n);
-        if let (Some(rtt), Some(now)) = (pressure.rtt, pressure.now) {
-            self.meter.on_data(n, now, rtt);
+        if let Some(now) = pressure.now {
+            if reader_waiting {
+                self.starved = Some(now);
+            }
+            if let Some(rtt) = pressure.rtt {
+                self.meter.on_data(n, now, rtt);
+            }
         }
         true
-    }
-
-    /// The reader found nothing to read.
-    pub(crate) fn on_starved(&mut self) {
-        self.starved = true;
     }
 
     /// The reader took `n` bytes, leaving `unread`; the credit to grant, if any.
@@ -197,14 +212,17 @@ impl CreditWindow {
         let budget = config.session_receive_budget;
         self.since_growth = self.since_growth.saturating_add(n);
         let outstanding = self.credit.saturating_add(unread);
-        // The most this stream may hold beside the others.
+        // The most this stream may hold beside the others, and its fair share of the
+        // budget beside the other streams whose windows grew.
         let room = budget.saturating_sub(pressure.others_committed);
+        let limit = room.min(pressure.fair_share);
         let moved = self.meter.moved();
-        if let Some(to) = self.growth(moved, room, pressure, config) {
+        if let Some(to) = self.growth(moved, limit, pressure, config) {
             tracing::trace!(from = self.window, to, moved, rate = ?self.meter.rate, "credit window grows");
             self.window = to;
             self.since_growth = 0;
-            self.grown_at = pressure.now;
+            self.starved = None;
+            self.changed_at = pressure.now;
         } else if pressure.others_committed.saturating_add(outstanding) > budget / 2
             && moved.saturating_mul(4) < self.window
             && self.settled(pressure)
@@ -212,9 +230,10 @@ impl CreditWindow {
             let to = moved.saturating_mul(2).max(self.window / 2).max(initial);
             tracing::trace!(from = self.window, to, moved, "credit window shrinks");
             self.window = to;
+            self.changed_at = pressure.now;
         }
-        // Beyond the initial window, the budget bounds what is granted.
-        self.window = self.window.min(room.max(initial));
+        // Beyond the initial window, the budget and the fair share bound what is granted.
+        self.window = self.window.min(limit.max(initial));
         let increment = self.window.saturating_sub(outstanding);
         let step = if self.window < EIGHTHS_FROM {
             self.window / 4
@@ -226,7 +245,6 @@ impl CreditWindow {
         }
         let increment = u32::try_from(increment).unwrap_or(u32::MAX);
         self.credit += increment as usize;
-        self.starved = false;
         Some(increment)
     }
 
@@ -234,15 +252,21 @@ impl CreditWindow {
     fn growth(
         &self,
         moved: usize,
-        room: usize,
+        limit: usize,
         pressure: Pressure,
         config: &Config,
     ) -> Option<usize> {
         let max = config
             .credit_max_window
             .min(config.stream_receive_cap)
-            .min(room);
-        if !self.starved || self.since_growth < self.window / 2 || self.window >= max {
+            .min(limit);
+        // The reader waited within the last round trip: it keeps up (a reader that fell
+        // behind has bytes waiting, and a larger window would only hold more of them).
+        let starved = match (self.starved, pressure.rtt, pressure.now) {
+            (Some(at), Some(rtt), Some(now)) => now.saturating_duration_since(at) <= rtt,
+            (starved, ..) => starved.is_some(),
+        };
+        if !starved || self.since_growth < self.window / 2 || self.window >= max {
             return None;
         }
         let w = self.window;
@@ -258,10 +282,10 @@ impl CreditWindow {
         (to > w).then_some(to)
     }
 
-    /// Whether a round trip has passed since the window last grew: only then does what the
-    /// stream moves show what the new window does.
+    /// Whether a round trip has passed since the window last changed: only then does what
+    /// the stream moves show what the new window does.
     fn settled(&self, pressure: Pressure) -> bool {
-        match (self.grown_at, pressure.rtt, pressure.now) {
+        match (self.changed_at, pressure.rtt, pressure.now) {
             (Some(at), Some(rtt), Some(now)) => now >= at + rtt,
             _ => true,
         }
@@ -297,6 +321,7 @@ mod tests {
 
     fn at(now: Instant, rtt: Option<Duration>) -> Pressure {
         Pressure {
+            fair_share: Config::default().session_receive_budget,
             rtt,
             now: Some(now),
             ..Pressure::default()
@@ -320,8 +345,7 @@ mod tests {
             let n = left.min(64 * 1024);
             left -= n;
             let t = now + spread * i as u32 / messages as u32;
-            w.on_starved();
-            assert!(w.on_data(n, 0, at(t, rtt)));
+            assert!(w.on_data(n, true, 0, at(t, rtt)));
             granted += w.on_consumed(n, 0, at(t, rtt), config).unwrap_or(0) as usize;
         }
         granted
@@ -332,13 +356,13 @@ mod tests {
         let c = credit();
         let now = Instant::now();
         let mut w = CreditWindow::default();
-        assert!(w.on_data(W / 8, 0, at(now, None)));
+        assert!(w.on_data(W / 8, false, 0, at(now, None)));
         assert_eq!(
             w.on_consumed(W / 8, 0, at(now, None), &c),
             None,
             "an eighth: not yet"
         );
-        assert!(w.on_data(W / 8, 0, at(now, None)));
+        assert!(w.on_data(W / 8, false, 0, at(now, None)));
         assert_eq!(
             w.on_consumed(W / 8, 0, at(now, None), &c),
             Some((W / 4) as u32),
@@ -430,7 +454,7 @@ mod tests {
             others_committed: c.session_receive_budget - 100 * 1024,
             ..at(t0 + rtt, Some(rtt))
         };
-        assert!(w.on_data(granted, 0, full));
+        assert!(w.on_data(granted, false, 0, full));
         let grant = w.on_consumed(granted, 0, full, &c).unwrap_or(0) as usize;
         assert_eq!(w.window(), 100 * 1024);
         assert!(full.others_committed + w.credit() <= c.session_receive_budget);
@@ -440,7 +464,7 @@ mod tests {
             others_committed: c.session_receive_budget,
             ..full
         };
-        assert!(w.on_data(w.credit(), 0, taken));
+        assert!(w.on_data(w.credit(), false, 0, taken));
         assert_eq!(w.on_consumed(grant, 0, taken, &c), Some(W as u32));
         assert_eq!(w.window(), W);
     }
@@ -468,7 +492,7 @@ mod tests {
         };
         let mut now = t0 + 3 * rtt;
         for _ in 0..3 {
-            assert!(w.on_data(256 * 1024, 0, busy(now)));
+            assert!(w.on_data(256 * 1024, false, 0, busy(now)));
             let _ = w.on_consumed(256 * 1024, 0, busy(now), &c);
             now += rtt;
         }
@@ -490,17 +514,16 @@ mod tests {
                 now += Duration::from_millis(ms);
                 let pressure = Pressure {
                     others_committed: others,
+                    fair_share: c.session_receive_budget / (1 + others % 8),
                     rtt: rtt_us.map(Duration::from_micros),
                     now: Some(now),
                     ..Pressure::default()
                 };
                 if is_data {
                     let n = n.min(w.credit());
-                    prop_assert!(w.on_data(n, 0, pressure));
+                    prop_assert!(w.on_data(n, unread == 0, 0, pressure));
                     unread += n;
-                } else if unread == 0 {
-                    w.on_starved();
-                } else {
+                } else if unread > 0 {
                     let n = n.min(unread);
                     unread -= n;
                     let before = w.credit() + unread;

@@ -208,11 +208,14 @@ impl Streams {
     }
 
     /// What the rest of the session holds, seen from stream `id`.
-    fn pressure(&self, id: ConnId, link: Link) -> Pressure {
+    fn pressure(&self, id: ConnId, link: Link, config: &Config) -> Pressure {
         let own = self.map.get(&id).map(Stream::held).unwrap_or_default();
+        // Counting this stream, which may be about to grow.
+        let sharing = self.budget.grown() - own.grown + 1;
         Pressure {
             others_unread: self.budget.unread().saturating_sub(own.unread),
             others_committed: self.budget.committed().saturating_sub(own.committed),
+            fair_share: config.session_receive_budget / sharing,
             rtt: link.rtt,
             now: Some(link.now),
         }
@@ -304,7 +307,7 @@ impl Streams {
         }
         let pressure = Pressure {
             now: Some(now),
-            ..self.pressure(id, link)
+            ..self.pressure(id, link, config)
         };
         match self.update(id, config, |s, _| s.on_data(payload, now, pressure, config)) {
             Some(Err(overflow)) => {
@@ -560,7 +563,7 @@ impl Streams {
         config: &Config,
         out: &mut Outbox,
     ) -> Result<ReadOutcome, StreamError> {
-        let pressure = self.pressure(id, link);
+        let pressure = self.pressure(id, link, config);
         let (outcome, signal) = self
             .update(id, config, |s, _| s.read(max, pressure, config))
             .ok_or(StreamError::Unknown(id))??;

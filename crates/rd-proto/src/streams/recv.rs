@@ -70,13 +70,14 @@ impl RecvHalf {
 
     /// What this half holds against the session's budget.
     pub(crate) fn held(&self) -> Held {
-        let credit = match &self.flow {
-            RecvFlow::Credit(c) => c.credit(),
-            RecvFlow::Pause(_) | RecvFlow::Off => 0,
+        let (credit, grown) = match &self.flow {
+            RecvFlow::Credit(c) => (c.credit(), usize::from(c.grown())),
+            RecvFlow::Pause(_) | RecvFlow::Off => (0, 0),
         };
         Held {
             unread: self.unread,
             committed: self.unread.saturating_add(credit),
+            grown,
         }
     }
 
@@ -124,7 +125,7 @@ impl RecvHalf {
                 // Beyond the credit only by a released sender's last bytes (at most a send
                 // buffer: it may send its queued data and EOF whatever the credit).
                 let slack = config.stream_send_buffer;
-                if !c.on_data(n, slack, pressure) {
+                if !c.on_data(n, self.reader_waiting, slack, pressure) {
                     return Err(Overflow {
                         buffered,
                         cap: self.unread + c.credit() + slack,
@@ -153,9 +154,6 @@ impl RecvHalf {
     ) -> Option<(Bytes, Option<FlowSignal>)> {
         let Some(front) = self.chunks.front_mut() else {
             self.reader_waiting = true;
-            if let RecvFlow::Credit(c) = &mut self.flow {
-                c.on_starved();
-            }
             return None;
         };
         let chunk = if front.len() <= max {
