@@ -3,8 +3,9 @@
 //!
 //! The window is what the receiver keeps granted and not yet read. It aims at twice what
 //! the stream's link holds, its bandwidth-delay product: the rate of the stream's arrivals
-//! times the link's round trip (the smallest the session measured with pings), the way h2's
-//! adaptive window and quinn's receive windows are sized. A stream whose reader keeps up
+//! times the link's round trip (the smallest the session measured with pings, and at least
+//! a millisecond, what the runtimes' turns add on a fast link), the way h2's adaptive window
+//! and quinn's receive windows are sized. A stream whose reader keeps up
 //! then never waits for credit, and one whose reader stops holds no more than its window.
 //!
 //! - **Growth**, only while the window is what limits the stream: Data found the reader
@@ -15,7 +16,8 @@
 //!   sets the pace), a slow reader, or a link slower than the window moves less, and the
 //!   window stays.
 //! - **How much**: to twice the rate of the stream's latest burst of arrivals times the
-//!   round trip, at most eightfold in one step. A burst shorter than a sixteenth of the
+//!   round trip (not at all if the window is that large already), at most eightfold in one
+//!   step. A burst shorter than a sixteenth of the
 //!   round trip (and than a millisecond: arrival times are a runtime's turns, which batch)
 //!   is not timed; a window that arrived in such a burst is below the link's rate times
 //!   that time, so it may grow by the factor that keeps it under twice the bandwidth-delay
@@ -50,6 +52,17 @@ const TIMED_GROWTH: usize = 8;
 /// Below this window a grant waits for a quarter of it to be read, above for an eighth:
 /// small windows are granted in few messages, large ones early.
 const EIGHTHS_FROM: usize = 512 * 1024;
+
+/// The shortest round trip a window is sized for. A credit's way round is the link's round
+/// trip plus the turns of the runtimes at both ends (the reader's task, the drivers, the
+/// sender's task), which on a fast link are most of it: on loopback the pings measure
+/// 0.1 ms, the credit loop takes about a millisecond.
+const MIN_ROUND: Duration = Duration::from_millis(1);
+
+/// The round trip windows are sized for: the link's, at least [`MIN_ROUND`].
+fn round_trip(rtt: Duration) -> Duration {
+    rtt.max(MIN_ROUND)
+}
 
 /// The shortest burst whose rate is believed: a sixteenth of the round trip, and at least a
 /// millisecond (arrival times are those of a runtime's turns, which batch messages).
@@ -193,7 +206,7 @@ impl CreditWindow {
                 self.starved = Some(now);
             }
             if let Some(rtt) = pressure.rtt {
-                self.meter.on_data(n, now, rtt);
+                self.meter.on_data(n, now, round_trip(rtt));
             }
         }
         true
@@ -263,18 +276,20 @@ impl CreditWindow {
         // The reader waited within the last round trip: it keeps up (a reader that fell
         // behind has bytes waiting, and a larger window would only hold more of them).
         let starved = match (self.starved, pressure.rtt, pressure.now) {
-            (Some(at), Some(rtt), Some(now)) => now.saturating_duration_since(at) <= rtt,
+            (Some(at), Some(rtt), Some(now)) => {
+                now.saturating_duration_since(at) <= round_trip(rtt)
+            }
             (starved, ..) => starved.is_some(),
         };
         if !starved || self.since_growth < self.window / 2 || self.window >= max {
             return None;
         }
         let w = self.window;
-        let to = match pressure.rtt {
+        let to = match pressure.rtt.map(round_trip) {
             None => (4 * w).min(UNTIMED_MAX_WINDOW),
             Some(_) if moved.saturating_mul(3) < w.saturating_mul(2) => return None,
             Some(rtt) => match self.meter.rate {
-                Some(rate) => (TIMED_GROWTH * w).min((2 * w).max(2 * bytes_over(rate, rtt))),
+                Some(rate) => (TIMED_GROWTH * w).min(2 * bytes_over(rate, rtt)),
                 None => w.saturating_mul(untimed_growth(rtt)),
             },
         };
@@ -286,7 +301,7 @@ impl CreditWindow {
     /// the stream moves show what the new window does.
     fn settled(&self, pressure: Pressure) -> bool {
         match (self.changed_at, pressure.rtt, pressure.now) {
-            (Some(at), Some(rtt), Some(now)) => now >= at + rtt,
+            (Some(at), Some(rtt), Some(now)) => now >= at + round_trip(rtt),
             _ => true,
         }
     }
