@@ -144,12 +144,20 @@ pub(crate) struct CreditWindow {
     window: usize,
     /// Granted and not yet received: what the peer may still send.
     credit: usize,
+    /// Bytes consumed since the window last grew (or the stream opened).
+    since_growth: usize,
+    /// What arrivals said so far; allocated with the first Data, so that the many streams
+    /// that never carry any (idle ones) stay small.
+    seen: Option<Box<Seen>>,
+}
+
+/// What a stream's arrivals told its receiver.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Seen {
     /// When Data last arrived for a reader that was waiting for it, since the window last
     /// grew: a reader that waits keeps up, so the window (or the sender) is what limits the
     /// stream. (The arrival times it, not the read: reads carry no clock.)
     starved: Option<Instant>,
-    /// Bytes consumed since the window last grew (or the stream opened).
-    since_growth: usize,
     /// When the window last grew or shrank (`None`: never).
     changed_at: Option<Instant>,
     meter: RateMeter,
@@ -160,10 +168,8 @@ impl Default for CreditWindow {
         Self {
             window: CREDIT_INITIAL_WINDOW as usize,
             credit: CREDIT_INITIAL_WINDOW as usize,
-            starved: None,
             since_growth: 0,
-            changed_at: None,
-            meter: RateMeter::default(),
+            seen: None,
         }
     }
 }
@@ -202,11 +208,12 @@ impl CreditWindow {
         }
         self.credit = self.credit.saturating_sub(n);
         if let Some(now) = pressure.now {
+            let seen = self.seen.get_or_insert_with(Box::default);
             if reader_waiting {
-                self.starved = Some(now);
+                seen.starved = Some(now);
             }
             if let Some(rtt) = pressure.rtt {
-                self.meter.on_data(n, now, round_trip(rtt));
+                seen.meter.on_data(n, now, round_trip(rtt));
             }
         }
         true
@@ -229,13 +236,15 @@ impl CreditWindow {
         // budget beside the other streams whose windows grew.
         let room = budget.saturating_sub(pressure.others_committed);
         let limit = room.min(pressure.fair_share);
-        let moved = self.meter.moved();
+        let moved = self.seen.as_ref().map_or(0, |s| s.meter.moved());
         if let Some(to) = self.growth(moved, limit, pressure, config) {
-            tracing::trace!(from = self.window, to, moved, rate = ?self.meter.rate, "credit window grows");
+            tracing::trace!(from = self.window, to, moved, "credit window grows");
             self.window = to;
             self.since_growth = 0;
-            self.starved = None;
-            self.changed_at = pressure.now;
+            if let Some(seen) = &mut self.seen {
+                seen.starved = None;
+                seen.changed_at = pressure.now;
+            }
         } else if pressure.others_committed.saturating_add(outstanding) > budget / 2
             && moved.saturating_mul(4) < self.window
             && self.settled(pressure)
@@ -243,7 +252,9 @@ impl CreditWindow {
             let to = moved.saturating_mul(2).max(self.window / 2).max(initial);
             tracing::trace!(from = self.window, to, moved, "credit window shrinks");
             self.window = to;
-            self.changed_at = pressure.now;
+            if let Some(seen) = &mut self.seen {
+                seen.changed_at = pressure.now;
+            }
         }
         // Beyond the initial window, the budget and the fair share bound what is granted.
         self.window = self.window.min(limit.max(initial));
@@ -275,7 +286,10 @@ impl CreditWindow {
             .min(limit);
         // The reader waited within the last round trip: it keeps up (a reader that fell
         // behind has bytes waiting, and a larger window would only hold more of them).
-        let starved = match (self.starved, pressure.rtt, pressure.now) {
+        let Some(seen) = &self.seen else {
+            return None;
+        };
+        let starved = match (seen.starved, pressure.rtt, pressure.now) {
             (Some(at), Some(rtt), Some(now)) => {
                 now.saturating_duration_since(at) <= round_trip(rtt)
             }
@@ -288,7 +302,7 @@ impl CreditWindow {
         let to = match pressure.rtt.map(round_trip) {
             None => (4 * w).min(UNTIMED_MAX_WINDOW),
             Some(_) if moved.saturating_mul(3) < w.saturating_mul(2) => return None,
-            Some(rtt) => match self.meter.rate {
+            Some(rtt) => match seen.meter.rate {
                 Some(rate) => (TIMED_GROWTH * w).min(2 * bytes_over(rate, rtt)),
                 None => w.saturating_mul(untimed_growth(rtt)),
             },
@@ -300,7 +314,8 @@ impl CreditWindow {
     /// Whether a round trip has passed since the window last changed: only then does what
     /// the stream moves show what the new window does.
     fn settled(&self, pressure: Pressure) -> bool {
-        match (self.changed_at, pressure.rtt, pressure.now) {
+        let changed_at = self.seen.as_ref().and_then(|s| s.changed_at);
+        match (changed_at, pressure.rtt, pressure.now) {
             (Some(at), Some(rtt), Some(now)) => now >= at + round_trip(rtt),
             _ => true,
         }
