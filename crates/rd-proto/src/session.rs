@@ -377,7 +377,7 @@ impl Session {
     /// Whether everything written to the stream has been handed to the websocket.
     /// [`StreamError::Blocked`] means not yet; wait for [`Event::StreamWritable`].
     pub fn flush(&mut self, id: ConnId) -> Result<(), StreamError> {
-        self.streams.flush(id)
+        self.streams.flush(id, &self.config)
     }
 
     /// Takes up to `max` buffered bytes. After the buffer is drained: [`ReadOutcome::Eof`]
