@@ -89,12 +89,13 @@ pub struct Config {
     /// With credit it is a hard bound on what is granted beyond each stream's initial
     /// window, and what decides the longest link a session fills. A stream's window aims at
     /// twice the bytes its link holds (its measured rate times the round trip), and a grant
-    /// tops the window up whenever an eighth of it has been read, so the sender always has at
-    /// least 7/8 of the window to send. A budget `B` therefore moves any link whose
+    /// tops a large window up whenever an eighth of it has been read, so the sender always
+    /// has at least 7/8 of the window to send. A budget `B` therefore moves any link whose
     /// bandwidth-delay product is at most `B / 2` with room to spare, and up to `7B / 8` at
     /// full speed still; beyond that a session moves about `B` per round trip. The default
     /// 64 MiB serves 33.5 MB in flight with room (100 MB/s over 335 ms, 1 Gbit/s over 268 ms)
-    /// and 58.7 MB at the edge; one stream is also held to
+    /// and 58.7 MB at the edge. Streams that carry data at once share it: each window is at
+    /// most the budget over the streams whose windows grew, and one is also held to
     /// [`credit_max_window`](Self::credit_max_window). It costs memory only when readers stop
     /// reading: a stalled stream holds its window.
     pub session_receive_budget: usize,

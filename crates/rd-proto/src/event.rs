@@ -9,20 +9,22 @@ use crate::target::Target;
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Event {
-    /// The peer sent Connect; answer with [`Session::reset`](crate::Session::reset) to refuse, or start using the
-    /// stream. Data that arrives meanwhile is buffered.
+    /// The peer sent Connect; answer with [`Session::reset`](crate::Session::reset) to
+    /// refuse, or start using the stream. Data that arrives meanwhile is buffered.
     StreamRequested {
         /// The new stream.
         id: ConnId,
         /// Where the peer wants it dialed.
         target: Target,
     },
-    /// A reader that was told [`StreamError::Blocked`](crate::StreamError::Blocked) can read now.
+    /// A reader that was told [`StreamError::Blocked`](crate::StreamError::Blocked) can read
+    /// now.
     StreamReadable {
         /// The stream.
         id: ConnId,
     },
-    /// A writer that was told [`StreamError::Blocked`](crate::StreamError::Blocked) can write (or flush) now.
+    /// A writer that was told [`StreamError::Blocked`](crate::StreamError::Blocked) can write
+    /// (or flush) now.
     StreamWritable {
         /// The stream.
         id: ConnId,
@@ -63,14 +65,17 @@ pub enum Event {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Limit {
-    /// [`Config::stream_receive_cap`](crate::Config::stream_receive_cap): a stream was reset, the peer ignored Pause.
+    /// [`Config::stream_receive_cap`](crate::Config::stream_receive_cap): a stream was reset,
+    /// the peer ignored Pause (or its credit).
     StreamReceiveCap,
-    /// [`Config::session_receive_cap`](crate::Config::session_receive_cap): a stream was reset for the session's sake.
+    /// [`Config::session_receive_cap`](crate::Config::session_receive_cap): a stream was
+    /// reset for the session's sake.
     SessionReceiveCap,
     /// [`Config::max_streams`](crate::Config::max_streams): a Connect was refused.
     MaxStreams,
-    /// [`Config::session_receive_ceiling`](crate::Config::session_receive_ceiling): the session stopped reading the websocket until
-    /// readers catch up (the last resort; every stream of the session waits).
+    /// [`Config::session_receive_ceiling`](crate::Config::session_receive_ceiling): the
+    /// session stopped reading the websocket until readers catch up (the last resort; every
+    /// stream of the session waits).
     SessionStall,
     /// A websocket message above the runtime's size limit ended the session.
     MaxMessageSize,
