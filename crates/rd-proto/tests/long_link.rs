@@ -96,55 +96,116 @@ impl Run {
     }
 }
 
-/// `streams` bulk streams from an rd sender to an rd receiver over `link` for `rtts` round
-/// trips, on a step of `step`.
-fn run(link: Link, streams: usize, rtts: u32, config: Config) -> Run {
-    let rtt = 2 * link.delay;
-    let step = Duration::from_micros(250);
-    let t0 = Instant::now();
-    let mut now = t0;
-    let mut receiver = Session::new(Side::Server, config.clone(), Identity::client(), t0, 1);
-    let mut sender = Session::new(Side::Client, config, Identity::client(), t0, 1);
-    // The receiver's pings (its round-trip probes) are answered by the sender's runtime;
-    // grants travel the quiet direction, the data and the pongs the busy one.
-    let mut to_sender = Wire::new(
-        Link {
+/// An rd sender and an rd receiver across a [`Link`], on a virtual clock.
+struct Pair {
+    now: Instant,
+    step: Duration,
+    receiver: Session,
+    sender: Session,
+    /// Grants and pings; data and pongs go the other way.
+    to_sender: Wire,
+    to_receiver: Wire,
+}
+
+impl Pair {
+    fn new(link: Link, config: Config) -> Self {
+        let t0 = Instant::now();
+        // The direction from the receiver carries grants and pings, not bytes worth pacing.
+        let quiet = Link {
             rate: u64::MAX / 2,
             ..link
-        },
-        t0,
-    );
-    let mut to_receiver = Wire::new(link, t0);
-    // Let the session's first round trip be measured on a quiet link, as in rd-bench
-    // (the agents connect before the downloads start).
-    while receiver.rtt().is_none() {
-        step_link(
-            &mut now,
-            step,
-            &mut receiver,
-            &mut sender,
-            &mut to_sender,
-            &mut to_receiver,
-        );
+        };
+        let mut pair = Self {
+            now: t0,
+            step: Duration::from_micros(250),
+            receiver: Session::new(Side::Server, config.clone(), Identity::client(), t0, 1),
+            sender: Session::new(Side::Client, config, Identity::client(), t0, 1),
+            to_sender: Wire::new(quiet, t0),
+            to_receiver: Wire::new(link, t0),
+        };
+        // The session's first round trip is measured on a quiet link, as in rd-bench (the
+        // agents connect before the downloads start).
+        while pair.receiver.rtt().is_none() {
+            pair.step();
+        }
+        pair
     }
+
+    /// One step: deliveries both ways, the sender's applications fill their streams, and
+    /// both sessions transmit what they may.
+    fn step(&mut self) {
+        self.now += self.step;
+        let now = self.now;
+        for item in self.to_receiver.arrived(now) {
+            match item {
+                Item::Message(m) => self.receiver.handle_message(now, m).unwrap(),
+                Item::Pong => self.receiver.handle_pong(now),
+                Item::Ping => self.receiver.handle_keepalive(now),
+            }
+        }
+        while let Some(t) = self.receiver.poll_transmit() {
+            match t {
+                Transmit::Message(m) => {
+                    let len = m.len();
+                    self.to_sender.send(now, Item::Message(m), len);
+                }
+                Transmit::Ping => self.to_sender.send(now, Item::Ping, 2),
+            }
+        }
+        for item in self.to_sender.arrived(now) {
+            match item {
+                Item::Message(m) => self.sender.handle_message(now, m).unwrap(),
+                Item::Ping => {
+                    // The sender's websocket answers at once, ahead of the Data it sends
+                    // next (but behind what is already on the link).
+                    self.sender.handle_keepalive(now);
+                    self.to_receiver.send(now, Item::Pong, 2);
+                }
+                Item::Pong => self.sender.handle_pong(now),
+            }
+        }
+        // The link's buffer is deep: what the sender may send goes out now.
+        self.fill_sender();
+        while let Some(t) = self.sender.poll_transmit() {
+            match t {
+                Transmit::Message(m) => {
+                    let len = m.len();
+                    self.to_receiver.send(now, Item::Message(m), len);
+                }
+                Transmit::Ping => self.to_receiver.send(now, Item::Ping, 2),
+            }
+            self.fill_sender();
+        }
+    }
+
+    /// The sender's applications always have data: they write until blocked whenever told.
+    fn fill_sender(&mut self) {
+        let chunk = [7u8; 64 * 1024];
+        while let Some(ev) = self.sender.poll_event() {
+            if let Event::StreamRequested { id, .. } | Event::StreamWritable { id } = ev {
+                while self.sender.write(id, &chunk).is_ok() {}
+            }
+        }
+    }
+}
+
+/// `streams` bulk streams from an rd sender to an rd receiver over `link` for `rtts` round
+/// trips.
+fn run(link: Link, streams: usize, rtts: u32, config: Config) -> Run {
+    let rtt = 2 * link.delay;
+    let mut pair = Pair::new(link, config);
     let target = Target::new("tcp", "127.0.0.1:80").unwrap();
     let ids: Vec<ConnId> = (0..streams)
-        .map(|_| receiver.open_stream(now, target.clone()).unwrap())
+        .map(|_| pair.receiver.open_stream(pair.now, target.clone()).unwrap())
         .collect();
     let mut per_rtt = vec![0usize];
-    let mut bucket_end = now + rtt;
+    let mut bucket_end = pair.now + rtt;
     let mut max_committed = 0;
     let mut per_stream_settled = vec![0; streams];
-    let end = now + rtt * rtts;
-    while now < end {
-        step_link(
-            &mut now,
-            step,
-            &mut receiver,
-            &mut sender,
-            &mut to_sender,
-            &mut to_receiver,
-        );
+    let end = pair.now + rtt * rtts;
+    while pair.now < end {
+        pair.step();
+        let receiver = &mut pair.receiver;
         for (i, &id) in ids.iter().enumerate() {
             loop {
                 // In pieces, as a proxy's reader takes them.
@@ -163,14 +224,15 @@ fn run(link: Link, streams: usize, rtts: u32, config: Config) -> Run {
         while receiver.poll_event().is_some() {}
         max_committed = max_committed.max(receiver.stats().receive_committed);
         receiver.assert_invariants();
-        if now >= bucket_end {
+        if pair.now >= bucket_end {
             per_rtt.push(0);
             bucket_end += rtt;
         }
     }
     let link_per_rtt = (link.rate as u128 * rtt.as_nanos() / 1_000_000_000) as usize;
     eprintln!(
-        "{streams} stream(s), {rtt:?} round trip, {} MB/s: per round trip (MB) {:?}; most committed {} MiB",
+        "{streams} stream(s), {rtt:?} round trip, {} MB/s: per round trip (MB) {:?}; \
+         most committed {} MiB",
         link.rate / 1_000_000,
         per_rtt
             .iter()
@@ -183,69 +245,6 @@ fn run(link: Link, streams: usize, rtts: u32, config: Config) -> Run {
         link_per_rtt,
         max_committed,
         per_stream_settled,
-    }
-}
-
-/// One step: deliveries both ways, the sender's applications fill their streams, and
-/// both sessions transmit what they may.
-fn step_link(
-    now: &mut Instant,
-    step: Duration,
-    receiver: &mut Session,
-    sender: &mut Session,
-    to_sender: &mut Wire,
-    to_receiver: &mut Wire,
-) {
-    *now += step;
-    let now = *now;
-    for item in to_receiver.arrived(now) {
-        match item {
-            Item::Message(m) => receiver.handle_message(now, m).unwrap(),
-            Item::Pong => receiver.handle_pong(now),
-            Item::Ping => receiver.handle_keepalive(now),
-        }
-    }
-    while let Some(t) = receiver.poll_transmit() {
-        match t {
-            Transmit::Message(m) => {
-                let len = m.len();
-                to_sender.send(now, Item::Message(m), len);
-            }
-            Transmit::Ping => to_sender.send(now, Item::Ping, 2),
-        }
-    }
-    for item in to_sender.arrived(now) {
-        match item {
-            Item::Message(m) => sender.handle_message(now, m).unwrap(),
-            Item::Ping => {
-                // The sender's websocket answers at once, ahead of the Data it sends next
-                // (but behind what is already on the link).
-                sender.handle_keepalive(now);
-                to_receiver.send(now, Item::Pong, 2);
-            }
-            Item::Pong => sender.handle_pong(now),
-        }
-    }
-    let chunk = [7u8; 64 * 1024];
-    while let Some(ev) = sender.poll_event() {
-        if let Event::StreamRequested { id, .. } | Event::StreamWritable { id } = ev {
-            while sender.write(id, &chunk).is_ok() {}
-        }
-    }
-    // The link's buffer is deep: what the sender may send goes out now.
-    while let Some(t) = sender.poll_transmit() {
-        match t {
-            Transmit::Message(m) => {
-                let len = m.len();
-                to_receiver.send(now, Item::Message(m), len);
-            }
-            Transmit::Ping => to_receiver.send(now, Item::Ping, 2),
-        }
-        while let Some(ev) = sender.poll_event() {
-            if let Event::StreamWritable { id } = ev {
-                while sender.write(id, &chunk).is_ok() {}
-            }
-        }
     }
 }
 
@@ -268,25 +267,25 @@ fn check(run: &Run, max_ramp: usize) {
     assert!(after >= 0.95, "after the ramp: {after:.3} of the link");
 }
 
+/// A link of round trip `rtt_ms` at [`RATE`].
+fn long_link(rtt_ms: u64) -> Link {
+    Link {
+        delay: Duration::from_millis(rtt_ms / 2),
+        rate: RATE,
+    }
+}
+
 /// 200 ms at 100 MB/s: a bandwidth-delay product of 20 MB, one stream.
 #[test]
 fn credit_fills_a_200_ms_link() {
-    let link = Link {
-        delay: Duration::from_millis(100),
-        rate: RATE,
-    };
-    let run = run(link, 1, 20, credit());
+    let run = run(long_link(200), 1, 20, credit());
     check(&run, 5);
 }
 
 /// 50 ms at 100 MB/s: 5 MB in flight, one stream.
 #[test]
 fn credit_fills_a_50_ms_link() {
-    let link = Link {
-        delay: Duration::from_millis(25),
-        rate: RATE,
-    };
-    let run = run(link, 1, 40, credit());
+    let run = run(long_link(50), 1, 40, credit());
     check(&run, 5);
 }
 
@@ -294,12 +293,8 @@ fn credit_fills_a_50_ms_link() {
 /// receiver committed stay within the session budget.
 #[test]
 fn eight_credit_streams_fill_a_200_ms_link_within_the_budget() {
-    let link = Link {
-        delay: Duration::from_millis(100),
-        rate: RATE,
-    };
     let config = credit();
-    let run = run(link, 8, 20, config.clone());
+    let run = run(long_link(200), 8, 20, config.clone());
     check(&run, 5);
     assert!(run.max_committed <= config.session_receive_budget);
     // Once the windows have settled, the streams share the link about equally (so they

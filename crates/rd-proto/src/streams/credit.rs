@@ -418,41 +418,32 @@ mod tests {
         assert_eq!(w.window(), UNTIMED_MAX_WINDOW);
     }
 
-    #[test]
-    fn a_long_link_gets_its_window_in_two_round_trips() {
+    /// The window after a first round trip of Data (the initial window, in one message) and
+    /// a second (what the first grant allowed, spread over 10 ms: 1 MiB at 100 MB/s).
+    fn two_round_trips(rtt: Duration) -> (usize, usize) {
         let c = credit();
-        let rtt = Duration::from_millis(200);
         let t0 = Instant::now();
         let mut w = CreditWindow::default();
-        // The first window arrives in one message: too short to time, grown 32-fold.
         let granted = round(&mut w, t0, W, Duration::ZERO, Some(rtt), &c);
-        assert_eq!(w.window(), 32 * W);
-        // 1 MiB at 100 MB/s takes 10 ms, under the 12.5 ms that can be timed: 32-fold again,
+        let first = w.window();
+        let spread = Duration::from_millis(10);
+        round(&mut w, t0 + rtt, granted, spread, Some(rtt), &c);
+        (first, w.window())
+    }
+
+    #[test]
+    fn a_long_link_gets_its_window_in_two_round_trips() {
+        // The first window arrives in one message: too short to time, grown 32-fold. Over
+        // 200 ms, 1 MiB in 10 ms is under the 12.5 ms that can be timed: 32-fold again,
         // capped at the largest window.
-        round(
-            &mut w,
-            t0 + rtt,
-            granted,
-            Duration::from_millis(10),
-            Some(rtt),
-            &c,
-        );
-        assert_eq!(w.window(), c.credit_max_window);
-        // A 50 ms link: the 1 MiB burst is timed (100 MB/s), and the window grows to twice
-        // the 5 MB in flight, at most eightfold.
-        let rtt = Duration::from_millis(50);
-        let mut w = CreditWindow::default();
-        let granted = round(&mut w, t0, W, Duration::ZERO, Some(rtt), &c);
-        assert_eq!(w.window(), 32 * W);
-        round(
-            &mut w,
-            t0 + rtt,
-            granted,
-            Duration::from_millis(10),
-            Some(rtt),
-            &c,
-        );
-        assert_eq!(w.window(), 8 * 32 * W);
+        let (first, second) = two_round_trips(Duration::from_millis(200));
+        assert_eq!(first, 32 * W);
+        assert_eq!(second, credit().credit_max_window);
+        // Over 50 ms the 1 MiB burst is timed (100 MB/s), and the window grows to twice the
+        // 5 MB in flight, at most eightfold.
+        let (first, second) = two_round_trips(Duration::from_millis(50));
+        assert_eq!(first, 32 * W);
+        assert_eq!(second, 8 * 32 * W);
     }
 
     #[test]
