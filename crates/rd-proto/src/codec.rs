@@ -2,109 +2,11 @@
 
 use bytes::{Buf, Bytes};
 
-use crate::message::{
-    ClientSession, ConnId, Frame, Message, MessageType, MAX_CLIENT_PAYLOAD, MAX_ERROR_TEXT,
-};
-use crate::target::{Target, TargetError};
+use crate::error::{DecodeError, HeaderField};
+use crate::ids::{ClientSession, ConnId};
+use crate::message::{Frame, Message, MessageType, MAX_CLIENT_PAYLOAD, MAX_ERROR_TEXT};
+use crate::target::Target;
 use crate::varint::{get_varint, VarintError};
-
-/// Which header field a decode error is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HeaderField {
-    /// The message id.
-    MessageId,
-    /// The connection id.
-    ConnId,
-    /// The message type.
-    Type,
-    /// The legacy deadline of Data and Connect.
-    Deadline,
-    /// The increment of rd's Credit message.
-    Credit,
-    /// The count of rd's Replicas message.
-    Replicas,
-}
-
-impl std::fmt::Display for HeaderField {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::MessageId => "message id",
-            Self::ConnId => "connection id",
-            Self::Type => "message type",
-            Self::Deadline => "legacy deadline",
-            Self::Credit => "credit increment",
-            Self::Replicas => "replica count",
-        })
-    }
-}
-
-/// A message that cannot be decoded.
-///
-/// Only [`DecodeError::BadConnect`] concerns a single connection (see [`DecodeError::conn_id`]);
-/// every other variant means the peer speaks something other than the protocol, and Go ends
-/// the session for each of them.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum DecodeError {
-    /// The message ended inside a header varint.
-    #[error("truncated header: the {field} is missing or cut short")]
-    Truncated {
-        /// The field being read.
-        field: HeaderField,
-    },
-    /// A header varint is longer than 10 bytes or does not fit in 64 bits.
-    #[error("the {field} varint overflows 64 bits")]
-    VarintOverflow {
-        /// The field being read.
-        field: HeaderField,
-    },
-    /// A Connect whose payload is not `proto/address`; the session answers with an Error.
-    #[error("invalid connect for connection {conn_id}: {reason}")]
-    BadConnect {
-        /// The connection the peer tried to open.
-        conn_id: ConnId,
-        /// What is wrong with the payload.
-        reason: TargetError,
-    },
-    /// AddClient/RemoveClient payload that is not `clientKey/sessionKey`.
-    #[error("invalid remote session {payload:?}: {reason}")]
-    BadClientSession {
-        /// The (truncated) payload, lossily decoded.
-        payload: String,
-        /// What is wrong.
-        reason: &'static str,
-    },
-    /// A SyncConnections payload whose length is not a multiple of 8.
-    #[error(
-        "incorrect data format: SyncConnections payload of {len} bytes is not a multiple of 8"
-    )]
-    BadSyncLength {
-        /// The payload length.
-        len: usize,
-    },
-    /// A Credit increment that is negative or does not fit in 32 bits.
-    #[error("invalid credit increment {increment}")]
-    BadCredit {
-        /// The decoded value.
-        increment: i64,
-    },
-    /// A Replicas count that is not between 1 and 2^32-1.
-    #[error("invalid replica count {count}")]
-    BadReplicas {
-        /// The decoded value.
-        count: i64,
-    },
-}
-
-impl DecodeError {
-    /// The connection a connection-level error is about; `None` for session-level errors.
-    pub fn conn_id(&self) -> Option<ConnId> {
-        match self {
-            Self::BadConnect { conn_id, .. } => Some(*conn_id),
-            _ => None,
-        }
-    }
-}
 
 fn field(buf: &mut Bytes, field: HeaderField) -> Result<i64, DecodeError> {
     get_varint(buf).map_err(|e| match e {

@@ -35,36 +35,45 @@
 //! assert_eq!(target.to_string(), "tcp/127.0.0.1:8125");
 //! assert_eq!(client.read(id, 1024).unwrap(), ReadOutcome::Data("GET / HTTP/1.0\r\n\r\n".into()));
 //! ```
+//!
+//! Inside, one idea per module, imported one way (no module imports one that imports it):
+//! `varint`, `ids`, `target`, `message` and `error` are the vocabulary; `codec` decodes; `config`
+//! holds [`Side`], [`Identity`] and [`Config`]; `event` and `outbox` are what a session
+//! says; `timer` and `keepalive` its pings and deadlines; `streams` its virtual connections
+//! (table, streams, receive and send halves, flow control, the receive budget); `session`
+//! dispatches inputs to them and is the `poll_*` surface.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+#![warn(unreachable_pub)]
 
-mod budget;
 mod codec;
 mod config;
-mod flow;
+mod error;
+mod event;
+mod ids;
+mod keepalive;
 mod message;
+mod outbox;
 mod pool;
-mod recv;
-mod send;
 mod session;
-mod stream;
 mod streams;
 mod target;
+mod timer;
 pub mod varint;
 
-pub use codec::{decode, DecodeError, HeaderField};
-pub use config::{Config, ConfigError};
-pub use flow::{
-    CreditFlow, FlowSignal, Overflow, PauseFlow, Pressure, RecvFlow, CREDIT_INITIAL_WINDOW,
-    CREDIT_UNGATED_WINDOW,
+pub use codec::decode;
+pub use config::{Config, Identity, Side};
+pub use error::{
+    ConfigError, DecodeError, HeaderField, OpenError, ProtocolError, SessionEnd, StreamEnd,
+    StreamError, TargetError,
 };
+pub use event::{Event, Limit};
+pub use ids::{ClientSession, ConnId};
 pub use message::{
-    data_header_len, put_data_header, ClientSession, ConnId, Frame, Message, MessageType, EOF_TEXT,
-    LEGACY_DEADLINE_MS, MAX_CLIENT_PAYLOAD, MAX_ERROR_TEXT,
+    data_header_len, put_data_header, Frame, Message, MessageType, CREDIT_INITIAL_WINDOW,
+    LEGACY_DEADLINE_MS, MAX_ERROR_TEXT,
 };
-pub use session::{
-    Event, Identity, Limit, OpenError, ProtocolError, ReadOutcome, Session, SessionEnd,
-    SessionStats, Side, StreamError, Transmit,
-};
-pub use stream::{Origin, StreamEnd, StreamFlow, StreamInfo};
-pub use target::{Target, TargetError, MAX_CONNECT_PAYLOAD};
+pub use outbox::Transmit;
+pub use session::{Session, SessionStats};
+pub use streams::{Origin, ReadOutcome, StreamFlow, StreamInfo};
+pub use target::{Target, MAX_CONNECT_PAYLOAD};

@@ -5,6 +5,7 @@ use std::fmt;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+use crate::ids::{ClientSession, ConnId};
 use crate::target::Target;
 use crate::varint::{put_varint, varint_len};
 
@@ -13,21 +14,14 @@ pub const LEGACY_DEADLINE_MS: i64 = 15_000;
 /// Bytes of Error text a Go receiver keeps; the rest is cut.
 pub const MAX_ERROR_TEXT: usize = 100;
 /// Bytes of AddClient/RemoveClient payload a Go receiver reads.
-pub const MAX_CLIENT_PAYLOAD: usize = 100;
+pub(crate) const MAX_CLIENT_PAYLOAD: usize = 100;
 /// Error text that means a clean end of stream (Go's `io.EOF`).
-pub const EOF_TEXT: &str = "EOF";
+pub(crate) const EOF_TEXT: &str = "EOF";
+/// The credit each direction of a new stream starts with when the credit extension is on
+/// (docs/protocol.md, "`credit`"). Fixed by the extension so neither end has to announce it.
+pub const CREDIT_INITIAL_WINDOW: u32 = 32 * 1024;
 
-/// A virtual connection id, allocated by the side that sends Connect.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ConnId(pub i64);
-
-impl fmt::Display for ConnId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-/// The wire type codes (PROTOCOL.md 1.4).
+/// The wire type codes (docs/protocol.md, "Message layout").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum MessageType {
@@ -88,21 +82,6 @@ impl MessageType {
     }
 }
 
-/// A client session announced over a peer link: `clientKey/sessionKey`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct ClientSession {
-    /// The client key (the example server's `X-Tunnel-ID`, Rancher's cluster name).
-    pub client_key: String,
-    /// The announcing server's key for that session, a non-negative 63-bit number in Go.
-    pub session_key: i64,
-}
-
-impl fmt::Display for ClientSession {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.client_key, self.session_key)
-    }
-}
-
 /// One remotedialer message (the header's message id travels beside it in [`Frame`]).
 ///
 /// `Debug` shows a Data message's length, not its bytes: the wire dump (`-debug`, target
@@ -124,7 +103,7 @@ pub enum Message {
         /// Where to dial.
         target: Target,
     },
-    /// Close a connection; [`EOF_TEXT`] means a clean end.
+    /// Close a connection; the text `EOF` means a clean end.
     Error {
         /// The connection.
         conn_id: ConnId,
@@ -397,7 +376,7 @@ mod tests {
 
     #[test]
     fn protocol_worked_examples() {
-        // PROTOCOL.md 1.7, with small ids.
+        // docs/protocol.md's worked examples, with small ids.
         let hex = |m: &Message, id| hex::encode(m.to_bytes(id));
         let c = ConnId(1);
         let connect = Message::Connect {

@@ -2,39 +2,10 @@
 
 use std::fmt;
 
+use crate::error::TargetError;
+
 /// Largest Connect payload a Go receiver (v0.5+) reads; PR #127 sized it for a full DNS name.
 pub const MAX_CONNECT_PAYLOAD: usize = 266;
-
-/// Why a Connect payload is not a usable target.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum TargetError {
-    /// No `/` separates proto from address.
-    #[error("failed to parse connect address: no '/' in {payload:?}")]
-    MissingSlash {
-        /// The payload, lossily decoded.
-        payload: String,
-    },
-    /// The payload is longer than receivers accept.
-    #[error("connect address of {len} bytes exceeds the limit of {max}")]
-    TooLong {
-        /// Payload length in bytes.
-        len: usize,
-        /// The limit.
-        max: usize,
-    },
-    /// The payload is not UTF-8.
-    #[error("connect address is not valid UTF-8")]
-    NotUtf8,
-    /// The proto or the address is empty.
-    #[error("connect address {payload:?} has an empty {part}")]
-    Empty {
-        /// Which part is empty: `proto`, `address` or `client key`.
-        part: &'static str,
-        /// The payload.
-        payload: String,
-    },
-}
 
 /// Where a virtual connection should be dialed: `tcp` + `127.0.0.1:8125`, optionally routed
 /// through a peer server on behalf of `client_key` (wire form `clientKey::tcp/127.0.0.1:8125`).

@@ -69,7 +69,7 @@ mod tests {
 
     #[test]
     fn matches_go_table() {
-        // PROTOCOL.md 1.2, checked against Go's encoding/binary.
+        // docs/protocol.md's varint examples, checked against Go's encoding/binary.
         let table: &[(i64, &[u8])] = &[
             (0, &[0x00]),
             (1, &[0x02]),

@@ -2,10 +2,10 @@
 //! (`tests/vectors/go-remotedialer-get.json`), decoded and re-encoded byte for byte, plus the
 //! websocket framing around it (fragmentation and masking) parsed by a tiny frame parser.
 //!
-//! PROTOCOL.md coverage: 1.1 (one binary message per remotedialer message, fragmentation,
-//! masking), 1.2 (varints, incl. real 9-byte message ids), 1.3 (header layout, legacy deadline
-//! only for Data/Connect), 1.4 (type codes 1-8 all captured), 1.5 (payload forms), 1.7 (worked
-//! examples), 2 (server ids start at 2, 3, 4).
+//! docs/protocol.md coverage: "Transport" (one binary message per remotedialer message,
+//! fragmentation, masking); "Message layout" (varints, incl. real 9-byte message ids; the
+//! header, the legacy deadline only for Data/Connect; type codes 1-8 all captured; payload
+//! forms; the worked examples); "Connections" (server ids start at 2, 3, 4).
 #![allow(clippy::unwrap_used)]
 
 use std::time::Instant;
@@ -416,7 +416,8 @@ fn captured_websocket_frames_reassemble_to_the_messages() {
 
 #[test]
 fn frame_parser_handles_fragments_masks_and_64_bit_lengths() {
-    // PROTOCOL.md 1.7 example 2, as sent by a client with mask 37 fa 21 3d.
+    // A Data message carrying `hello`, as sent by a client with
+    // mask 37 fa 21 3d.
     let wire = hex::decode("828b37fa213d33f8238dddfb49585b964e").unwrap();
     let f = parse_frame(&wire);
     assert_eq!(hex::encode(&f.payload), "040202b0ea0168656c6c6f");
@@ -548,7 +549,7 @@ fn go_peer_link_replays_into_a_server_session() {
 /// jitter. Replayed into an rd server-side session with the default config, whose ticks sit
 /// half a period off those pings, not one server ping goes out: against Go clients rd-server
 /// keeps Go's wire behaviour. (Were one to go out, Go answers it: both of its sides install a
-/// ping handler that replies with an empty pong, PROTOCOL.md section 4.)
+/// ping handler that replies with an empty pong: docs/protocol.md, "Transport".)
 #[test]
 fn go_client_pings_leave_an_rd_server_nothing_to_ping() {
     let v = vectors();

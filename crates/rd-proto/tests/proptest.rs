@@ -1,7 +1,7 @@
 //! Property tests: the codec round-trips every message, decoding never panics, and random
 //! operation sequences on a session pair keep the invariants checked by `common::Sim`.
 //!
-//! PROTOCOL.md section 12: `Test_encodeConnectionIDs` (SyncConnections payload round trip with
+//! Go's `Test_encodeConnectionIDs` (SyncConnections payload round trip with
 //! random ids) is `round_trip` with the `SyncConnections` strategy; `TestNewServerMessage_266`
 //! (Connect up to 266 bytes) is covered by the target strategy's lengths and by sim.rs.
 #![allow(clippy::unwrap_used)]

@@ -1,6 +1,6 @@
 //! Two sessions back to back (see `common`), scenario by scenario, on a virtual clock.
 //!
-//! PROTOCOL.md section 12 conformance items covered here (Go test -> rd test):
+//! The Go implementation's own session tests, and where each is covered (Go test -> rd test):
 //! - `TestExceedBuffer` -> `a_four_streams_16_mib_each_way_with_a_slow_reader`
 //! - `TestSession_connections`, `TestSession_clientConnect` -> `connect_registers_the_stream_under_the_received_id`
 //! - `TestSession_sessionKeys`, `TestSession_addRemoveRemoteClient` -> `add_and_remove_client_events`
@@ -599,7 +599,7 @@ fn h_unknown_ids() {
         errors_sent(&sim, Side::Client, ConnId(5)),
         ["connection not found client/0/5"]
     );
-    // PROTOCOL.md 1.7 example 9: header `.. 0a 06`, then the text.
+    // An Error message (docs/protocol.md, "Message layout"): header `.. 0a 06`, then the text.
     let last = sim.client.sent.last().unwrap();
     let bytes = last.message.to_bytes(last.message_id);
     let hdr = rd_proto::varint::varint_len(last.message_id);

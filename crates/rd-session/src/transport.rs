@@ -1,8 +1,8 @@
 //! Opening the client websocket: URL handling, proxies, TLS and the HTTP upgrade.
 //!
 //! This is the equivalent of gorilla's `websocket.Dialer` as remotedialer's client uses it
-//! (PROTOCOL.md §3.4). [`connect_websocket`] makes one attempt and classifies its failure in
-//! [`ConnectError`]; retrying is the caller's business.
+//! (docs/protocol.md, "Transport"). [`connect_websocket`] makes one attempt and classifies
+//! its failure in [`ConnectError`]; retrying is the caller's business.
 //!
 //! Proxies: [`ProxyMode::FromEnv`] follows Go's `http.ProxyFromEnvironment`, including its rule
 //! that `localhost` and loopback addresses are never proxied. Only `http://` proxies are

@@ -474,7 +474,7 @@ async fn run(o: Options) -> Result<(), BoxError> {
     let relay = isolation::run(&bench.paths[RELAY], &files, 400, None, s).await?;
     rows.extend(isolation::rows(&r, &relay));
 
-    say("long link: one bulk download over a 50 ms round trip, credit vs Pause/Resume vs relay");
+    say("long links: bulk downloads over 50 and 200 ms round trips at 100 MB/s, credit vs Pause/Resume vs relay");
     let r = longlink::run(
         &o.bin_dir,
         &tmp.0,

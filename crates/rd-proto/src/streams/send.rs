@@ -1,12 +1,16 @@
-//! The send half of a stream: Data the application wrote that the websocket has not taken.
+//! The send half of a stream: Data the application wrote that the websocket has not taken,
+//! already encoded (the header is written at `write` time, so the transmit path hands out
+//! `Bytes` without copying), bounded by the send buffer, the peer's Pause and, with the
+//! credit extension, the credit the peer granted.
 
 use std::collections::VecDeque;
 
 use bytes::{BufMut, Bytes};
 
 use crate::config::Config;
-use crate::flow::CREDIT_INITIAL_WINDOW;
-use crate::message::{data_header_len, put_data_header, ConnId};
+use crate::ids::ConnId;
+use crate::message::{data_header_len, put_data_header, CREDIT_INITIAL_WINDOW};
+use crate::outbox::Outbox;
 use crate::pool::SendPool;
 
 /// One encoded Data message and where its payload starts.
@@ -31,7 +35,7 @@ pub(crate) struct SendHalf {
     /// Bytes the peer still lets us send (credit extension); `None` with Pause/Resume peers.
     credit: Option<usize>,
     /// The application's writer is waiting for [`Event::StreamWritable`](crate::Event).
-    pub(crate) writer_waiting: bool,
+    writer_waiting: bool,
 }
 
 impl SendHalf {
@@ -47,6 +51,11 @@ impl SendHalf {
 
     pub(crate) fn queued(&self) -> usize {
         self.queued
+    }
+
+    /// The application's writer waits for [`Event::StreamWritable`](crate::Event).
+    pub(crate) fn wait(&mut self) {
+        self.writer_waiting = true;
     }
 
     /// Whether a writer waits and now has room; if so it stops waiting (the caller emits
@@ -111,18 +120,18 @@ impl SendHalf {
         released || (!self.paused_by_peer && self.credit != Some(0))
     }
 
-    /// Queues `data` as Data messages of at most `max_payload` bytes, numbering them from
-    /// `next_message_id`, in buffers from `pool`.
+    /// Queues `data` as Data messages of at most `max_payload` bytes, numbered by `out`, in
+    /// buffers from `pool`.
     pub(crate) fn push(
         &mut self,
         id: ConnId,
         data: &[u8],
         max_payload: usize,
-        next_message_id: &mut i64,
+        out: &mut Outbox,
         pool: &mut SendPool,
     ) {
         for chunk in data.chunks(max_payload.max(1)) {
-            let message = encode_data(id, chunk, next_message_id, pool);
+            let message = encode_data(id, chunk, out, pool);
             let header_len = message.len() - chunk.len();
             self.queue.push_back(Queued {
                 message,
@@ -138,7 +147,7 @@ impl SendHalf {
         &mut self,
         id: ConnId,
         released: bool,
-        next_message_id: &mut i64,
+        out: &mut Outbox,
         pool: &mut SendPool,
     ) -> Option<(Bytes, usize)> {
         if !self.can_send(released) {
@@ -156,8 +165,8 @@ impl SendHalf {
             // Rare: the credit left is smaller than the message. Send what it allows and
             // keep the rest as a message of its own (the only case that copies again).
             let payload = front.message.slice(front.header_len..);
-            let message = encode_data(id, &payload[..allowed], next_message_id, pool);
-            let rest = encode_data(id, &payload[allowed..], next_message_id, pool);
+            let message = encode_data(id, &payload[..allowed], out, pool);
+            let rest = encode_data(id, &payload[allowed..], out, pool);
             *front = Queued {
                 header_len: rest.len() - (len - allowed),
                 message: rest,
@@ -189,14 +198,8 @@ impl SendHalf {
     }
 }
 
-fn encode_data(
-    id: ConnId,
-    payload: &[u8],
-    next_message_id: &mut i64,
-    pool: &mut SendPool,
-) -> Bytes {
-    let message_id = *next_message_id;
-    *next_message_id = message_id.wrapping_add(1);
+fn encode_data(id: ConnId, payload: &[u8], out: &mut Outbox, pool: &mut SendPool) -> Bytes {
+    let message_id = out.message_id();
     let mut buf = pool.take(data_header_len(message_id, id) + payload.len());
     put_data_header(&mut buf, message_id, id);
     buf.put_slice(payload);
@@ -214,7 +217,7 @@ mod tests {
     fn large_messages_only_within_credit() {
         let config = Config::default();
         let id = ConnId(1);
-        let mut next = 1;
+        let mut next = Outbox::new(1);
         let mut send = SendHalf::new(true);
         let mut pool = SendPool::default();
         assert_eq!(send.room(&config), 32 * 1024, "the initial window");
