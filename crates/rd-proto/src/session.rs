@@ -129,6 +129,12 @@ pub enum Event {
         /// The stream.
         id: ConnId,
     },
+    /// The peer dialed the target of a stream we opened (connect-ack extension): the dial
+    /// succeeded. A failed dial ends the stream instead ([`Event::StreamClosed`]).
+    StreamAcknowledged {
+        /// The stream.
+        id: ConnId,
+    },
     /// A writer that was told [`StreamError::Blocked`] can write (or flush) now.
     StreamWritable {
         /// The stream.
@@ -548,6 +554,7 @@ impl Session {
             Message::Resume { conn_id } => self.on_pause(conn_id, false),
             Message::Credit { conn_id, increment } => self.on_credit(conn_id, increment),
             Message::Fin { conn_id } => self.on_fin(conn_id),
+            Message::ConnectAck { conn_id } => self.on_connect_ack(conn_id),
             Message::SyncConnections { ids } => self.on_sync(now, &ids),
             Message::GoAway { reason } => self.on_go_away(reason),
             Message::Replicas { count } => {
@@ -824,6 +831,26 @@ impl Session {
         }
         self.peer_going_away = Some(reason.clone());
         self.events.push_back(Event::PeerGoingAway { reason });
+    }
+
+    /// The peer's ConnectAck (connect-ack extension): its dial of a stream we opened
+    /// succeeded. Ignored without the extension (as Go ignores types it does not know), for
+    /// streams the peer opened, for streams off the wire and when repeated.
+    fn on_connect_ack(&mut self, conn_id: ConnId) {
+        if !self.config.connect_ack {
+            tracing::debug!(%conn_id, "ignoring connect ack: the extension was not negotiated");
+            return;
+        }
+        let Some(s) = self
+            .streams
+            .get_mut(conn_id)
+            .filter(|s| s.on_wire() && s.origin == Origin::Local && !s.acknowledged)
+        else {
+            return;
+        };
+        s.acknowledged = true;
+        self.events
+            .push_back(Event::StreamAcknowledged { id: conn_id });
     }
 
     fn on_fin(&mut self, conn_id: ConnId) {
@@ -1117,6 +1144,35 @@ impl Session {
         });
         self.insert_stream(id, target, Origin::Local, now);
         Ok(id)
+    }
+
+    /// Tells the peer that the dial of stream `id`, which it opened, succeeded (connect-ack
+    /// extension): queues ConnectAck, which goes out before any Data of the stream. Returns
+    /// whether it was queued: not without the extension, for a stream we opened, a stream
+    /// off the wire, or a second time. A failed dial is answered with
+    /// [`reset`](Self::reset) and the dial's text, as with Go.
+    pub fn acknowledge(&mut self, id: ConnId) -> bool {
+        if !self.config.connect_ack {
+            return false;
+        }
+        let Some(s) = self
+            .streams
+            .get_mut(id)
+            .filter(|s| s.on_wire() && s.origin == Origin::Remote && !s.acknowledged)
+        else {
+            return false;
+        };
+        s.acknowledged = true;
+        self.queue_control(&Message::ConnectAck { conn_id: id });
+        true
+    }
+
+    /// Whether the peer acknowledged the dial of stream `id`, which we opened
+    /// ([`Event::StreamAcknowledged`]; connect-ack extension only).
+    pub fn is_acknowledged(&self, id: ConnId) -> bool {
+        self.streams
+            .get(id)
+            .is_some_and(|s| s.origin == Origin::Local && s.acknowledged)
     }
 
     /// Queues `data` (or as much as fits in the stream's send buffer) and returns how many

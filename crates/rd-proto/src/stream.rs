@@ -87,6 +87,9 @@ pub(crate) struct Stream {
     pub(crate) scheduled: bool,
     /// The application dropped its handle.
     pub(crate) released: bool,
+    /// Connect-ack extension: for a stream we opened, the peer said its dial succeeded; for
+    /// one the peer opened, we said so.
+    pub(crate) acknowledged: bool,
     /// Bytes the application wrote to the stream (queued for the peer).
     pub(crate) bytes_written: u64,
     /// Bytes the application read from the stream (received from the peer).
@@ -126,6 +129,7 @@ impl Stream {
             send: SendHalf::new(config.credit),
             scheduled: false,
             released: false,
+            acknowledged: false,
             bytes_written: 0,
             bytes_read: 0,
         }
