@@ -413,6 +413,16 @@ impl Session {
         self.ping_due || !self.control.is_empty()
     }
 
+    /// Whether [`poll_transmit`](Self::poll_transmit) has something to hand out: a ping, a
+    /// control message, or a stream in the send queue (which may turn out to have nothing
+    /// it may send yet). A runtime that drains `poll_transmit` whenever it is woken need
+    /// only be woken by a call that turned this from false to true: while it is true, the
+    /// runtime has not finished draining, and will come back by itself.
+    pub fn has_output(&self) -> bool {
+        (self.ended.is_none() || !self.control.is_empty())
+            && (self.ping_due || !self.control.is_empty() || self.streams.has_ready())
+    }
+
     /// Whether the streams' unread bytes keep [`wants_input`](Self::wants_input) false: our
     /// own readers, not the peer, are why the websocket is not read. Never with credit: every
     /// unread byte was granted (a stream sent more is reset), so what the session holds is

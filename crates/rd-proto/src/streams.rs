@@ -75,6 +75,11 @@ impl Streams {
         }
     }
 
+    /// Whether any stream waits in the ready queue.
+    pub(crate) fn has_ready(&self) -> bool {
+        !self.ready.is_empty()
+    }
+
     /// The next stream in turn, taken off the ready queue (its `scheduled` flag cleared).
     pub(crate) fn next_ready(&mut self) -> Option<ConnId> {
         let id = self.ready.pop_front()?;
