@@ -61,9 +61,16 @@ fn a_failed_dial_is_still_an_error_and_no_ack() {
     let mut sim = Sim::new(connect_ack());
     let id = sim.open(Side::Server).unwrap();
     sim.flush();
-    sim.reset(Side::Client, id, "dial tcp 127.0.0.1:9: connect: connection refused")
-        .unwrap();
-    assert!(!sim.client.session.acknowledge(id), "no ack after the reset");
+    sim.reset(
+        Side::Client,
+        id,
+        "dial tcp 127.0.0.1:9: connect: connection refused",
+    )
+    .unwrap();
+    assert!(
+        !sim.client.session.acknowledge(id),
+        "no ack after the reset"
+    );
     sim.flush();
     assert!(sim.client.sent_of_type(CONNECT_ACK).is_empty());
     assert!(acknowledged(&sim.server.take_events()).is_empty());
@@ -86,8 +93,11 @@ fn acks_are_only_for_streams_the_peer_opened() {
         "a side does not acknowledge its own dial"
     );
     // An ack for a stream the receiver did not open is ignored, as is one for no stream.
-    sim.inject(Side::Server, Message::ConnectAck { conn_id: ours }.to_bytes(7))
-        .unwrap();
+    sim.inject(
+        Side::Server,
+        Message::ConnectAck { conn_id: ours }.to_bytes(7),
+    )
+    .unwrap();
     sim.inject(
         Side::Server,
         Message::ConnectAck {
@@ -107,11 +117,17 @@ fn without_the_extension_nothing_is_sent_and_a_stray_ack_is_ignored() {
     let mut sim = Sim::new(Config::default());
     let id = sim.open(Side::Server).unwrap();
     sim.flush();
-    assert!(!sim.client.session.acknowledge(id), "a Go peer never gets one");
+    assert!(
+        !sim.client.session.acknowledge(id),
+        "a Go peer never gets one"
+    );
     sim.flush();
     assert!(sim.client.sent_of_type(CONNECT_ACK).is_empty());
-    sim.inject(Side::Server, Message::ConnectAck { conn_id: id }.to_bytes(9))
-        .unwrap();
+    sim.inject(
+        Side::Server,
+        Message::ConnectAck { conn_id: id }.to_bytes(9),
+    )
+    .unwrap();
     assert!(acknowledged(&sim.server.take_events()).is_empty());
     assert!(!sim.server.session.is_acknowledged(id));
     assert!(sim.server.session.end().is_none(), "the session stays up");

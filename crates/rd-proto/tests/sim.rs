@@ -1115,7 +1115,10 @@ fn has_output_follows_what_poll_transmit_would_hand_out() {
     sim.flush();
     assert!(!sim.server.session.has_output());
     sim.close(Side::Server, SessionEnd::Local);
-    assert!(sim.server.session.has_output(), "the Errors of a local close");
+    assert!(
+        sim.server.session.has_output(),
+        "the Errors of a local close"
+    );
     sim.flush();
     assert!(!sim.server.session.has_output(), "nothing after the end");
 }

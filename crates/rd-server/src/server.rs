@@ -12,8 +12,6 @@ use rd_session::{
     ConnectHandler, Extensions, RefuseAll, SessionBuilder, SessionHandle, SessionObserver,
     EXTENSIONS_HEADER, HELD_SERVERS_HEADER, REPLICAS_HEADER,
 };
-use tokio_tungstenite::tungstenite::protocol::Role;
-use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -218,21 +216,18 @@ impl ServerBuilder {
         self
     }
 
-    /// The read buffer of each session's websocket (default 4 KiB, at least 1 KiB). It is
-    /// resident for the session's life, and was most of an idle session's memory (16 KiB:
-    /// about 22 KiB per idle session on a 10,000-agent server; 4 KiB: about 10). It is also
-    /// the most tungstenite takes per read; bulk data comes in bursts of
-    /// [`websocket_read_burst`](Self::websocket_read_burst) per syscall underneath. See
-    /// [`websocket_config_with`](rd_session::websocket_config_with).
+    /// How much one read of a session's small websocket frames (pings, requests, Go's
+    /// 4 KiB fragments) takes at first (default 4 KiB, at least 1 KiB). The buffer exists
+    /// only while frames arrive, so idle sessions hold none; a frame larger than this is
+    /// read into a buffer of its own, without a copy (see [`rd_session::WebSocketIo`]).
     pub fn websocket_read_buffer(mut self, bytes: usize) -> Self {
         self.ws_read_buffer = bytes;
         self
     }
 
-    /// The most one read syscall of a session takes while data arrives faster than the
-    /// websocket reads it (default 64 KiB; 0 turns it off, so each read syscall takes at
-    /// most [`websocket_read_buffer`](Self::websocket_read_buffer)). The buffer exists only
-    /// during such a burst (see [`rd_session::BurstReader`]): idle sessions hold none.
+    /// The most one read of small frames takes while each read fills its buffer (a burst
+    /// of many small messages; default 64 KiB; 0: reads stay at
+    /// [`websocket_read_buffer`](Self::websocket_read_buffer)).
     pub fn websocket_read_burst(mut self, bytes: usize) -> Self {
         self.ws_read_burst = bytes;
         self
@@ -732,7 +727,6 @@ impl Server {
                 match on_upgrade.await {
                     Ok(upgraded) => {
                         let io = TokioIo::new(upgraded);
-                        let burst = server.inner.ws_read_burst;
                         let start = SessionStart {
                             client_key,
                             session_key,
@@ -740,12 +734,7 @@ impl Server {
                             extensions,
                             told,
                         };
-                        if burst == 0 {
-                            server.run_session(io, start, permit).await
-                        } else {
-                            let io = rd_session::BurstReader::with_burst(io, burst);
-                            server.run_session(io, start, permit).await
-                        }
+                        server.run_session(io, start, permit).await
                     }
                     Err(e) => tracing::info!(error = %e, "websocket upgrade failed"),
                 }
@@ -844,15 +833,10 @@ impl Server {
             told,
         } = start;
         let inner = &self.inner;
-        let ws = WebSocketStream::from_raw_socket(
-            io,
-            Role::Server,
-            Some(rd_session::websocket_config_with(
-                inner.max_message_size,
-                inner.ws_read_buffer,
-            )),
-        )
-        .await;
+        let ws = rd_session::WebSocketIo::new(io)
+            .max_message_size(inner.max_message_size)
+            .read_buffer(inner.ws_read_buffer)
+            .read_burst(inner.ws_read_burst);
         let observer = Arc::new(StreamMetrics {
             metrics: inner.metrics.clone(),
             client_key: client_key.clone(),

@@ -5,9 +5,7 @@ use std::sync::Arc;
 
 use crate::extensions::Extensions;
 use rd_proto::{ClientSession, Config, Identity, Session, SessionEnd, SessionStats, Side, Target};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
-use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -17,6 +15,7 @@ use crate::incoming::ConnectHandler;
 use crate::observer::{NoObserver, SessionObserver};
 use crate::shared::Shared;
 use crate::stream::TunnelStream;
+use crate::websocket::IntoWebSocketIo;
 
 /// The websocket Close status "going away" (RFC 6455 section 7.4.1).
 pub const GOING_AWAY: u16 = 1001;
@@ -305,11 +304,11 @@ impl SessionBuilder {
         self
     }
 
-    /// Creates the session; the caller drives it by awaiting (or spawning) the driver.
-    pub fn start<S>(self, ws: WebSocketStream<S>) -> (SessionHandle, SessionDriver<S>)
-    where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
+    /// Creates the session over an upgraded websocket (a [`WebSocketIo`](crate::WebSocketIo)
+    /// or a tokio-tungstenite `WebSocketStream` that read nothing past its handshake); the
+    /// caller drives it by awaiting (or spawning) the driver. A server builder's session is
+    /// the websocket's server side, a client builder's its client side.
+    pub fn start<W: IntoWebSocketIo>(self, ws: W) -> (SessionHandle, SessionDriver<W::Io>) {
         let identity = match self.side {
             Side::Client => Identity::client(),
             Side::Server => Identity {
@@ -322,7 +321,8 @@ impl SessionBuilder {
         let proto = Session::new(self.side, self.config, identity, now(), first_message_id);
         let shared = Shared::new(proto, self.client_key, self.session_key, self.observer);
         let driver = SessionDriver::new(
-            ws,
+            ws.into_websocket_io(),
+            self.side == Side::Server,
             shared.clone(),
             self.handler,
             self.on_announcement,
@@ -334,10 +334,7 @@ impl SessionBuilder {
 
     /// Creates the session and spawns its driver on the current tokio runtime, inside a
     /// `session` tracing span.
-    pub fn spawn<S>(self, ws: WebSocketStream<S>) -> SessionHandle
-    where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
+    pub fn spawn<W: IntoWebSocketIo>(self, ws: W) -> SessionHandle {
         let span = tracing::info_span!(
             parent: None,
             "session",

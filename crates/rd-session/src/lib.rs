@@ -47,6 +47,7 @@ mod burst_reader;
 mod driver;
 mod error;
 mod extensions;
+mod frames;
 mod handle;
 mod incoming;
 mod observer;
@@ -54,6 +55,7 @@ mod shared;
 mod socket;
 mod stream;
 pub mod transport;
+mod websocket;
 
 pub use backoff::{Backoff, DEFAULT_BACKOFF_INITIAL, DEFAULT_BACKOFF_JITTER, DEFAULT_BACKOFF_MAX};
 pub use burst_reader::{BurstReader, DEFAULT_BURST};
@@ -68,6 +70,7 @@ pub use incoming::{pipe, BoxFuture, BoxedIo, ConnectHandler, ConnectRefused, Loc
 pub use observer::{NoObserver, SessionObserver};
 pub use socket::{tune_tunnel_socket, TUNNEL_SOCKET_BUFFER};
 pub use stream::TunnelStream;
+pub use websocket::{IntoWebSocketIo, WebSocketIo};
 
 /// A tungstenite config for tunnel websockets: no message larger than `max_message_size`
 /// (Go sets no limit; a Go peer's Data messages are at most its write size, 32 KiB for
