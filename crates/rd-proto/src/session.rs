@@ -423,6 +423,12 @@ impl Session {
             && (self.ping_due || !self.control.is_empty() || self.streams.has_ready())
     }
 
+    /// Whether [`poll_event`](Self::poll_event) has something: an application call can
+    /// queue events too (a reset ends the stream), which the runtime must hand out.
+    pub fn has_events(&self) -> bool {
+        !self.events.is_empty()
+    }
+
     /// Whether the streams' unread bytes keep [`wants_input`](Self::wants_input) false: our
     /// own readers, not the peer, are why the websocket is not read. Never with credit: every
     /// unread byte was granted (a stream sent more is reset), so what the session holds is
