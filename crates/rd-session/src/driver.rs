@@ -133,8 +133,12 @@ where
     /// machine wants input, and the message did not queue a control message (a Pause, say)
     /// that should go out before we read on (every further read lets the peer send more
     /// before it sees the Pause).
-    fn on_incoming(&mut self, inner: &mut Inner, incoming: Incoming) -> bool {
-        let now = now();
+    fn on_incoming(
+        &mut self,
+        inner: &mut Inner,
+        now: std::time::Instant,
+        incoming: Incoming,
+    ) -> bool {
         let control_was_queued = inner.proto.has_control_queued();
         match incoming {
             Incoming::Binary(bytes) => {
@@ -175,10 +179,13 @@ where
             // the write half has drained them or readers have read.
             return false;
         }
+        // One clock reading per turn: a turn reads a batch in microseconds, and the clock
+        // only feeds timers and rates measured in milliseconds.
+        let now = now();
         for _ in 0..BUDGET.read_messages {
             match self.reader.poll_next(cx, &mut self.io) {
                 Poll::Ready(Ok(incoming)) => {
-                    if !self.on_incoming(inner, incoming) {
+                    if !self.on_incoming(inner, now, incoming) {
                         // A control message goes out first; then read on.
                         return true;
                     }
@@ -282,7 +289,10 @@ where
     fn collect_events(&mut self, inner: &mut Inner) {
         while let Some(event) = inner.proto.poll_event() {
             match event {
-                Event::StreamReadable { id } => inner.wake_stream(id, true, false),
+                // A task waiting for the dial's outcome waits as the stream's reader.
+                Event::StreamReadable { id } | Event::StreamAcknowledged { id } => {
+                    inner.wake_stream(id, true, false)
+                }
                 Event::StreamWritable { id } => inner.wake_stream(id, false, true),
                 Event::StreamClosed { id, ref end } => {
                     tracing::debug!(conn_id = %id, %end, "stream closed");
@@ -484,6 +494,7 @@ where
     type Output = SessionEnd;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<SessionEnd> {
+        crate::shared::DRIVER_POLLS.fetch_add(1, Ordering::Relaxed);
         let this = self.get_mut();
         for _ in 0..BUDGET.turns_per_poll {
             let (progress, ended) = this.turn(cx);

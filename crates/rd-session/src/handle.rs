@@ -53,8 +53,7 @@ impl SessionHandle {
     /// stream's first read error (with the peer's text, e.g. `connection refused`).
     pub fn dial(&self, target: Target) -> Result<TunnelStream, DialError> {
         let mut inner = self.shared.lock();
-        let id = inner.proto.open_stream(now(), target.clone())?;
-        inner.wake_driver();
+        let id = inner.call(|p| p.open_stream(now(), target.clone()))?;
         drop(inner);
         Ok(TunnelStream::new(self.shared.clone(), id, target))
     }
@@ -67,8 +66,7 @@ impl SessionHandle {
     /// Queues an AddClient (`added`) or RemoveClient for the peer; used on peer links.
     pub fn announce(&self, client: ClientSession, added: bool) {
         let mut inner = self.shared.lock();
-        inner.proto.announce(client, added);
-        inner.wake_driver();
+        inner.call(|p| p.announce(client, added));
     }
 
     /// Closes the session: streams end with `tunnel disconnect` and the peer is told.
@@ -133,6 +131,12 @@ impl SessionHandle {
         self.end().is_some()
     }
 
+    /// Times stream and session handles have woken this session's driver (each a hop to
+    /// its task, often on another thread): for benchmarks and tests of the data path.
+    pub fn driver_wakes(&self) -> u64 {
+        self.shared.lock().wakes
+    }
+
     /// Stream and buffer counters, for metrics.
     pub fn stats(&self) -> SessionStats {
         self.shared.lock().proto.stats()
@@ -160,11 +164,7 @@ impl SessionHandle {
     /// sent already, or the session ended).
     pub fn go_away(&self, reason: &str) -> bool {
         let mut inner = self.shared.lock();
-        let sent = inner.proto.go_away(reason);
-        if sent {
-            inner.wake_driver();
-        }
-        sent
+        inner.call(|p| p.go_away(reason))
     }
 
     /// Whether [`go_away`](Self::go_away) was sent on this session.
@@ -177,8 +177,7 @@ impl SessionHandle {
     pub fn announce_replicas(&self, count: u32) {
         let mut inner = self.shared.lock();
         if inner.proto.config().replicas {
-            inner.proto.announce_replicas(count);
-            inner.wake_driver();
+            inner.call(|p| p.announce_replicas(count));
         }
     }
 

@@ -53,6 +53,7 @@ mod incoming;
 mod observer;
 mod shared;
 mod socket;
+mod splice;
 mod stream;
 pub mod transport;
 mod websocket;
@@ -62,14 +63,18 @@ pub use burst_reader::{BurstReader, DEFAULT_BURST};
 pub use driver::{AnnouncementFn, SessionDriver};
 pub use error::{error_chain, DialError, StreamClosed};
 pub use extensions::{
-    Extensions, CREDIT, EXTENSIONS_HEADER, HALF_CLOSE, HELD_SERVERS_HEADER, REPLICAS,
+    Extensions, CONNECT_ACK, CREDIT, EXTENSIONS_HEADER, HALF_CLOSE, HELD_SERVERS_HEADER, REPLICAS,
     REPLICAS_HEADER, SERVER_ID_HEADER,
 };
 pub use handle::{PeerNotices, SessionBuilder, SessionHandle, GOING_AWAY};
-pub use incoming::{pipe, BoxFuture, BoxedIo, ConnectHandler, ConnectRefused, LocalIo, RefuseAll};
+pub use incoming::{
+    pipe, BoxFuture, BoxedIo, ConnectHandler, ConnectRefused, Dialed, LocalIo, RefuseAll,
+};
 pub use observer::{NoObserver, SessionObserver};
+pub use shared::{driver_stats, DriverStats};
 pub use socket::{tune_tunnel_socket, TUNNEL_SOCKET_BUFFER};
-pub use stream::TunnelStream;
+pub use splice::{splice, SpliceError, Spliced};
+pub use stream::{Established, TunnelStream};
 pub use websocket::{IntoWebSocketIo, WebSocketIo};
 
 /// A tungstenite config for tunnel websockets: no message larger than `max_message_size`
