@@ -726,7 +726,6 @@ impl Server {
             async move {
                 match on_upgrade.await {
                     Ok(upgraded) => {
-                        let io = TokioIo::new(upgraded);
                         let start = SessionStart {
                             client_key,
                             session_key,
@@ -734,7 +733,22 @@ impl Server {
                             extensions,
                             told,
                         };
-                        server.run_session(io, start, permit).await
+                        // A plain TCP connection served by hyper over tokio (rd-server's
+                        // own listener): the session takes the socket itself, without
+                        // hyper's boxed wrapper, and bounds its unsent bytes.
+                        match upgraded.downcast::<TokioIo<tokio::net::TcpStream>>() {
+                            Ok(parts) => {
+                                let tcp = parts.io.into_inner();
+                                rd_session::set_tunnel_send_queue(&tcp).ok();
+                                let ws =
+                                    rd_session::WebSocketIo::new(tcp).read_ahead(parts.read_buf);
+                                server.run_session(ws, start, permit).await
+                            }
+                            Err(upgraded) => {
+                                let ws = rd_session::WebSocketIo::new(TokioIo::new(upgraded));
+                                server.run_session(ws, start, permit).await
+                            }
+                        }
                     }
                     Err(e) => tracing::info!(error = %e, "websocket upgrade failed"),
                 }
@@ -819,7 +833,7 @@ impl Server {
 
     async fn run_session<S>(
         &self,
-        io: S,
+        ws: rd_session::WebSocketIo<S>,
         start: SessionStart,
         permit: tokio::sync::OwnedSemaphorePermit,
     ) where
@@ -833,7 +847,7 @@ impl Server {
             told,
         } = start;
         let inner = &self.inner;
-        let ws = rd_session::WebSocketIo::new(io)
+        let ws = ws
             .max_message_size(inner.max_message_size)
             .read_buffer(inner.ws_read_buffer)
             .read_burst(inner.ws_read_burst);

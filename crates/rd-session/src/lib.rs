@@ -72,7 +72,10 @@ pub use incoming::{
 };
 pub use observer::{NoObserver, SessionObserver};
 pub use shared::{driver_stats, DriverStats};
-pub use socket::{tune_tunnel_socket, TUNNEL_SOCKET_BUFFER};
+pub use socket::{
+    set_tunnel_send_queue, tune_accepted_socket, tune_tunnel_socket, TUNNEL_NOTSENT_LOWAT,
+    TUNNEL_SOCKET_BUFFER,
+};
 pub use splice::{splice, SpliceError, Spliced};
 pub use stream::{Established, TunnelStream};
 pub use websocket::{IntoWebSocketIo, WebSocketIo};
