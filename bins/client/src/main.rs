@@ -129,6 +129,10 @@ struct Args {
     /// drains: the agent moves when the draining server closes its session).
     #[arg(long, env = "RD_NO_REPLICAS", value_parser = cli::boolish())]
     no_replicas: bool,
+    /// Do not offer rd's connect-ack extension: the server cannot tell when this agent's
+    /// dial succeeded, so its CONNECT waits --connect-wait as for a Go agent.
+    #[arg(long, env = "RD_NO_CONNECT_ACK")]
+    no_connect_ack: bool,
     /// First redial delay ceiling; it doubles on each failure up to --backoff-max.
     #[arg(long, env = "RD_BACKOFF_INITIAL", value_name = "DURATION", default_value = "1s", value_parser = duration)]
     backoff_initial: Duration,
@@ -230,6 +234,7 @@ async fn build(args: &Args, metrics: Option<Arc<AgentMetrics>>) -> Result<Client
         // Safe with every server: a Go server never answers it. It also gives a client of
         // one session (--sessions 1) a make-before-break move when an rd server drains.
         replicas: !args.no_replicas,
+        connect_ack: !args.no_connect_ack,
     };
     let mut config = Config::default();
     config.ping_interval = args.ping_interval;
@@ -413,6 +418,11 @@ mod tests {
             parse(&["rd-client", "-no-replicas"])
                 .expect("go style")
                 .no_replicas
+        );
+        assert!(
+            parse(&["rd-client", "--no-connect-ack"])
+                .expect("go style")
+                .no_connect_ack
         );
         assert!(!parse(&["rd-client"]).expect("defaults").no_half_close);
         let c = parse(&[

@@ -278,7 +278,8 @@ pub async fn serve(
             }
         };
         // Every connection may become a tunnel; HTTP requests do not mind the bounded buffers.
-        rd_session::tune_tunnel_socket(&tcp).ok();
+        // (Tunnels also get a bound on unsent bytes, at their upgrade.)
+        rd_session::tune_accepted_socket(&tcp).ok();
         let app = app.clone();
         let tls = tls.clone();
         let tracker = app.front.connections.clone();

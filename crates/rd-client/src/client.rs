@@ -566,8 +566,11 @@ impl Client {
                 server_id = server.id.as_deref(),
                 "a server held already: closing"
             );
-            let mut ws = ws;
-            tokio::time::timeout(Duration::from_secs(1), ws.close(None))
+            let close = async move {
+                let role = tokio_tungstenite::tungstenite::protocol::Role::Client;
+                ws.into_websocket_stream(role).await.close(None).await
+            };
+            tokio::time::timeout(Duration::from_secs(1), close)
                 .await
                 .ok();
             return Some(Attempt::Elsewhere { server, held: true });

@@ -53,6 +53,7 @@ pub fn decode(mut buf: Bytes) -> Result<Frame, DecodeError> {
         MessageType::Resume => Message::Resume { conn_id },
         // Header only, like Pause: trailing bytes are ignored.
         MessageType::Fin => Message::Fin { conn_id },
+        MessageType::ConnectAck => Message::ConnectAck { conn_id },
         MessageType::SyncConnections => {
             if buf.len() % 8 != 0 {
                 return Err(DecodeError::BadSyncLength { len: buf.len() });

@@ -121,6 +121,12 @@ pub struct Config {
     /// that it is going away ([`Session::go_away`](crate::Session::go_away)). Off by
     /// default: Go peers never speak it.
     pub replicas: bool,
+    /// Use rd's connect-ack extension (both ends must have negotiated it at the upgrade; see
+    /// docs/protocol.md): the side that receives a Connect answers ConnectAck once its dial
+    /// succeeded ([`Session::acknowledge`](crate::Session::acknowledge)), so the dialing side
+    /// knows the outcome at once instead of waiting for data or an Error. Off by default:
+    /// Go peers never speak it.
+    pub connect_ack: bool,
     /// The largest credit window a stream's receiver auto-tunes to; at most
     /// [`stream_receive_cap`](Self::stream_receive_cap). rd: 32 MiB, which one stream fills
     /// a link with up to 29 MB in flight with (7/8 of it: 100 MB/s over 290 ms).
@@ -167,6 +173,7 @@ impl Default for Config {
             credit: false,
             half_close: false,
             replicas: false,
+            connect_ack: false,
             credit_max_window: 32 * 1024 * 1024,
             stream_send_buffer: 256 * 1024,
             max_data_payload: 64 * 1024,

@@ -23,6 +23,12 @@ pub enum Event {
         /// The stream.
         id: ConnId,
     },
+    /// The peer dialed the target of a stream we opened (connect-ack extension): the dial
+    /// succeeded. A failed dial ends the stream instead ([`Event::StreamClosed`]).
+    StreamAcknowledged {
+        /// The stream.
+        id: ConnId,
+    },
     /// A writer that was told [`StreamError::Blocked`](crate::StreamError::Blocked) can write
     /// (or flush) now.
     StreamWritable {

@@ -1,5 +1,5 @@
-//! The eight remotedialer messages (plus rd's negotiated Credit, Fin, GoAway and Replicas), one
-//! variant each, and their wire encoding.
+//! The eight remotedialer messages (plus rd's negotiated Credit, Fin, GoAway, Replicas and
+//! ConnectAck), one variant each, and their wire encoding.
 
 use std::fmt;
 
@@ -54,6 +54,9 @@ pub enum MessageType {
     /// rd extension (negotiated, never sent to Go peers): how many replicas the server side
     /// counts (itself included), so an agent knows how many sessions to hold.
     Replicas = 67,
+    /// rd extension (negotiated, never sent to Go peers): the receiver of a Connect dialed
+    /// its target; a failed dial is still an Error with the dial's text.
+    ConnectAck = 68,
 }
 
 impl MessageType {
@@ -72,6 +75,7 @@ impl MessageType {
             65 => Self::Fin,
             66 => Self::GoAway,
             67 => Self::Replicas,
+            68 => Self::ConnectAck,
             _ => return None,
         })
     }
@@ -158,6 +162,13 @@ pub enum Message {
         /// The count.
         count: u32,
     },
+    /// rd's connect-ack extension: the sender (the side that received the Connect) dialed
+    /// the connection's target, so the dial succeeded. Header only, no payload; sent before
+    /// any Data of the connection. Only sent when both ends negotiated the extension.
+    ConnectAck {
+        /// The connection.
+        conn_id: ConnId,
+    },
     /// A type this implementation does not know; receivers ignore it, as Go does.
     Unknown {
         /// The type code.
@@ -193,6 +204,10 @@ impl fmt::Debug for Message {
                 f.debug_struct("SyncConnections").field("ids", ids).finish()
             }
             Self::Fin { conn_id } => f.debug_struct("Fin").field("conn_id", conn_id).finish(),
+            Self::ConnectAck { conn_id } => f
+                .debug_struct("ConnectAck")
+                .field("conn_id", conn_id)
+                .finish(),
             Self::GoAway { reason } => f.debug_struct("GoAway").field("reason", reason).finish(),
             Self::Replicas { count } => f.debug_struct("Replicas").field("count", count).finish(),
             Self::Credit { conn_id, increment } => f
@@ -234,6 +249,7 @@ impl Message {
             Self::Fin { .. } => MessageType::Fin as i64,
             Self::GoAway { .. } => MessageType::GoAway as i64,
             Self::Replicas { .. } => MessageType::Replicas as i64,
+            Self::ConnectAck { .. } => MessageType::ConnectAck as i64,
             Self::Unknown { type_code, .. } => *type_code,
         }
     }
@@ -248,6 +264,7 @@ impl Message {
             | Self::Resume { conn_id }
             | Self::Credit { conn_id, .. }
             | Self::Fin { conn_id }
+            | Self::ConnectAck { conn_id }
             | Self::Unknown { conn_id, .. } => *conn_id,
             Self::AddClient(_)
             | Self::RemoveClient(_)
@@ -269,7 +286,11 @@ impl Message {
             Self::Credit { increment, .. } => varint_len(i64::from(*increment)),
             Self::GoAway { reason } => reason.len(),
             Self::Replicas { count } => varint_len(i64::from(*count)),
-            Self::Pause { .. } | Self::Resume { .. } | Self::Fin { .. } | Self::Unknown { .. } => 0,
+            Self::Pause { .. }
+            | Self::Resume { .. }
+            | Self::Fin { .. }
+            | Self::ConnectAck { .. }
+            | Self::Unknown { .. } => 0,
         }
     }
 
@@ -304,7 +325,11 @@ impl Message {
             Self::Credit { increment, .. } => put_varint(buf, i64::from(*increment)),
             Self::GoAway { reason } => buf.put_slice(reason.as_bytes()),
             Self::Replicas { count } => put_varint(buf, i64::from(*count)),
-            Self::Pause { .. } | Self::Resume { .. } | Self::Fin { .. } | Self::Unknown { .. } => {}
+            Self::Pause { .. }
+            | Self::Resume { .. }
+            | Self::Fin { .. }
+            | Self::ConnectAck { .. }
+            | Self::Unknown { .. } => {}
         }
     }
 
@@ -409,6 +434,10 @@ mod tests {
         assert_eq!(hex(&go_away, 5), "0a008401647261696e");
         let replicas = Message::Replicas { count: 3 };
         assert_eq!(hex(&replicas, 5), "0a00860106");
+        // rd's connect-ack: header only, type 68 (zig-zag 136 = `88 01`), on connection 2.
+        let ack = Message::ConnectAck { conn_id: ConnId(2) };
+        assert_eq!(hex(&ack, 5), "0a048801");
+        assert_eq!(ack.to_bytes(5).len(), ack.encoded_len(5));
         assert_eq!(go_away.to_bytes(5).len(), go_away.encoded_len(5));
         assert_eq!(replicas.to_bytes(5).len(), replicas.encoded_len(5));
         let sync = Message::SyncConnections { ids: vec![2, 3, 7] };

@@ -77,6 +77,10 @@ impl Outbox {
         self.events.pop_front()
     }
 
+    pub(crate) fn has_events(&self) -> bool {
+        !self.events.is_empty()
+    }
+
     pub(crate) fn queued_control(&self) -> usize {
         self.control.len()
     }

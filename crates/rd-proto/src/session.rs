@@ -127,6 +127,21 @@ impl Session {
         self.keepalive.ping_due() || self.out.queued_control() > 0
     }
 
+    /// Whether [`poll_transmit`](Self::poll_transmit) has something to hand out: a ping, a
+    /// control message, or a stream in the send queue (which may turn out to have nothing
+    /// it may send yet). A runtime that drains `poll_transmit` whenever it is woken need
+    /// only be woken by a call that turned this from false to true: while it is true, the
+    /// runtime has not finished draining, and will come back by itself.
+    pub fn has_output(&self) -> bool {
+        self.has_control_queued() || (self.ended.is_none() && self.streams.has_ready())
+    }
+
+    /// Whether [`poll_event`](Self::poll_event) has something: an application call can
+    /// queue events too (a reset ends the stream), which the runtime must hand out.
+    pub fn has_events(&self) -> bool {
+        self.out.has_events()
+    }
+
     /// Counters for metrics.
     pub fn stats(&self) -> SessionStats {
         let t = self.streams.totals();
@@ -269,6 +284,9 @@ impl Session {
             Message::Fin { conn_id } if config.half_close => {
                 self.streams.on_fin(conn_id, config, out);
             }
+            Message::ConnectAck { conn_id } if config.connect_ack => {
+                self.streams.on_connect_ack(conn_id, config, out);
+            }
             Message::SyncConnections { ids } => self.streams.on_sync(now, &ids, config, out),
             Message::AddClient(c) if self.side == Side::Server => {
                 out.event(Event::ClientAdded(c));
@@ -391,6 +409,8 @@ impl Session {
 
     /// Opens a stream to `target`: allocates an id and queues Connect. There is no
     /// acknowledgement in the protocol; a failed remote dial arrives later as the stream's end.
+    /// (With the connect-ack extension a successful one arrives as
+    /// [`Event::StreamAcknowledged`].)
     pub fn open_stream(&mut self, now: Instant, target: Target) -> Result<ConnId, OpenError> {
         if let Some(end) = &self.ended {
             return Err(OpenError::SessionClosed(end.clone()));
@@ -413,6 +433,21 @@ impl Session {
             ));
         }
         Ok(self.streams.open(now, target, &self.config, &mut self.out))
+    }
+
+    /// Tells the peer that the dial of stream `id`, which it opened, succeeded (connect-ack
+    /// extension): queues ConnectAck, which goes out before any Data of the stream. Returns
+    /// whether it was queued: not without the extension, for a stream we opened, a stream
+    /// off the wire, or a second time. A failed dial is answered with
+    /// [`reset`](Self::reset) and the dial's text, as with Go.
+    pub fn acknowledge(&mut self, id: ConnId) -> bool {
+        self.config.connect_ack && self.streams.acknowledge(id, &self.config, &mut self.out)
+    }
+
+    /// Whether the peer acknowledged the dial of stream `id`, which we opened
+    /// ([`Event::StreamAcknowledged`]; connect-ack extension only).
+    pub fn is_acknowledged(&self, id: ConnId) -> bool {
+        self.streams.is_acknowledged(id)
     }
 
     /// Queues `data` (or as much as fits in the stream's send buffer) and returns how many

@@ -62,6 +62,7 @@ fn type_name(code: i64) -> &'static str {
         Some(MessageType::Fin) => "Fin",
         Some(MessageType::GoAway) => "GoAway",
         Some(MessageType::Replicas) => "Replicas",
+        Some(MessageType::ConnectAck) => "ConnectAck",
         None => "Unknown",
     }
 }
@@ -151,7 +152,8 @@ fn check_message(section: &str, index: usize, m: &Value) -> String {
         | Message::Credit { .. }
         | Message::Fin { .. }
         | Message::GoAway { .. }
-        | Message::Replicas { .. } => {
+        | Message::Replicas { .. }
+        | Message::ConnectAck { .. } => {
             panic!("{ctx}: Go never sent an unknown type or one of rd's extensions")
         }
     }

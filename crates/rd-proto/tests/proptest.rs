@@ -63,11 +63,12 @@ fn message() -> impl Strategy<Value = Message> {
         conn_id().prop_map(|conn_id| Message::Pause { conn_id }),
         conn_id().prop_map(|conn_id| Message::Resume { conn_id }),
         conn_id().prop_map(|conn_id| Message::Fin { conn_id }),
+        conn_id().prop_map(|conn_id| Message::ConnectAck { conn_id }),
         proptest::collection::vec(any::<i64>(), 0..64)
             .prop_map(|ids| Message::SyncConnections { ids }),
         (
             any::<i64>().prop_filter("known type", |c| !(1..=8).contains(c)
-                && !(64..=65).contains(c)),
+                && !(64..=68).contains(c)),
             conn_id()
         )
             .prop_map(|(type_code, conn_id)| Message::Unknown { type_code, conn_id }),

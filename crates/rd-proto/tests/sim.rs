@@ -1081,3 +1081,44 @@ fn recycled_buffers_carry_the_next_message() {
     assert_eq!(second.as_ptr(), addr, "encoded into the recycled buffer");
     assert!(second.ends_with(&[6u8; 1000]));
 }
+
+// ----- telling the runtime when to look -----------------------------------------------------------
+
+/// `has_output` is true exactly while `poll_transmit` has something to drain, so a runtime
+/// that drains on every wake need only be woken when a call turns it from false to true.
+#[test]
+fn has_output_follows_what_poll_transmit_would_hand_out() {
+    let mut c = Config::default();
+    c.credit = true;
+    let mut sim = Sim::new(c);
+    sim.flush();
+    assert!(!sim.server.session.has_output(), "nothing queued");
+    let id = sim.open(Side::Server).unwrap();
+    assert!(sim.server.session.has_output(), "the Connect");
+    sim.flush();
+    assert!(!sim.server.session.has_output());
+    sim.write(Side::Server, id, b"request").unwrap();
+    assert!(sim.server.session.has_output(), "the stream's Data");
+    sim.flush();
+    assert!(!sim.server.session.has_output());
+    // A read that queues no grant leaves nothing to send; one that does, does.
+    sim.write(Side::Client, id, b"x").unwrap();
+    sim.flush();
+    sim.read(Side::Server, id, 64).unwrap();
+    assert!(!sim.server.session.has_output(), "one byte earns no grant");
+    sim.write(Side::Client, id, &[7u8; 32 * 1024 - 1]).unwrap();
+    sim.flush();
+    while sim.server.session.unread(id).unwrap_or(0) > 0 {
+        sim.read(Side::Server, id, 4096).unwrap();
+    }
+    assert!(sim.server.session.has_output(), "the credit grant");
+    sim.flush();
+    assert!(!sim.server.session.has_output());
+    sim.close(Side::Server, SessionEnd::Local);
+    assert!(
+        sim.server.session.has_output(),
+        "the Errors of a local close"
+    );
+    sim.flush();
+    assert!(!sim.server.session.has_output(), "nothing after the end");
+}

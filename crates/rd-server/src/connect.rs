@@ -4,11 +4,13 @@
 //! if the agent is connected to another replica, and the agent's allow rules decide as for
 //! any dial.
 //!
-//! The Go protocol has no "connected" reply: a dial the agent refuses or fails is only known
-//! when its Error arrives. So before answering `200` the proxy waits up to
-//! [`ConnectProxy::connect_wait`] for the stream's first event: an Error is answered `502`
-//! with the agent's text, data or the wait running out is answered `200`. A failure that
-//! arrives later closes the tunnelled connection instead (and is logged).
+//! The proxy answers once the agent's dial has succeeded (`200`) or failed (`502` with the
+//! agent's text). An rd agent says so at once (the connect-ack extension): the answer
+//! comes one round trip to the agent plus its dial after the request, bounded by
+//! [`ConnectProxy::dial_timeout`] (`504`). The Go protocol has no "connected" reply: with a
+//! Go agent the proxy waits up to [`ConnectProxy::connect_wait`] for the stream's first
+//! event: an Error is answered `502`, data or the wait running out `200`, and a failure
+//! that arrives later closes the tunnelled connection instead (and is logged).
 
 use std::fmt;
 use std::sync::Arc;
@@ -20,7 +22,6 @@ use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use rd_session::TunnelStream;
-use tokio::io::AsyncWriteExt;
 
 use crate::splice::splice;
 use crate::tunnel_use::TunnelUse;
@@ -28,6 +29,9 @@ use crate::{Body, DialError, Server};
 
 /// Default of [`ConnectProxy::connect_wait`].
 pub const DEFAULT_CONNECT_WAIT: Duration = Duration::from_millis(100);
+
+/// Default of [`ConnectProxy::dial_timeout`] (Go's example's default `timeout`).
+pub const DEFAULT_DIAL_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Checks a CONNECT's proxy password for a client key (see [`ConnectProxy::credentials`]).
 /// Closures `Fn(&str, &str) -> bool` (client key, password) implement it.
@@ -69,6 +73,9 @@ pub enum ConnectError {
     /// `dial tcp 127.0.0.1:9: connect: connection refused`).
     #[error("{0}")]
     Refused(String),
+    /// An rd agent gave no verdict on the dial within [`ConnectProxy::dial_timeout`].
+    #[error("no answer from the agent's dial within {0:?}")]
+    Timeout(Duration),
 }
 
 impl ConnectError {
@@ -79,6 +86,7 @@ impl ConnectError {
             Self::NoCredentials | Self::BadPassword(_) => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
             Self::Dial(DialError::Draining) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Dial(_) | Self::Refused(_) => StatusCode::BAD_GATEWAY,
+            Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 }
@@ -90,6 +98,7 @@ impl ConnectError {
 pub struct ConnectProxy {
     server: Server,
     connect_wait: Duration,
+    dial_timeout: Duration,
     credentials: Option<Arc<dyn ProxyCredentials>>,
 }
 
@@ -97,6 +106,7 @@ impl fmt::Debug for ConnectProxy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ConnectProxy")
             .field("connect_wait", &self.connect_wait)
+            .field("dial_timeout", &self.dial_timeout)
             .field("credentials", &self.credentials.is_some())
             .finish()
     }
@@ -109,17 +119,26 @@ impl ConnectProxy {
         Self {
             server,
             connect_wait: DEFAULT_CONNECT_WAIT,
+            dial_timeout: DEFAULT_DIAL_TIMEOUT,
             credentials: None,
         }
     }
 
-    /// How long to wait for the agent to refuse or fail the dial before answering `200`
-    /// (default 100 ms). Longer reports more failures as `502`s (a refusal takes one round
-    /// trip to the agent, a failed dial as long as the agent's dial) but delays every
-    /// connection to a target that waits for its client to speak first, such as HTTP or
-    /// TLS. Zero answers `200` at once.
+    /// With a Go agent (no connect-ack), how long to wait for the agent to refuse or fail
+    /// the dial before answering `200` (default 100 ms). Longer reports more failures as
+    /// `502`s (a refusal takes one round trip to the agent, a failed dial as long as the
+    /// agent's dial) but delays every connection to a target that waits for its client to
+    /// speak first, such as HTTP or TLS. Zero answers `200` at once. rd agents say when
+    /// their dial succeeded, so this never delays them.
     pub fn connect_wait(mut self, wait: Duration) -> Self {
         self.connect_wait = wait;
+        self
+    }
+
+    /// With an rd agent, how long to wait for its verdict on the dial before answering
+    /// `504` (default 15 s).
+    pub fn dial_timeout(mut self, timeout: Duration) -> Self {
+        self.dial_timeout = timeout;
         self
     }
 
@@ -150,7 +169,7 @@ impl ConnectProxy {
             remote,
         );
         match self.open(&req, &authority).await {
-            Ok((tunnel, first)) => {
+            Ok(tunnel) => {
                 let on_upgrade = hyper::upgrade::on(&mut req);
                 used.carried_by(tunnel.session_key(), tunnel.id().0);
                 used.answered(200);
@@ -160,12 +179,7 @@ impl ConnectProxy {
                         Ok(upgraded) => upgraded,
                         Err(e) => return used.ended("cut", &format!("upgrade failed: {e}")),
                     };
-                    let mut local = used.count(TokioIo::new(upgraded));
-                    if let Some(first) = first {
-                        if let Err(e) = local.write_all(&first).await {
-                            return used.ended("cut", &format!("the caller went away: {e}"));
-                        }
-                    }
+                    let local = used.count(TokioIo::new(upgraded));
                     let result = splice(tunnel, local).await;
                     used.finished(&result);
                 });
@@ -223,13 +237,13 @@ impl ConnectProxy {
         response
     }
 
-    /// Checks the request, dials, and waits for the dial's first event; returns the stream
-    /// and any bytes the target already sent.
+    /// Checks the request, dials, and waits for the dial's outcome (see the module
+    /// documentation); the target's first bytes, if any came, stay in the stream.
     async fn open<B>(
         &self,
         req: &Request<B>,
         authority: &str,
-    ) -> Result<(TunnelStream, Option<Bytes>), ConnectError> {
+    ) -> Result<TunnelStream, ConnectError> {
         let has_port = req.uri().authority().and_then(|a| a.port_u16()).is_some();
         if authority.is_empty() || !has_port {
             return Err(ConnectError::BadTarget(authority.to_owned()));
@@ -251,14 +265,13 @@ impl ConnectProxy {
             .labeled("connect")
             .dial("tcp", authority)
             .await?;
-        if self.connect_wait.is_zero() {
-            return Ok((tunnel, None));
-        }
-        match tokio::time::timeout(self.connect_wait, tunnel.read_chunk(64 * 1024)).await {
-            // No news is good news: most targets wait for the client to speak.
-            Err(_elapsed) => Ok((tunnel, None)),
-            Ok(Ok(first)) => Ok((tunnel, first)),
+        // With a Go agent no news within connect_wait is good news (most targets wait for
+        // the client to speak); an rd agent says, within the dial timeout.
+        let outcome = tunnel.established(self.connect_wait);
+        match tokio::time::timeout(self.dial_timeout, outcome).await {
+            Ok(Ok(())) => Ok(tunnel),
             Ok(Err(e)) => Err(ConnectError::Refused(rd_session::error_chain(&e))),
+            Err(_elapsed) => Err(ConnectError::Timeout(self.dial_timeout)),
         }
     }
 }

@@ -13,7 +13,10 @@ use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::histogram::Histogram;
 use rd_proto::{Target, TargetError};
-use rd_session::{BoxFuture, BoxedIo, ConnectHandler, ConnectRefused, SessionHandle, TunnelStream};
+use rd_session::{
+    BoxFuture, BoxedIo, ConnectHandler, ConnectRefused, Dialed, Established, SessionHandle,
+    TunnelStream,
+};
 
 use crate::peers::PeerSet;
 use crate::registry::{self, SharedRegistry};
@@ -93,6 +96,15 @@ pub(crate) struct PeerConnects(pub(crate) Weak<Routing>);
 
 impl ConnectHandler for PeerConnects {
     fn connect(&self, target: Target) -> BoxFuture<Result<BoxedIo, ConnectRefused>> {
+        let dialing = self.connect_deferred(target);
+        Box::pin(async move { dialing.await.map(|dialed| dialed.io) })
+    }
+
+    /// The stream to the agent is handed back at once, so a peer's request flows without
+    /// waiting; the peer is told the dial succeeded once the agent said so (connect-ack),
+    /// or, for a Go agent, once [`DEFAULT_CONNECT_WAIT`](crate::connect::DEFAULT_CONNECT_WAIT)
+    /// passed without a refusal, as a CONNECT here would wait.
+    fn connect_deferred(&self, target: Target) -> BoxFuture<Result<Dialed, ConnectRefused>> {
         let routing = self.0.upgrade();
         Box::pin(async move {
             let Some(routing) = routing else {
@@ -108,7 +120,16 @@ impl ConnectHandler for PeerConnects {
                 .labeled("peer")
                 .dial_routed(target.without_route(), true)
                 .map_err(|e| ConnectRefused(e.to_string()))?;
-            Ok(Box::new(stream) as BoxedIo)
+            let established = Established::of(&stream, crate::connect::DEFAULT_CONNECT_WAIT);
+            Ok(Dialed {
+                io: Box::new(stream),
+                established: Some(Box::pin(async move {
+                    established
+                        .wait()
+                        .await
+                        .map_err(|e| ConnectRefused(rd_session::error_chain(&e)))
+                })),
+            })
         })
     }
 }

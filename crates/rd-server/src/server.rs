@@ -13,8 +13,6 @@ use rd_session::{
     ConnectHandler, Extensions, RefuseAll, SessionBuilder, SessionHandle, SessionObserver,
     EXTENSIONS_HEADER, HELD_SERVERS_HEADER, REPLICAS_HEADER,
 };
-use tokio_tungstenite::tungstenite::protocol::Role;
-use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -272,21 +270,18 @@ impl ServerBuilder {
         self
     }
 
-    /// The read buffer of each session's websocket (default 4 KiB, at least 1 KiB). It is
-    /// resident for the session's life, and was most of an idle session's memory (16 KiB:
-    /// about 22 KiB per idle session on a 10,000-agent server; 4 KiB: about 10). It is also
-    /// the most tungstenite takes per read; bulk data comes in bursts of
-    /// [`websocket_read_burst`](Self::websocket_read_burst) per syscall underneath. See
-    /// [`websocket_config_with`](rd_session::websocket_config_with).
+    /// How much one read of a session's small websocket frames (pings, requests, Go's
+    /// 4 KiB fragments) takes at first (default 4 KiB, at least 1 KiB). The buffer exists
+    /// only while frames arrive, so idle sessions hold none; a frame larger than this is
+    /// read into a buffer of its own, without a copy (see [`rd_session::WebSocketIo`]).
     pub fn websocket_read_buffer(mut self, bytes: usize) -> Self {
         self.ws_read_buffer = bytes;
         self
     }
 
-    /// The most one read syscall of a session takes while data arrives faster than the
-    /// websocket reads it (default 64 KiB; 0 turns it off, so each read syscall takes at
-    /// most [`websocket_read_buffer`](Self::websocket_read_buffer)). The buffer exists only
-    /// during such a burst (see [`rd_session::BurstReader`]): idle sessions hold none.
+    /// The most one read of small frames takes while each read fills its buffer (a burst
+    /// of many small messages; default 64 KiB; 0: reads stay at
+    /// [`websocket_read_buffer`](Self::websocket_read_buffer)).
     pub fn websocket_read_burst(mut self, bytes: usize) -> Self {
         self.ws_read_burst = bytes;
         self
@@ -807,8 +802,6 @@ impl Server {
             async move {
                 match on_upgrade.await {
                     Ok(upgraded) => {
-                        let io = TokioIo::new(upgraded);
-                        let burst = server.inner.ws_read_burst;
                         let start = SessionStart {
                             client_key,
                             session_key,
@@ -818,11 +811,21 @@ impl Server {
                             remote,
                             auth,
                         };
-                        if burst == 0 {
-                            server.run_session(io, start, permit).await
-                        } else {
-                            let io = rd_session::BurstReader::with_burst(io, burst);
-                            server.run_session(io, start, permit).await
+                        // A plain TCP connection served by hyper over tokio (rd-server's
+                        // own listener): the session takes the socket itself, without
+                        // hyper's boxed wrapper, and bounds its unsent bytes.
+                        match upgraded.downcast::<TokioIo<tokio::net::TcpStream>>() {
+                            Ok(parts) => {
+                                let tcp = parts.io.into_inner();
+                                rd_session::set_tunnel_send_queue(&tcp).ok();
+                                let ws =
+                                    rd_session::WebSocketIo::new(tcp).read_ahead(parts.read_buf);
+                                server.run_session(ws, start, permit).await
+                            }
+                            Err(upgraded) => {
+                                let ws = rd_session::WebSocketIo::new(TokioIo::new(upgraded));
+                                server.run_session(ws, start, permit).await
+                            }
                         }
                     }
                     Err(e) => tracing::info!(error = %e, "websocket upgrade failed"),
@@ -906,7 +909,7 @@ impl Server {
 
     async fn run_session<S>(
         &self,
-        io: S,
+        ws: rd_session::WebSocketIo<S>,
         start: SessionStart,
         permit: tokio::sync::OwnedSemaphorePermit,
     ) where
@@ -922,15 +925,10 @@ impl Server {
             auth,
         } = start;
         let inner = &self.inner;
-        let ws = WebSocketStream::from_raw_socket(
-            io,
-            Role::Server,
-            Some(rd_session::websocket_config_with(
-                inner.max_message_size,
-                inner.ws_read_buffer,
-            )),
-        )
-        .await;
+        let ws = ws
+            .max_message_size(inner.max_message_size)
+            .read_buffer(inner.ws_read_buffer)
+            .read_burst(inner.ws_read_burst);
         // Counted before its byte counters are resolved: a key's series are removed only
         // while it has no session (`Metrics::transient_client_keys`).
         inner.metrics.session_added(&client_key, peer);

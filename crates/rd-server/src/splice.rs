@@ -10,201 +10,21 @@
 //! are delivered, the splice ends at once instead of waiting for the local side to close
 //! too; the same holds for a half-closed stream the agent resets later.
 
-use std::future::Future;
-use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite};
 
-use bytes::{Buf, Bytes};
-use rd_session::TunnelStream;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-
-/// First read buffer of the local side: most connections idle, so they hold no more.
-const FIRST_READ: usize = 128;
-/// Read buffer of a busy local side: Go's copy size times two, one Data message each.
-const LOCAL_READ: usize = 64 * 1024;
-/// Most bytes taken from the tunnel for one vectored write to the local side.
-const TUNNEL_READ: usize = 256 * 1024;
-
-/// Bytes a finished [`splice`] moved.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Spliced {
-    /// From the local side into the tunnel.
-    pub to_tunnel: u64,
-    /// From the tunnel to the local side.
-    pub from_tunnel: u64,
-}
-
-/// Which side of a [`splice`] failed.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum SpliceError {
-    /// The tunnel stream ended with an error: the agent's dial failed or was refused (the
-    /// agent's text, such as `connect not allowed`), the peer reset it, or the session ended.
-    #[error("tunnel: {0}")]
-    Tunnel(#[source] io::Error),
-    /// Reading or writing the local connection failed.
-    #[error("local connection: {0}")]
-    Local(#[source] io::Error),
-}
+pub use rd_session::{SpliceError, Spliced};
 
 /// Copies `local` to `tunnel` and `tunnel` to `local` until both directions have ended (or
 /// the tunnel stream has ended and delivered its last bytes, which with the Go protocol is
-/// at its EOF). A local failure resets the tunnel stream with the error's text, so the agent
-/// drops its connection at once; a tunnel failure is returned for the caller to log, and
-/// the local connection is closed when the caller drops it.
-pub async fn splice<L>(tunnel: TunnelStream, local: L) -> Result<Spliced, SpliceError>
+/// at its EOF): [`rd_session::splice`], the copy loop the agent's side runs too, for a
+/// stream this task owns. A local failure resets the tunnel stream with the error's text,
+/// so the agent drops its connection at once; a tunnel failure is returned for the caller
+/// to log, and the local connection is closed when the caller drops it.
+pub async fn splice<L>(tunnel: rd_session::TunnelStream, local: L) -> Result<Spliced, SpliceError>
 where
     L: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut splice = Splice {
-        tunnel,
-        local,
-        out_buf: vec![0; FIRST_READ],
-        out_pos: 0,
-        out_end: 0,
-        out: Direction::Copying,
-        in_chunks: Vec::new(),
-        inbound: Direction::Copying,
-        moved: Spliced::default(),
-    };
-    let result = (&mut splice).await;
-    if let Err(SpliceError::Local(e)) = &result {
-        splice.tunnel.reset(&e.to_string());
-    }
-    result
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Direction {
-    Copying,
-    ShuttingDown,
-    Done,
-}
-
-struct Splice<L> {
-    tunnel: TunnelStream,
-    local: L,
-    out_buf: Vec<u8>,
-    out_pos: usize,
-    out_end: usize,
-    out: Direction,
-    in_chunks: Vec<Bytes>,
-    inbound: Direction,
-    moved: Spliced,
-}
-
-impl<L: AsyncRead + AsyncWrite + Unpin> Splice<L> {
-    /// Local to tunnel; `Ready(Ok)` once the tunnel's write side is shut down.
-    fn poll_out(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), SpliceError>> {
-        loop {
-            match self.out {
-                Direction::Done => return Poll::Ready(Ok(())),
-                Direction::ShuttingDown => {
-                    // An error here means the stream already ended; the inbound side
-                    // reports how.
-                    let _ = std::task::ready!(Pin::new(&mut self.tunnel).poll_shutdown(cx));
-                    self.out = Direction::Done;
-                }
-                Direction::Copying if self.out_pos < self.out_end => {
-                    let pending = &self.out_buf[self.out_pos..self.out_end];
-                    let n = std::task::ready!(self.tunnel.poll_write_shared(cx, pending))
-                        .map_err(SpliceError::Tunnel)?;
-                    self.out_pos += n;
-                    self.moved.to_tunnel += n as u64;
-                }
-                Direction::Copying => {
-                    let mut buf = ReadBuf::new(&mut self.out_buf);
-                    std::task::ready!(Pin::new(&mut self.local).poll_read(cx, &mut buf))
-                        .map_err(SpliceError::Local)?;
-                    let n = buf.filled().len();
-                    if n == 0 {
-                        self.out = Direction::ShuttingDown;
-                        continue;
-                    }
-                    (self.out_pos, self.out_end) = (0, n);
-                    if self.out_buf.len() < LOCAL_READ {
-                        // The connection carries data: take the large buffer from now on.
-                        self.out_buf.resize(LOCAL_READ, 0);
-                    }
-                }
-            }
-        }
-    }
-
-    /// Tunnel to local; `Ready(Ok)` once the local write side is shut down.
-    fn poll_in(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), SpliceError>> {
-        loop {
-            match self.inbound {
-                Direction::Done => return Poll::Ready(Ok(())),
-                Direction::ShuttingDown => {
-                    let local = Pin::new(&mut self.local);
-                    // The local peer may be gone already; nothing is lost either way.
-                    let _ = std::task::ready!(local.poll_shutdown(cx));
-                    self.inbound = Direction::Done;
-                }
-                Direction::Copying if !self.in_chunks.is_empty() => {
-                    let slices: Vec<io::IoSlice<'_>> =
-                        self.in_chunks.iter().map(|c| io::IoSlice::new(c)).collect();
-                    let local = Pin::new(&mut self.local);
-                    let mut n = std::task::ready!(local.poll_write_vectored(cx, &slices))
-                        .map_err(SpliceError::Local)?;
-                    if n == 0 {
-                        return Poll::Ready(Err(SpliceError::Local(
-                            io::ErrorKind::WriteZero.into(),
-                        )));
-                    }
-                    self.moved.from_tunnel += n as u64;
-                    let mut done = 0;
-                    for chunk in &mut self.in_chunks {
-                        let step = n.min(chunk.len());
-                        chunk.advance(step);
-                        n -= step;
-                        if !chunk.is_empty() {
-                            break;
-                        }
-                        done += 1;
-                    }
-                    self.in_chunks.drain(..done);
-                }
-                Direction::Copying => {
-                    let read = self
-                        .tunnel
-                        .poll_read_chunks(cx, TUNNEL_READ, &mut self.in_chunks);
-                    if std::task::ready!(read).map_err(SpliceError::Tunnel)? == 0 {
-                        self.inbound = Direction::ShuttingDown;
-                    }
-                }
-            }
-        }
-    }
-
-    /// Whether the tunnel stream has left the wire (registering `cx` for when it does): at
-    /// once after its EOF with the Go protocol, whose EOF closes both directions; with
-    /// half-close only after both Fins or a reset.
-    fn tunnel_closed(&self, cx: &mut Context<'_>) -> bool {
-        self.tunnel.poll_closed(cx).is_ready()
-    }
-}
-
-impl<L: AsyncRead + AsyncWrite + Unpin> Future for Splice<L> {
-    type Output = Result<Spliced, SpliceError>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.get_mut();
-        let out = this.poll_out(cx)?;
-        let inbound = this.poll_in(cx)?;
-        match (out, inbound) {
-            (Poll::Ready(()), Poll::Ready(())) => Poll::Ready(Ok(this.moved)),
-            (Poll::Pending, Poll::Ready(())) if this.tunnel_closed(cx) => {
-                // The agent closed the connection both ways (or reset it after its half
-                // close); a local side that keeps its half open would otherwise hold this
-                // task and its socket forever.
-                Poll::Ready(Ok(this.moved))
-            }
-            _ => Poll::Pending,
-        }
-    }
+    rd_session::splice(&tunnel, local).await
 }
 
 #[cfg(test)]

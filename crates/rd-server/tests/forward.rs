@@ -155,3 +155,98 @@ async fn connect_checks_the_password_and_passes_on_what_the_target_says_first() 
     bounded("the echo", tcp.read_exact(&mut got)).await.unwrap();
     assert_eq!(&got, b"ping");
 }
+
+/// A CONNECT through an rd agent is answered as soon as the agent's dial succeeded or
+/// failed (connect-ack), whatever the wait for Go agents: here that wait is longer than the
+/// test's bound, so a test that passes never waited for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_answers_when_an_rd_agent_has_dialed_not_after_the_wait() {
+    let ts = serve(Server::builder(TunnelIdHeader).build()).await;
+    let _agent = connected_agent(&ts, "foo").await;
+    // The target waits for its client to speak, as HTTP and TLS servers do.
+    let echo = spawn_echo(b"").await;
+    let proxy = serve_connect(ConnectProxy::new(ts.server.clone()).connect_wait(BOUND * 10)).await;
+    let (mut tcp, head) = connect(proxy, echo, "Basic Zm9vOg==").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    tcp.write_all(b"ping").await.unwrap();
+    let mut got = [0u8; 4];
+    bounded("the echo", tcp.read_exact(&mut got)).await.unwrap();
+    assert_eq!(&got, b"ping");
+
+    // A refused dial is a 502 with the agent's text, as soon as the agent knows.
+    let closed: SocketAddr = format!("127.0.0.1:{}", closed_port()).parse().unwrap();
+    let (_tcp, head) = connect(proxy, closed, "Basic Zm9vOg==").await;
+    assert!(head.starts_with("HTTP/1.1 502"), "{head}");
+}
+
+/// A Go-style agent (no connect-ack) keeps the configured wait: no answer before it runs
+/// out unless the target speaks first, and a refusal within it is still a 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_through_a_go_style_agent_keeps_the_wait() {
+    let ts = serve(Server::builder(TunnelIdHeader).build()).await;
+    let go_style = rd_session::Extensions {
+        connect_ack: false,
+        ..rd_session::Extensions::SUPPORTED
+    };
+    let _agent = RunningClient::spawn(agent(&ts.ws_url(), "foo").extensions(go_style).build());
+    let server = ts.server.clone();
+    wait_until("the client's session", || server.has_session("foo")).await;
+    let proxy = serve_connect(ConnectProxy::new(ts.server.clone()).connect_wait(BOUND * 10)).await;
+
+    // Silent target: the answer waits for the wait (beyond the bound here).
+    let silent = spawn_echo(b"").await;
+    let mut tcp = TcpStream::connect(proxy).await.unwrap();
+    let head = format!(
+        "CONNECT {silent} HTTP/1.1\r\nHost: {silent}\r\nProxy-Authorization: Basic Zm9vOg==\r\n\r\n"
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut b = [0u8; 1];
+    let early = tokio::time::timeout(std::time::Duration::from_millis(300), tcp.read(&mut b)).await;
+    assert!(
+        early.is_err(),
+        "answered before the wait ran out: {early:?}"
+    );
+
+    // A target that speaks first ends the wait; a refusal is a 502.
+    let greeter = spawn_echo(b"hi\n").await;
+    let (_tcp, head) = connect(proxy, greeter, "Basic Zm9vOg==").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let closed: SocketAddr = format!("127.0.0.1:{}", closed_port()).parse().unwrap();
+    let (_tcp, head) = connect(proxy, closed, "Basic Zm9vOg==").await;
+    assert!(head.starts_with("HTTP/1.1 502"), "{head}");
+}
+
+/// Through a peer hop the answer is the far agent's verdict: the hop hands its stream back
+/// at once and acknowledges only when the agent did, or passes on the agent's refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_through_a_peer_answers_with_the_agents_verdict() {
+    let (a, b) = peered_pair(|builder| builder.build()).await;
+    let _agent = connected_agent(&b, "foo").await;
+    let server = a.server.clone();
+    wait_until("a to learn of foo through b", || server.has_session("foo")).await;
+    let proxy = serve_connect(ConnectProxy::new(a.server.clone()).connect_wait(BOUND * 10)).await;
+    let echo = spawn_echo(b"").await;
+    let (mut tcp, head) = connect(proxy, echo, "Basic Zm9vOg==").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    tcp.write_all(b"ping").await.unwrap();
+    let mut got = [0u8; 4];
+    bounded("the echo", tcp.read_exact(&mut got)).await.unwrap();
+    assert_eq!(&got, b"ping");
+    let closed: SocketAddr = format!("127.0.0.1:{}", closed_port()).parse().unwrap();
+    let (mut tcp, head) = connect(proxy, closed, "Basic Zm9vOg==").await;
+    assert!(head.starts_with("HTTP/1.1 502"), "{head}");
+    // The one-line body (the connection stays open: HTTP/1.1 keep-alive).
+    let mut body = Vec::new();
+    while !body.ends_with(b"\n") {
+        let mut b = [0u8; 1];
+        bounded("the 502 body", tcp.read_exact(&mut b))
+            .await
+            .unwrap();
+        body.push(b[0]);
+    }
+    let body = String::from_utf8_lossy(&body);
+    assert!(
+        body.contains("connection refused"),
+        "the agent's text: {body}"
+    );
+}

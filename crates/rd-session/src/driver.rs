@@ -9,28 +9,29 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::{Sink, Stream};
 use rd_proto::{ClientSession, Event, Limit, ProtocolError, SessionEnd, Transmit};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, Sleep};
-use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::Message as WsMessage;
-use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::frames::{FrameError, FrameReader, FrameWriter, Incoming};
 use crate::incoming::{self, ConnectHandler};
 use crate::shared::{Inner, Shared};
 use crate::stream::TunnelStream;
+use crate::websocket::WebSocketIo;
 
 /// How much one poll of the driver may do before it gives other tasks a turn.
 #[derive(Debug, Clone, Copy)]
 struct TurnBudget {
     /// Websocket messages read per turn.
     read_messages: usize,
-    /// Websocket messages written per turn, then one flush.
-    write_messages: usize,
+    /// Vectored writes per turn.
+    writes: usize,
+    /// Bytes of frames queued for the socket beyond which no more transmits are pulled
+    /// from the state machine until the socket took them: what a message that becomes
+    /// ready now (a small stream's request behind a bulk download) waits behind in this
+    /// process, besides the socket's unsent bytes (`TCP_NOTSENT_LOWAT`).
+    write_queue: usize,
     /// Bytes written after which the driver waits for the runtime to poll its I/O driver
     /// before writing more (see [`IoPolled`]).
     io_yield_bytes: usize,
@@ -40,7 +41,8 @@ struct TurnBudget {
 
 const BUDGET: TurnBudget = TurnBudget {
     read_messages: 64,
-    write_messages: 256,
+    writes: 16,
+    write_queue: 128 * 1024,
     io_yield_bytes: 1 << 20,
     turns_per_poll: 16,
 };
@@ -54,7 +56,11 @@ pub type AnnouncementFn = Arc<dyn Fn(ClientSession, bool) + Send + Sync>;
 /// Drives one session: await it (or spawn it) and it runs until the session ends,
 /// returning why. Built by [`SessionBuilder::start`](crate::SessionBuilder::start).
 pub struct SessionDriver<S> {
-    ws: WebSocketStream<S>,
+    io: S,
+    reader: FrameReader,
+    writer: FrameWriter,
+    /// A close frame was queued (local close).
+    close_queued: bool,
     shared: Arc<Shared>,
     handler: Option<Arc<dyn ConnectHandler>>,
     on_announcement: Option<AnnouncementFn>,
@@ -62,7 +68,6 @@ pub struct SessionDriver<S> {
     timer: Pin<Box<Sleep>>,
     timer_at: Option<std::time::Instant>,
     close_deadline: Option<Pin<Box<Sleep>>>,
-    needs_flush: bool,
     /// Bytes handed to the websocket since the runtime last polled its I/O driver for us.
     written_since_yield: usize,
     /// Set while writing waits for the runtime to poll its I/O driver.
@@ -93,15 +98,21 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     pub(crate) fn new(
-        ws: WebSocketStream<S>,
+        ws: WebSocketIo<S>,
+        server: bool,
         shared: Arc<Shared>,
         handler: Option<Arc<dyn ConnectHandler>>,
         on_announcement: Option<AnnouncementFn>,
         cancel: CancellationToken,
         max_pending_connects: usize,
     ) -> Self {
+        let (io, read_ahead, limits) = ws.into_parts();
         Self {
-            ws,
+            io,
+            reader: FrameReader::new(server, limits, read_ahead),
+            // The client side masks (RFC 6455 5.3).
+            writer: FrameWriter::new(!server),
+            close_queued: false,
             shared,
             handler,
             on_announcement,
@@ -109,7 +120,6 @@ where
             timer: Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
             timer_at: None,
             close_deadline: None,
-            needs_flush: false,
             written_since_yield: 0,
             io_yield: None,
             events: Vec::new(),
@@ -119,77 +129,79 @@ where
         }
     }
 
-    /// Handles one message; returns whether to read more now: the state machine wants
-    /// input, and the message did not queue a control message (a Pause, say) that should
-    /// go out before we read on (every further read lets the peer send more before it
-    /// sees the Pause).
-    fn on_ws_message(inner: &mut Inner, msg: WsMessage) -> bool {
-        let now = now();
+    /// Handles one message or control frame; returns whether to read more now: the state
+    /// machine wants input, and the message did not queue a control message (a Pause, say)
+    /// that should go out before we read on (every further read lets the peer send more
+    /// before it sees the Pause).
+    fn on_incoming(
+        &mut self,
+        inner: &mut Inner,
+        now: std::time::Instant,
+        incoming: Incoming,
+    ) -> bool {
         let control_was_queued = inner.proto.has_control_queued();
-        match msg {
-            WsMessage::Binary(bytes) => {
+        match incoming {
+            Incoming::Binary(bytes) => {
                 if let Err(e) = inner.proto.handle_message(now, bytes) {
                     tracing::debug!(error = %e, "peer broke the protocol");
                 }
             }
-            WsMessage::Ping(_) => {
+            Incoming::Ping(payload) => {
+                // Answered as it is read: the pong is queued ahead of data frames, and
+                // reading never waits for writing.
+                self.writer.push_pong(payload);
                 inner.proto.handle_keepalive(now);
                 // Keepalive comes every few seconds: the clock for freeing the recycled
                 // send buffers of a session that stopped sending.
                 inner.proto.trim_buffers();
             }
-            WsMessage::Pong(_) => {
+            Incoming::Pong => {
                 inner.proto.handle_pong(now);
                 inner.proto.trim_buffers();
             }
-            WsMessage::Text(_) => inner
+            Incoming::Text => inner
                 .proto
                 .close(SessionEnd::Protocol(ProtocolError::TextFrame)),
-            WsMessage::Close(frame) => {
-                inner.peer_close_code = frame.map(|f| u16::from(f.code));
+            Incoming::Close(code) => {
+                inner.peer_close_code = code;
                 inner.proto.close(SessionEnd::PeerClosed);
             }
-            WsMessage::Frame(_) => {}
         }
         inner.proto.wants_input() && (control_was_queued || !inner.proto.has_control_queued())
     }
 
-    /// Reads messages until the websocket has none (its waker is then registered) or
-    /// reading should pause. Returns whether another turn must read again: not after
-    /// `Pending`, nor while the state machine refuses input (see [`turn`](Self::turn)).
+    /// Reads messages until the socket has none (its waker is then registered) or reading
+    /// should pause. Returns whether another turn must read again: not after `Pending`,
+    /// nor while the state machine refuses input (see [`turn`](Self::turn)).
     fn read(&mut self, cx: &mut Context<'_>, inner: &mut Inner) -> bool {
         if !inner.proto.wants_input() {
             // Replies are piling up unsent, or readers are at the ceiling: read again once
             // the write half has drained them or readers have read.
             return false;
         }
+        // One clock reading per turn: a turn reads a batch in microseconds, and the clock
+        // only feeds timers and rates measured in milliseconds.
+        let now = now();
         for _ in 0..BUDGET.read_messages {
-            match Pin::new(&mut self.ws).poll_next(cx) {
-                Poll::Ready(Some(Ok(msg))) => {
-                    if !Self::on_ws_message(inner, msg) {
+            match self.reader.poll_next(cx, &mut self.io) {
+                Poll::Ready(Ok(incoming)) => {
+                    if !self.on_incoming(inner, now, incoming) {
                         // A control message goes out first; then read on.
                         return true;
                     }
+                    if inner.proto.end().is_some() {
+                        return true;
+                    }
                 }
-                Poll::Ready(Some(Err(WsError::Capacity(CapacityError::MessageTooLong {
-                    size,
-                    max_size,
-                })))) => {
+                Poll::Ready(Err(FrameError::TooLarge { size, max })) => {
                     self.limits.push(Limit::MaxMessageSize);
-                    let err = ProtocolError::MessageTooLarge {
-                        size,
-                        max: max_size,
-                    };
+                    let err = ProtocolError::MessageTooLarge { size, max };
                     tracing::debug!(error = %err, "peer broke the protocol");
                     inner.proto.close(SessionEnd::Protocol(err));
                     return true;
                 }
-                Poll::Ready(Some(Err(e))) => {
+                Poll::Ready(Err(e)) => {
                     inner.proto.close(SessionEnd::Transport(e.to_string()));
-                    return true;
-                }
-                Poll::Ready(None) => {
-                    inner.proto.close(SessionEnd::PeerClosed);
                     return true;
                 }
                 Poll::Pending => return false,
@@ -199,11 +211,12 @@ where
         true
     }
 
-    /// Writes what the state machine has to send and flushes it. Returns whether another
-    /// turn must write again: only when the budget ran out with more to send (a full socket,
-    /// an empty queue and the I/O yield each leave a waker that brings the driver back).
+    /// Moves what the state machine has to send into the frame writer (up to
+    /// [`TurnBudget::write_queue`] bytes ahead of the socket) and writes it. Returns whether
+    /// another turn must write again: only when the budget ran out with more to send (a
+    /// full socket, an empty queue and the I/O yield each leave a waker that brings the
+    /// driver back).
     fn write(&mut self, cx: &mut Context<'_>, inner: &mut Inner) -> bool {
-        let mut again = true;
         if self
             .io_yield
             .as_ref()
@@ -212,7 +225,40 @@ where
             self.io_yield = None;
             self.written_since_yield = 0;
         }
-        for _ in 0..BUDGET.write_messages {
+        for _ in 0..BUDGET.writes {
+            self.fill(cx, inner);
+            if self.writer.is_empty() {
+                return false;
+            }
+            let flushed = self.writer.poll_flush(cx, &mut self.io);
+            // Written messages' buffers go back to the state machine, which encodes the
+            // next Data messages into them (no allocation, and with glibc no fresh pages,
+            // per message).
+            for payload in self.writer.take_written() {
+                if let Ok(buf) = payload.try_into_mut() {
+                    inner.proto.recycle(buf);
+                }
+            }
+            match flushed {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => {
+                    inner.proto.close(SessionEnd::Transport(e.to_string()));
+                    return true;
+                }
+                Poll::Pending => return false,
+            }
+            if self.io_yield.is_some() {
+                return false;
+            }
+        }
+        // Out of budget with more to write.
+        inner.proto.has_output()
+    }
+
+    /// Pulls transmits from the state machine into the frame writer while its queue is
+    /// short and the I/O yield allows.
+    fn fill(&mut self, cx: &mut Context<'_>, inner: &mut Inner) {
+        while self.writer.queued_bytes() < BUDGET.write_queue {
             if self.written_since_yield >= BUDGET.io_yield_bytes {
                 // Pause and Resume from the peer reach us only once the runtime's I/O driver
                 // has marked the socket readable, and a runtime kept busy (by this driver
@@ -223,59 +269,19 @@ where
                 if self.io_yield.is_none() {
                     self.io_yield = Some(IoPolled::after_next_io_poll(cx));
                 }
-                again = false;
-                break;
+                return;
             }
-            match Pin::new(&mut self.ws).poll_ready(cx) {
-                Poll::Ready(Ok(())) => {}
-                Poll::Ready(Err(e)) => {
-                    inner.proto.close(SessionEnd::Transport(e.to_string()));
-                    return true;
-                }
-                Poll::Pending => {
-                    again = false;
-                    break;
-                }
-            }
-            let mut sent = None;
-            let msg = match inner.proto.poll_transmit() {
-                None => {
-                    again = false;
-                    break;
-                }
+            match inner.proto.poll_transmit() {
+                None => return,
                 Some(Transmit::Message(bytes)) => {
                     tracing::trace!(target: "rd_proto::wire", len = bytes.len(), "sending");
                     tracing::trace!(target: "rd_proto::payload", message = ?bytes, "sending");
                     self.written_since_yield += bytes.len();
-                    sent = Some(bytes.clone());
-                    WsMessage::Binary(bytes)
+                    self.writer.push_binary(bytes);
                 }
-                Some(Transmit::Ping) => WsMessage::Ping(Bytes::new()),
-            };
-            self.needs_flush = true;
-            if let Err(e) = Pin::new(&mut self.ws).start_send(msg) {
-                inner.proto.close(SessionEnd::Transport(e.to_string()));
-                return true;
-            }
-            // tungstenite has copied the message into its write buffer and dropped its
-            // handle: the buffer is ours alone again, and the next Data message is encoded
-            // into it (no allocation, and with glibc no fresh pages, per message).
-            if let Some(Ok(buf)) = sent.map(Bytes::try_into_mut) {
-                inner.proto.recycle(buf);
+                Some(Transmit::Ping) => self.writer.push_ping(Bytes::new()),
             }
         }
-        if self.needs_flush {
-            match Pin::new(&mut self.ws).poll_flush(cx) {
-                Poll::Ready(Ok(())) => self.needs_flush = false,
-                Poll::Ready(Err(e)) => {
-                    self.needs_flush = false;
-                    inner.proto.close(SessionEnd::Transport(e.to_string()));
-                    return true;
-                }
-                Poll::Pending => {}
-            }
-        }
-        again
     }
 
     /// Wakes the streams the state machine's events concern and keeps the rest for
@@ -283,7 +289,10 @@ where
     fn collect_events(&mut self, inner: &mut Inner) {
         while let Some(event) = inner.proto.poll_event() {
             match event {
-                Event::StreamReadable { id } => inner.wake_stream(id, true, false),
+                // A task waiting for the dial's outcome waits as the stream's reader.
+                Event::StreamReadable { id } | Event::StreamAcknowledged { id } => {
+                    inner.wake_stream(id, true, false)
+                }
                 Event::StreamWritable { id } => inner.wake_stream(id, false, true),
                 Event::StreamClosed { id, ref end } => {
                     tracing::debug!(conn_id = %id, %end, "stream closed");
@@ -440,7 +449,7 @@ where
     }
 
     /// After the state machine ended: flush what it still queued (a local close tells the
-    /// peer about every stream) and close the websocket, within [`CLOSE_GRACE`].
+    /// peer about every stream) and a close frame, within [`CLOSE_GRACE`].
     fn poll_closing(&mut self, cx: &mut Context<'_>, end: &SessionEnd) -> Poll<()> {
         if *end != SessionEnd::Local {
             // The transport is gone or the peer misbehaved: nothing more to say.
@@ -454,30 +463,25 @@ where
         }
         let shared = self.shared.clone();
         let mut inner = shared.lock();
-        self.write(cx, &mut inner);
-        if self.needs_flush {
-            return Poll::Pending;
-        }
-        if inner.going_away.is_some() {
-            // Queued after the last messages; poll_close below then only flushes it.
-            match Pin::new(&mut self.ws).poll_ready(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Err(_)) => inner.going_away = None,
-                Poll::Ready(Ok(())) => {
-                    let frame = CloseFrame {
-                        code: CloseCode::Away,
-                        reason: inner.going_away.take().unwrap_or_default().into(),
-                    };
-                    // An error here is the transport's; poll_close reports the end anyway.
-                    Pin::new(&mut self.ws)
-                        .start_send(WsMessage::Close(Some(frame)))
-                        .ok();
-                }
+        // The I/O yield only spaces out Data, which a closed session no longer sends.
+        self.written_since_yield = 0;
+        self.fill(cx, &mut inner);
+        if !self.close_queued && !inner.proto.has_output() {
+            self.close_queued = true;
+            match inner.going_away.take() {
+                Some(reason) => self.writer.push_close(crate::GOING_AWAY, &reason),
+                None => self.writer.push_close(1000, ""),
             }
         }
         drop(inner);
-        match Pin::new(&mut self.ws).poll_close(cx) {
-            Poll::Ready(_) => Poll::Ready(()),
+        match self.writer.poll_flush(cx, &mut self.io) {
+            Poll::Ready(Ok(())) if self.close_queued => Poll::Ready(()),
+            // More messages than one fill takes: the next poll writes them.
+            Poll::Ready(Ok(())) => {
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            Poll::Ready(Err(_)) => Poll::Ready(()),
             Poll::Pending => Poll::Pending,
         }
     }
@@ -490,6 +494,7 @@ where
     type Output = SessionEnd;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<SessionEnd> {
+        crate::shared::DRIVER_POLLS.fetch_add(1, Ordering::Relaxed);
         let this = self.get_mut();
         for _ in 0..BUDGET.turns_per_poll {
             let (progress, ended) = this.turn(cx);

@@ -19,6 +19,10 @@ pub const CREDIT: &str = "credit";
 /// sender's direction.
 pub const HALF_CLOSE: &str = "half-close";
 
+/// The token for connect-ack ([`Config::connect_ack`]): the side that receives a Connect
+/// says when its dial succeeded (ConnectAck), so the dialer answers a CONNECT at once.
+pub const CONNECT_ACK: &str = "connect-ack";
+
 /// The token for replicas ([`Config::replicas`]): an rd server tells its agent its id and how
 /// many replicas it counts, and that a session is going away (a drain); the agent holds a
 /// session with each replica. See [`REPLICAS_HEADER`].
@@ -52,6 +56,8 @@ pub struct Extensions {
     /// Replicas: the server's id and replica count at the upgrade, GoAway and Replicas
     /// messages in the session.
     pub replicas: bool,
+    /// Connect-ack: the receiver of a Connect says when its dial succeeded.
+    pub connect_ack: bool,
 }
 
 impl Extensions {
@@ -60,6 +66,7 @@ impl Extensions {
         credit: true,
         half_close: true,
         replicas: true,
+        connect_ack: true,
     };
 
     /// None: the plain Go protocol.
@@ -67,6 +74,7 @@ impl Extensions {
         credit: false,
         half_close: false,
         replicas: false,
+        connect_ack: false,
     };
 
     /// The header value naming these extensions, `None` for the empty set (no header).
@@ -75,6 +83,7 @@ impl Extensions {
             (self.credit, CREDIT),
             (self.half_close, HALF_CLOSE),
             (self.replicas, REPLICAS),
+            (self.connect_ack, CONNECT_ACK),
         ]
         .into_iter()
         .filter_map(|(on, token)| on.then_some(token))
@@ -98,6 +107,8 @@ impl Extensions {
                     found.half_close = true;
                 } else if token.eq_ignore_ascii_case(REPLICAS) {
                     found.replicas = true;
+                } else if token.eq_ignore_ascii_case(CONNECT_ACK) {
+                    found.connect_ack = true;
                 }
             }
         }
@@ -110,6 +121,7 @@ impl Extensions {
             credit: self.credit && other.credit,
             half_close: self.half_close && other.half_close,
             replicas: self.replicas && other.replicas,
+            connect_ack: self.connect_ack && other.connect_ack,
         }
     }
 
@@ -127,6 +139,7 @@ impl Extensions {
         config.credit = self.credit;
         config.half_close = self.half_close;
         config.replicas = self.replicas;
+        config.connect_ack = self.connect_ack;
     }
 
     /// The extensions a session's config says are in force.
@@ -135,6 +148,7 @@ impl Extensions {
             credit: config.credit,
             half_close: config.half_close,
             replicas: config.replicas,
+            connect_ack: config.connect_ack,
         }
     }
 }
@@ -157,7 +171,7 @@ mod tests {
         assert_eq!(Extensions::from_headers(&headers), Extensions::SUPPORTED);
         assert_eq!(
             Extensions::SUPPORTED.header_value().expect("not empty"),
-            "credit, half-close, replicas"
+            "credit, half-close, replicas, connect-ack"
         );
         headers.insert(
             EXTENSIONS_HEADER,
@@ -172,7 +186,7 @@ mod tests {
         );
         headers.insert(
             EXTENSIONS_HEADER,
-            HeaderValue::from_static("half-close, Credit,REPLICAS"),
+            HeaderValue::from_static("half-close, Credit,REPLICAS, Connect-Ack"),
         );
         assert_eq!(Extensions::from_headers(&headers), Extensions::SUPPORTED);
         let credit_only = Extensions {
@@ -183,10 +197,10 @@ mod tests {
         assert_eq!(Extensions::SUPPORTED.intersect(credit_only), credit_only);
         let mut config = Config::default();
         Extensions::SUPPORTED.apply(&mut config);
-        assert!(config.credit && config.half_close && config.replicas);
+        assert!(config.credit && config.half_close && config.replicas && config.connect_ack);
         assert_eq!(Extensions::of_config(&config), Extensions::SUPPORTED);
         Extensions::NONE.apply(&mut config);
-        assert!(!config.credit && !config.half_close && !config.replicas);
+        assert!(!config.credit && !config.half_close && !config.replicas && !config.connect_ack);
         headers.insert(
             EXTENSIONS_HEADER,
             HeaderValue::from_static("something-else"),

@@ -5,9 +5,7 @@ use std::sync::Arc;
 
 use crate::extensions::Extensions;
 use rd_proto::{ClientSession, Config, Identity, Session, SessionEnd, SessionStats, Side, Target};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
-use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -17,6 +15,7 @@ use crate::incoming::ConnectHandler;
 use crate::observer::{NoObserver, SessionObserver};
 use crate::shared::Shared;
 use crate::stream::TunnelStream;
+use crate::websocket::IntoWebSocketIo;
 
 /// The websocket Close status "going away" (RFC 6455 section 7.4.1).
 pub const GOING_AWAY: u16 = 1001;
@@ -54,8 +53,7 @@ impl SessionHandle {
     /// stream's first read error (with the peer's text, e.g. `connection refused`).
     pub fn dial(&self, target: Target) -> Result<TunnelStream, DialError> {
         let mut inner = self.shared.lock();
-        let id = inner.proto.open_stream(now(), target.clone())?;
-        inner.wake_driver();
+        let id = inner.call(|p| p.open_stream(now(), target.clone()))?;
         drop(inner);
         Ok(TunnelStream::new(self.shared.clone(), id, target))
     }
@@ -68,8 +66,7 @@ impl SessionHandle {
     /// Queues an AddClient (`added`) or RemoveClient for the peer; used on peer links.
     pub fn announce(&self, client: ClientSession, added: bool) {
         let mut inner = self.shared.lock();
-        inner.proto.announce(client, added);
-        inner.wake_driver();
+        inner.call(|p| p.announce(client, added));
     }
 
     /// Closes the session: streams end with `tunnel disconnect` and the peer is told.
@@ -170,6 +167,12 @@ impl SessionHandle {
         self.end().is_some()
     }
 
+    /// Times stream and session handles have woken this session's driver (each a hop to
+    /// its task, often on another thread): for benchmarks and tests of the data path.
+    pub fn driver_wakes(&self) -> u64 {
+        self.shared.lock().wakes
+    }
+
     /// Stream and buffer counters, for metrics.
     pub fn stats(&self) -> SessionStats {
         self.shared.lock().proto.stats()
@@ -197,11 +200,7 @@ impl SessionHandle {
     /// sent already, or the session ended).
     pub fn go_away(&self, reason: &str) -> bool {
         let mut inner = self.shared.lock();
-        let sent = inner.proto.go_away(reason);
-        if sent {
-            inner.wake_driver();
-        }
-        sent
+        inner.call(|p| p.go_away(reason))
     }
 
     /// Whether [`go_away`](Self::go_away) was sent on this session.
@@ -214,8 +213,7 @@ impl SessionHandle {
     pub fn announce_replicas(&self, count: u32) {
         let mut inner = self.shared.lock();
         if inner.proto.config().replicas {
-            inner.proto.announce_replicas(count);
-            inner.wake_driver();
+            inner.call(|p| p.announce_replicas(count));
         }
     }
 
@@ -341,11 +339,11 @@ impl SessionBuilder {
         self
     }
 
-    /// Creates the session; the caller drives it by awaiting (or spawning) the driver.
-    pub fn start<S>(self, ws: WebSocketStream<S>) -> (SessionHandle, SessionDriver<S>)
-    where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
+    /// Creates the session over an upgraded websocket (a [`WebSocketIo`](crate::WebSocketIo)
+    /// or a tokio-tungstenite `WebSocketStream` that read nothing past its handshake); the
+    /// caller drives it by awaiting (or spawning) the driver. A server builder's session is
+    /// the websocket's server side, a client builder's its client side.
+    pub fn start<W: IntoWebSocketIo>(self, ws: W) -> (SessionHandle, SessionDriver<W::Io>) {
         let identity = match self.side {
             Side::Client => Identity::client(),
             Side::Server => Identity {
@@ -358,7 +356,8 @@ impl SessionBuilder {
         let proto = Session::new(self.side, self.config, identity, now(), first_message_id);
         let shared = Shared::new(proto, self.client_key, self.session_key, self.observer);
         let driver = SessionDriver::new(
-            ws,
+            ws.into_websocket_io(),
+            self.side == Side::Server,
             shared.clone(),
             self.handler,
             self.on_announcement,
@@ -370,10 +369,7 @@ impl SessionBuilder {
 
     /// Creates the session and spawns its driver on the current tokio runtime, inside a
     /// `session` tracing span.
-    pub fn spawn<S>(self, ws: WebSocketStream<S>) -> SessionHandle
-    where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
+    pub fn spawn<W: IntoWebSocketIo>(self, ws: W) -> SessionHandle {
         let span = tracing::info_span!(
             parent: None,
             "session",

@@ -5,12 +5,12 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 
-use futures_util::FutureExt;
 use rd_proto::Target;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::splice::{splice, SpliceError};
 use crate::stream::TunnelStream;
 
 /// A local connection the handler dialed: anything that reads and writes bytes.
@@ -65,6 +65,46 @@ fn go_io_text(e: &io::Error) -> String {
 pub trait ConnectHandler: Send + Sync + 'static {
     /// Dial `target` locally, or refuse it.
     fn connect(&self, target: Target) -> BoxFuture<Result<BoxedIo, ConnectRefused>>;
+
+    /// Like [`connect`](Self::connect), for a handler whose connection may be handed back
+    /// before it is known to be established, and say when it is. The session starts
+    /// copying at once and tells the peer that the dial succeeded (connect-ack extension)
+    /// only when [`Dialed::established`] says so, or resets the stream with its text. A
+    /// server that routes a peer's Connect through another tunnel does this: the request
+    /// flows at once, and the peer learns the far agent's verdict, not the hop's. By
+    /// default the connection is established when `connect` returns it.
+    fn connect_deferred(&self, target: Target) -> BoxFuture<Result<Dialed, ConnectRefused>> {
+        let dialing = self.connect(target);
+        Box::pin(async move { dialing.await.map(Dialed::new) })
+    }
+}
+
+/// A connection from [`ConnectHandler::connect_deferred`]: the local side, and when it is
+/// not established yet, the future that says whether it will be.
+pub struct Dialed {
+    /// The local connection.
+    pub io: BoxedIo,
+    /// Resolves once the connection is established (`Ok`) or failed (the text goes to the
+    /// peer); `None`: established already.
+    pub established: Option<BoxFuture<Result<(), ConnectRefused>>>,
+}
+
+impl Dialed {
+    /// A connection established already.
+    pub fn new(io: BoxedIo) -> Self {
+        Self {
+            io,
+            established: None,
+        }
+    }
+}
+
+impl fmt::Debug for Dialed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Dialed")
+            .field("established", &self.established.is_none())
+            .finish()
+    }
 }
 
 impl<F, Fut> ConnectHandler for F
@@ -107,21 +147,51 @@ pub(crate) async fn serve(
     let span = tracing::debug_span!("stream", id = %stream.id(), target = %target);
     async move {
         let dialed = tokio::select! {
-            r = handler.connect(target) => r,
+            r = handler.connect_deferred(target) => r,
             () = cancel.cancelled() => return,
         };
         drop(pending);
-        match dialed {
+        let Dialed { io, established } = match dialed {
+            Ok(dialed) => dialed,
             Err(refused) => {
                 tracing::debug!(reason = %refused, "connect refused");
                 stream.reset(&refused.0);
+                return;
             }
-            Ok(local) => {
-                tracing::debug!("connected");
-                if let Err(e) = pipe(&stream, local).await {
-                    tracing::debug!(error = %e, "pipe ended with an error");
-                    stream.reset(&e.to_string());
+        };
+        tracing::debug!("connected");
+        // The peer learns the dial succeeded as soon as it did (connect-ack extension), so
+        // its CONNECT answers now instead of after a fixed wait.
+        let splice = splice(&stream, io);
+        tokio::pin!(splice);
+        let spliced = match established {
+            None => {
+                stream.acknowledge();
+                splice.await
+            }
+            Some(established) => tokio::select! {
+                // Over before the verdict: nothing left to acknowledge.
+                r = &mut splice => r,
+                verdict = established => {
+                    match verdict {
+                        Ok(()) => stream.acknowledge(),
+                        Err(refused) => {
+                            tracing::debug!(reason = %refused, "connect failed after all");
+                            stream.reset(&refused.0);
+                        }
+                    }
+                    splice.await
                 }
+            },
+        };
+        match spliced {
+            Ok(_) => {}
+            Err(e @ SpliceError::Local(_)) => {
+                tracing::debug!(error = %e, "pipe ended with an error");
+            }
+            Err(e @ SpliceError::Tunnel(_)) => {
+                tracing::debug!(error = %e, "pipe ended with an error");
+                stream.reset(&e.to_string());
             }
         }
     }
@@ -129,115 +199,25 @@ pub(crate) async fn serve(
     .await;
 }
 
-/// Copies both ways between the tunnel stream and a local connection.
+/// Copies both ways between the tunnel stream and a local connection: [`splice`] with an
+/// `io::Result`.
 ///
-/// With rd's half-close extension ([`TunnelStream::half_close`]) each direction is copied to
-/// its end and then only the other side's write half is shut down, as TCP half-close does:
-/// a client that writes its request, shuts down writing and reads the answer gets all of it.
-/// The pipe is done once both directions are (or once the tunnel stream has ended and its
-/// last received bytes are written). Without it, as Go's pipe does, it stops as soon as
-/// either direction ends, and the caller closes both (the protocol has no half-close); a
-/// clean end finishes the stream with EOF when it is dropped.
+/// Each direction is copied to its end and then only the other side's write half is shut
+/// down, as TCP half-close does. With rd's half-close extension
+/// ([`TunnelStream::half_close`]) a client that writes its request, shuts down writing and
+/// reads the answer gets all of it; with the Go protocol the first end closes the stream
+/// both ways (its EOF is an Error `EOF`), and the pipe is done once the stream has left
+/// the wire and its last received bytes are written. A local failure resets the stream
+/// with the error's text.
 pub async fn pipe(
     tunnel: &TunnelStream,
     local: impl AsyncRead + AsyncWrite + Send,
 ) -> io::Result<()> {
-    let (mut local_read, mut local_write) = tokio::io::split(local);
-    let inbound = async {
-        let mut chunks = Vec::new();
-        while tunnel.read_chunks(256 * 1024, &mut chunks).await? > 0 {
-            write_all_chunks(&mut local_write, &mut chunks).await?;
-        }
-        local_write.flush().await?;
-        local_write.shutdown().await
-    };
-    if !tunnel.half_close() {
-        tokio::select! {
-            r = copy_out(tunnel, &mut local_read) => r,
-            r = inbound => r,
-        }
-    } else {
-        let outbound = async {
-            tokio::select! {
-                r = copy_out(tunnel, &mut local_read) => r?,
-                // The peer reset or closed the stream: nothing more can go out, and a
-                // local side that never writes again must not hold the pipe open.
-                () = tunnel.closed() => return Ok(()),
-            }
-            // The local side shut down writing: so does the tunnel (Fin); reading goes on.
-            tunnel.shutdown_shared().await
-        };
-        tokio::try_join!(outbound, inbound).map(|_| ())
+    match splice(tunnel, Box::pin(local)).await {
+        Ok(_) => Ok(()),
+        Err(SpliceError::Tunnel(e) | SpliceError::Local(e)) => Err(e),
     }
 }
-
-/// Copies the local connection into the tunnel until the local side's EOF.
-async fn copy_out(
-    tunnel: &TunnelStream,
-    local_read: &mut (impl AsyncRead + Unpin),
-) -> io::Result<()> {
-    // Idle streams are the common case (thousands of kept-alive connections): start with a
-    // small buffer and take a large one as soon as the stream carries data.
-    let mut buf = vec![0u8; FIRST_READ];
-    loop {
-        let mut n = local_read.read(&mut buf).await?;
-        if n == 0 {
-            return Ok(());
-        }
-        if buf.len() < PIPE_BUFFER {
-            let mut big = vec![0u8; PIPE_BUFFER];
-            big[..n].copy_from_slice(&buf[..n]);
-            buf = big;
-            // Whatever else has already arrived goes out in the same Data message, as Go's
-            // 32 KiB copy would send it; a read that would wait is simply dropped.
-            if n == FIRST_READ {
-                if let Some(more) = local_read.read(&mut buf[n..]).now_or_never() {
-                    n += more?;
-                }
-            }
-        }
-        let mut sent = 0;
-        while sent < n {
-            sent += tunnel.write_shared(&buf[sent..n]).await?;
-        }
-    }
-}
-
-/// Writes every chunk, vectored: one system call for all the messages that arrived together.
-async fn write_all_chunks(
-    w: &mut (impl AsyncWrite + Unpin),
-    chunks: &mut Vec<bytes::Bytes>,
-) -> io::Result<()> {
-    use bytes::Buf;
-    let mut first = 0;
-    while first < chunks.len() {
-        let slices: Vec<io::IoSlice<'_>> = chunks[first..]
-            .iter()
-            .map(|c| io::IoSlice::new(c))
-            .collect();
-        let mut n = w.write_vectored(&slices).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        while n > 0 {
-            let c = &mut chunks[first];
-            let step = n.min(c.len());
-            c.advance(step);
-            n -= step;
-            if c.is_empty() {
-                first += 1;
-            }
-        }
-    }
-    chunks.clear();
-    Ok(())
-}
-
-/// First read buffer of a stream's local side: most streams sit idle, so they hold no more.
-const FIRST_READ: usize = 128;
-
-/// Read buffer of a busy stream's local side.
-const PIPE_BUFFER: usize = 64 * 1024;
 
 impl fmt::Debug for dyn ConnectHandler {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

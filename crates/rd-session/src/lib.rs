@@ -47,28 +47,39 @@ mod burst_reader;
 mod driver;
 mod error;
 mod extensions;
+mod frames;
 mod handle;
 mod incoming;
 pub mod inspect;
 mod observer;
 mod shared;
 mod socket;
+mod splice;
 mod stream;
 pub mod transport;
+mod websocket;
 
 pub use backoff::{Backoff, DEFAULT_BACKOFF_INITIAL, DEFAULT_BACKOFF_JITTER, DEFAULT_BACKOFF_MAX};
 pub use burst_reader::{BurstReader, DEFAULT_BURST};
 pub use driver::{AnnouncementFn, SessionDriver};
 pub use error::{error_chain, DialError, StreamClosed};
 pub use extensions::{
-    Extensions, CREDIT, EXTENSIONS_HEADER, HALF_CLOSE, HELD_SERVERS_HEADER, REPLICAS,
+    Extensions, CONNECT_ACK, CREDIT, EXTENSIONS_HEADER, HALF_CLOSE, HELD_SERVERS_HEADER, REPLICAS,
     REPLICAS_HEADER, SERVER_ID_HEADER,
 };
 pub use handle::{PeerNotices, SessionBuilder, SessionHandle, GOING_AWAY};
-pub use incoming::{pipe, BoxFuture, BoxedIo, ConnectHandler, ConnectRefused, LocalIo, RefuseAll};
+pub use incoming::{
+    pipe, BoxFuture, BoxedIo, ConnectHandler, ConnectRefused, Dialed, LocalIo, RefuseAll,
+};
 pub use observer::{NoObserver, SessionObserver};
-pub use socket::{tune_tunnel_socket, TUNNEL_SOCKET_BUFFER};
-pub use stream::TunnelStream;
+pub use shared::{driver_stats, DriverStats};
+pub use socket::{
+    set_tunnel_send_queue, tune_accepted_socket, tune_tunnel_socket, TUNNEL_NOTSENT_LOWAT,
+    TUNNEL_SOCKET_BUFFER,
+};
+pub use splice::{splice, SpliceError, Spliced};
+pub use stream::{Established, TunnelStream};
+pub use websocket::{IntoWebSocketIo, WebSocketIo};
 
 /// A tungstenite config for tunnel websockets: no message larger than `max_message_size`
 /// (Go sets no limit; a Go peer's Data messages are at most its write size, 32 KiB for

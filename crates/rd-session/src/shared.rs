@@ -6,6 +6,7 @@
 //! something to send.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
 
@@ -15,12 +16,40 @@ use tokio::sync::watch;
 use crate::handle::PeerNotices;
 use crate::observer::SessionObserver;
 
+/// Wake-ups of a driver by stream handles and session handles, all sessions of the process.
+static STREAM_WAKES: AtomicU64 = AtomicU64::new(0);
+
+/// Polls of a driver, all sessions of the process.
+pub(crate) static DRIVER_POLLS: AtomicU64 = AtomicU64::new(0);
+
+/// How often the sessions' drivers ran, for benchmarks and metrics (process-wide counters).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DriverStats {
+    /// Times a stream or session handle woke a driver: each is a hop to the driver's task,
+    /// often on another worker thread.
+    pub stream_wakes: u64,
+    /// Times a driver was polled (by those wake-ups, socket readiness and timers).
+    pub polls: u64,
+}
+
+/// The process's [`DriverStats`] so far.
+pub fn driver_stats() -> DriverStats {
+    DriverStats {
+        stream_wakes: STREAM_WAKES.load(Ordering::Relaxed),
+        polls: DRIVER_POLLS.load(Ordering::Relaxed),
+    }
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct Wakers {
     pub(crate) read: Option<Waker>,
     pub(crate) write: Option<Waker>,
     /// A task waiting for the stream to leave the wire ([`crate::TunnelStream::poll_closed`]).
     pub(crate) closed: Option<Waker>,
+    /// A task waiting for the peer's dial to succeed or fail
+    /// ([`crate::TunnelStream::poll_established`]): woken with the reader.
+    pub(crate) established: Option<Waker>,
 }
 
 #[derive(Debug)]
@@ -34,14 +63,34 @@ pub(crate) struct Inner {
     pub(crate) going_away: Option<String>,
     /// The status code of the peer's websocket Close frame, once one arrived.
     pub(crate) peer_close_code: Option<u16>,
+    /// Times handles woke this session's driver ([`crate::SessionHandle::driver_wakes`]).
+    pub(crate) wakes: u64,
 }
 
 impl Inner {
-    /// Wakes the driver if the state machine has something for it to do.
+    /// Wakes the driver (a cross-thread hop when it runs on another worker): for calls that
+    /// change what the driver must do whatever the state machine's queues say (a close).
     pub(crate) fn wake_driver(&mut self) {
         if let Some(w) = &self.driver {
+            STREAM_WAKES.fetch_add(1, Ordering::Relaxed);
+            self.wakes += 1;
             w.wake_by_ref();
         }
+    }
+
+    /// Runs an application call on the state machine and wakes the driver only if the call
+    /// owes it a turn: it left something to send where there was nothing (while there was,
+    /// the driver has not finished draining and comes back by itself: every way its turn
+    /// ends with output left registers a waker or yields), or it queued events. A read that
+    /// queued no credit grant, and a write to a stream whose Data is still being drained,
+    /// cost no wake-up.
+    pub(crate) fn call<R>(&mut self, f: impl FnOnce(&mut Session) -> R) -> R {
+        let had_output = self.proto.has_output();
+        let r = f(&mut self.proto);
+        if (!had_output && self.proto.has_output()) || self.proto.has_events() {
+            self.wake_driver();
+        }
+        r
     }
 
     pub(crate) fn wake_stream(&mut self, id: ConnId, read: bool, write: bool) {
@@ -49,6 +98,9 @@ impl Inner {
             if read {
                 if let Some(r) = w.read.take() {
                     r.wake();
+                }
+                if let Some(e) = w.established.take() {
+                    e.wake();
                 }
             }
             if write {
@@ -69,11 +121,12 @@ impl Inner {
 
     /// Registers the task waiting for the stream to leave the wire.
     pub(crate) fn register_closed(&mut self, id: ConnId, waker: &Waker) {
-        let slot = &mut self.streams.entry(id).or_default().closed;
-        match slot {
-            Some(w) if w.will_wake(waker) => {}
-            _ => *slot = Some(waker.clone()),
-        }
+        set_waker(&mut self.streams.entry(id).or_default().closed, waker);
+    }
+
+    /// Registers the task waiting for the peer's dial to succeed or fail.
+    pub(crate) fn register_established(&mut self, id: ConnId, waker: &Waker) {
+        set_waker(&mut self.streams.entry(id).or_default().established, waker);
     }
 
     pub(crate) fn register(&mut self, id: ConnId, waker: &Waker, read: bool) {
@@ -83,10 +136,15 @@ impl Inner {
         } else {
             &mut entry.write
         };
-        match slot {
-            Some(w) if w.will_wake(waker) => {}
-            _ => *slot = Some(waker.clone()),
-        }
+        set_waker(slot, waker);
+    }
+}
+
+/// Keeps `waker` in `slot` (cloning only when it is another task's).
+fn set_waker(slot: &mut Option<Waker>, waker: &Waker) {
+    match slot {
+        Some(w) if w.will_wake(waker) => {}
+        _ => *slot = Some(waker.clone()),
     }
 }
 
@@ -124,6 +182,7 @@ impl Shared {
                 streams: HashMap::new(),
                 going_away: None,
                 peer_close_code: None,
+                wakes: 0,
             }),
             ended: watch::Sender::new(None),
             notices: std::sync::OnceLock::new(),

@@ -70,6 +70,39 @@ impl TunnelStream {
         self.shared.lock().proto.config().half_close
     }
 
+    /// Whether rd's connect-ack extension is in force on this stream's session: the peer
+    /// says when its dial succeeded ([`poll_established`](Self::poll_established)).
+    pub fn connect_ack(&self) -> bool {
+        self.shared.lock().proto.config().connect_ack
+    }
+
+    /// Tells the peer that the dial of this stream, which it opened, succeeded (with the
+    /// connect-ack extension; nothing otherwise).
+    pub(crate) fn acknowledge(&self) {
+        let mut inner = self.shared.lock();
+        inner.call(|p| p.acknowledge(self.id));
+    }
+
+    /// Whether the peer's dial of this stream (which we opened) is known to have
+    /// succeeded: `Ready(Ok)` once the peer acknowledged it (connect-ack extension), or
+    /// once data or a clean end arrived; `Ready(Err)` with the peer's text if the stream
+    /// ended otherwise first (a refused or failed dial). Nothing is read: the data stays
+    /// for the reader. One task may wait on it (besides the reader and the writer).
+    ///
+    /// Without the extension (a Go peer) success has no message of its own: this stays
+    /// `Pending` until data or an end arrives, so bound the wait
+    /// ([`established`](Self::established)).
+    pub fn poll_established(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        poll_established(&self.shared, self.id, cx)
+    }
+
+    /// Waits until the peer's dial is known to have succeeded or failed (see
+    /// [`poll_established`](Self::poll_established)). Without the connect-ack extension
+    /// (a Go peer) no news within `go_wait` counts as success, as a Go dialer must assume.
+    pub async fn established(&self, go_wait: std::time::Duration) -> io::Result<()> {
+        Established::of(self, go_wait).wait().await
+    }
+
     /// `Ready` once the stream has left the wire: both directions finished, an Error either
     /// way, or the session ended. A half-closed stream is still open. Registers `cx` to be
     /// woken then (one waiting task per stream).
@@ -107,8 +140,7 @@ impl TunnelStream {
     /// outgoing bytes are dropped.
     pub fn reset(&self, reason: &str) {
         let mut inner = self.shared.lock();
-        inner.proto.reset(self.id, reason).ok();
-        inner.wake_driver();
+        inner.call(|p| p.reset(self.id, reason)).ok();
         drop(inner);
         self.shared.observer.reset(reason);
     }
@@ -121,10 +153,9 @@ impl TunnelStream {
         max: usize,
     ) -> Poll<io::Result<Option<Bytes>>> {
         let mut inner = self.shared.lock();
-        match inner.proto.read(self.id, max) {
+        // A read may queue a grant (Credit, Resume) for the peer; most queue nothing.
+        match inner.call(|p| p.read(self.id, max)) {
             Ok(ReadOutcome::Data(bytes)) => {
-                // A read may have queued a Resume for the peer.
-                inner.wake_driver();
                 drop(inner);
                 self.shared.observer.received(bytes.len());
                 Poll::Ready(Ok(Some(bytes)))
@@ -164,19 +195,19 @@ impl TunnelStream {
     fn take_received(&self, max: usize, mut take: impl FnMut(Bytes)) -> usize {
         let mut total = 0;
         let mut inner = self.shared.lock();
-        while total < max {
-            match inner.proto.read(self.id, max - total) {
-                Ok(ReadOutcome::Data(bytes)) => {
-                    total += bytes.len();
-                    take(bytes);
+        inner.call(|p| {
+            while total < max {
+                match p.read(self.id, max - total) {
+                    Ok(ReadOutcome::Data(bytes)) => {
+                        total += bytes.len();
+                        take(bytes);
+                    }
+                    _ => break,
                 }
-                _ => break,
             }
-        }
+        });
+        drop(inner);
         if total > 0 {
-            // Reading may have queued a Resume for the peer.
-            inner.wake_driver();
-            drop(inner);
             self.shared.observer.received(total);
         }
         total
@@ -195,9 +226,8 @@ impl TunnelStream {
     /// Writes through a shared reference, so one task can read and write at once.
     pub fn poll_write_shared(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let mut inner = self.shared.lock();
-        match inner.proto.write(self.id, buf) {
+        match inner.call(|p| p.write(self.id, buf)) {
             Ok(n) => {
-                inner.wake_driver();
                 drop(inner);
                 self.shared.observer.transmitted(n);
                 Poll::Ready(Ok(n))
@@ -224,6 +254,59 @@ impl TunnelStream {
                 Poll::Pending
             }
             Err(e) => Poll::Ready(Err(to_io(e))),
+        }
+    }
+}
+
+fn poll_established(shared: &Shared, id: ConnId, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    let mut inner = shared.lock();
+    if inner.proto.is_acknowledged(id) || inner.proto.unread(id).unwrap_or(0) > 0 {
+        return Poll::Ready(Ok(()));
+    }
+    // Nothing buffered: a read of nothing reports the end, or marks the reader as waiting,
+    // so that the first data is announced (and wakes this task with the reader).
+    match inner.proto.read(id, 0) {
+        Ok(_) => Poll::Ready(Ok(())),
+        Err(StreamError::Blocked) => {
+            inner.register_established(id, cx.waker());
+            Poll::Pending
+        }
+        Err(e) => Poll::Ready(Err(to_io(e))),
+    }
+}
+
+/// The outcome of the peer's dial of a stream, awaitable apart from the stream (which a
+/// splice may own meanwhile): see [`TunnelStream::established`].
+pub struct Established {
+    shared: Arc<Shared>,
+    id: ConnId,
+    /// `None` with the connect-ack extension: the peer says.
+    go_wait: Option<std::time::Duration>,
+}
+
+impl fmt::Debug for Established {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Established").field("id", &self.id).finish()
+    }
+}
+
+impl Established {
+    /// The outcome of `stream`'s dial; without the connect-ack extension, no news within
+    /// `go_wait` counts as success.
+    pub fn of(stream: &TunnelStream, go_wait: std::time::Duration) -> Self {
+        Self {
+            shared: stream.shared.clone(),
+            id: stream.id,
+            go_wait: (!stream.connect_ack()).then_some(go_wait),
+        }
+    }
+
+    /// Waits for it: `Err` with the peer's text if the dial failed.
+    pub async fn wait(self) -> io::Result<()> {
+        let wait = poll_fn(|cx| poll_established(&self.shared, self.id, cx));
+        match self.go_wait {
+            None => wait.await,
+            Some(go_wait) => tokio::time::timeout(go_wait, wait).await.unwrap_or(Ok(())),
         }
     }
 }
@@ -288,10 +371,9 @@ impl TunnelStream {
     pub fn poll_shutdown_shared(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         {
             let mut inner = self.shared.lock();
-            if let Err(e) = inner.proto.finish(self.id) {
+            if let Err(e) = inner.call(|p| p.finish(self.id)) {
                 return Poll::Ready(Err(to_io(e)));
             }
-            inner.wake_driver();
         }
         match self.poll_flush_shared(cx) {
             // The stream ended while its EOF waited: the peer knows it is closed.
@@ -309,9 +391,14 @@ impl TunnelStream {
 impl Drop for TunnelStream {
     fn drop(&mut self) {
         let mut inner = self.shared.lock();
-        inner.proto.release(self.id);
-        inner.streams.remove(&self.id);
-        inner.wake_driver();
+        inner.call(|p| p.release(self.id));
+        if let Some(wakers) = inner.streams.remove(&self.id) {
+            // A task waiting apart from the handle (for the dial's outcome) learns that
+            // the stream is gone.
+            for waker in [wakers.established, wakers.closed].into_iter().flatten() {
+                waker.wake();
+            }
+        }
         drop(inner);
         self.shared.observer.stream_closed(&self.target);
     }

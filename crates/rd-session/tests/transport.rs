@@ -19,6 +19,7 @@ use tokio::{
 };
 use tokio_tungstenite::tungstenite::{
     handshake::server::{Request, Response},
+    protocol::Role,
     Message,
 };
 
@@ -92,10 +93,11 @@ fn options_with_tunnel_id(id: &'static str) -> ConnectOptions {
         .with_handshake_timeout(BOUND)
 }
 
-async fn assert_echo<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>)
+async fn assert_echo<S>(ws: rd_session::WebSocketIo<S>)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let mut ws = ws.into_websocket_stream(Role::Client).await;
     ws.send(Message::text("hello")).await.unwrap();
     let reply = tokio::time::timeout(BOUND, ws.next())
         .await
@@ -110,21 +112,21 @@ async fn plain_websocket_carries_headers_and_messages() {
     let (addr, mut seen) = spawn_plain_echo_server().await;
     let opts = options_with_tunnel_id("client-1");
 
-    let mut ws = connect_websocket(&format!("ws://{addr}/connect"), &opts)
+    let ws = connect_websocket(&format!("ws://{addr}/connect"), &opts)
         .await
         .unwrap();
     assert!(ws.get_ref().tcp().nodelay().unwrap());
-    assert_echo(&mut ws).await;
+    assert_echo(ws).await;
 
     let upgrade = seen.recv().await.unwrap();
     assert_eq!(upgrade.tunnel_id.as_deref(), Some("client-1"));
     assert_eq!(upgrade.host, Some(addr.to_string()));
 
     // `http://` is accepted as an alias of `ws://`.
-    let mut ws = connect_websocket(&format!("http://{addr}/connect"), &opts)
+    let ws = connect_websocket(&format!("http://{addr}/connect"), &opts)
         .await
         .unwrap();
-    assert_echo(&mut ws).await;
+    assert_echo(ws).await;
 }
 
 /// What the test proxy saw.
@@ -207,10 +209,10 @@ async fn fixed_proxy_url_tunnels_with_basic_auth() {
     let opts = options_with_tunnel_id("via-proxy").with_proxy(ProxyMode::Url(proxy_url));
 
     // A fixed proxy URL applies even to loopback targets (Go's http.ProxyURL does too).
-    let mut ws = connect_websocket(&format!("ws://{echo}/connect"), &opts)
+    let ws = connect_websocket(&format!("ws://{echo}/connect"), &opts)
         .await
         .unwrap();
-    assert_echo(&mut ws).await;
+    assert_echo(ws).await;
 
     let seen = connects.recv().await.unwrap();
     assert_eq!(seen.request_line, format!("CONNECT {echo} HTTP/1.1"));
@@ -239,10 +241,10 @@ async fn environment_proxy_is_used_for_remote_names() {
     let opts = options_with_tunnel_id("env").with_proxy(ProxyMode::Env(env));
 
     // The name is never resolved by the client: only the proxy sees it.
-    let mut ws = connect_websocket("ws://tunnel.example/connect", &opts)
+    let ws = connect_websocket("ws://tunnel.example/connect", &opts)
         .await
         .unwrap();
-    assert_echo(&mut ws).await;
+    assert_echo(ws).await;
 
     let seen = connects.recv().await.unwrap();
     assert_eq!(seen.request_line, "CONNECT tunnel.example:80 HTTP/1.1");
@@ -253,10 +255,10 @@ async fn environment_proxy_is_used_for_remote_names() {
     );
 
     // Loopback targets bypass the environment proxy, as in Go.
-    let mut ws = connect_websocket(&format!("ws://{echo}/connect"), &opts)
+    let ws = connect_websocket(&format!("ws://{echo}/connect"), &opts)
         .await
         .unwrap();
-    assert_echo(&mut ws).await;
+    assert_echo(ws).await;
     assert!(connects.try_recv().is_err());
 }
 
@@ -360,12 +362,12 @@ async fn wss_verifies_the_server_certificate() {
         format!("wss://localhost:{port}/connect"),
         format!("https://127.0.0.1:{port}/connect"),
     ] {
-        let mut ws = connect_websocket(&url, &trusting).await.unwrap();
+        let ws = connect_websocket(&url, &trusting).await.unwrap();
         assert!(matches!(
             ws.get_ref(),
             rd_session::transport::TransportStream::Tls(_)
         ));
-        assert_echo(&mut ws).await;
+        assert_echo(ws).await;
         assert_eq!(
             upgrades.recv().await.unwrap().tunnel_id.as_deref(),
             Some("tls")
@@ -385,10 +387,10 @@ async fn wss_verifies_the_server_certificate() {
     // Skipping verification accepts it.
     let insecure = options_with_tunnel_id("tls")
         .with_tls(TlsOptions::default().with_insecure_skip_verify(true));
-    let mut ws = connect_websocket(&format!("wss://127.0.0.1:{port}/connect"), &insecure)
+    let ws = connect_websocket(&format!("wss://127.0.0.1:{port}/connect"), &insecure)
         .await
         .unwrap();
-    assert_echo(&mut ws).await;
+    assert_echo(ws).await;
 }
 
 #[tokio::test]

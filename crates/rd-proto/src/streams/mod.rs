@@ -151,6 +151,18 @@ impl Streams {
         self.map.values().filter(|s| s.dial_pending()).count()
     }
 
+    /// Whether the peer acknowledged the dial of stream `id`, which we opened (connect-ack
+    /// extension).
+    pub(crate) fn is_acknowledged(&self, id: ConnId) -> bool {
+        self.map.get(&id).is_some_and(Stream::is_acknowledged)
+    }
+
+    /// Whether any stream waits in the ready queue (it may turn out to have nothing it may
+    /// send yet).
+    pub(crate) fn has_ready(&self) -> bool {
+        !self.ready.is_empty()
+    }
+
     /// The ids the peer should still know, ascending as signed integers.
     pub(crate) fn live_ids(&self) -> Vec<i64> {
         let mut ids: Vec<i64> = self
@@ -492,6 +504,15 @@ impl Streams {
         }
     }
 
+    /// The peer's ConnectAck (connect-ack extension): its dial of a stream we opened
+    /// succeeded. Ignored for streams the peer opened, streams off the wire, unknown ids and
+    /// when repeated.
+    pub(crate) fn on_connect_ack(&mut self, id: ConnId, config: &Config, out: &mut Outbox) {
+        if self.update(id, config, |s, _| s.on_connect_ack()) == Some(true) {
+            out.event(Event::StreamAcknowledged { id });
+        }
+    }
+
     /// The peer's SyncConnections: streams it no longer lists leave the wire.
     pub(crate) fn on_sync(&mut self, now: Instant, ids: &[i64], config: &Config, out: &mut Outbox) {
         let grace = config.sync_interval.unwrap_or(Duration::from_secs(60));
@@ -555,6 +576,17 @@ impl Streams {
                 return id;
             }
         }
+    }
+
+    /// Tells the peer that its dial of stream `id` succeeded (connect-ack extension): queues
+    /// ConnectAck, which as a control message goes out before any Data of the stream.
+    /// Whether it was queued.
+    pub(crate) fn acknowledge(&mut self, id: ConnId, config: &Config, out: &mut Outbox) -> bool {
+        if self.update(id, config, |s, _| s.acknowledge()) != Some(true) {
+            return false;
+        }
+        out.send(&Message::ConnectAck { conn_id: id });
+        true
     }
 
     /// Labels stream `id` with what it is for; unknown ids are ignored.

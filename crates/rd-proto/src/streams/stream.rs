@@ -153,6 +153,9 @@ pub(crate) struct Stream {
     scheduled: bool,
     /// The application dropped its handle.
     released: bool,
+    /// Connect-ack extension: for a stream we opened, the peer said its dial succeeded; for
+    /// one the peer opened, we said so.
+    acknowledged: bool,
     /// Bytes the application wrote to the stream (queued for the peer).
     bytes_written: u64,
     /// Bytes the application read from the stream (received from the peer).
@@ -181,6 +184,7 @@ impl Stream {
             send: SendHalf::new(config.credit),
             scheduled: false,
             released: false,
+            acknowledged: false,
             bytes_written: 0,
             bytes_read: 0,
             label: None,
@@ -236,6 +240,34 @@ impl Stream {
     /// Whether we opened the stream and the peer has not answered it in any way yet.
     pub(crate) fn dial_pending(&self) -> bool {
         self.origin == Origin::Local && self.last_heard.is_none() && self.on_wire()
+    }
+
+    /// Whether the peer acknowledged the dial of this stream, which we opened (connect-ack
+    /// extension).
+    pub(crate) fn is_acknowledged(&self) -> bool {
+        self.origin == Origin::Local && self.acknowledged
+    }
+
+    /// We tell the peer that the dial of this stream, which it opened, succeeded
+    /// (connect-ack extension); whether the ack is to go out: not for a stream we opened,
+    /// one off the wire, or a second time.
+    pub(crate) fn acknowledge(&mut self) -> bool {
+        if self.origin != Origin::Remote || !self.on_wire() || self.acknowledged {
+            return false;
+        }
+        self.acknowledged = true;
+        true
+    }
+
+    /// The peer's ConnectAck: its dial of this stream, which we opened, succeeded; whether
+    /// the application is to hear of it: not for a stream the peer opened, one off the
+    /// wire, or a repeated ack.
+    pub(crate) fn on_connect_ack(&mut self) -> bool {
+        if self.origin != Origin::Local || !self.on_wire() || self.acknowledged {
+            return false;
+        }
+        self.acknowledged = true;
+        true
     }
 
     pub(crate) fn target(&self) -> &Target {

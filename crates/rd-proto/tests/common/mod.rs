@@ -150,7 +150,9 @@ impl Peer {
             );
             match &ev {
                 Event::StreamRequested { id, .. } => self.new_life(*id),
-                Event::StreamReadable { id } | Event::StreamWritable { id } => {
+                Event::StreamReadable { id }
+                | Event::StreamWritable { id }
+                | Event::StreamAcknowledged { id } => {
                     assert!(
                         !self.closed.contains(id),
                         "event after StreamClosed: {ev:?}"

@@ -6,7 +6,6 @@ use crate::{Extensions, EXTENSIONS_HEADER};
 use http::{header, HeaderMap, HeaderName};
 use tokio::{net::TcpStream, time::Instant};
 use tokio_rustls::TlsConnector;
-use tokio_tungstenite::WebSocketStream;
 use tungstenite::{client::IntoClientRequest as _, handshake::client::Request};
 
 use super::{
@@ -26,8 +25,9 @@ pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 64 << 20;
 /// Gorilla's cap on the rejected-handshake body it keeps for the error log.
 const MAX_REJECTED_BODY: usize = 1024;
 
-/// A client websocket as returned by [`connect_websocket`].
-pub type ClientWebSocket = WebSocketStream<TransportStream>;
+/// A client websocket as returned by [`connect_websocket`]: the connection after the
+/// handshake, with the bytes the handshake read past the server's `101` head.
+pub type ClientWebSocket = crate::WebSocketIo<TransportStream>;
 
 /// How [`connect_websocket`] connects. The default matches Go's remotedialer client with a
 /// `nil` dialer: proxy from the environment, system roots, 10 s handshake timeout.
@@ -222,14 +222,22 @@ pub async fn connect_websocket_with_headers(
     };
 
     // The same buffers and limits as the server side's tunnel websockets.
-    let config = crate::websocket_config(opts.max_message_size.unwrap_or(usize::MAX));
+    let max_message_size = opts.max_message_size.unwrap_or(usize::MAX);
+    let config = crate::websocket_config(max_message_size);
     let (ws, response) = deadline
         .run(ConnectStage::WebSocket, async {
-            tokio_tungstenite::client_async_with_config(request, stream, Some(config))
+            let recorded = crate::websocket::Recorder::new(stream);
+            tokio_tungstenite::client_async_with_config(request, recorded, Some(config))
                 .await
                 .map_err(handshake_error)
         })
         .await?;
+    // The session reads the frames itself, starting with any the server sent right behind
+    // its 101 (its first ping, say), which tungstenite read with the head.
+    let (stream, read_ahead) = ws.into_inner().take();
+    let ws = crate::WebSocketIo::new(stream)
+        .read_ahead(read_ahead)
+        .max_message_size(max_message_size);
     // Only what we offered counts, whatever the server claims.
     let extensions = opts
         .extensions
