@@ -132,6 +132,17 @@ pub async fn fetch_once(path: &Path, file: &str) -> Result<u64, BoxError> {
     get(&mut sender, &path.addr.to_string(), &path.path(file)).await
 }
 
+/// A fresh connection that has carried one request for `file`, kept open (idle) for as
+/// long as the returned sender lives.
+pub async fn open_after_one(
+    path: &Path,
+    file: &str,
+) -> Result<SendRequest<Empty<Bytes>>, BoxError> {
+    let mut sender = connect(path).await?;
+    get(&mut sender, &path.addr.to_string(), &path.path(file)).await?;
+    Ok(sender)
+}
+
 /// What a bulk run moved.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct BulkResult {

@@ -4,7 +4,8 @@
 //! relays in this process, and measures three paths to rd-dummy, interleaved: direct, the
 //! relay chain (the same three TCP hops as the tunnel, no framing) and the tunnel; bulk and
 //! small requests also through the server's `--forward` listener and HTTP CONNECT. Then
-//! library-level scale measurements in child processes. Prints the table, writes
+//! library-level scale measurements in child processes, and rathole 0.5 (when installed)
+//! as an anchor on the `--forward` rows (`rathole.rs`). Prints the table, writes
 //! `target/bench/report.json` and, for full-scale runs, `docs/benchmarks.md`.
 //!
 //! Options: `--bin-dir DIR` (default `target/release`), `--out FILE`, `--docs FILE`
@@ -16,6 +17,7 @@ mod load;
 mod longlink;
 mod procs;
 mod quick;
+mod rathole;
 mod report;
 mod restart_storm;
 mod scale;
@@ -79,8 +81,9 @@ fn parse_options() -> Result<Options, BoxError> {
             "--no-forward" => o.no_forward = true,
             "-h" | "--help" => {
                 println!(
-                    "usage: rd-bench [--bin-dir DIR] [--out FILE] [--docs FILE | --no-docs] [--only isolation|longlink|slow-streams|storm|restart-storm|bulk|quick] [--no-forward]\n\
-                          env: RD_BENCH_SCALE (default 1; 0.1 for a quick run)"
+                    "usage: rd-bench [--bin-dir DIR] [--out FILE] [--docs FILE | --no-docs] [--only isolation|longlink|slow-streams|storm|restart-storm|bulk|quick|rathole] [--no-forward]\n\
+                          env: RD_BENCH_SCALE (default 1; 0.1 for a quick run); RD_BENCH_RATHOLE (the rathole binary for --only rathole,\n\
+                          default: cargo's bin dir, then PATH)"
                 );
                 std::process::exit(0);
             }
@@ -444,9 +447,30 @@ async fn run(o: Options) -> Result<(), BoxError> {
             println!("\n{}", report::text_table(&slow_stream_rows(10_000)?));
             return Ok(());
         }
+        Some("rathole") => {
+            if o.no_forward {
+                return Err("--only rathole compares with --forward: drop --no-forward".into());
+            }
+            let rounds = std::env::var("RD_BENCH_ROUNDS")
+                .ok()
+                .and_then(|r| r.parse().ok())
+                .unwrap_or(3);
+            let plan = rathole_plan(rounds, medium_size, large_size, s);
+            let [direct, relay, _] = paths;
+            let (_, table) = rathole::run(
+                [direct, relay, raw_paths[0].clone()],
+                [server.pid(), client.pid()],
+                &tmp.0,
+                dummy_addr,
+                &plan,
+            )
+            .await?;
+            println!("\n{table}");
+            return Ok(());
+        }
         Some(other) => {
             return Err(format!(
-                "unknown scenario {other} (known: isolation, longlink, slow-streams, storm, restart-storm, bulk, quick)"
+                "unknown scenario {other} (known: isolation, longlink, slow-streams, storm, restart-storm, bulk, quick, rathole)"
             )
             .into())
         }
@@ -494,6 +518,21 @@ async fn run(o: Options) -> Result<(), BoxError> {
     scale_rows(&mut rows, rss_streams, rss_sessions)?;
     say("slow streams: 10000 streams moving data slowly on one session (library level)");
     rows.extend(slow_stream_rows(10_000)?);
+
+    if !o.no_forward {
+        say("rathole 0.5 as an anchor on the --forward rows (interleaved with rd's --forward)");
+        let plan = rathole_plan(2, medium_size, large_size, s);
+        let [direct, relay, _] = bench.paths.clone();
+        let (rathole_rows, _) = rathole::run(
+            [direct, relay, bench.raw_paths[0].clone()],
+            [server.pid(), client.pid()],
+            &tmp.0,
+            dummy_addr,
+            &plan,
+        )
+        .await?;
+        rows.extend(rathole_rows);
+    }
 
     drop((client, server, dummy));
     let elapsed = started.elapsed();
@@ -999,6 +1038,21 @@ impl Bench {
     }
 }
 
+/// The rathole section's plan: the full run's sizes, shorter loops.
+fn rathole_plan(rounds: usize, medium_size: u64, large_size: u64, s: f64) -> rathole::Plan {
+    rathole::Plan {
+        rounds,
+        large: ("large.bin", large_size),
+        medium: ("medium.bin", medium_size),
+        small: "small.bin",
+        duration: scaled_duration(4.0, s),
+        rate: 1000,
+        conns: 50,
+        setup_conns: 200,
+        idle_conns: 1000,
+    }
+}
+
 /// The `slow-streams` child's rows.
 fn slow_stream_rows(n: usize) -> Result<Vec<Row>, BoxError> {
     let v = scale::child_json("slow-streams", n)?;
@@ -1088,6 +1142,10 @@ fn docs_markdown(json: &serde_json::Value, rows: &[Row], criterion: Option<&str>
          tunnel, without framing;\n\
          - **tunnel**: `http://SERVER/client/bench/http/DUMMY/FILE` through rd-server, one \
          websocket session and rd-client.\n\n\
+         The `anchor:` rows, when rathole is installed (`cargo install rathole`), run the same \
+         load through rd-server's `--forward` listener + rd-client and through rathole 0.5 \
+         (server + client, TCP transport) forwarding to the same rd-dummy, interleaved in the \
+         same run (`rd-bench --only rathole` for that section alone).\n\n\
          Benchmarks never fail on numbers; the table marks each target met or not.\n\n",
     );
     out.push_str(&format!(
