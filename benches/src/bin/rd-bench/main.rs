@@ -82,7 +82,7 @@ fn parse_options() -> Result<Options, BoxError> {
             "-h" | "--help" => {
                 println!(
                     "usage: rd-bench [--bin-dir DIR] [--out FILE] [--docs FILE | --no-docs] [--only isolation|longlink|slow-streams|storm|restart-storm|bulk|quick|rathole] [--no-forward]\n\
-                          env: RD_BENCH_SCALE (default 1; 0.1 for a quick run); RD_BENCH_RATHOLE (the rathole binary for --only rathole,\n\
+                          env: RD_BENCH_SCALE (default 1; 0.1 for a quick run); RD_BENCH_RATHOLE (the rathole binary for the anchor rows,\n\
                           default: cargo's bin dir, then PATH)"
                 );
                 std::process::exit(0);

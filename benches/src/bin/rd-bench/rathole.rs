@@ -56,11 +56,11 @@ pub fn find_binary() -> Option<PathBuf> {
 /// The version line of the binary (`rathole 0.5.0`), for the notes.
 fn version(bin: &FsPath) -> String {
     std::process::Command::new(bin)
-        .arg("--version")
+        .arg("-V")
         .output()
         .ok()
         .and_then(|o| String::from_utf8(o.stdout).ok())
-        .map(|s| s.trim().to_string())
+        .and_then(|s| s.lines().next().map(|l| l.trim().to_string()))
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "rathole (version unknown)".into())
 }
@@ -441,7 +441,10 @@ pub async fn run(
 
     let note = format!(
         "{version}, TCP transport; median of {} interleaved rounds (latency percentiles of the \
-         small rows over all rounds); direct and relay columns for scale",
+         small rows over all rounds); direct and relay columns for scale; rathole sets \
+         TCP_NODELAY on its tunnel connections only, not on the visitor and local sockets (its \
+         per-service `nodelay` key is parsed but unused), which probably explains latency tails \
+         near 40 ms (Nagle + delayed ACK)",
         plan.rounds
     );
     let failures = format!(
