@@ -364,6 +364,34 @@ pub fn duration(text: &str) -> Result<Duration, String> {
     Ok(total)
 }
 
+/// Parses a size in bytes: a plain number, or one with a unit (`KiB`, `MiB`, `GiB`, powers of
+/// 1024; `K`, `M`, `G` read the same, as most tools that take buffer sizes do; `KB`, `MB`,
+/// `GB` are powers of 1000), e.g. `67108864`, `64MiB`, `1.5GiB`.
+pub fn byte_size(text: &str) -> Result<usize, String> {
+    let bad = |why: &str| format!("invalid size {text:?}: {why}; want e.g. 65536, 64MiB or 1GiB");
+    let s = text.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let amount: f64 = number.parse().map_err(|_| bad("not a number"))?;
+    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kib" => 1024.0,
+        "m" | "mib" => 1024.0 * 1024.0,
+        "g" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        other => return Err(bad(&format!("unknown unit {other:?}"))),
+    };
+    let bytes = amount * scale;
+    if !bytes.is_finite() || bytes >= usize::MAX as f64 {
+        return Err(bad("too large"));
+    }
+    Ok(bytes as usize)
+}
+
 /// A boolean flag's value, from the command line or the environment: `1/0`, `true/false`,
 /// `yes/no` (also `on/off`, `y/n`, `t/f`), any case, as clap's `BoolishValueParser` reads
 /// them.
@@ -408,6 +436,20 @@ mod tests {
         for good in [":8123", "127.0.0.1:0", "[::1]:8123", "localhost:8123", ":0"] {
             assert_eq!(check_listen("--listen", good), Ok(()), "{good}");
         }
+    }
+
+    #[test]
+    fn sizes_take_units() {
+        assert_eq!(byte_size("65536").unwrap(), 65536);
+        assert_eq!(byte_size("64MiB").unwrap(), 64 << 20);
+        assert_eq!(byte_size("64M").unwrap(), 64 << 20);
+        assert_eq!(byte_size("1.5GiB").unwrap(), 3 << 29);
+        assert_eq!(byte_size("10MB").unwrap(), 10_000_000);
+        assert!(byte_size("64 parsecs")
+            .unwrap_err()
+            .contains("unknown unit"));
+        assert!(byte_size("").is_err());
+        assert!(byte_size("-1").is_err());
     }
 
     #[test]

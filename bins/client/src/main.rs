@@ -131,7 +131,7 @@ struct Args {
     no_replicas: bool,
     /// Do not offer rd's connect-ack extension: the server cannot tell when this agent's
     /// dial succeeded, so its CONNECT waits --connect-wait as for a Go agent.
-    #[arg(long, env = "RD_NO_CONNECT_ACK")]
+    #[arg(long, env = "RD_NO_CONNECT_ACK", value_parser = cli::boolish())]
     no_connect_ack: bool,
     /// First redial delay ceiling; it doubles on each failure up to --backoff-max.
     #[arg(long, env = "RD_BACKOFF_INITIAL", value_name = "DURATION", default_value = "1s", value_parser = duration)]
@@ -144,6 +144,13 @@ struct Args {
     /// 1: anywhere below it), so a fleet does not redial in lockstep.
     #[arg(long, env = "RD_BACKOFF_JITTER", value_name = "0..1", default_value_t = rd_session::DEFAULT_BACKOFF_JITTER)]
     backoff_jitter: f64,
+    /// Bytes a session may hold for its streams' readers beyond their initial 32 KiB windows
+    /// (credit: granted and unread; Pause/Resume: unread). It decides the longest link one
+    /// session fills: a budget B serves links with up to B/2 in flight with room (64MiB:
+    /// 100 MB/s over 335 ms); one stream's window is still at most 32 MiB. It costs memory
+    /// only while readers stop reading. Units: KiB, MiB, GiB (or plain bytes).
+    #[arg(long, env = "RD_RECEIVE_BUDGET", value_name = "SIZE", default_value = "64MiB", value_parser = cli::byte_size)]
+    receive_budget: usize,
     /// How often to ping the server (Go: 5s).
     #[arg(long, env = "RD_PING_INTERVAL", value_name = "DURATION", default_value = "5s", value_parser = duration)]
     ping_interval: Duration,
@@ -240,6 +247,7 @@ async fn build(args: &Args, metrics: Option<Arc<AgentMetrics>>) -> Result<Client
     config.ping_interval = args.ping_interval;
     config.keepalive_timeout = args.keepalive_timeout;
     config.answer_timeout = (!args.answer_timeout.is_zero()).then_some(args.answer_timeout);
+    config = config.with_session_receive_budget(args.receive_budget);
     config.validate().map_err(|e| e.to_string())?;
     let backoff = Backoff::new(
         args.backoff_initial,

@@ -141,8 +141,10 @@ struct Args {
         value_name = "LISTEN=CLIENT:PROTO/ADDRESS"
     )]
     forward: Vec<rd_server::forward::ForwardSpec>,
-    /// How long an HTTP CONNECT waits for the agent to refuse or fail the dial before
-    /// answering 200 (a refusal is answered 502 with the agent's text); 0 answers at once.
+    /// How long an HTTP CONNECT through a Go agent (or one run with --no-connect-ack) waits
+    /// for the agent to refuse or fail the dial before answering 200 (a refusal is answered
+    /// 502 with the agent's text); 0 answers at once. rd agents acknowledge their dials, and
+    /// CONNECT through them answers as soon as the dial succeeded or failed.
     #[arg(long, env = "RD_CONNECT_WAIT", value_name = "DURATION", default_value = "100ms", value_parser = cli::duration)]
     connect_wait: Duration,
     /// Ping a client that sent nothing for this long (Go's server never pings; Go and rd
@@ -162,8 +164,9 @@ struct Args {
     /// Websocket upgrades in progress at once; more are answered 503 with Retry-After.
     #[arg(long, env = "RD_MAX_PENDING_HANDSHAKES", value_name = "N", default_value_t = rd_server::DEFAULT_MAX_PENDING_HANDSHAKES)]
     max_pending_handshakes: usize,
-    /// Read buffer per session websocket, in bytes: resident for the session's life (most of
-    /// an idle session's memory), and the most the websocket takes per read.
+    /// How much one read of a session's small websocket frames (pings, requests, Go's 4 KiB
+    /// fragments) takes at first, in bytes (at least 1 KiB). The buffer exists only while
+    /// frames arrive; a frame larger than it is read into a buffer of its own size.
     #[arg(long, env = "RD_WS_READ_BUFFER", value_name = "BYTES", default_value_t = rd_server::DEFAULT_WS_READ_BUFFER)]
     ws_read_buffer: usize,
     /// Most bytes one read syscall takes while a client sends faster than the websocket
@@ -189,6 +192,13 @@ struct Args {
         default_value_t = 4096
     )]
     max_pending_dials: usize,
+    /// Bytes a session may hold for its streams' readers beyond their initial 32 KiB windows
+    /// (credit: granted and unread; Pause/Resume: unread). It decides the longest link one
+    /// session fills: a budget B serves links with up to B/2 in flight with room (64MiB:
+    /// 100 MB/s over 335 ms); one stream's window is still at most 32 MiB. It costs memory
+    /// only while readers stop reading. Units: KiB, MiB, GiB (or plain bytes).
+    #[arg(long, env = "RD_RECEIVE_BUDGET", value_name = "SIZE", default_value = "64MiB", value_parser = cli::byte_size)]
+    receive_budget: usize,
 }
 
 /// A `--peers` entry.
@@ -423,6 +433,7 @@ async fn run(args: Args, checked: Checked) -> Result<(), Box<dyn std::error::Err
     config.server_ping_after = (!args.ping_after.is_zero()).then_some(args.ping_after);
     config.answer_timeout = (!args.answer_timeout.is_zero()).then_some(args.answer_timeout);
     config.max_pending_dials = args.max_pending_dials;
+    config = config.with_session_receive_budget(args.receive_budget);
     config.validate()?;
     let mut builder = builder
         .metrics(metrics)

@@ -186,6 +186,21 @@ impl Default for Config {
 }
 
 impl Config {
+    /// Sets [`session_receive_budget`](Self::session_receive_budget), raising
+    /// [`session_receive_ceiling`](Self::session_receive_ceiling) and
+    /// [`session_receive_cap`](Self::session_receive_cap) when a larger budget needs them
+    /// (to three times the budget, and that plus the budget, as the defaults are), so the
+    /// result validates whatever the budget. A smaller budget leaves them as they are.
+    #[must_use]
+    pub fn with_session_receive_budget(mut self, budget: usize) -> Self {
+        self.session_receive_budget = budget;
+        self.session_receive_ceiling = self.session_receive_ceiling.max(budget.saturating_mul(3));
+        self.session_receive_cap = self
+            .session_receive_cap
+            .max(self.session_receive_ceiling.saturating_add(budget));
+        self
+    }
+
     /// Checks the relations between the values.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.low_watermark >= self.high_watermark {
@@ -259,6 +274,21 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_budget_of_any_size_validates() {
+        for budget in [0, 8 << 20, 64 << 20, 512 << 20, 4 << 30] {
+            let c = Config::default().with_session_receive_budget(budget);
+            assert_eq!(c.session_receive_budget, budget);
+            assert!(c.validate().is_ok(), "budget {budget}");
+        }
+        let small = Config::default().with_session_receive_budget(8 << 20);
+        assert_eq!(
+            small.session_receive_ceiling,
+            Config::default().session_receive_ceiling,
+            "a smaller budget keeps the ceiling"
+        );
+    }
 
     #[test]
     fn defaults_are_gos_and_valid() {

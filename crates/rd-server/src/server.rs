@@ -34,7 +34,7 @@ pub const DEFAULT_MAX_PENDING_HANDSHAKES: usize = 1024;
 /// Default `Retry-After` of a handshake refused by [`ServerBuilder::max_pending_handshakes`].
 pub const DEFAULT_HANDSHAKE_RETRY_AFTER: Duration = Duration::from_secs(1);
 
-/// Default of [`ServerBuilder::websocket_read_buffer`]: 4 KiB, what an idle session keeps.
+/// Default of [`ServerBuilder::websocket_read_buffer`]: 4 KiB, the first read of small frames.
 pub const DEFAULT_WS_READ_BUFFER: usize = 4 * 1024;
 
 /// Default of [`ServerBuilder::websocket_read_burst`]: 64 KiB per read syscall in a burst.
@@ -214,7 +214,9 @@ impl ServerBuilder {
     /// reset with `dial timeout: ...` and counted in
     /// `rd_streams_expired{guard="pending_dial_timeout"}`. Off by default. A target that
     /// never speaks first and never reads enough to be granted credit (a one-way stream
-    /// of a few KiB) counts as unanswered too: keep the timeout above such silences.
+    /// of a few KiB) counts as unanswered too with a Go agent, or one without the
+    /// connect-ack extension: keep the timeout above such silences. rd agents acknowledge
+    /// the dial as soon as it succeeded.
     pub fn pending_dial_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.guards.pending_dial_timeout = timeout.filter(|t| !t.is_zero());
         self

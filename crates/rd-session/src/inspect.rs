@@ -50,6 +50,8 @@ pub struct ExtensionsView {
     pub half_close: bool,
     /// One session per replica, GoAway.
     pub replicas: bool,
+    /// The agent acknowledges a dial as soon as it succeeded (CONNECT answers then).
+    pub connect_ack: bool,
 }
 
 /// One stream as the admin API shows it.
@@ -142,6 +144,7 @@ impl SessionView {
                 credit: ext.credit,
                 half_close: ext.half_close,
                 replicas: ext.replicas,
+                connect_ack: ext.connect_ack,
             },
             streams_open: stats.streams,
             pending_dials: session.pending_dials(),

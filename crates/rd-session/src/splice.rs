@@ -142,8 +142,18 @@ impl<L: AsyncRead + AsyncWrite + Unpin> Splice<'_, L> {
         if !self.out_burst {
             let mut first = [0u8; FIRST_READ];
             let mut buf = ReadBuf::new(&mut first);
-            ready!(Pin::new(&mut self.local).poll_read(cx, &mut buf))
-                .map_err(SpliceError::Local)?;
+            if Pin::new(&mut self.local)
+                .poll_read(cx, &mut buf)
+                .map_err(SpliceError::Local)?
+                .is_pending()
+            {
+                // A burst that ended on a short read left its buffer's spare capacity
+                // here: an idle connection holds none.
+                if self.out_buf.is_empty() && self.out_buf.capacity() > 0 {
+                    self.out_buf = BytesMut::new();
+                }
+                return Poll::Pending;
+            }
             let n = buf.filled().len();
             if n == FIRST_READ {
                 self.out_burst = true;
@@ -258,6 +268,19 @@ mod tests {
     /// more: an idle forwarded connection that carried data costs what a never-used one does.
     #[tokio::test]
     async fn an_idle_connection_holds_no_buffer_after_a_burst() {
+        // The burst's last read fills at least half the buffer: the burst ends when the
+        // socket runs dry.
+        idle_after_burst(300_000).await;
+    }
+
+    /// The burst's last read is short: the burst ends on it, and the next read (from the
+    /// stack) finds the socket dry.
+    #[tokio::test]
+    async fn an_idle_connection_holds_no_buffer_after_a_burst_ending_short() {
+        idle_after_burst(4 * LOCAL_READ + 1000).await;
+    }
+
+    async fn idle_after_burst(len: usize) {
         let (a, b) = tokio::io::duplex(1 << 20);
         let server_ws = WebSocketStream::from_raw_socket(a, Role::Server, None).await;
         let client_ws = WebSocketStream::from_raw_socket(b, Role::Client, None).await;
@@ -285,7 +308,7 @@ mod tests {
             inbound: Direction::Copying,
             moved: Spliced::default(),
         };
-        let burst = vec![5u8; 300_000];
+        let burst = vec![5u8; len];
         user.write_all(&burst).await.unwrap();
         let mut held = 0;
         // Poll until the burst has gone into the tunnel and the local side ran dry.
