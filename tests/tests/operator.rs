@@ -502,6 +502,31 @@ fn start_up_mistakes_are_refused_with_a_hint() {
     assert!(!out.contains("listening on"), "{out}");
 }
 
+/// Port 0 on both listeners asks for two free ports: they never clash, and both serve (the
+/// container image test starts the server this way).
+#[tokio::test]
+async fn port_zero_for_both_listeners_gives_two_ports() {
+    let (mut server, addr) = Proc::start_listening(
+        "rd-server",
+        &["-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"],
+    );
+    let mut admin = None;
+    wait_until("the admin listening line", Duration::from_secs(10), || {
+        admin = server.stdout_lines().iter().find_map(|l| {
+            l.strip_prefix("admin listening on http://")
+                .map(String::from)
+        });
+        admin.is_some()
+    });
+    let admin: SocketAddr = admin.unwrap().parse().unwrap();
+    assert_ne!(admin.port(), addr.port());
+    let reply = try_get(admin, "/healthz", Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    server.kill();
+}
+
 /// Go's duration forms and 1/0/yes/no booleans, on the command line and in the
 /// environment, for both binaries; a CIDR allow rule admits the targets in its block.
 #[tokio::test]

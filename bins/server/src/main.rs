@@ -277,7 +277,9 @@ async fn check_config(args: &Args) -> Result<Checked, ConfigError> {
     }
     if let Some(admin) = &args.admin_listen {
         cli::check_listen("--admin-listen", admin).map_err(ConfigError)?;
-        if admin.trim() == args.listen.trim() {
+        // Port 0 asks for a free port on each listener: two of them never clash.
+        let ephemeral = admin.trim().ends_with(":0");
+        if admin.trim() == args.listen.trim() && !ephemeral {
             return Err(ConfigError(format!(
                 "--admin-listen {admin:?}: the same address as --listen; the admin routes \
                  need an address of their own (or leave --admin-listen out to serve \
