@@ -150,6 +150,11 @@ async fn connect_checks_the_password_and_passes_on_what_the_target_says_first() 
         .await
         .unwrap();
     assert_eq!(&got, b"greetings\n");
+    echo_ping(&mut tcp).await;
+}
+
+/// Sends `ping` through a tunnel to an echo target and reads it back.
+async fn echo_ping(tcp: &mut TcpStream) {
     tcp.write_all(b"ping").await.unwrap();
     let mut got = [0u8; 4];
     bounded("the echo", tcp.read_exact(&mut got)).await.unwrap();
@@ -168,10 +173,7 @@ async fn connect_answers_when_an_rd_agent_has_dialed_not_after_the_wait() {
     let proxy = serve_connect(ConnectProxy::new(ts.server.clone()).connect_wait(BOUND * 10)).await;
     let (mut tcp, head) = connect(proxy, echo, "Basic Zm9vOg==").await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    tcp.write_all(b"ping").await.unwrap();
-    let mut got = [0u8; 4];
-    bounded("the echo", tcp.read_exact(&mut got)).await.unwrap();
-    assert_eq!(&got, b"ping");
+    echo_ping(&mut tcp).await;
 
     // A refused dial is a 502 with the agent's text, as soon as the agent knows.
     let closed: SocketAddr = format!("127.0.0.1:{}", closed_port()).parse().unwrap();
@@ -228,10 +230,7 @@ async fn connect_through_a_peer_answers_with_the_agents_verdict() {
     let echo = spawn_echo(b"").await;
     let (mut tcp, head) = connect(proxy, echo, "Basic Zm9vOg==").await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    tcp.write_all(b"ping").await.unwrap();
-    let mut got = [0u8; 4];
-    bounded("the echo", tcp.read_exact(&mut got)).await.unwrap();
-    assert_eq!(&got, b"ping");
+    echo_ping(&mut tcp).await;
     let closed: SocketAddr = format!("127.0.0.1:{}", closed_port()).parse().unwrap();
     let (mut tcp, head) = connect(proxy, closed, "Basic Zm9vOg==").await;
     assert!(head.starts_with("HTTP/1.1 502"), "{head}");

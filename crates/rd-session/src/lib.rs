@@ -43,7 +43,6 @@
 #![warn(missing_docs)]
 
 mod backoff;
-mod burst_reader;
 mod driver;
 mod error;
 mod extensions;
@@ -60,7 +59,6 @@ pub mod transport;
 mod websocket;
 
 pub use backoff::{Backoff, DEFAULT_BACKOFF_INITIAL, DEFAULT_BACKOFF_JITTER, DEFAULT_BACKOFF_MAX};
-pub use burst_reader::{BurstReader, DEFAULT_BURST};
 pub use driver::{AnnouncementFn, SessionDriver};
 pub use error::{error_chain, DialError, StreamClosed};
 pub use extensions::{
@@ -95,6 +93,11 @@ pub fn websocket_config(
 
 /// Default websocket read buffer of [`websocket_config`].
 pub const DEFAULT_WS_READ_BUFFER: usize = 16 * 1024;
+
+/// Default of the largest read of small websocket frames in a burst
+/// ([`WebSocketIo::read_burst`]): 64 KiB, a
+/// few Data messages.
+pub const DEFAULT_BURST: usize = 64 * 1024;
 
 /// [`websocket_config`] with another read buffer size. tungstenite zero-fills the whole
 /// buffer on its first read, so it is resident for the session's life: measured on a

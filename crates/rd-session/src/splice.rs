@@ -69,17 +69,7 @@ pub async fn splice<L>(tunnel: &TunnelStream, local: L) -> Result<Spliced, Splic
 where
     L: AsyncRead + AsyncWrite + Unpin,
 {
-    let result = Splice {
-        tunnel,
-        local,
-        out_buf: BytesMut::new(),
-        out_burst: false,
-        out: Direction::Copying,
-        in_chunks: Vec::new(),
-        inbound: Direction::Copying,
-        moved: Spliced::default(),
-    }
-    .await;
+    let result = Splice::new(tunnel, local).await;
     if let Err(SpliceError::Local(e)) = &result {
         tunnel.reset(&e.to_string());
     }
@@ -107,7 +97,20 @@ struct Splice<'a, L> {
     moved: Spliced,
 }
 
-impl<L: AsyncRead + AsyncWrite + Unpin> Splice<'_, L> {
+impl<'a, L: AsyncRead + AsyncWrite + Unpin> Splice<'a, L> {
+    fn new(tunnel: &'a TunnelStream, local: L) -> Self {
+        Self {
+            tunnel,
+            local,
+            out_buf: BytesMut::new(),
+            out_burst: false,
+            out: Direction::Copying,
+            in_chunks: Vec::new(),
+            inbound: Direction::Copying,
+            moved: Spliced::default(),
+        }
+    }
+
     /// Local to tunnel; `Ready(Ok)` once the tunnel's write side is shut down.
     fn poll_out(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), SpliceError>> {
         loop {
@@ -298,16 +301,7 @@ mod tests {
         let server = SessionBuilder::server("foo", 1).spawn(server_ws);
         let tunnel = server.dial_addr("tcp", "127.0.0.1:7").unwrap();
         let (mut user, local) = tokio::io::duplex(1 << 20);
-        let mut splice = Splice {
-            tunnel: &tunnel,
-            local,
-            out_buf: BytesMut::new(),
-            out_burst: false,
-            out: Direction::Copying,
-            in_chunks: Vec::new(),
-            inbound: Direction::Copying,
-            moved: Spliced::default(),
-        };
+        let mut splice = Splice::new(&tunnel, local);
         let burst = vec![5u8; len];
         user.write_all(&burst).await.unwrap();
         let mut held = 0;

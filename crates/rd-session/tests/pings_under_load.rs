@@ -1,8 +1,11 @@
 //! Pings and pongs beside a bidirectional bulk echo over a socket that takes a few hundred
 //! bytes at a time (so frames are half-written all the time), pings every millisecond both
-//! ways: every byte arrives intact and neither end stops reading. (A driver that wrote its
-//! own frames beside tungstenite's pongs corrupted frames here, and when it held reads
-//! back to avoid that, deadlocked in about one run in fifteen.)
+//! ways: every byte arrives intact and neither end stops reading. The driver reads and writes
+//! every frame itself and answers pings as it reads them, so the two peers never wait on each
+//! other. (A driver that wrote its own frames beside tungstenite's pongs corrupted frames
+//! here, and when it held reads back to avoid that, deadlocked in about one run in fifteen;
+//! the round-4 frame writer, commit aec6678, deadlocked when both peers owed a pong behind a
+//! half-written frame.)
 #![allow(clippy::unwrap_used)]
 
 mod common;

@@ -22,6 +22,7 @@ use rd_benches::{procfs, Latencies};
 
 use crate::load::{self, BoxError, LoopResult, Path};
 use crate::procs::{Meter, Proc};
+use crate::quick::median;
 use crate::report::{fmt_value, Row};
 use crate::{mb_per_s, say, us, KIB, MIB};
 
@@ -208,10 +209,6 @@ struct Pair {
     context: Option<(f64, f64)>,
     rd: f64,
     rathole: f64,
-}
-
-fn median(v: Vec<f64>) -> f64 {
-    crate::quick::median(v)
 }
 
 /// Fresh connections, one after the other, each carrying one request for `file`: the
