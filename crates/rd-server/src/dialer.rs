@@ -3,7 +3,6 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{ready, Context, Poll};
 use std::time::Instant;
@@ -21,6 +20,12 @@ use rd_session::{
 use crate::peers::PeerSet;
 use crate::registry::{self, SharedRegistry};
 
+/// How long a dial to a Go agent (no connect-ack) waits for the stream's first event before
+/// it counts as connected: the Go protocol has no "connected" reply, so a refusal shows
+/// only as an early Error. What CONNECT answers after, and what a Connect a peer routed
+/// here waits.
+pub const DEFAULT_CONNECT_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// What a dial needs: this server's client sessions and its peers' announced routes.
 pub(crate) struct Routing {
     pub(crate) clients: SharedRegistry,
@@ -28,8 +33,8 @@ pub(crate) struct Routing {
     pub(crate) dial_seconds: Histogram,
     /// Counts dials by route.
     pub(crate) metrics: crate::metrics::Metrics,
-    /// Set by [`Server::begin_drain`](crate::Server::begin_drain): dials prefer the peers.
-    pub(crate) draining: AtomicBool,
+    /// The server's lifecycle: while draining, dials prefer the peers.
+    pub(crate) lifecycle: Arc<crate::lifecycle::Lifecycle>,
 }
 
 impl std::fmt::Debug for Routing {
@@ -61,7 +66,7 @@ impl Routing {
     /// The two locks are taken one after the other, never together.
     fn route(&self, client_key: &str, serve_peer: bool) -> Result<Route, DialError> {
         let local = registry::lock(&self.clients).route(client_key);
-        let draining = self.draining.load(Ordering::SeqCst);
+        let draining = self.lifecycle.is_draining();
         if !draining || serve_peer {
             if let Some(h) = local {
                 return Ok(Route::Local(h));
@@ -102,7 +107,7 @@ impl ConnectHandler for PeerConnects {
 
     /// The stream to the agent is handed back at once, so a peer's request flows without
     /// waiting; the peer is told the dial succeeded once the agent said so (connect-ack),
-    /// or, for a Go agent, once [`DEFAULT_CONNECT_WAIT`](crate::connect::DEFAULT_CONNECT_WAIT)
+    /// or, for a Go agent, once [`DEFAULT_CONNECT_WAIT`](DEFAULT_CONNECT_WAIT)
     /// passed without a refusal, as a CONNECT here would wait.
     fn connect_deferred(&self, target: Target) -> BoxFuture<Result<Dialed, ConnectRefused>> {
         let routing = self.0.upgrade();
@@ -120,7 +125,7 @@ impl ConnectHandler for PeerConnects {
                 .labeled("peer")
                 .dial_routed(target.without_route(), true)
                 .map_err(|e| ConnectRefused(e.to_string()))?;
-            let established = Established::of(&stream, crate::connect::DEFAULT_CONNECT_WAIT);
+            let established = Established::of(&stream, DEFAULT_CONNECT_WAIT);
             Ok(Dialed {
                 io: Box::new(stream),
                 established: Some(Box::pin(async move {

@@ -88,7 +88,7 @@ impl Server {
         );
         loop {
             // Registered before looking, so an end between the look and the wait still wakes us.
-            let wake = self.inner.drain_wake.clone();
+            let wake = self.inner.lifecycle.wake.clone();
             let woken = wake.notified();
             // Again each pass: a session or a peer link that came up after the first (an
             // upgrade in flight when the drain began, a link redialed) is told too.

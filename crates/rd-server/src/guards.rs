@@ -45,7 +45,7 @@ impl Guards {
             return;
         };
         let weak = std::sync::Arc::downgrade(&server.inner);
-        let shutdown = server.inner.shutdown.clone();
+        let shutdown = server.inner.lifecycle.stopped().clone();
         runtime.spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

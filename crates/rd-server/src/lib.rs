@@ -23,38 +23,42 @@
 pub mod admin;
 mod agent_auth;
 mod auth;
-pub mod connect;
 mod dialer;
 mod drain;
-pub mod forward;
+mod events;
+pub mod gateway;
 mod guards;
+mod headers;
+mod lifecycle;
 mod log_limit;
 mod metrics;
 mod peers;
-pub mod proxy;
-mod proxy_connector;
-mod proxy_upgrade;
 mod registry;
 mod server;
-pub mod splice;
-mod tunnel_use;
 mod upgrade;
+
+// The gateway's modules at the paths they had before they moved under `gateway`.
+pub use gateway::{connect, forward, proxy, splice};
 
 pub use agent_auth::{AgentTokens, TokenFileError, AGENT_TOKEN_HEADER};
 pub use auth::{
     text_response, Authorization, Authorizer, ErrorWriter, PlainTextErrors, TunnelIdHeader,
 };
-pub use dialer::{DialError, Dialer, TimedStream, TunnelConnection, TunnelInfo};
+pub use dialer::{
+    DialError, Dialer, TimedStream, TunnelConnection, TunnelInfo, DEFAULT_CONNECT_WAIT,
+};
 pub use drain::DrainReport;
+pub use events::ServerEvents;
+pub use headers::{ASK_SERVER_ID_HEADER, PEER_ID_HEADER, PEER_TOKEN_HEADER, SERVER_ID_HEADER};
 pub use metrics::{GoCounter, Metrics};
 pub use peers::{
     DnsResolver, InvalidDiscovery, PeerDiscovery, PeerLinkInfo, Resolve, ResolveError,
     ResolveFuture, DEFAULT_DISCOVERY_INTERVAL,
 };
 pub use server::{
-    RemoteAddr, Server, ServerBuilder, ASK_SERVER_ID_HEADER, DEFAULT_HANDSHAKE_RETRY_AFTER,
+    RemoteAddr, Server, ServerBuilder, DEFAULT_HANDSHAKE_RETRY_AFTER,
     DEFAULT_MAX_PENDING_HANDSHAKES, DEFAULT_MAX_SESSIONS_PER_CLIENT, DEFAULT_WS_READ_BUFFER,
-    DEFAULT_WS_READ_BURST, PEER_ID_HEADER, PEER_TOKEN_HEADER, SERVER_ID_HEADER,
+    DEFAULT_WS_READ_BURST,
 };
 
 /// Longest client id quoted whole in error bodies and log lines.

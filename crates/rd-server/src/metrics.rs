@@ -507,8 +507,11 @@ impl Metrics {
             .set(open(&self.streams_opened, &self.streams_closed));
     }
 
-    /// Counts one use of the tunnel that is over.
-    pub(crate) fn tunnel_used(&self, origin: &'static str, outcome: &str, took: f64) {
+    /// Counts one use of the tunnel that is over, in `rd_tunnel_uses_total` and
+    /// `rd_tunnel_use_seconds`: `origin` is the gateway entry (`connect`, `forward`,
+    /// `/client`, ...), `outcome` how it ended, `took` its length in seconds. A gateway
+    /// built on the library counts its uses here as rd's own does.
+    pub fn tunnel_used(&self, origin: &'static str, outcome: &str, took: f64) {
         let labels = vec![
             ("origin", origin.to_owned()),
             ("outcome", outcome.to_owned()),

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -18,6 +18,9 @@ use tracing::Instrument;
 
 use crate::auth::{text_response, Authorization, Authorizer, ErrorWriter, PlainTextErrors};
 use crate::dialer::{Dialer, PeerConnects, Routing};
+use crate::events::ServerEvents;
+use crate::headers::{ASK_SERVER_ID_HEADER, PEER_ID_HEADER, PEER_TOKEN_HEADER, SERVER_ID_HEADER};
+use crate::lifecycle::Lifecycle;
 use crate::log_limit::{rejection, LogLimit};
 use crate::metrics::{ByteCounters, Metrics};
 use crate::peers::{Identity, LinkSettings, PeerCheck, PeerDiscovery, PeerLinkInfo, PeerSet};
@@ -40,20 +43,6 @@ pub const DEFAULT_WS_READ_BUFFER: usize = 4 * 1024;
 /// Default of [`ServerBuilder::websocket_read_burst`]: 64 KiB per read syscall in a burst.
 pub const DEFAULT_WS_READ_BURST: usize = rd_session::DEFAULT_BURST;
 
-/// Header a peer server sends its id in (Go's `remotedialer.ID`).
-pub const PEER_ID_HEADER: &str = "X-API-Tunnel-ID";
-/// Header a peer server sends the shared token in (Go's `remotedialer.Token`).
-pub const PEER_TOKEN_HEADER: &str = "X-API-Tunnel-Token";
-/// Header an rd server's outgoing peer link sends to ask the server it reaches for its id
-/// (in [`SERVER_ID_HEADER`]). Go servers ignore it; Go peers never send it, so they never
-/// get the answer.
-pub const ASK_SERVER_ID_HEADER: &str = "X-Rd-Ask-Server-Id";
-/// Header of an rd server's answer to a peer upgrade that sent [`ASK_SERVER_ID_HEADER`], or
-/// to an agent that negotiated the replicas extension: its own peer id. With `409 Conflict`
-/// it means "you reached yourself" (a peer link) or "you hold a session here already" (an
-/// agent).
-pub use rd_session::SERVER_ID_HEADER;
-
 pub(crate) struct Inner {
     pub(crate) authorizer: Box<dyn Authorizer>,
     pub(crate) error_writer: Box<dyn ErrorWriter>,
@@ -71,15 +60,9 @@ pub(crate) struct Inner {
     /// Client sessions, peers and their routes: what dials use.
     pub(crate) routing: Arc<Routing>,
     pub(crate) metrics: Metrics,
-    pub(crate) accepting: AtomicBool,
-    pub(crate) shutdown: CancellationToken,
-    /// Woken when a stream or a session ends, so a drain notices promptly.
-    pub(crate) drain_wake: Arc<tokio::sync::Notify>,
-    /// Run once when the drain begins (a proxy drops its idle pooled streams).
-    pub(crate) drain_hooks: Mutex<Vec<Box<dyn Fn() + Send + Sync>>>,
-    /// Run with a client key when a session of that client registers here (a proxy drops
-    /// its pooled streams to the client, which may go through a peer).
-    pub(crate) session_hooks: Mutex<Vec<ClientHook>>,
+    /// Running, draining or shutting down, and who is told (shared with `routing` and
+    /// its peer set).
+    pub(crate) lifecycle: Arc<Lifecycle>,
     /// What the admin API tells about each running session (clients and incoming peer
     /// links), by session key.
     pub(crate) records: Mutex<HashMap<i64, Arc<SessionRecord>>>,
@@ -108,9 +91,6 @@ pub(crate) struct SessionBytes {
     /// Read from them (from the agent).
     pub(crate) received: std::sync::atomic::AtomicU64,
 }
-
-/// Run with a client key.
-pub(crate) type ClientHook = Box<dyn Fn(&str) + Send + Sync>;
 
 /// What [`Server::handle`] learned at the upgrade, for the session it starts.
 struct SessionStart {
@@ -332,7 +312,7 @@ impl ServerBuilder {
         peer_connect.proxy = rd_session::transport::ProxyMode::None;
         peer_connect.extensions = self.extensions;
         let identity = self.peer_identity.map(|(id, token)| Identity { id, token });
-        let shutdown = CancellationToken::new();
+        let lifecycle = Arc::new(Lifecycle::default());
         let discovering = self.peer_discovery.is_some() && identity.is_some();
         let clients = Arc::new(Mutex::new(Registry::default()));
         let routing = Arc::new_cyclic(|routing| Routing {
@@ -346,12 +326,12 @@ impl ServerBuilder {
                 },
                 clients,
                 self.metrics.clone(),
-                shutdown.clone(),
+                lifecycle.clone(),
                 discovering,
             ),
             dial_seconds: self.metrics.dial_seconds.clone(),
             metrics: self.metrics.clone(),
-            draining: AtomicBool::new(false),
+            lifecycle: lifecycle.clone(),
         });
         match self.peer_discovery {
             Some(discovery) if discovering => routing.peers.start_discovery(discovery),
@@ -374,11 +354,7 @@ impl ServerBuilder {
                 ws_read_burst: self.ws_read_burst,
                 routing,
                 metrics: self.metrics,
-                accepting: AtomicBool::new(true),
-                shutdown,
-                drain_wake: Arc::new(tokio::sync::Notify::new()),
-                drain_hooks: Mutex::new(Vec::new()),
-                session_hooks: Mutex::new(Vec::new()),
+                lifecycle,
                 records: Mutex::new(HashMap::new()),
             }),
         };
@@ -394,7 +370,7 @@ struct StreamMetrics {
     bytes: ByteCounters,
     /// The same bytes for this session alone (the admin API).
     session_bytes: Arc<SessionBytes>,
-    /// The server's [`Inner::drain_wake`].
+    /// The server's [`Lifecycle::wake`].
     drain_wake: Arc<tokio::sync::Notify>,
 }
 
@@ -542,8 +518,7 @@ impl Server {
     /// Stops accepting tunnels, stops peer links and closes every session; waits up to
     /// `grace` for them to finish.
     pub async fn shutdown(&self, grace: Duration) {
-        self.inner.accepting.store(false, Ordering::SeqCst);
-        self.inner.shutdown.cancel();
+        self.inner.lifecycle.begin_shutdown();
         let mut sessions = self.registry().all_sessions();
         sessions.extend(self.peers().incoming_sessions());
         for s in &sessions {
@@ -565,68 +540,33 @@ impl Server {
     /// [`DialError::Draining`](crate::DialError::Draining)). [`drain`](Self::drain) does this
     /// first, then moves the agents and waits for the streams.
     pub fn begin_drain(&self) {
-        if !self.inner.routing.draining.swap(true, Ordering::SeqCst) {
-            let hooks = std::mem::take(
-                &mut *self
-                    .inner
-                    .drain_hooks
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner()),
-            );
-            for hook in hooks {
-                hook();
-            }
-        }
+        self.inner.lifecycle.begin_drain();
     }
 
-    /// Whether [`begin_drain`](Self::begin_drain) was called.
+    /// Whether [`begin_drain`](Self::begin_drain) was called (it stays true through the
+    /// shutdown that follows).
     pub fn is_draining(&self) -> bool {
-        self.inner.routing.draining.load(Ordering::SeqCst)
+        self.inner.lifecycle.is_draining()
     }
 
-    /// Runs `hook` when the drain begins (at once if it already has).
-    pub(crate) fn on_drain(&self, hook: impl Fn() + Send + Sync + 'static) {
-        let mut hooks = self
-            .inner
-            .drain_hooks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if self.is_draining() {
-            drop(hooks);
-            hook();
-        } else {
-            hooks.push(Box::new(hook));
-        }
+    /// Registers a gateway's [`ServerEvents`]: told when the drain and the shutdown begin,
+    /// when a client's session registers here and when a peer withdraws one. The server
+    /// keeps it for its whole life, so hold what it acts on through a `Weak` when that
+    /// should end sooner.
+    pub fn subscribe(&self, events: impl ServerEvents) {
+        self.inner.lifecycle.subscribe(Arc::new(events));
     }
 
-    /// Runs `hook` with a client key whenever a session of that client registers here.
-    pub(crate) fn on_session_added(&self, hook: impl Fn(&str) + Send + Sync + 'static) {
-        self.inner
-            .session_hooks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(Box::new(hook));
-    }
-
-    fn session_added(&self, client_key: &str) {
-        let hooks = self
-            .inner
-            .session_hooks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        for hook in hooks.iter() {
-            hook(client_key);
-        }
-    }
-
-    /// Runs `hook` with a client key whenever a peer withdraws a session of that client.
-    pub(crate) fn on_peer_withdrawal(&self, hook: impl Fn(&str) + Send + Sync + 'static) {
-        self.peers().on_withdrawal(hook);
+    /// A token cancelled when the [shutdown](Self::shutdown) begins: what a gateway's
+    /// listeners and connection tasks stop on. A child token, so cancelling it stops only
+    /// what hangs on it.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.inner.lifecycle.stopped().child_token()
     }
 
     /// Whether the server still accepts tunnels (false once [`shutdown`](Self::shutdown) began).
     pub fn is_accepting(&self) -> bool {
-        self.inner.accepting.load(Ordering::SeqCst)
+        self.inner.lifecycle.is_accepting()
     }
 
     pub(crate) fn records(&self) -> MutexGuard<'_, HashMap<i64, Arc<SessionRecord>>> {
@@ -668,7 +608,7 @@ impl Server {
             );
             inner.error_writer.write_error(status, reason)
         };
-        if !inner.accepting.load(Ordering::SeqCst) {
+        if !inner.lifecycle.is_accepting() {
             return reject(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "shutting_down",
@@ -940,7 +880,7 @@ impl Server {
             client_key: client_key.clone(),
             bytes: inner.metrics.byte_counters(&client_key),
             session_bytes: session_bytes.clone(),
-            drain_wake: inner.drain_wake.clone(),
+            drain_wake: inner.lifecycle.wake.clone(),
         });
         let record = |handle: &SessionHandle| {
             Arc::new(SessionRecord {
@@ -988,7 +928,7 @@ impl Server {
             if told.is_some_and(|t| t != count) {
                 handle.announce_replicas(count);
             }
-            self.session_added(&client_key);
+            self.inner.lifecycle.session_added(&client_key);
             // The handshake is over: the session runs, and counts no more against admission.
             drop(permit);
             self.serve_registered(handle, driver, &client_key, false)
@@ -1025,7 +965,7 @@ impl Server {
         self.records().remove(&handle.session_key());
         metrics.session_removed(client_key, peer);
         metrics.session_ended(end.kind());
-        self.inner.drain_wake.notify_waiters();
+        self.inner.lifecycle.wake.notify_waiters();
         tracing::info!(session = handle.session_key(), peer, reason = %end, "session ended [{client_key}]");
     }
 }

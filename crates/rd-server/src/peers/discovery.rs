@@ -214,7 +214,7 @@ pub(super) async fn run(set: PeerSet, discovery: PeerDiscovery) {
             }
         },
     };
-    let shutdown = set.0.shutdown.clone();
+    let shutdown = set.0.lifecycle.stopped().clone();
     let metrics = set.0.metrics.clone();
     let mut tick = tokio::time::interval(discovery.interval);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);

@@ -9,7 +9,7 @@ use rd_session::{Backoff, SessionBuilder};
 use tokio_util::sync::CancellationToken;
 
 use super::{LinkKey, PeerSet};
-use crate::server::{ASK_SERVER_ID_HEADER, PEER_ID_HEADER, PEER_TOKEN_HEADER, SERVER_ID_HEADER};
+use crate::headers::{ASK_SERVER_ID_HEADER, PEER_ID_HEADER, PEER_TOKEN_HEADER, SERVER_ID_HEADER};
 
 /// The id an rd server gave in its handshake answer, if any.
 fn server_id(headers: &HeaderMap) -> Option<String> {

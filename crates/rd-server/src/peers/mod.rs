@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::auth::constant_time_eq;
+use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::registry::{self, announcement, SharedRegistry};
 
@@ -141,7 +142,9 @@ struct Shared {
     settings: LinkSettings,
     clients: SharedRegistry,
     metrics: Metrics,
-    shutdown: CancellationToken,
+    /// The server's lifecycle: links stop when it shuts down, and a peer's withdrawals are
+    /// told to its subscribers.
+    lifecycle: Arc<Lifecycle>,
     /// Whether DNS discovery is configured (incoming peers are then accepted by token).
     discovering: bool,
     /// False until the first discovery round completed (true without discovery).
@@ -150,17 +153,12 @@ struct Shared {
     /// for the discovered peers to link back (see [`PeerSet::discovery_ready`]).
     converge: Mutex<(Option<std::time::Instant>, std::time::Duration)>,
     state: Mutex<State>,
-    /// Run with a client key when a peer withdraws one of its sessions (RemoveClient).
-    withdrawal_hooks: Mutex<Vec<WithdrawalHook>>,
 }
 
 /// Whether a link session's peer said it is going away (a draining replica).
 fn going_away(h: &SessionHandle) -> bool {
     h.peer_going_away().is_some()
 }
-
-/// See [`PeerSet::on_withdrawal`].
-type WithdrawalHook = Box<dyn Fn(&str) + Send + Sync>;
 
 /// The peers of one server. Cheap to clone; clones share everything.
 #[derive(Clone)]
@@ -180,7 +178,7 @@ impl PeerSet {
         settings: LinkSettings,
         clients: SharedRegistry,
         metrics: Metrics,
-        shutdown: CancellationToken,
+        lifecycle: Arc<Lifecycle>,
         discovering: bool,
     ) -> Self {
         metrics.replicas.set(1);
@@ -189,7 +187,7 @@ impl PeerSet {
             settings,
             clients,
             metrics,
-            shutdown,
+            lifecycle,
             discovering,
             discovered_once: AtomicBool::new(!discovering),
             converge: Mutex::new((None, std::time::Duration::ZERO)),
@@ -197,7 +195,6 @@ impl PeerSet {
                 replicas: 1,
                 ..State::default()
             }),
-            withdrawal_hooks: Mutex::new(Vec::new()),
         }))
     }
 
@@ -326,7 +323,7 @@ impl PeerSet {
     }
 
     fn start_link(&self, state: &mut State, key: LinkKey, url: String, token: String) {
-        let cancel = self.0.shutdown.child_token();
+        let cancel = self.0.lifecycle.stopped().child_token();
         state.links.insert(
             key.clone(),
             Link {
@@ -595,27 +592,11 @@ impl PeerSet {
             }
         };
         if let Some(key) = withdrawn {
-            let hooks = self
-                .0
-                .withdrawal_hooks
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            for hook in hooks.iter() {
-                hook(&key);
-            }
+            // A proxy drops its idle pooled streams to the client then: reused, they would
+            // keep a draining peer's session busy, and its agent from moving, until the
+            // pool's idle timeout.
+            self.0.lifecycle.peer_withdrew(&key);
         }
-    }
-
-    /// Runs `hook` with the client key each time a peer withdraws a session of that client
-    /// (it closed, or the peer drains). A proxy drops its idle pooled streams to the client
-    /// then: reused, they would keep a draining peer's session busy, and its agent from
-    /// moving, until the pool's idle timeout.
-    pub(crate) fn on_withdrawal(&self, hook: impl Fn(&str) + Send + Sync + 'static) {
-        self.0
-            .withdrawal_hooks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(Box::new(hook));
     }
 
     /// The first live incoming link that announced `client_key`, one whose peer is not

@@ -14,8 +14,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::splice::splice;
-use crate::tunnel_use::TunnelUse;
+use super::splice::splice;
+use super::tunnel_use::TunnelUse;
 use crate::Server;
 
 /// Default of [`Forward::max_connections`].
@@ -145,7 +145,7 @@ impl Forward {
     /// Serves `listener` (bound to the spec's listen address by the caller) until the
     /// returned handle is stopped or dropped, or the server shuts down.
     pub fn spawn(self, listener: TcpListener) -> ForwardHandle {
-        let cancel = self.server.inner.shutdown.child_token();
+        let cancel = self.server.shutdown_token();
         let tracker = TaskTracker::new();
         let local_addr = listener.local_addr().ok();
         let span = tracing::info_span!(parent: None, "forward", forward = %self.spec);

@@ -16,8 +16,7 @@ use tokio::sync::OnceCell;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-use crate::dialer::{TimedStream, TunnelConnection, TunnelInfo};
-use crate::Dialer;
+use crate::{Dialer, TimedStream, TunnelConnection, TunnelInfo};
 
 /// Dials the URI's host through the tunnel, adding TLS for `https` URIs.
 #[derive(Debug, Clone)]

@@ -1,6 +1,6 @@
 //! One completion line and the counters per use of a raw tunnel (HTTP CONNECT, a
 //! forwarded connection): who, to what, how many bytes each way, how long, how it ended.
-//! The `/client` route has its own line (`tunnel request`, see [`crate::proxy`]).
+//! The `/client` route has its own line (`tunnel request`, see [`super::proxy`]).
 
 use std::io;
 use std::net::SocketAddr;
@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::splice::SpliceError;
+use super::splice::SpliceError;
 use crate::Metrics;
 
 /// One use of the tunnel, logged and counted once when it is over.
@@ -84,7 +84,7 @@ impl TunnelUse {
     /// The use is over: `completed` when both directions ended, `refused` when the agent
     /// refused or failed the dial (nothing came back), `cut` when either side failed in the
     /// middle.
-    pub(crate) fn finished(self, result: &Result<crate::splice::Spliced, SpliceError>) {
+    pub(crate) fn finished(self, result: &Result<super::splice::Spliced, SpliceError>) {
         match result {
             Ok(_) => self.emit("completed", None),
             Err(e @ SpliceError::Tunnel(_))

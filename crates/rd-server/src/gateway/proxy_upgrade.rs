@@ -13,9 +13,9 @@ use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
 
-use crate::auth::text_response;
-use crate::proxy_connector::{ProxyConnection, ProxyConnector};
-use crate::splice::splice;
+use super::proxy_connector::{ProxyConnection, ProxyConnector};
+use super::splice::splice;
+use crate::text_response;
 use crate::{Body, BoxError};
 
 /// Whether `headers` ask for a protocol switch: an `Upgrade` header and the `upgrade` token

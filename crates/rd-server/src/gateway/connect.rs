@@ -23,12 +23,13 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use rd_session::TunnelStream;
 
-use crate::splice::splice;
-use crate::tunnel_use::TunnelUse;
+use super::splice::splice;
+use super::tunnel_use::TunnelUse;
 use crate::{Body, DialError, Server};
 
-/// Default of [`ConnectProxy::connect_wait`].
-pub const DEFAULT_CONNECT_WAIT: Duration = Duration::from_millis(100);
+/// Default of [`ConnectProxy::connect_wait`] (the server core waits as long for a Connect a
+/// peer routed to a Go agent here).
+pub use crate::DEFAULT_CONNECT_WAIT;
 
 /// Default of [`ConnectProxy::dial_timeout`] (Go's example's default `timeout`).
 pub const DEFAULT_DIAL_TIMEOUT: Duration = Duration::from_secs(15);

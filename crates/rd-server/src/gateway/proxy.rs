@@ -26,11 +26,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rd_session::transport::TlsOptions;
 
-use crate::auth::text_response;
-use crate::dialer::TunnelInfo;
+use super::proxy_connector::{ProxyConnector, TlsSettings};
 use crate::log_limit::{rejection, LogLimit};
-use crate::proxy_connector::{ProxyConnector, TlsSettings};
-use crate::{Body, BoxError, Server};
+use crate::{text_response, Body, BoxError, Server, ServerEvents, TunnelInfo};
 
 /// How long an idle pooled tunnel stream is kept for reuse (Go's `http.Transport` default).
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -104,7 +102,41 @@ pub struct ClientProxy {
     server: Server,
     pool_idle_timeout: Duration,
     tls: Arc<TlsSettings>,
-    clients: Arc<Mutex<HashMap<String, Client<ProxyConnector, Body>>>>,
+    clients: Arc<Pools>,
+}
+
+/// One pooled HTTP client per client key.
+type Pools = Mutex<HashMap<String, PooledClient>>;
+
+type PooledClient = Client<ProxyConnector, Body>;
+
+/// Drops pools on the server's events (see [`ClientProxy::new`]). Weak: the server keeps
+/// its subscribers for its life, the pools live as long as the proxy.
+struct PoolDropper(Weak<Pools>);
+
+impl PoolDropper {
+    /// Takes the pools to drop out of the lock: dropping a pool closes its connections.
+    fn drop_where(
+        &self,
+        take: impl FnOnce(&mut HashMap<String, PooledClient>) -> Vec<PooledClient>,
+    ) {
+        if let Some(pools) = self.0.upgrade() {
+            let dropped = take(&mut pools.lock().unwrap_or_else(|p| p.into_inner()));
+            drop(dropped);
+        }
+    }
+}
+
+impl ServerEvents for PoolDropper {
+    fn draining(&self) {
+        self.drop_where(|pools| pools.drain().map(|(_, c)| c).collect());
+    }
+    fn session_added(&self, client_key: &str) {
+        self.drop_where(|pools| pools.remove(client_key).into_iter().collect());
+    }
+    fn peer_withdrew(&self, client_key: &str) {
+        self.drop_where(|pools| pools.remove(client_key).into_iter().collect());
+    }
 }
 
 /// Largest read or write buffer of each HTTP connection on either side of the proxy.
@@ -125,30 +157,8 @@ impl ClientProxy {
     /// the drain only at its next readiness probe): its dialer sends them to a replica that
     /// holds the agent when there is one, without pooling.
     pub fn new(server: Server) -> Self {
-        let clients: Arc<Mutex<HashMap<String, Client<ProxyConnector, Body>>>> =
-            Arc::new(Mutex::new(HashMap::new()));
-        // Dropped outside the lock: dropping a pool closes its connections.
-        let drop_pool = |pools: &Weak<Mutex<HashMap<String, _>>>, client_key: &str| {
-            if let Some(pools) = pools.upgrade() {
-                let dropped = pools
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(client_key);
-                drop(dropped);
-            }
-        };
-        let per_client = Arc::downgrade(&clients);
-        server.on_peer_withdrawal(move |client_key| drop_pool(&per_client, client_key));
-        let per_client = Arc::downgrade(&clients);
-        server.on_session_added(move |client_key| drop_pool(&per_client, client_key));
-        let pools = Arc::downgrade(&clients);
-        server.on_drain(move || {
-            if let Some(pools) = pools.upgrade() {
-                let dropped: HashMap<_, _> =
-                    std::mem::take(&mut *pools.lock().unwrap_or_else(|p| p.into_inner()));
-                drop(dropped);
-            }
-        });
+        let clients: Arc<Pools> = Arc::default();
+        server.subscribe(PoolDropper(Arc::downgrade(&clients)));
         Self {
             server,
             pool_idle_timeout: POOL_IDLE_TIMEOUT,
@@ -257,7 +267,7 @@ impl ClientProxy {
             Ok(uri) => uri,
             Err(e) => return log.reject(StatusCode::BAD_REQUEST, format!("invalid target: {e}")),
         };
-        if crate::proxy_upgrade::wants_upgrade(req.headers()) {
+        if super::proxy_upgrade::wants_upgrade(req.headers()) {
             let started = std::time::Instant::now();
             let method = req.method().clone();
             let connector = ProxyConnector {
@@ -265,7 +275,7 @@ impl ClientProxy {
                 tls: self.tls.clone(),
             };
             let response =
-                crate::proxy_upgrade::forward(connector, req, uri, &target.host, timeout).await;
+                super::proxy_upgrade::forward(connector, req, uri, &target.host, timeout).await;
             // Counted when answered: the upgraded connection is spliced on its own.
             let outcome = if response.status() == StatusCode::SWITCHING_PROTOCOLS {
                 "upgraded"
