@@ -23,6 +23,7 @@
 pub mod admin;
 mod agent_auth;
 mod auth;
+mod cert_auth;
 pub mod connect;
 mod dialer;
 mod drain;
@@ -41,6 +42,9 @@ mod tunnel_use;
 mod upgrade;
 
 pub use agent_auth::{AgentTokens, TokenFileError, AGENT_TOKEN_HEADER};
+pub use cert_auth::{
+    certificate_agent_id, CertificateIdError, ClientCertificates, PeerCertificate,
+};
 pub use auth::{
     text_response, Authorization, Authorizer, ErrorWriter, PlainTextErrors, TunnelIdHeader,
 };
