@@ -304,3 +304,68 @@ async fn renewed_certificates_and_a_rotated_ca_are_picked_up() {
     });
     pki.assert_unknown(addr, "old").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_link_to_a_server_that_wants_agent_certificates() {
+    let pki = Setup::new("mtls-peers");
+    let (_dummy, dummy) = start_dummy(pki.dir.path());
+    // The first server: agents-only listener with --agent-ca and the peer token; peers
+    // dial it without a client certificate. Each names the other in --peers, so the
+    // second's port is chosen first (again if it was taken meanwhile).
+    let ca = pki.arg("server-ca.pem");
+    let mut attempt = 0;
+    let (_first, first, _second, second) = loop {
+        attempt += 1;
+        let port = free_port();
+        let to_second = format!("second:aaa:ws://127.0.0.1:{port}/connect");
+        let (first_proc, first) = pki.server(&[
+            "--admin-listen",
+            "127.0.0.1:0",
+            "-id",
+            "first",
+            "-token",
+            "aaa",
+            "-peers",
+            &to_second,
+        ]);
+        let listen = format!("127.0.0.1:{port}");
+        let to_first = format!("first:aaa:wss://127.0.0.1:{}/connect", first.port());
+        let mut second_proc = Proc::start(
+            "rd-server",
+            &[
+                "-listen",
+                &listen,
+                "-id",
+                "second",
+                "-token",
+                "aaa",
+                "-peers",
+                &to_first,
+                "--peer-ca-cert",
+                &ca,
+            ],
+        );
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            second_proc.wait_listening()
+        })) {
+            Ok(second) => break (first_proc, first, second_proc, second),
+            Err(_) => assert!(attempt < 3, "could not start the second server"),
+        }
+    };
+    pki.write_agent_cert("foo", pki.agent_ca.leaf(Some("foo"), &[]));
+    let _foo = pki.agent(first, "foo", Some("foo"), &[]);
+    // Through the second server's peer link to the first, and its certificate agent.
+    let r = poll_get(
+        second,
+        &format!("/client/foo/http/{dummy}/hello.txt"),
+        START_BOUND,
+        |r| r.status == 200,
+    )
+    .await;
+    assert_eq!(r.text(), HELLO);
+    // An agent without certificate or token is still refused there.
+    let anonymous = pki.agent(first, "baz", None, &[]);
+    wait_until("the anonymous agent's refusal", START_BOUND, || {
+        anonymous.stderr().contains("401")
+    });
+}
