@@ -197,7 +197,8 @@ async fn certificate_admits_its_id_and_only_it() {
     // Without a CN, the first DNS SAN is the id.
     pki.write_agent_cert("san", pki.agent_ca.leaf(None, &["san-agent", "second"]));
     let _san = pki.agent(addr, "san-agent", Some("san"), &[]);
-    pki.wait_served_by(addr, "san-agent", dummy, START_BOUND).await;
+    pki.wait_served_by(addr, "san-agent", dummy, START_BOUND)
+        .await;
 
     // A certificate from another CA: the TLS handshake fails; never registered.
     let other_ca = Ca::new("not the agent ca");
@@ -289,9 +290,11 @@ async fn renewed_certificates_and_a_rotated_ca_are_picked_up() {
     let new_ca = Ca::new("rd test agent ca 2");
     pki.write_agent_cert("fresh", new_ca.leaf(Some("fresh"), &[]));
     let fresh = pki.agent(addr, "fresh", Some("fresh"), &[]);
-    wait_until("the new CA's certificate refused before the rotation", START_BOUND, || {
-        fresh.stderr().contains("UnknownCA")
-    });
+    wait_until(
+        "the new CA's certificate refused before the rotation",
+        START_BOUND,
+        || fresh.stderr().contains("UnknownCA"),
+    );
     write_atomically(&pki.path("agent-ca.pem"), &new_ca.cert.pem());
     wait_until("the CA file reloaded", RELOAD_BOUND, || {
         server.stderr().contains("TLS certificates reloaded")

@@ -48,7 +48,10 @@ fn certs(flag: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("{flag} {}: {e}", path.display()))?;
     if certs.is_empty() {
-        return Err(format!("{flag} {}: no PEM certificate found", path.display()));
+        return Err(format!(
+            "{flag} {}: no PEM certificate found",
+            path.display()
+        ));
     }
     Ok(certs)
 }
@@ -139,7 +142,11 @@ impl Tls {
         crate::file_watch::watch(self.files.paths(), |trigger| match self.reload() {
             Ok(()) => tracing::info!(
                 trigger,
-                agent_ca = self.files.agent_ca.as_deref().map(|p| p.display().to_string()),
+                agent_ca = self
+                    .files
+                    .agent_ca
+                    .as_deref()
+                    .map(|p| p.display().to_string()),
                 "TLS certificates reloaded; new connections use them"
             ),
             Err(e) => tracing::warn!(
@@ -155,5 +162,7 @@ impl Tls {
 /// The verified client certificate of a connection, if it presented one.
 pub fn peer_certificate<S>(stream: &TlsStream<S>) -> Option<rd_server::PeerCertificate> {
     let end_entity = stream.get_ref().1.peer_certificates()?.first()?;
-    Some(rd_server::PeerCertificate::new(end_entity.clone().into_owned()))
+    Some(rd_server::PeerCertificate::new(
+        end_entity.clone().into_owned(),
+    ))
 }

@@ -210,7 +210,10 @@ mod tests {
     fn the_id_is_the_cn_else_the_first_dns_san() {
         let id = |c: PeerCertificate| c.agent_id();
         assert_eq!(id(cert(Some("foo"), &["bar.example"])), Ok("foo".into()));
-        assert_eq!(id(cert(None, &["bar.example", "baz"])), Ok("bar.example".into()));
+        assert_eq!(
+            id(cert(None, &["bar.example", "baz"])),
+            Ok("bar.example".into())
+        );
         assert_eq!(id(cert(None, &[])), Err(CertificateIdError::NoName));
         assert!(matches!(
             certificate_agent_id(b"not a certificate"),
@@ -222,12 +225,16 @@ mod tests {
     async fn certificate_wins_and_must_match_the_asked_id() {
         let auth = ClientCertificates::new();
         let foo = cert(Some("foo"), &[]);
-        let verdict = |c: Option<&PeerCertificate>, h: &[(&str, &str)]| auth.authorize(&parts(c, h));
+        let verdict =
+            |c: Option<&PeerCertificate>, h: &[(&str, &str)]| auth.authorize(&parts(c, h));
         assert_eq!(
             verdict(Some(&foo), &[("x-tunnel-id", "foo")]).await,
             Authorization::Client("foo".into())
         );
-        assert_eq!(verdict(Some(&foo), &[]).await, Authorization::Client("foo".into()));
+        assert_eq!(
+            verdict(Some(&foo), &[]).await,
+            Authorization::Client("foo".into())
+        );
         assert_eq!(
             verdict(Some(&foo), &[("x-tunnel-id", "bar")]).await,
             Authorization::Forbidden("certificate is for foo, agent asked for bar".into())
@@ -245,7 +252,10 @@ mod tests {
     #[tokio::test]
     async fn without_a_certificate_the_fallback_decides_and_names_its_method() {
         let token = |p: &Parts| {
-            let ok = p.headers.get(AGENT_TOKEN_HEADER).is_some_and(|t| t == "tok");
+            let ok = p
+                .headers
+                .get(AGENT_TOKEN_HEADER)
+                .is_some_and(|t| t == "tok");
             async move {
                 if ok {
                     Authorization::Client("bar".into())

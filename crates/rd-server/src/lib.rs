@@ -42,11 +42,11 @@ mod tunnel_use;
 mod upgrade;
 
 pub use agent_auth::{AgentTokens, TokenFileError, AGENT_TOKEN_HEADER};
-pub use cert_auth::{
-    certificate_agent_id, CertificateIdError, ClientCertificates, PeerCertificate,
-};
 pub use auth::{
     text_response, Authorization, Authorizer, ErrorWriter, PlainTextErrors, TunnelIdHeader,
+};
+pub use cert_auth::{
+    certificate_agent_id, CertificateIdError, ClientCertificates, PeerCertificate,
 };
 pub use dialer::{DialError, Dialer, TimedStream, TunnelConnection, TunnelInfo};
 pub use drain::DrainReport;
