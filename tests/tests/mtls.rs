@@ -372,3 +372,49 @@ async fn peers_link_to_a_server_that_wants_agent_certificates() {
         anonymous.stderr().contains("401")
     });
 }
+
+#[test]
+fn bad_certificate_flags_stop_both_at_start() {
+    let pki = Setup::new("mtls-flags");
+    let bound = Duration::from_secs(15);
+    std::fs::write(pki.path("garbage.pem"), "not a certificate\n").unwrap();
+    let (cert, key, garbage) = (
+        pki.arg("server.pem"),
+        pki.arg("server.key"),
+        pki.arg("garbage.pem"),
+    );
+
+    // --agent-ca needs TLS to ask for certificates in.
+    let (status, _, err) = run_to_end("rd-server", &["--agent-ca", &garbage], bound);
+    assert!(!status.success());
+    assert!(err.contains("--tls-cert"), "{err}");
+    // A CA file without a certificate: exit 2 naming the flag, before listening.
+    let (status, out, err) = run_to_end(
+        "rd-server",
+        &[
+            "-listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--agent-ca",
+            &garbage,
+        ],
+        bound,
+    );
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(err.contains("--agent-ca"), "{err}");
+    assert!(!out.contains("listening on"), "{out}");
+
+    // rd-client: --cert needs --key, and both must load.
+    let (status, _, err) = run_to_end("rd-client", &["--cert", &cert], bound);
+    assert!(!status.success());
+    assert!(err.contains("--key"), "{err}");
+    let (status, _, err) = run_to_end("rd-client", &["--cert", &garbage, "--key", &key], bound);
+    assert!(!status.success());
+    assert!(
+        err.contains("--cert/--key") && err.contains("garbage.pem"),
+        "{err}"
+    );
+}

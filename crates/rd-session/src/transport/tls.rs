@@ -164,7 +164,10 @@ pub async fn build_client_config(opts: &TlsOptions) -> Result<Arc<ClientConfig>,
                 .with_client_auth_cert(chain, key)
                 .map_err(|e| ConnectError::ClientCert {
                     path: files.key.clone(),
-                    source: io::Error::new(io::ErrorKind::InvalidData, e),
+                    source: io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("the key does not fit the certificate ({e})"),
+                    ),
                 })?
         }
     };
