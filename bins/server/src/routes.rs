@@ -291,7 +291,7 @@ pub async fn serve(
                         let cert = crate::tls::peer_certificate(&stream);
                         serve_connection(stream, remote, cert, app).await
                     }
-                    Err(e) => tracing::debug!(%remote, error = %e, "TLS handshake failed"),
+                    Err(e) => crate::tls::handshake_failed(remote, &e),
                 },
             }
         });

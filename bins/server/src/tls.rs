@@ -166,3 +166,35 @@ pub fn peer_certificate<S>(stream: &TlsStream<S>) -> Option<rd_server::PeerCerti
         end_entity.clone().into_owned(),
     ))
 }
+
+/// Refused client certificates logged at INFO: the first, then one in a hundred (an
+/// outsider sets the pace).
+static REFUSED_CERTIFICATES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Logs a failed TLS handshake: at INFO (rate-limited) when a client certificate was refused
+/// or missing, so an operator sees agents turned away by `--agent-ca`; at DEBUG otherwise
+/// (scanners, clients that do not trust this server).
+pub fn handshake_failed(remote: std::net::SocketAddr, error: &std::io::Error) {
+    let rustls_error = error
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>());
+    let certificate = matches!(
+        rustls_error,
+        Some(rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented)
+    );
+    if !certificate {
+        tracing::debug!(%remote, error = %error, "TLS handshake failed");
+        return;
+    }
+    let n = REFUSED_CERTIFICATES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if n % 100 == 0 {
+        tracing::info!(
+            %remote,
+            error = %error,
+            refused_so_far = n + 1,
+            "TLS handshake failed: client certificate refused (see --agent-ca)"
+        );
+    } else {
+        tracing::debug!(%remote, error = %error, "TLS handshake failed");
+    }
+}
