@@ -306,6 +306,33 @@ async fn renewed_certificates_and_a_rotated_ca_are_picked_up() {
         old.stderr().contains("UnknownCA")
     });
     pki.assert_unknown(addr, "old").await;
+
+    // The server's own certificate renewed by another CA: new connections get it, and
+    // the agent sessions set up before go on.
+    let server_ca = Ca::new("rd test server ca 2");
+    let (cert, key) = server_ca.leaf(None, &["localhost"]);
+    write_atomically(&pki.path("server.key"), &key);
+    write_atomically(&pki.path("server.pem"), &cert);
+    let path = format!("/client/fresh/http/{dummy}/hello.txt");
+    let deadline = std::time::Instant::now() + RELOAD_BOUND;
+    loop {
+        let last = try_get_tls(
+            addr,
+            "localhost",
+            &server_ca.cert.pem(),
+            &path,
+            Duration::from_secs(5),
+        )
+        .await;
+        if matches!(&last, Ok(r) if r.status == 200 && r.text() == HELLO) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the renewed server certificate was not served: {last:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
