@@ -586,8 +586,9 @@ async fn run(args: Args, checked: Checked) -> Result<(), Box<dyn std::error::Err
 }
 
 /// Says at start-up what anyone who reaches a listener can do, when that is more than
-/// nothing: register as any agent (no `--agent-tokens`, no `--agent-ca`), reach every agent's network
-/// through `/client`, `/admin`, CONNECT or plain-HTTP proxy requests (no `--admin-auth`).
+/// nothing: register as any agent (no `--agent-tokens`, no `--agent-ca`), reach every
+/// agent's network through `/client`, `/admin`, CONNECT or plain-HTTP proxy requests (no
+/// `--admin-auth`).
 /// Loopback listeners are left out: only this machine reaches them.
 fn warn_if_open(
     agents: &std::net::SocketAddr,
