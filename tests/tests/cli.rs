@@ -19,6 +19,7 @@ fn server_help_lists_the_flags() {
         "--debug",
         "--tls-cert",
         "--tls-key",
+        "--agent-ca",
         "--metrics",
     ] {
         assert!(out.contains(flag), "{flag} missing from:\n{out}");
@@ -42,6 +43,8 @@ fn client_help_lists_the_flags() {
         "--allow",
         "--ca-cert",
         "--insecure-skip-verify",
+        "--cert",
+        "--key",
     ] {
         assert!(out.contains(flag), "{flag} missing from:\n{out}");
     }

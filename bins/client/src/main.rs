@@ -105,6 +105,15 @@ struct Args {
     /// the environment variable).
     #[arg(long, env = "RD_CA_CERT", value_delimiter = ',')]
     ca_cert: Vec<PathBuf>,
+    /// Client certificate (PEM chain) to present to a wss:// server that authenticates
+    /// agents by certificate (rd-server --agent-ca); needs --key. The server takes the
+    /// agent id from it (subject CN, else first DNS SAN): --id must be that id. Read again
+    /// at every dial, so a renewed certificate is used from the next reconnection on.
+    #[arg(long, env = "RD_CLIENT_CERT", value_name = "FILE", requires = "key")]
+    cert: Option<PathBuf>,
+    /// Private key (PEM) of --cert; read again at every dial too.
+    #[arg(long, env = "RD_CLIENT_KEY", value_name = "FILE", requires = "cert")]
+    key: Option<PathBuf>,
     /// Do not verify the server's TLS certificate (test setups only).
     #[arg(long, env = "RD_INSECURE_SKIP_VERIFY", value_parser = cli::boolish())]
     insecure_skip_verify: bool,
@@ -217,6 +226,9 @@ async fn build(args: &Args, metrics: Option<Arc<AgentMetrics>>) -> Result<Client
     for ca in &args.ca_cert {
         checks::check_ca_file("--ca-cert", ca).await?;
     }
+    if let (Some(cert), Some(key)) = (&args.cert, &args.key) {
+        checks::check_client_cert(cert, key).await?;
+    }
     if let Some(listen) = &args.metrics_listen {
         cli::check_listen("--metrics-listen", listen)?;
     }
@@ -227,6 +239,9 @@ async fn build(args: &Args, metrics: Option<Arc<AgentMetrics>>) -> Result<Client
     let mut tls = TlsOptions::default().with_insecure_skip_verify(args.insecure_skip_verify);
     for ca in &args.ca_cert {
         tls = tls.with_ca_file(ca);
+    }
+    if let (Some(cert), Some(key)) = (&args.cert, &args.key) {
+        tls = tls.with_client_cert(cert, key);
     }
     let token = match (&args.token, &args.token_file) {
         (Some(t), _) => Some(t.clone()),

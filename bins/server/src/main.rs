@@ -5,6 +5,7 @@ mod admin_auth;
 mod checks;
 #[path = "../../common/cli.rs"]
 mod cli;
+mod file_watch;
 mod forwards;
 #[path = "../../common/go_flags.rs"]
 mod go_flags;
@@ -121,6 +122,15 @@ struct Args {
     /// TLS private key (PEM) for --tls-cert.
     #[arg(long, env = "RD_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Authenticate agents by TLS client certificate (mTLS; needs --tls-cert): a PEM file
+    /// of the CA certificate(s) that sign agents' certificates. The agent id is the
+    /// certificate's subject CN, else its first DNS SAN; the agent's --id must be that id.
+    /// With --agent-tokens too, an agent without a certificate may use a token. The
+    /// handshake demands a certificate only on an agents-only listener (--admin-listen set)
+    /// without tokens or peer token; otherwise /connect refuses agents without one.
+    /// Reloaded, with --tls-cert and --tls-key, on SIGHUP and when a file changes.
+    #[arg(long, env = "RD_AGENT_CA", value_name = "FILE", requires = "tls_cert")]
+    agent_ca: Option<PathBuf>,
     /// Serve Prometheus metrics at /metrics.
     #[arg(long, env = "RD_METRICS", num_args = 0..=1, default_missing_value = "true", default_value_t = true, action = ArgAction::Set, value_parser = cli::boolish())]
     metrics: bool,
@@ -311,7 +321,19 @@ async fn check_config(args: &Args) -> Result<Checked, ConfigError> {
     }
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => {
-            Some(tls::acceptor(cert, key).map_err(|e| ConfigError(e.to_string()))?)
+            let files = tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                agent_ca: args.agent_ca.clone(),
+                // Who reaches this listener without a client certificate and must still
+                // get through the handshake: operators and probes (everything on one
+                // listener), token agents, peers (they dial without one). /connect's
+                // authorizer then refuses agents with neither certificate nor token.
+                cert_optional: args.admin_listen.is_none()
+                    || agent_tokens.is_some()
+                    || !peer_token.is_empty(),
+            };
+            Some(tls::Tls::load(files).map_err(ConfigError)?)
         }
         _ => None,
     };
@@ -330,51 +352,20 @@ struct Checked {
     peer_token: String,
     agent_tokens: Option<rd_server::AgentTokens>,
     admin_auth: Option<Arc<admin_auth::AdminAuth>>,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: Option<tls::Tls>,
 }
 
-/// Reloads the agent tokens on SIGHUP and when the file's size or modification time
-/// changes (checked every 2 s). A file that does not parse leaves the table in use.
+/// Reloads the agent tokens on SIGHUP and when the file changes (see `file_watch`). A file
+/// that does not parse leaves the table in use.
 async fn watch_agent_tokens(tokens: rd_server::AgentTokens) {
-    let stamp = |p: &std::path::Path| {
-        std::fs::metadata(p)
-            .ok()
-            .map(|m| (m.modified().ok(), m.len()))
-    };
-    let mut last = stamp(tokens.path());
-    let mut tick = tokio::time::interval(Duration::from_secs(2));
-    #[cfg(unix)]
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-    loop {
-        #[cfg(unix)]
-        let hangup = async {
-            match hup.as_mut() {
-                Some(h) => {
-                    h.recv().await;
-                }
-                None => std::future::pending().await,
-            }
-        };
-        #[cfg(not(unix))]
-        let hangup = std::future::pending::<()>();
-        let trigger = tokio::select! {
-            () = hangup => "SIGHUP",
-            _ = tick.tick() => {
-                let now = stamp(tokens.path());
-                if now == last {
-                    continue;
-                }
-                "file changed"
-            }
-        };
-        last = stamp(tokens.path());
-        match tokens.reload() {
-            Ok(agents) => tracing::info!(agents, trigger, "agent tokens reloaded"),
-            Err(e) => {
-                tracing::warn!(error = %e, trigger, "agent tokens not reloaded; the previous ones stay in force")
-            }
+    let paths = vec![tokens.path().to_owned()];
+    file_watch::watch(paths, |trigger| match tokens.reload() {
+        Ok(agents) => tracing::info!(agents, trigger, "agent tokens reloaded"),
+        Err(e) => {
+            tracing::warn!(error = %e, trigger, "agent tokens not reloaded; the previous ones stay in force")
         }
-    }
+    })
+    .await;
 }
 
 #[tokio::main]
@@ -418,19 +409,34 @@ async fn run(args: Args, checked: Checked) -> Result<(), Box<dyn std::error::Err
     })
     .with_address_labels(args.metrics_per_address)
     // Without tokens anyone chooses client keys: their series go when their sessions do.
-    .transient_client_keys(agent_tokens.is_none());
-    let builder = match &agent_tokens {
-        Some(tokens) => {
+    .transient_client_keys(agent_tokens.is_none() && args.agent_ca.is_none());
+    if let Some(tokens) = &agent_tokens {
+        tracing::info!(
+            agents = tokens.len(),
+            file = %tokens.path().display(),
+            "agents authenticate with tokens"
+        );
+        tokio::spawn(watch_agent_tokens(tokens.clone()));
+    }
+    let builder = match (&args.agent_ca, &agent_tokens) {
+        (Some(ca), tokens) => {
             tracing::info!(
-                agents = tokens.len(),
-                file = %tokens.path().display(),
-                "agents authenticate with tokens"
+                file = %ca.display(),
+                tokens_too = tokens.is_some(),
+                "agents authenticate with client certificates (id: subject CN, else first DNS SAN)"
             );
-            tokio::spawn(watch_agent_tokens(tokens.clone()));
-            Server::builder(tokens.clone())
+            let certs = rd_server::ClientCertificates::new();
+            match tokens {
+                Some(tokens) => Server::builder(certs.or_else(tokens.clone())),
+                None => Server::builder(certs),
+            }
         }
-        None => Server::builder(TunnelIdHeader),
+        (None, Some(tokens)) => Server::builder(tokens.clone()),
+        (None, None) => Server::builder(TunnelIdHeader),
     };
+    if let Some(tls) = &tls {
+        tokio::spawn(tls.clone().watch());
+    }
     let mut config = rd_proto::Config::default();
     config.server_ping_after = (!args.ping_after.is_zero()).then_some(args.ping_after);
     config.answer_timeout = (!args.answer_timeout.is_zero()).then_some(args.answer_timeout);
@@ -489,7 +495,7 @@ async fn run(args: Args, checked: Checked) -> Result<(), Box<dyn std::error::Err
     warn_if_open(
         &local,
         &operator,
-        agent_tokens.is_some(),
+        agent_tokens.is_some() || args.agent_ca.is_some(),
         admin_auth.is_some(),
     );
     let _forwards = forwards::start(&server, forwards, args.log_format)?;
@@ -515,7 +521,16 @@ async fn run(args: Args, checked: Checked) -> Result<(), Box<dyn std::error::Err
         Some(admin) => {
             let url = format!("{scheme}://{}", admin.local_addr()?);
             cli::announce_listening(args.log_format, "admin listening on", &url);
-            let served = routes::serve(admin, tls.clone(), app(routes::Role::Admin));
+            // Operators and probes: no client certificates asked for here.
+            let admin_tls = match &tls {
+                Some(tls) => {
+                    let tls = tls::Tls::load(tls.files().without_client_auth())?;
+                    tokio::spawn(tls.clone().watch());
+                    Some(tls)
+                }
+                None => None,
+            };
+            let served = routes::serve(admin, admin_tls, app(routes::Role::Admin));
             Some(tokio::spawn(served))
         }
         None => None,
@@ -571,21 +586,22 @@ async fn run(args: Args, checked: Checked) -> Result<(), Box<dyn std::error::Err
 }
 
 /// Says at start-up what anyone who reaches a listener can do, when that is more than
-/// nothing: register as any agent (no `--agent-tokens`), reach every agent's network
-/// through `/client`, `/admin`, CONNECT or plain-HTTP proxy requests (no `--admin-auth`).
+/// nothing: register as any agent (no `--agent-tokens`, no `--agent-ca`), reach every
+/// agent's network through `/client`, `/admin`, CONNECT or plain-HTTP proxy requests (no
+/// `--admin-auth`).
 /// Loopback listeners are left out: only this machine reaches them.
 fn warn_if_open(
     agents: &std::net::SocketAddr,
     operator: &std::net::SocketAddr,
-    agent_tokens: bool,
+    agents_authenticated: bool,
     admin_auth: bool,
 ) {
-    if !agent_tokens && !agents.ip().is_loopback() {
+    if !agents_authenticated && !agents.ip().is_loopback() {
         tracing::warn!(
             listen = %agents,
             "agents are not authenticated: anyone who reaches this address can register as \
              any client id (X-Tunnel-ID) and receive the requests meant for it; use \
-             --agent-tokens (see docs/security.md)"
+             --agent-tokens or --agent-ca (see docs/security.md)"
         );
     }
     if !admin_auth && !operator.ip().is_loopback() {

@@ -17,7 +17,6 @@ use rd_server::{text_response, Body, RemoteAddr, Server};
 use crate::admin_auth::AdminAuth;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -264,7 +263,7 @@ fn ready(server: &Server) -> Response<Body> {
 /// Accepts connections until the listener fails.
 pub async fn serve(
     listener: TcpListener,
-    tls: Option<TlsAcceptor>,
+    tls: Option<crate::tls::Tls>,
     app: Arc<App>,
 ) -> std::io::Result<()> {
     loop {
@@ -285,23 +284,34 @@ pub async fn serve(
         let tracker = app.front.connections.clone();
         tracker.spawn(async move {
             match tls {
-                None => serve_connection(tcp, remote, app).await,
-                Some(acceptor) => match acceptor.accept(tcp).await {
-                    Ok(stream) => serve_connection(stream, remote, app).await,
-                    Err(e) => tracing::debug!(%remote, error = %e, "TLS handshake failed"),
+                None => serve_connection(tcp, remote, None, app).await,
+                Some(tls) => match tls.acceptor().accept(tcp).await {
+                    Ok(stream) => {
+                        // An agent's verified client certificate (--agent-ca): its id.
+                        let cert = crate::tls::peer_certificate(&stream);
+                        serve_connection(stream, remote, cert, app).await
+                    }
+                    Err(e) => crate::tls::handshake_failed(remote, &e),
                 },
             }
         });
     }
 }
 
-async fn serve_connection<S>(io: S, remote: std::net::SocketAddr, app: Arc<App>)
-where
+async fn serve_connection<S>(
+    io: S,
+    remote: std::net::SocketAddr,
+    cert: Option<rd_server::PeerCertificate>,
+    app: Arc<App>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let drain = app.front.drain.clone();
     let service = service_fn(move |mut req: Request<Incoming>| {
         req.extensions_mut().insert(RemoteAddr(remote));
+        if let Some(cert) = &cert {
+            req.extensions_mut().insert(cert.clone());
+        }
         let app = app.clone();
         async move { Ok::<_, std::convert::Infallible>(app.route(req).await) }
     });

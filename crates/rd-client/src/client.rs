@@ -685,7 +685,9 @@ impl Client {
                             "giving up: the server refused this agent's credentials {} times \
                              in a row. Check that --id (X-Tunnel-ID) and the token \
                              (--token-file, RD_CLIENT_TOKEN or --token) match a line of the \
-                             server's --agent-tokens file, then start the agent again",
+                             server's --agent-tokens file (or, with a client certificate, \
+                             that --id is the certificate's id: the server's refusal above \
+                             names both), then start the agent again",
                             run.auth_refusals
                         );
                         end = RunEnd::CredentialsRefused(run.auth_refusals);

@@ -17,6 +17,10 @@ pub enum Authorization {
     Client(String),
     /// Refuse: answered `401 failed authentication`.
     Unauthorized,
+    /// Refuse credentials that are valid but not for what the client asks (a client
+    /// certificate for another id): answered `403` with this text, which names the mismatch
+    /// and never a secret.
+    Forbidden(String),
     /// The authorizer failed: answered `400` with this text.
     Error(String),
 }
@@ -29,10 +33,17 @@ pub trait Authorizer: Send + Sync + 'static {
     fn authorize(&self, request: &Parts) -> BoxFuture<Authorization>;
 
     /// How an accepted client proved its key, as the admin API shows it: `none` (the key
-    /// is taken as claimed), `agent-token`, or `authorizer` (the application's own check,
+    /// is taken as claimed), `agent-token`, `client-cert`, or `authorizer` (the application's own check,
     /// the default).
     fn method(&self) -> &'static str {
         "authorizer"
+    }
+
+    /// How this accepted request's client proved its key: [`method`](Self::method), unless
+    /// the authorizer combines several (a client certificate, else a token).
+    fn method_for(&self, request: &Parts) -> &'static str {
+        let _ = request;
+        self.method()
     }
 }
 

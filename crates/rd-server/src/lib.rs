@@ -23,6 +23,7 @@
 pub mod admin;
 mod agent_auth;
 mod auth;
+mod cert_auth;
 mod dialer;
 mod drain;
 mod events;
@@ -43,6 +44,9 @@ pub use gateway::{connect, forward, proxy, splice};
 pub use agent_auth::{AgentTokens, TokenFileError, AGENT_TOKEN_HEADER};
 pub use auth::{
     text_response, Authorization, Authorizer, ErrorWriter, PlainTextErrors, TunnelIdHeader,
+};
+pub use cert_auth::{
+    certificate_agent_id, CertificateIdError, ClientCertificates, PeerCertificate,
 };
 pub use dialer::{
     DialError, Dialer, TimedStream, TunnelConnection, TunnelInfo, DEFAULT_CONNECT_WAIT,

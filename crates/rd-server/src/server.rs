@@ -662,7 +662,7 @@ impl Server {
             PeerCheck::NotPeer | PeerCheck::Refused(_) => {
                 match inner.authorizer.authorize(&parts).await {
                     Authorization::Client(key) => {
-                        auth = inner.authorizer.method();
+                        auth = inner.authorizer.method_for(&parts);
                         if let PeerCheck::Refused(why) = peer_check {
                             rejection!(
                                 REJECTED,
@@ -692,6 +692,9 @@ impl Server {
                         return inner
                             .error_writer
                             .write_error(StatusCode::UNAUTHORIZED, "failed authentication");
+                    }
+                    Authorization::Forbidden(text) => {
+                        return reject(StatusCode::FORBIDDEN, "forbidden", &text);
                     }
                     Authorization::Error(text) => {
                         return reject(StatusCode::BAD_REQUEST, "authorizer_error", &text);

@@ -32,7 +32,7 @@ fn options(headers: &[(&'static str, &str)]) -> ConnectOptions {
 }
 
 /// Authorizer of these tests: `x-auth: ok` is client `foo`, `x-auth: err` makes the
-/// authorizer fail, anything else is refused.
+/// authorizer fail, `x-auth: other` is forbidden, anything else is refused.
 async fn auth_server() -> TestServer {
     let server = Server::builder(|parts: &http::request::Parts| {
         let auth = parts
@@ -44,6 +44,9 @@ async fn auth_server() -> TestServer {
             match auth.as_deref() {
                 Some("ok") => Authorization::Client("foo".into()),
                 Some("err") => Authorization::Error("token lookup failed: backend down".into()),
+                Some("other") => {
+                    Authorization::Forbidden("certificate is for foo, agent asked for bar".into())
+                }
                 _ => Authorization::Unauthorized,
             }
         }
@@ -92,6 +95,29 @@ async fn authorizer_error_is_400_with_its_text() {
     }
     assert!(!err.is_auth_failure());
     assert!(!ts.server.has_session("foo"));
+}
+
+#[tokio::test]
+async fn forbidden_is_403_with_its_text_and_an_auth_failure() {
+    let ts = auth_server().await;
+    let err = connect_websocket(&ts.ws_url(), &options(&[("x-auth", "other")]))
+        .await
+        .unwrap_err();
+    match &err {
+        ConnectError::Rejected { status, body, .. } => {
+            assert_eq!(status.as_u16(), 403);
+            assert_eq!(body, "certificate is for foo, agent asked for bar");
+        }
+        other => panic!("unexpected error {other:?}"),
+    }
+    assert!(err.is_auth_failure());
+    assert!(ts.server.list_clients().is_empty());
+    let metrics = ts.server.encode_metrics();
+    assert_eq!(
+        sample(&metrics, "rd_handshake_rejects{reason=\"forbidden\"}"),
+        Some(1.0),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]

@@ -25,7 +25,7 @@ pub use error::{ConnectError, ConnectStage};
 pub use no_proxy::NoProxy;
 pub use proxy::{InvalidProxySetting, ProxyEnv, ProxyMode, ProxyScheme, ProxyUrl};
 pub use stream::TransportStream;
-pub use tls::{build_client_config, TlsOptions};
+pub use tls::{build_client_config, ClientCertFiles, TlsOptions};
 
 /// Checks a websocket URL the way [`connect_websocket`] reads it (scheme `ws`, `wss`, `http`
 /// or `https`, a host, no user information) without connecting: for start-up checks.

@@ -520,3 +520,37 @@ async fn invalid_urls_fail_early() {
         );
     }
 }
+
+#[tokio::test]
+async fn client_certificate_files_are_checked_before_connecting() {
+    use rcgen::{CertificateParams, KeyPair};
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["agent".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let cert_file = TempFile::new(&cert.pem());
+    let other_key = TempFile::new(&KeyPair::generate().unwrap().serialize_pem());
+    let not_pem = TempFile::new("not a certificate\n");
+    let attempt = |cert: PathBuf, key: PathBuf| async move {
+        let opts = ConnectOptions::default()
+            .with_proxy(ProxyMode::None)
+            .with_tls(TlsOptions::default().with_client_cert(cert, key));
+        // Port 9 on loopback: never reached because the files are read first.
+        connect_websocket("wss://127.0.0.1:9/", &opts)
+            .await
+            .unwrap_err()
+    };
+    for (cert, key, at_fault) in [
+        (&not_pem.0, &other_key.0, &not_pem.0),
+        (&cert_file.0, &not_pem.0, &not_pem.0),
+        // A key that does not belong to the certificate.
+        (&cert_file.0, &other_key.0, &other_key.0),
+    ] {
+        let err = attempt(cert.clone(), key.clone()).await;
+        assert!(
+            matches!(&err, ConnectError::ClientCert { path, .. } if path == at_fault),
+            "{err:?}"
+        );
+    }
+}

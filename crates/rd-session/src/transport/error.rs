@@ -135,6 +135,17 @@ pub enum ConnectError {
         source: io::Error,
     },
 
+    /// The client certificate or its key could not be read, hold nothing usable, or do not
+    /// belong together.
+    #[error("cannot load the client certificate from {}", path.display())]
+    ClientCert {
+        /// The file at fault (the key file when the two do not match).
+        path: PathBuf,
+        /// The read or parse error.
+        #[source]
+        source: io::Error,
+    },
+
     /// The TLS handshake with the server failed (for example the certificate was not trusted).
     #[error("tls handshake with {server} failed")]
     Tls {

@@ -9,7 +9,7 @@ use std::{
 use rustls::{
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     crypto::{CryptoProvider, WebPkiSupportedAlgorithms},
-    pki_types::{pem::PemObject, CertificateDer, ServerName, UnixTime},
+    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName, UnixTime},
     ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
 };
 use tokio::sync::OnceCell;
@@ -43,6 +43,21 @@ pub struct TlsOptions {
     /// Building a configuration loads certificates from disk, so callers that connect
     /// repeatedly can build one with [`build_client_config`] and put it here.
     pub client_config: Option<Arc<ClientConfig>>,
+    /// A client certificate to present (mTLS): its PEM chain (end-entity first) and PEM
+    /// private key, read at every connection attempt, so a renewed certificate is used
+    /// from the next dial on without a restart. Set both with
+    /// [`with_client_cert`](TlsOptions::with_client_cert).
+    pub client_cert: Option<ClientCertFiles>,
+}
+
+/// The files of a client certificate (see [`TlsOptions::client_cert`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ClientCertFiles {
+    /// PEM certificate chain, the end-entity certificate first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of the end-entity certificate.
+    pub key: PathBuf,
 }
 
 impl Default for TlsOptions {
@@ -53,6 +68,7 @@ impl Default for TlsOptions {
             ca_certs: Vec::new(),
             insecure_skip_verify: false,
             client_config: None,
+            client_cert: None,
         }
     }
 }
@@ -69,6 +85,17 @@ impl TlsOptions {
     #[must_use]
     pub fn with_system_roots(mut self, enabled: bool) -> Self {
         self.system_roots = enabled;
+        self
+    }
+
+    /// Presents the client certificate in `cert` (PEM chain) with the key in `key` (PEM);
+    /// both files are read again at every connection attempt.
+    #[must_use]
+    pub fn with_client_cert(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        self.client_cert = Some(ClientCertFiles {
+            cert: cert.into(),
+            key: key.into(),
+        });
         self
     }
 
@@ -89,8 +116,8 @@ fn provider() -> Arc<CryptoProvider> {
 /// Builds the rustls client configuration described by `opts`.
 ///
 /// The system roots are loaded once per process (Go's `x509.SystemCertPool` also caches);
-/// certificates the platform store holds but rustls cannot parse are skipped. CA files are
-/// read on every call.
+/// certificates the platform store holds but rustls cannot parse are skipped. CA files and
+/// the client certificate's files are read on every call.
 pub async fn build_client_config(opts: &TlsOptions) -> Result<Arc<ClientConfig>, ConnectError> {
     if let Some(config) = &opts.client_config {
         return Ok(Arc::clone(config));
@@ -100,13 +127,12 @@ pub async fn build_client_config(opts: &TlsOptions) -> Result<Arc<ClientConfig>,
         .map_err(|_| ConnectError::TlsConfig {
             reason: "the ring provider supports no default protocol version",
         })?;
-    let config = if opts.insecure_skip_verify {
+    let builder = if opts.insecure_skip_verify {
         builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(AcceptAnyCert {
                 algorithms: provider().signature_verification_algorithms,
             }))
-            .with_no_client_auth()
     } else {
         let mut roots = if opts.system_roots {
             RootCertStore::clone(system_roots().await?)
@@ -128,7 +154,22 @@ pub async fn build_client_config(opts: &TlsOptions) -> Result<Arc<ClientConfig>,
                 reason: "no trusted root certificates",
             });
         }
-        builder.with_root_certificates(roots).with_no_client_auth()
+        builder.with_root_certificates(roots)
+    };
+    let config = match &opts.client_cert {
+        None => builder.with_no_client_auth(),
+        Some(files) => {
+            let (chain, key) = load_client_cert(files).await?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| ConnectError::ClientCert {
+                    path: files.key.clone(),
+                    source: io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("the key does not fit the certificate ({e})"),
+                    ),
+                })?
+        }
     };
     Ok(Arc::new(config))
 }
@@ -189,6 +230,34 @@ async fn add_ca_file(roots: &mut RootCertStore, path: &Path) -> Result<(), Conne
         )));
     }
     Ok(())
+}
+
+/// Reads a client certificate chain and its key.
+async fn load_client_cert(
+    files: &ClientCertFiles,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), ConnectError> {
+    let error = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ConnectError::ClientCert { path, source }
+    };
+    let invalid = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
+    let pem = tokio::fs::read(&files.cert)
+        .await
+        .map_err(error(&files.cert))?;
+    let chain = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| error(&files.cert)(invalid(e.to_string())))?;
+    if chain.is_empty() {
+        return Err(error(&files.cert)(invalid(
+            "no PEM certificate found".into(),
+        )));
+    }
+    let pem = tokio::fs::read(&files.key)
+        .await
+        .map_err(error(&files.key))?;
+    let key = PrivateKeyDer::from_pem_slice(&pem)
+        .map_err(|e| error(&files.key)(invalid(format!("no usable PEM private key: {e}"))))?;
+    Ok((chain, key))
 }
 
 /// The server name rustls checks the certificate against, and sends as SNI for DNS names.
