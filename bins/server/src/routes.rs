@@ -12,7 +12,8 @@ use hyper_util::rt::TokioIo;
 use rd_server::admin::AdminApi;
 use rd_server::connect::{ConnectError, ConnectProxy};
 use rd_server::proxy::ClientProxy;
-use rd_server::{text_response, Body, RemoteAddr, Server};
+use rd_server::proxy_protocol::{ProxiedAddrs, ProxyProtocolAcceptor, ProxyProtocolVersion};
+use rd_server::{text_response, Body, LocalAddr, RemoteAddr, Server};
 
 use crate::admin_auth::AdminAuth;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -53,6 +54,7 @@ pub struct App {
     admin_auth: Option<Arc<AdminAuth>>,
     front: Front,
     api: AdminApi,
+    proxy_protocol: Option<Arc<ProxyProtocolAcceptor>>,
 }
 
 /// The CONNECT proxy; with `--admin-auth`, its proxy password is checked against the file.
@@ -89,12 +91,25 @@ impl App {
             role,
             admin_auth,
             front: Front::default(),
+            proxy_protocol: None,
         }
     }
 
     /// The connection set this app's listeners share with the drain.
     pub fn front(mut self, front: Front) -> Self {
         self.front = front;
+        self
+    }
+
+    /// Takes the PROXY header of trusted fronts' connections (`--proxy-protocol-from`).
+    pub fn accept_proxy_protocol(mut self, acceptor: Option<Arc<ProxyProtocolAcceptor>>) -> Self {
+        self.proxy_protocol = acceptor;
+        self
+    }
+
+    /// The PROXY header CONNECT sends its targets (`--connect-proxy-protocol`).
+    pub fn connect_proxy_protocol(mut self, version: Option<ProxyProtocolVersion>) -> Self {
+        self.connect = self.connect.proxy_protocol(version);
         self
     }
 
@@ -284,24 +299,39 @@ pub async fn serve(
         let tls = tls.clone();
         let tracker = app.front.connections.clone();
         tracker.spawn(async move {
+            let mut tcp = tcp;
+            let mut addrs = ProxiedAddrs {
+                source: remote,
+                destination: tcp.local_addr().unwrap_or(remote),
+            };
+            // A trusted front's PROXY header comes before anything else (TLS included).
+            if let Some(front) = &app.proxy_protocol {
+                match front.accept(&mut tcp, remote, addrs.destination).await {
+                    Ok(real) => addrs = real,
+                    Err(_logged) => return,
+                }
+            }
             match tls {
-                None => serve_connection(tcp, remote, app).await,
+                None => serve_connection(tcp, addrs, app).await,
                 Some(acceptor) => match acceptor.accept(tcp).await {
-                    Ok(stream) => serve_connection(stream, remote, app).await,
-                    Err(e) => tracing::debug!(%remote, error = %e, "TLS handshake failed"),
+                    Ok(stream) => serve_connection(stream, addrs, app).await,
+                    Err(e) => {
+                        tracing::debug!(remote = %addrs.source, error = %e, "TLS handshake failed")
+                    }
                 },
             }
         });
     }
 }
 
-async fn serve_connection<S>(io: S, remote: std::net::SocketAddr, app: Arc<App>)
+async fn serve_connection<S>(io: S, addrs: ProxiedAddrs, app: Arc<App>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let drain = app.front.drain.clone();
     let service = service_fn(move |mut req: Request<Incoming>| {
-        req.extensions_mut().insert(RemoteAddr(remote));
+        req.extensions_mut().insert(RemoteAddr(addrs.source));
+        req.extensions_mut().insert(LocalAddr(addrs.destination));
         let app = app.clone();
         async move { Ok::<_, std::convert::Infallible>(app.route(req).await) }
     });

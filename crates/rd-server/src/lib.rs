@@ -33,6 +33,7 @@ mod metrics;
 mod peers;
 pub mod proxy;
 mod proxy_connector;
+pub mod proxy_protocol;
 mod proxy_upgrade;
 mod registry;
 mod server;
@@ -51,6 +52,7 @@ pub use peers::{
     DnsResolver, InvalidDiscovery, PeerDiscovery, PeerLinkInfo, Resolve, ResolveError,
     ResolveFuture, DEFAULT_DISCOVERY_INTERVAL,
 };
+pub use proxy_protocol::LocalAddr;
 pub use server::{
     RemoteAddr, Server, ServerBuilder, ASK_SERVER_ID_HEADER, DEFAULT_HANDSHAKE_RETRY_AFTER,
     DEFAULT_MAX_PENDING_HANDSHAKES, DEFAULT_MAX_SESSIONS_PER_CLIENT, DEFAULT_WS_READ_BUFFER,
