@@ -660,6 +660,95 @@ mod tests {
         drop(theirs);
     }
 
+    /// A connection to `listener` from `from`, and the accepted end with its peer.
+    async fn pair(
+        listener: &tokio::net::TcpListener,
+        from: &str,
+    ) -> (TcpStream, TcpStream, SocketAddr) {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.bind(addr(from)).expect("bind");
+        let (client, accepted) = tokio::join!(
+            socket.connect(listener.local_addr().expect("addr")),
+            listener.accept()
+        );
+        let (server, peer) = accepted.expect("accept");
+        (client.expect("connect"), server, peer)
+    }
+
+    #[tokio::test]
+    async fn the_acceptor_trusts_only_its_fronts_and_takes_the_header_exactly() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let local = listener.local_addr().expect("addr");
+        let acceptor = ProxyProtocolAcceptor::new("127.0.0.2".parse().expect("valid"))
+            .timeout(Duration::from_secs(5));
+        let claimed = ProxiedAddrs {
+            source: addr("203.0.113.7:4444"),
+            destination: addr("192.0.2.1:443"),
+        };
+
+        // A trusted front: the header's addresses, and the bytes after it left unread.
+        let (mut front, mut tcp, peer) = pair(&listener, "127.0.0.2:0").await;
+        let mut wire = encode(
+            ProxyProtocolVersion::V2,
+            claimed.source,
+            claimed.destination,
+        )
+        .to_vec();
+        wire.extend_from_slice(b"\x16\x03\x01 TLS follows");
+        front.write_all(&wire).await.expect("write");
+        assert_eq!(
+            acceptor
+                .accept(&mut tcp, peer, local)
+                .await
+                .expect("trusted"),
+            claimed
+        );
+        let mut rest = [0u8; 15];
+        tcp.read_exact(&mut rest).await.expect("read");
+        assert_eq!(&rest, b"\x16\x03\x01 TLS follows");
+
+        // The front without a header: refused.
+        let (mut front, mut tcp, peer) = pair(&listener, "127.0.0.2:0").await;
+        front
+            .write_all(b"GET / HTTP/1.1\r\n\r\n")
+            .await
+            .expect("write");
+        assert!(matches!(
+            acceptor.accept(&mut tcp, peer, local).await,
+            Err(ProxyHeaderError::Missing(_))
+        ));
+
+        // Anyone else with a header: refused; without one: their own addresses, and
+        // nothing read.
+        let (mut other, mut tcp, peer) = pair(&listener, "127.0.0.1:0").await;
+        other
+            .write_all(b"PROXY TCP4 203.0.113.7 192.0.2.1 4444 443\r\n")
+            .await
+            .expect("write");
+        assert!(matches!(
+            acceptor.accept(&mut tcp, peer, local).await,
+            Err(ProxyHeaderError::Untrusted(p)) if p == peer
+        ));
+        let (mut other, mut tcp, peer) = pair(&listener, "127.0.0.1:0").await;
+        other.write_all(b"GET / HTTP/1.1\r\n").await.expect("write");
+        let own = acceptor
+            .accept(&mut tcp, peer, local)
+            .await
+            .expect("served");
+        assert_eq!(
+            own,
+            ProxiedAddrs {
+                source: peer,
+                destination: local
+            }
+        );
+        let mut first = [0u8; 3];
+        tcp.read_exact(&mut first).await.expect("read");
+        assert_eq!(&first, b"GET");
+    }
+
     #[test]
     fn trusted_sets_parse_addresses_and_blocks() {
         let t: TrustedProxies = "127.0.0.2, 10.0.0.0/8,fd00::/8".parse().expect("valid");
