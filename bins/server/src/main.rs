@@ -144,6 +144,8 @@ struct Args {
     /// Forward a local port through an agent, like ssh -L: every connection to LISTEN is
     /// dialed through client CLIENT to PROTO/ADDRESS on its side; repeatable.
     /// E.g. 127.0.0.1:2222=foo:tcp/127.0.0.1:22 (":2222" listens on every interface).
+    /// A "?proxy-protocol=v1" (or v2) suffix sends the target a PROXY protocol header with
+    /// the user's address first (the target must expect one).
     #[arg(
         long = "forward",
         env = "RD_FORWARD",
@@ -157,6 +159,19 @@ struct Args {
     /// CONNECT through them answers as soon as the dial succeeded or failed.
     #[arg(long, env = "RD_CONNECT_WAIT", value_name = "DURATION", default_value = "100ms", value_parser = cli::duration)]
     connect_wait: Duration,
+    /// Send the target of every HTTP CONNECT (and SOCKS5) tunnel a PROXY protocol header
+    /// (v1 text or v2 binary) before the user's bytes, carrying the user's address and the
+    /// address they connected to, so the target logs and judges the user, not the agent.
+    /// The target must expect the header. Default: none.
+    #[arg(long, env = "RD_CONNECT_PROXY_PROTOCOL", value_name = "v1|v2")]
+    connect_proxy_protocol: Option<rd_server::proxy_protocol::ProxyProtocolVersion>,
+    /// Trusted fronts (load balancers) that send a PROXY protocol header (v1 or v2) on
+    /// every connection to --listen and --admin-listen: IP addresses and CIDR blocks,
+    /// comma-separated (10.0.0.0/8,fd00::/8). Their connections must start with a header,
+    /// and the address in it is the one logged, authorized and sent onwards; a connection
+    /// from anywhere else that starts with a header is refused. See docs/security.md.
+    #[arg(long, env = "RD_PROXY_PROTOCOL_FROM", value_name = "CIDR[,CIDR...]")]
+    proxy_protocol_from: Option<rd_server::proxy_protocol::TrustedProxies>,
     /// Ping a client that sent nothing for this long (Go's server never pings; Go and rd
     /// clients ping every 5s themselves, so these go out only to quiet ones); 0 disables.
     #[arg(long, env = "RD_PING_AFTER", value_name = "DURATION", default_value = "5s", value_parser = cli::duration)]
@@ -504,6 +519,12 @@ async fn run(args: Args, checked: Checked) -> Result<(), Box<dyn std::error::Err
     cli::announce_listening(args.log_format, "listening on", &url);
     let proxy = Arc::new(rd_server::proxy::ClientProxy::new(server.clone()));
     let front = routes::Front::default();
+    let proxy_protocol = args.proxy_protocol_from.clone().map(|trusted| {
+        tracing::info!(trusted = %trusted, "PROXY protocol headers taken from trusted fronts");
+        Arc::new(rd_server::proxy_protocol::ProxyProtocolAcceptor::new(
+            trusted,
+        ))
+    });
     let app = |role| {
         Arc::new(
             routes::App::new(
@@ -514,6 +535,8 @@ async fn run(args: Args, checked: Checked) -> Result<(), Box<dyn std::error::Err
                 admin_auth.clone(),
             )
             .connect_wait(args.connect_wait)
+            .connect_proxy_protocol(args.connect_proxy_protocol)
+            .accept_proxy_protocol(proxy_protocol.clone())
             .front(front.clone()),
         )
     };

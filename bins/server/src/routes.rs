@@ -12,7 +12,8 @@ use hyper_util::rt::TokioIo;
 use rd_server::admin::AdminApi;
 use rd_server::connect::{ConnectError, ConnectProxy};
 use rd_server::proxy::ClientProxy;
-use rd_server::{text_response, Body, RemoteAddr, Server};
+use rd_server::proxy_protocol::{ProxiedAddrs, ProxyProtocolAcceptor, ProxyProtocolVersion};
+use rd_server::{text_response, Body, LocalAddr, RemoteAddr, Server};
 
 use crate::admin_auth::AdminAuth;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -52,6 +53,7 @@ pub struct App {
     admin_auth: Option<Arc<AdminAuth>>,
     front: Front,
     api: AdminApi,
+    proxy_protocol: Option<Arc<ProxyProtocolAcceptor>>,
 }
 
 /// The CONNECT proxy; with `--admin-auth`, its proxy password is checked against the file.
@@ -88,12 +90,25 @@ impl App {
             role,
             admin_auth,
             front: Front::default(),
+            proxy_protocol: None,
         }
     }
 
     /// The connection set this app's listeners share with the drain.
     pub fn front(mut self, front: Front) -> Self {
         self.front = front;
+        self
+    }
+
+    /// Takes the PROXY header of trusted fronts' connections (`--proxy-protocol-from`).
+    pub fn accept_proxy_protocol(mut self, acceptor: Option<Arc<ProxyProtocolAcceptor>>) -> Self {
+        self.proxy_protocol = acceptor;
+        self
+    }
+
+    /// The PROXY header CONNECT sends its targets (`--connect-proxy-protocol`).
+    pub fn connect_proxy_protocol(mut self, version: Option<ProxyProtocolVersion>) -> Self {
+        self.connect = self.connect.proxy_protocol(version);
         self
     }
 
@@ -283,15 +298,27 @@ pub async fn serve(
         let tls = tls.clone();
         let tracker = app.front.connections.clone();
         tracker.spawn(async move {
+            let mut tcp = tcp;
+            let mut addrs = ProxiedAddrs {
+                source: remote,
+                destination: tcp.local_addr().unwrap_or(remote),
+            };
+            // A trusted front's PROXY header comes before anything else (TLS included).
+            if let Some(front) = &app.proxy_protocol {
+                match front.accept(&mut tcp, remote, addrs.destination).await {
+                    Ok(real) => addrs = real,
+                    Err(_logged) => return,
+                }
+            }
             match tls {
-                None => serve_connection(tcp, remote, None, app).await,
+                None => serve_connection(tcp, addrs, None, app).await,
                 Some(tls) => match tls.acceptor().accept(tcp).await {
                     Ok(stream) => {
                         // An agent's verified client certificate (--agent-ca): its id.
                         let cert = crate::tls::peer_certificate(&stream);
-                        serve_connection(stream, remote, cert, app).await
+                        serve_connection(stream, addrs, cert, app).await
                     }
-                    Err(e) => crate::tls::handshake_failed(remote, &e),
+                    Err(e) => crate::tls::handshake_failed(addrs.source, &e),
                 },
             }
         });
@@ -300,7 +327,7 @@ pub async fn serve(
 
 async fn serve_connection<S>(
     io: S,
-    remote: std::net::SocketAddr,
+    addrs: ProxiedAddrs,
     cert: Option<rd_server::PeerCertificate>,
     app: Arc<App>,
 ) where
@@ -308,7 +335,8 @@ async fn serve_connection<S>(
 {
     let drain = app.front.drain.clone();
     let service = service_fn(move |mut req: Request<Incoming>| {
-        req.extensions_mut().insert(RemoteAddr(remote));
+        req.extensions_mut().insert(RemoteAddr(addrs.source));
+        req.extensions_mut().insert(LocalAddr(addrs.destination));
         if let Some(cert) = &cert {
             req.extensions_mut().insert(cert.clone());
         }

@@ -11,6 +11,10 @@
 //! Go agent the proxy waits up to [`ConnectProxy::connect_wait`] for the stream's first
 //! event: an Error is answered `502`, data or the wait running out `200`, and a failure
 //! that arrives later closes the tunnelled connection instead (and is logged).
+//!
+//! With [`ConnectProxy::proxy_protocol`] the target first receives a PROXY protocol header
+//! naming the user ([`RemoteAddr`](crate::RemoteAddr)) and the address the user connected
+//! to ([`LocalAddr`](crate::LocalAddr)).
 
 use std::fmt;
 use std::sync::Arc;
@@ -23,6 +27,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use rd_session::TunnelStream;
 
+use super::proxy_protocol::{ProxiedAddrs, ProxyProtocolVersion};
 use super::splice::splice;
 use super::tunnel_use::TunnelUse;
 use crate::{Body, DialError, Server};
@@ -101,6 +106,7 @@ pub struct ConnectProxy {
     connect_wait: Duration,
     dial_timeout: Duration,
     credentials: Option<Arc<dyn ProxyCredentials>>,
+    proxy_protocol: Option<ProxyProtocolVersion>,
 }
 
 impl fmt::Debug for ConnectProxy {
@@ -109,6 +115,7 @@ impl fmt::Debug for ConnectProxy {
             .field("connect_wait", &self.connect_wait)
             .field("dial_timeout", &self.dial_timeout)
             .field("credentials", &self.credentials.is_some())
+            .field("proxy_protocol", &self.proxy_protocol)
             .finish()
     }
 }
@@ -122,7 +129,24 @@ impl ConnectProxy {
             connect_wait: DEFAULT_CONNECT_WAIT,
             dial_timeout: DEFAULT_DIAL_TIMEOUT,
             credentials: None,
+            proxy_protocol: None,
         }
+    }
+
+    /// Sends each target a PROXY protocol header of `version` before the user's first
+    /// byte: source the request's [`RemoteAddr`](crate::RemoteAddr), destination its
+    /// [`LocalAddr`](crate::LocalAddr) (a header without addresses when the server loop
+    /// inserted neither). It travels as tunnel payload, so any agent carries it; the
+    /// target must expect it. `None` (the default) sends none.
+    pub fn proxy_protocol(mut self, version: Option<ProxyProtocolVersion>) -> Self {
+        self.proxy_protocol = version;
+        self
+    }
+
+    /// The PROXY protocol version sent to targets, if any (for gateways sharing this
+    /// proxy's settings, such as SOCKS5).
+    pub fn proxy_protocol_version(&self) -> Option<ProxyProtocolVersion> {
+        self.proxy_protocol
     }
 
     /// With a Go agent (no connect-ack), how long to wait for the agent to refuse or fail
@@ -162,6 +186,14 @@ impl ConnectProxy {
             .map(|(user, _)| user)
             .unwrap_or_default();
         let remote = req.extensions().get::<crate::RemoteAddr>().map(|r| r.0);
+        let local = req.extensions().get::<crate::LocalAddr>().map(|l| l.0);
+        let proxy_header = self.proxy_protocol.map(|version| {
+            let addresses = remote.zip(local).map(|(source, destination)| ProxiedAddrs {
+                source,
+                destination,
+            });
+            (version, addresses)
+        });
         let mut used = TunnelUse::start(
             self.server.metrics(),
             "connect",
@@ -170,12 +202,19 @@ impl ConnectProxy {
             remote,
         );
         match self.open(&req, &authority).await {
-            Ok(tunnel) => {
+            Ok(mut tunnel) => {
                 let on_upgrade = hyper::upgrade::on(&mut req);
                 used.carried_by(tunnel.session_key(), tunnel.id().0);
                 used.answered(200);
                 tracing::debug!(client = %crate::short_id(&client), target = %authority, "CONNECT tunnel open");
                 tokio::spawn(async move {
+                    if let Some((version, addresses)) = proxy_header {
+                        let sent =
+                            super::proxy_protocol::write_header(&mut tunnel, version, addresses);
+                        if let Err(e) = sent.await {
+                            return used.ended("cut", &format!("sending the PROXY header: {e}"));
+                        }
+                    }
                     let upgraded = match on_upgrade.await {
                         Ok(upgraded) => upgraded,
                         Err(e) => return used.ended("cut", &format!("upgrade failed: {e}")),

@@ -1,6 +1,10 @@
 //! Port forwards: a local listener whose every connection is dialed through an agent to a
 //! fixed target, like `ssh -L` through the tunnel (`rd-server --forward
 //! 127.0.0.1:2222=foo:tcp/127.0.0.1:22`).
+//!
+//! A forward can tell its target who connected, with a PROXY protocol header as the first
+//! bytes of each connection (`...:tcp/127.0.0.1:22?proxy-protocol=v2`, or
+//! [`Forward::proxy_protocol`]).
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -14,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use super::proxy_protocol::{ProxiedAddrs, ProxyProtocolVersion};
 use super::splice::splice;
 use super::tunnel_use::TunnelUse;
 use crate::Server;
@@ -28,6 +33,14 @@ pub enum ForwardSpecError {
     /// Not of the form `LISTEN=CLIENT:PROTO/ADDRESS`.
     #[error("invalid forward {0:?}: want LISTEN=CLIENT:PROTO/ADDRESS, e.g. 127.0.0.1:2222=foo:tcp/127.0.0.1:22")]
     Syntax(String),
+    /// An option after `?` that is not `proxy-protocol=v1` or `proxy-protocol=v2`.
+    #[error("invalid forward {spec:?}: unknown option {option:?}; the only option is proxy-protocol=v1 or proxy-protocol=v2 (after a `?`)")]
+    Option {
+        /// The whole value.
+        spec: String,
+        /// The option.
+        option: String,
+    },
     /// A `tcp` target without a numeric port.
     #[error("invalid forward {0:?}: a tcp address needs host:port")]
     NoPort(String),
@@ -54,7 +67,8 @@ pub enum ForwardSpecError {
     },
 }
 
-/// Where a forward listens and what it reaches: `LISTEN=CLIENT:PROTO/ADDRESS`.
+/// Where a forward listens and what it reaches: `LISTEN=CLIENT:PROTO/ADDRESS`, with options
+/// after a `?`: `LISTEN=CLIENT:PROTO/ADDRESS?proxy-protocol=v1` (or `v2`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ForwardSpec {
     /// The local listen address as written (`127.0.0.1:2222`, or `:2222` for every
@@ -64,16 +78,37 @@ pub struct ForwardSpec {
     pub client_key: String,
     /// The target on the agent's side.
     pub target: Target,
+    /// The PROXY protocol header to send the target first, if any (`?proxy-protocol=v1`).
+    pub proxy_protocol: Option<ProxyProtocolVersion>,
 }
 
 impl FromStr for ForwardSpec {
     type Err = ForwardSpecError;
 
-    /// Parses `LISTEN=CLIENT:PROTO/ADDRESS`; the address keeps any `:` and `/` of its own
-    /// (`foo:unix//run/docker.sock`, `foo:tcp/[::1]:22`).
-    fn from_str(spec: &str) -> Result<Self, Self::Err> {
+    /// Parses `LISTEN=CLIENT:PROTO/ADDRESS[?OPTION&...]`; the address keeps any `:` and `/`
+    /// of its own (`foo:unix//run/docker.sock`, `foo:tcp/[::1]:22`). Options start at the
+    /// last `?` when what follows it holds a `=` (so a unix path may still contain `?`).
+    fn from_str(whole: &str) -> Result<Self, Self::Err> {
+        let spec = whole;
         let syntax = || ForwardSpecError::Syntax(spec.to_owned());
-        let (listen, rest) = spec.split_once('=').ok_or_else(syntax)?;
+        let (spec_part, options) = match whole.rsplit_once('?') {
+            Some((before, after)) if after.contains('=') => (before, Some(after)),
+            _ => (whole, None),
+        };
+        let mut proxy_protocol = None;
+        for option in options.into_iter().flat_map(|o| o.split('&')) {
+            let bad = || ForwardSpecError::Option {
+                spec: whole.to_owned(),
+                option: option.to_owned(),
+            };
+            match option.split_once('=') {
+                Some(("proxy-protocol", version)) => {
+                    proxy_protocol = Some(version.parse().map_err(|_| bad())?);
+                }
+                _ => return Err(bad()),
+            }
+        }
+        let (listen, rest) = spec_part.split_once('=').ok_or_else(syntax)?;
         let (client_key, rest) = rest.split_once(':').ok_or_else(syntax)?;
         let (proto, address) = rest.split_once('/').ok_or_else(syntax)?;
         if listen.is_empty() || client_key.is_empty() || proto.is_empty() || address.is_empty() {
@@ -100,6 +135,7 @@ impl FromStr for ForwardSpec {
             listen: listen.to_owned(),
             client_key: client_key.to_owned(),
             target,
+            proxy_protocol,
         })
     }
 }
@@ -113,7 +149,11 @@ impl fmt::Display for ForwardSpec {
             self.client_key,
             self.target.proto(),
             self.target.address()
-        )
+        )?;
+        match self.proxy_protocol {
+            Some(version) => write!(f, "?proxy-protocol={version}"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -123,16 +163,29 @@ pub struct Forward {
     server: Server,
     spec: ForwardSpec,
     max_connections: usize,
+    proxy_protocol: Option<ProxyProtocolVersion>,
 }
 
 impl Forward {
-    /// A forward of `spec` through `server`'s tunnels.
+    /// A forward of `spec` through `server`'s tunnels (with the spec's PROXY protocol
+    /// option).
     pub fn new(server: Server, spec: ForwardSpec) -> Self {
         Self {
             server,
+            proxy_protocol: spec.proxy_protocol,
             spec,
             max_connections: DEFAULT_MAX_FORWARD_CONNECTIONS,
         }
+    }
+
+    /// Sends each connection's target a PROXY protocol header of `version` before the
+    /// user's first byte: source the user's address, destination the address the user
+    /// connected to (the forward's listener). The header is the first payload of the tunnel
+    /// stream, so any agent carries it (Go's too); the target must expect it, or it reads
+    /// the header as the start of the user's data. `None` (the default) sends none.
+    pub fn proxy_protocol(mut self, version: Option<ProxyProtocolVersion>) -> Self {
+        self.proxy_protocol = version;
+        self
     }
 
     /// Connections carried at once (default 1024); beyond it the listener stops accepting
@@ -231,6 +284,13 @@ async fn accept_loop(
         tcp.set_nodelay(true).ok();
         let (dialer, target, cancel) =
             (dialer.clone(), forward.spec.target.clone(), cancel.clone());
+        let proxy_header = forward.proxy_protocol.map(|version| {
+            let addresses = tcp.local_addr().ok().map(|local| ProxiedAddrs {
+                source: peer,
+                destination: local,
+            });
+            (version, addresses)
+        });
         let used = TunnelUse::start(
             forward.server.metrics(),
             "forward",
@@ -243,11 +303,17 @@ async fn accept_loop(
             async move {
                 let _permit = permit;
                 let mut used = used;
-                let tunnel = match dialer.dial_target(target).await {
+                let mut tunnel = match dialer.dial_target(target).await {
                     Ok(tunnel) => tunnel,
                     // Dropping `tcp` closes the connection at once.
                     Err(e) => return used.ended("refused", &e.to_string()),
                 };
+                if let Some((version, addresses)) = proxy_header {
+                    let sent = super::proxy_protocol::write_header(&mut tunnel, version, addresses);
+                    if let Err(e) = sent.await {
+                        return used.ended("cut", &format!("sending the PROXY header: {e}"));
+                    }
+                }
                 used.carried_by(tunnel.session_key(), tunnel.id().0);
                 tokio::select! {
                     r = splice(tunnel, used.count(tcp)) => used.finished(&r),
@@ -281,6 +347,44 @@ mod tests {
         assert_eq!(unix.target.address(), "/var/run/docker.sock");
         let v6: ForwardSpec = "[::1]:2222=foo:tcp/[::1]:22".parse().expect("valid");
         assert_eq!(v6.listen, "[::1]:2222");
+    }
+
+    #[test]
+    fn proxy_protocol_option_parses_and_prints_back() {
+        let spec: ForwardSpec = "127.0.0.1:2222=foo:tcp/127.0.0.1:22?proxy-protocol=v2"
+            .parse()
+            .expect("valid");
+        assert_eq!(spec.proxy_protocol, Some(ProxyProtocolVersion::V2));
+        assert_eq!(spec.target.address(), "127.0.0.1:22");
+        assert_eq!(
+            spec.to_string(),
+            "127.0.0.1:2222=foo:tcp/127.0.0.1:22?proxy-protocol=v2"
+        );
+        let plain: ForwardSpec = "127.0.0.1:2222=foo:tcp/127.0.0.1:22"
+            .parse()
+            .expect("valid");
+        assert_eq!(plain.proxy_protocol, None);
+        // A `?` without `=` after it belongs to a unix path.
+        let unix: ForwardSpec = ":1=bar:unix//tmp/a?b".parse().expect("valid");
+        assert_eq!(
+            (unix.target.address(), unix.proxy_protocol),
+            ("/tmp/a?b", None)
+        );
+        let unix: ForwardSpec = ":1=bar:unix//tmp/a?b?proxy-protocol=v1"
+            .parse()
+            .expect("valid");
+        assert_eq!(
+            (unix.target.address(), unix.proxy_protocol),
+            ("/tmp/a?b", Some(ProxyProtocolVersion::V1))
+        );
+        for bad in [
+            "127.0.0.1:2222=foo:tcp/127.0.0.1:22?proxy-protocol=v3",
+            "127.0.0.1:2222=foo:tcp/127.0.0.1:22?proxy=v1",
+            "127.0.0.1:2222=foo:tcp/127.0.0.1:22?proxy-protocol=v1&x=y",
+        ] {
+            let err = bad.parse::<ForwardSpec>().expect_err(bad);
+            assert!(err.to_string().contains("proxy-protocol=v1"), "{err}");
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@
 pub mod connect;
 pub mod forward;
 pub mod proxy;
+pub mod proxy_protocol;
 mod proxy_connector;
 mod proxy_upgrade;
 pub mod splice;
