@@ -36,6 +36,7 @@ mod proxy_connector;
 mod proxy_upgrade;
 mod registry;
 mod server;
+pub mod socks5;
 pub mod splice;
 mod tunnel_use;
 mod upgrade;
