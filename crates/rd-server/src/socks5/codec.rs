@@ -5,9 +5,10 @@
 //! incomplete, `Ok(Some((message, used)))` once it is whole, or why it can never be. Every
 //! message is at most [`MAX_MESSAGE`] bytes, so a reader needs no more buffer than that.
 //!
-//! Hand-written rather than taken from a crate: the three messages are ~100 lines, and the
-//! MIT/Apache crates that have them (fast-socks5, async-socks5) come with their own server
-//! loop and I/O, which this proxy replaces with the tunnel's dial.
+//! Hand-written rather than taken from a crate: the three messages are ~100 lines; the
+//! server crates with wire types (socks5-server, socks5-impl) are GPL, and the MIT/Apache ones
+//! (fast-socks5, async-socks5) come with their own server loop and I/O, which this proxy
+//! replaces with the tunnel's dial.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
