@@ -16,6 +16,8 @@ use tokio::net::{TcpListener, TcpStream};
 const CONNECT_BOUND: Duration = Duration::from_secs(15);
 /// Bound on one exchange; only reached when something is broken.
 const BOUND: Duration = Duration::from_secs(20);
+/// Bound on a close that must not wait for the server's 10 s SOCKS5 handshake timeout.
+const PROMPTLY: Duration = Duration::from_secs(5);
 
 const HELLO: &str = "hello through SOCKS5\n";
 
@@ -98,9 +100,14 @@ enum Answer {
 
 /// Whether the server closes the connection (EOF or reset) within [`BOUND`].
 async fn closes(tcp: &mut TcpStream) -> bool {
+    closes_within(tcp, BOUND).await
+}
+
+/// Whether the server closes the connection (EOF or reset) within `bound`.
+async fn closes_within(tcp: &mut TcpStream, bound: Duration) -> bool {
     let mut buf = [0u8; 64];
     loop {
-        match tokio::time::timeout(BOUND, tcp.read(&mut buf)).await {
+        match tokio::time::timeout(bound, tcp.read(&mut buf)).await {
             Ok(Ok(0) | Err(_)) => return true,
             Ok(Ok(_)) => {}
             Err(_) => return false,
@@ -450,9 +457,12 @@ async fn malformed_socks5_handshakes_are_closed_and_the_server_goes_on() {
                 let mut tcp = TcpStream::connect(proxy).await.unwrap();
                 tcp.write_all(bytes).await.unwrap();
                 // Our side is done: a truncated message can never complete, so the server
-                // closes at once instead of waiting for its handshake timeout.
+                // closes at once, well before its 10 s handshake timeout would.
                 tcp.shutdown().await.unwrap();
-                assert!(closes(&mut tcp).await, "{bytes:?} left open");
+                assert!(
+                    closes_within(&mut tcp, PROMPTLY).await,
+                    "{bytes:?} left open"
+                );
             };
             tokio::time::timeout(BOUND, exchange).await.unwrap();
         }
@@ -476,4 +486,18 @@ async fn malformed_socks5_handshakes_are_closed_and_the_server_goes_on() {
     let reply = try_get(addr, "/healthz", BOUND).await.unwrap();
     assert_eq!(reply.status, 200);
     assert!(!server.stderr().contains("panicked"), "{}", server.stderr());
+}
+
+#[test]
+fn a_bad_socks_listen_address_is_refused_at_start_up() {
+    let (status, _, err) = run_to_end(
+        "rd-server",
+        &["-listen", "127.0.0.1:0", "-socks-listen", "1080"],
+        BOUND,
+    );
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--socks-listen \"1080\": not an address"),
+        "{err}"
+    );
 }
