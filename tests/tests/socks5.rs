@@ -501,3 +501,43 @@ fn a_bad_socks_listen_address_is_refused_at_start_up() {
         "{err}"
     );
 }
+
+/// An agent that does not acknowledge its dials (a Go agent, or `--no-connect-ack`): the
+/// reply follows CONNECT's `--connect-wait` rule, so a refusal within the wait is still
+/// `0x02`, and a target that speaks first succeeds as soon as its first bytes arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socks5_through_an_agent_without_connect_ack_waits_as_connect_does() {
+    let dir = content();
+    let (_allowed, allowed) = start_dummy(dir.path());
+    let (_other, other) = start_dummy(dir.path());
+    // A target that greets its clients (as SSH or SMTP servers do).
+    let banner = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let banner_addr = banner.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = banner.accept().await {
+            tcp.write_all(b"220 hello\r\n").await.ok();
+        }
+    });
+    // A wait longer than the test's bounds: only the refusal or the banner can end it.
+    let (_server, addr) = Proc::start_listening(
+        "rd-server",
+        &["-listen", "127.0.0.1:0", "-connect-wait", "60s"],
+    );
+    let rules = format!("tcp:{allowed},tcp:{banner_addr}");
+    let _client = start_client(addr, "foo", &["--allow", &rules, "--no-connect-ack"]);
+    wait_for_agent(addr, "foo", allowed).await;
+    assert_eq!(
+        raw_socks(addr, "foo", "x", &connect_to(other)).await,
+        Answer::Reply {
+            code: 2,
+            closed: true
+        }
+    );
+    assert_eq!(
+        raw_socks(addr, "foo", "x", &connect_to(banner_addr)).await,
+        Answer::Reply {
+            code: 0,
+            closed: false
+        }
+    );
+}
