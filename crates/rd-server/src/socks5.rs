@@ -281,8 +281,8 @@ impl Socks5Proxy {
         used.ended(outcome, &error.to_string());
     }
 
-    /// Greeting, username/password, request; the replies to the first two, and to a
-    /// request that cannot be dialed.
+    /// Greeting, username/password, request, and the replies to the first two (a request
+    /// that cannot be served is answered by [`fail`](Self::fail)).
     async fn handshake<S>(&self, io: &mut S, used: &mut TunnelUse) -> Result<Handshake, Socks5Error>
     where
         S: AsyncRead + AsyncWrite + Unpin,
