@@ -669,7 +669,9 @@ async fn help_answers_and_warnings_say_what_the_binary_does() {
     let err = server.stderr();
     assert!(err.contains("agents are not authenticated"), "{err}");
     assert!(
-        err.contains("/client, /admin, CONNECT and plain-HTTP proxy requests are open to anyone"),
+        err.contains(
+            "/client, /admin, CONNECT, SOCKS5 and plain-HTTP proxy requests are open to anyone"
+        ),
         "{err}"
     );
     assert!(err.contains("this forward is open to anyone"), "{err}");

@@ -78,9 +78,15 @@ struct Args {
     /// endpoint agents need. Default: everything on --listen, as Go's example.
     #[arg(long, env = "RD_ADMIN_LISTEN", value_name = "ADDR")]
     admin_listen: Option<String>,
+    /// Also serve SOCKS5 alone on this address (":PORT" or "HOST:PORT", never TLS). SOCKS5
+    /// is always served beside CONNECT on the operator's listener (--admin-listen, else
+    /// --listen) when that is plain HTTP: curl --socks5-hostname CLIENT:PASSWORD@host:port
+    /// (the user name is the agent's client key, the password is checked as CONNECT's).
+    #[arg(long, env = "RD_SOCKS_LISTEN", value_name = "ADDR")]
+    socks_listen: Option<String>,
     /// Require credentials for the operator's routes: /client and /admin (an Authorization
-    /// header), HTTP CONNECT and plain-HTTP proxy requests (the proxy password: any bearer
-    /// token, or the password of a "basic CLIENT:PASSWORD" line). A file of "bearer TOKEN"
+    /// header), HTTP CONNECT, SOCKS5 and plain-HTTP proxy requests (the proxy password: any
+    /// bearer token, or the password of a "basic CLIENT:PASSWORD" line). A file of "bearer TOKEN"
     /// and "basic USER:PASSWORD" lines ('#' comments). Without it, whoever reaches the
     /// listener serving them reaches every agent's network.
     #[arg(long, env = "RD_ADMIN_AUTH", value_name = "FILE")]
@@ -312,6 +318,9 @@ async fn check_config(args: &Args) -> Result<Checked, ConfigError> {
             )));
         }
     }
+    if let Some(socks) = &args.socks_listen {
+        cli::check_listen("--socks-listen", socks).map_err(ConfigError)?;
+    }
     for spec in &args.forward {
         cli::check_listen("--forward", &spec.listen).map_err(ConfigError)?;
     }
@@ -502,6 +511,14 @@ async fn run(args: Args, checked: Checked) -> Result<(), Box<dyn std::error::Err
         ),
         None => None,
     };
+    let socks_listener = match &args.socks_listen {
+        Some(socks) => Some(
+            cli::bind(socks)
+                .await
+                .map_err(|e| format!("--socks-listen: {e}"))?,
+        ),
+        None => None,
+    };
     let local = listener.local_addr()?;
     let operator = match &admin_listener {
         Some(a) => a.local_addr()?,
@@ -558,6 +575,18 @@ async fn run(args: Args, checked: Checked) -> Result<(), Box<dyn std::error::Err
         }
         None => None,
     };
+    let socks = match socks_listener {
+        Some(socks) => {
+            let url = format!("socks5://{}", socks.local_addr()?);
+            cli::announce_listening(args.log_format, "socks5 listening on", &url);
+            Some(tokio::spawn(routes::serve(
+                socks,
+                None,
+                app(routes::Role::Socks5),
+            )))
+        }
+        None => None,
+    };
     let role = if admin.is_some() {
         routes::Role::Agents
     } else {
@@ -605,12 +634,15 @@ async fn run(args: Args, checked: Checked) -> Result<(), Box<dyn std::error::Err
     if let Some(admin) = admin {
         admin.abort();
     }
+    if let Some(socks) = socks {
+        socks.abort();
+    }
     Ok(())
 }
 
 /// Says at start-up what anyone who reaches a listener can do, when that is more than
 /// nothing: register as any agent (no `--agent-tokens`, no `--agent-ca`), reach every
-/// agent's network through `/client`, `/admin`, CONNECT or plain-HTTP proxy requests (no
+/// agent's network through `/client`, `/admin`, CONNECT, SOCKS5 or plain-HTTP proxy requests (no
 /// `--admin-auth`).
 /// Loopback listeners are left out: only this machine reaches them.
 fn warn_if_open(
@@ -630,8 +662,8 @@ fn warn_if_open(
     if !admin_auth && !operator.ip().is_loopback() {
         tracing::warn!(
             listen = %operator,
-            "/client, /admin, CONNECT and plain-HTTP proxy requests are open to anyone who \
-             reaches this address, and through them every agent's network; use --admin-auth \
+            "/client, /admin, CONNECT, SOCKS5 and plain-HTTP proxy requests are open to \
+             anyone who reaches this address, and through them every agent's network; use --admin-auth \
              and keep them on --admin-listen with a private address (see docs/security.md)"
         );
     }

@@ -1,5 +1,5 @@
 //! The example server's routes: /connect, /client/..., /metrics, /healthz, /livez, /readyz,
-//! and HTTP CONNECT through an agent.
+//! and HTTP CONNECT and SOCKS5 through an agent.
 
 use std::sync::Arc;
 
@@ -13,6 +13,7 @@ use rd_server::admin::AdminApi;
 use rd_server::connect::{ConnectError, ConnectProxy};
 use rd_server::proxy::ClientProxy;
 use rd_server::proxy_protocol::{ProxiedAddrs, ProxyProtocolAcceptor, ProxyProtocolVersion};
+use rd_server::socks5::Socks5Proxy;
 use rd_server::{text_response, Body, LocalAddr, RemoteAddr, Server};
 
 use crate::admin_auth::AdminAuth;
@@ -41,6 +42,8 @@ pub enum Role {
     Agents,
     /// `/client`, `/metrics` and `/healthz`, not `/connect` (`--admin-listen`).
     Admin,
+    /// SOCKS5 only (`--socks-listen`).
+    Socks5,
 }
 
 /// What the routes need.
@@ -48,6 +51,7 @@ pub struct App {
     server: Server,
     proxy: Arc<ClientProxy>,
     connect: ConnectProxy,
+    socks5: Socks5Proxy,
     metrics: bool,
     role: Role,
     admin_auth: Option<Arc<AdminAuth>>,
@@ -81,9 +85,11 @@ impl App {
         role: Role,
         admin_auth: Option<Arc<AdminAuth>>,
     ) -> Self {
+        let connect = connect_proxy(&server, admin_auth.as_ref());
         Self {
             proxy,
-            connect: connect_proxy(&server, admin_auth.as_ref()),
+            socks5: Socks5Proxy::new(connect.clone()),
+            connect,
             api: AdminApi::new(server.clone()),
             server,
             metrics,
@@ -115,6 +121,7 @@ impl App {
     /// How long CONNECT waits for the agent's refusal before answering 200.
     pub fn connect_wait(mut self, wait: std::time::Duration) -> Self {
         self.connect = self.connect.connect_wait(wait);
+        self.socks5 = Socks5Proxy::new(self.connect.clone());
         self
     }
 
@@ -123,6 +130,8 @@ impl App {
             Role::All => (true, true),
             Role::Agents => (true, false),
             Role::Admin => (false, true),
+            // Its connections never reach HTTP (see serve_plain).
+            Role::Socks5 => (false, false),
         };
         // CONNECT and proxy-style requests reach agents' networks: operator side only.
         if admin && req.method() == http::Method::CONNECT {
@@ -311,7 +320,7 @@ pub async fn serve(
                 }
             }
             match tls {
-                None => serve_connection(tcp, addrs, None, app).await,
+                None => serve_plain(tcp, addrs, app).await,
                 Some(tls) => match tls.acceptor().accept(tcp).await {
                     Ok(stream) => {
                         // An agent's verified client certificate (--agent-ca): its id.
@@ -322,6 +331,35 @@ pub async fn serve(
                 },
             }
         });
+    }
+}
+
+/// How long a plain connection on an operator listener may take to send its first byte,
+/// which tells SOCKS5 from HTTP (as long as hyper gives a request head).
+const FIRST_BYTE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A plain (non-TLS) connection: SOCKS5 where the operator's routes are served and its first
+/// byte says so (CONNECT's twin, same switch), or on `--socks-listen`; HTTP otherwise.
+async fn serve_plain(tcp: tokio::net::TcpStream, addrs: ProxiedAddrs, app: Arc<App>) {
+    let remote = addrs.source;
+    let socks5 = match app.role {
+        Role::Socks5 => true,
+        Role::Agents => false,
+        Role::All | Role::Admin => {
+            match rd_server::socks5::is_socks5(&tcp, FIRST_BYTE_WAIT).await {
+                Ok(socks5) => socks5,
+                Err(e) => {
+                    return tracing::debug!(%remote, error = %e, "connection dropped before its first byte")
+                }
+            }
+        }
+    };
+    if socks5 {
+        app.socks5
+            .serve(tcp, Some(addrs.source), Some(addrs.destination))
+            .await;
+    } else {
+        serve_connection(tcp, addrs, None, app).await;
     }
 }
 

@@ -39,7 +39,7 @@ mod server;
 mod upgrade;
 
 // The gateway's modules at the paths they had before they moved under `gateway`.
-pub use gateway::{connect, forward, proxy, proxy_protocol, splice};
+pub use gateway::{connect, forward, proxy, proxy_protocol, socks5, splice};
 
 pub use agent_auth::{AgentTokens, TokenFileError, AGENT_TOKEN_HEADER};
 pub use auth::{
@@ -53,13 +53,13 @@ pub use dialer::{
 };
 pub use drain::DrainReport;
 pub use events::ServerEvents;
+pub use gateway::proxy_protocol::LocalAddr;
 pub use headers::{ASK_SERVER_ID_HEADER, PEER_ID_HEADER, PEER_TOKEN_HEADER, SERVER_ID_HEADER};
 pub use metrics::{GoCounter, Metrics};
 pub use peers::{
     DnsResolver, InvalidDiscovery, PeerDiscovery, PeerLinkInfo, Resolve, ResolveError,
     ResolveFuture, DEFAULT_DISCOVERY_INTERVAL,
 };
-pub use gateway::proxy_protocol::LocalAddr;
 pub use server::{
     RemoteAddr, Server, ServerBuilder, DEFAULT_HANDSHAKE_RETRY_AFTER,
     DEFAULT_MAX_PENDING_HANDSHAKES, DEFAULT_MAX_SESSIONS_PER_CLIENT, DEFAULT_WS_READ_BUFFER,

@@ -118,8 +118,8 @@ pub struct Metrics {
     pub streams_opened: Counter,
     /// Streams closed since start.
     pub streams_closed: Counter,
-    /// Completed uses of the tunnel (a `/client` request, a CONNECT, a forwarded
-    /// connection), by origin (`client`, `connect`, `forward`) and outcome.
+    /// Completed uses of the tunnel (a `/client` request, a CONNECT, a SOCKS5 connection, a
+    /// forwarded connection), by origin (`client`, `connect`, `socks5`, `forward`) and outcome.
     pub tunnel_uses: Family<Labels, Counter>,
     /// How long each use took, by origin and outcome.
     pub tunnel_use_seconds: Family<Labels, Histogram, fn() -> Histogram>,
@@ -369,7 +369,7 @@ impl Metrics {
         );
         rd.register(
             "tunnel_uses",
-            "Completed uses of the tunnel by origin (client, connect, forward) and outcome (completed, refused, rejected, cut, timeout, failed)",
+            "Completed uses of the tunnel by origin (client, connect, socks5, forward) and outcome (completed, refused, rejected, cut, timeout, failed)",
             m.tunnel_uses.clone(),
         );
         rd.register(

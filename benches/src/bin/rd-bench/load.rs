@@ -22,14 +22,23 @@ pub use rd_benches::BoxError;
 /// One of the ways to reach rd-dummy.
 #[derive(Debug, Clone)]
 pub struct Path {
-    /// `direct`, `relay`, `tunnel`, `forward` or `connect`.
+    /// `direct`, `relay`, `tunnel`, `forward`, `connect` or `socks5`.
     pub name: &'static str,
     /// Where the load generator connects.
     pub addr: SocketAddr,
     /// Prepended to `/FILE` (the tunnel's `/client/bench/http/DUMMY`).
     pub prefix: String,
-    /// Sends `CONNECT` to this `host:port` (as client `bench`) before speaking HTTP.
-    pub connect: Option<SocketAddr>,
+    /// Asks for a tunnel to a `host:port` (as client `bench`) before speaking HTTP.
+    pub connect: Option<Tunnel>,
+}
+
+/// How a raw path asks the server for its tunnel.
+#[derive(Debug, Clone, Copy)]
+pub enum Tunnel {
+    /// HTTP `CONNECT target`.
+    Connect(SocketAddr),
+    /// A SOCKS5 CONNECT to the target.
+    Socks5(SocketAddr),
 }
 
 impl Path {
@@ -67,11 +76,44 @@ async fn connect_tunnel(tcp: &mut TcpStream, target: SocketAddr) -> Result<(), B
     Ok(())
 }
 
+/// SOCKS5 to `target` on `tcp` as client `bench`, one message at a time as curl does (three
+/// round trips); returns once the success reply is read.
+async fn socks5_tunnel(tcp: &mut TcpStream, target: SocketAddr) -> Result<(), BoxError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let SocketAddr::V4(v4) = target else {
+        return Err("SOCKS5: the bench dials IPv4 targets".into());
+    };
+    tcp.write_all(&[5, 1, 2]).await?;
+    let mut two = [0u8; 2];
+    tcp.read_exact(&mut two).await?;
+    if two != [5, 2] {
+        return Err(format!("SOCKS5: method reply {two:?}").into());
+    }
+    tcp.write_all(&[1, 5, b'b', b'e', b'n', b'c', b'h', 1, b'x'])
+        .await?;
+    tcp.read_exact(&mut two).await?;
+    if two != [1, 0] {
+        return Err(format!("SOCKS5: authentication reply {two:?}").into());
+    }
+    let mut request = vec![5, 1, 0, 1];
+    request.extend_from_slice(&v4.ip().octets());
+    request.extend_from_slice(&v4.port().to_be_bytes());
+    tcp.write_all(&request).await?;
+    let mut reply = [0u8; 10];
+    tcp.read_exact(&mut reply).await?;
+    if reply[1] != 0 {
+        return Err(format!("SOCKS5: reply code {}", reply[1]).into());
+    }
+    Ok(())
+}
+
 async fn connect(path: &Path) -> Result<SendRequest<Empty<Bytes>>, BoxError> {
     let mut tcp = TcpStream::connect(path.addr).await?;
     tcp.set_nodelay(true)?;
-    if let Some(target) = path.connect {
-        connect_tunnel(&mut tcp, target).await?;
+    match path.connect {
+        Some(Tunnel::Connect(target)) => connect_tunnel(&mut tcp, target).await?,
+        Some(Tunnel::Socks5(target)) => socks5_tunnel(&mut tcp, target).await?,
+        None => {}
     }
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
     tokio::spawn(async move {

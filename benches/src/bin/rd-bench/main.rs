@@ -3,7 +3,8 @@
 //! Starts release builds of rd-dummy, rd-server and rd-client on loopback, plus two ideal TCP
 //! relays in this process, and measures three paths to rd-dummy, interleaved: direct, the
 //! relay chain (the same three TCP hops as the tunnel, no framing) and the tunnel; bulk and
-//! small requests also through the server's `--forward` listener and HTTP CONNECT. Then
+//! small requests also through the server's `--forward` listener, HTTP CONNECT and SOCKS5
+//! (`--only raw`: those rows alone). Then
 //! library-level scale measurements in child processes, and rathole 0.5 (when installed)
 //! as an anchor on the `--forward` rows (`rathole.rs`). Prints the table, writes
 //! `target/bench/report.json` and, for full-scale runs, `docs/benchmarks.md`.
@@ -222,9 +223,9 @@ fn main() -> ExitCode {
 /// The three paths, the tunnel processes' pids, and what the files are.
 struct Bench {
     paths: [Path; 3],
-    /// Raw TCP through the tunnel: `--forward` and CONNECT, each in the tunnel column of
-    /// its own rows, next to the same direct and relay figures.
-    raw_paths: [Path; 2],
+    /// Raw TCP through the tunnel: `--forward`, CONNECT and SOCKS5, each in the tunnel
+    /// column of its own rows, next to the same direct and relay figures.
+    raw_paths: [Path; 3],
     /// rd-server, rd-client, rd-dummy.
     pids: [u32; 3],
     small: &'static str,
@@ -350,7 +351,13 @@ async fn run(o: Options) -> Result<(), BoxError> {
             name: "connect",
             addr: server_addr,
             prefix: String::new(),
-            connect: Some(dummy_addr),
+            connect: Some(load::Tunnel::Connect(dummy_addr)),
+        },
+        Path {
+            name: "socks5",
+            addr: server_addr,
+            prefix: String::new(),
+            connect: Some(load::Tunnel::Socks5(dummy_addr)),
         },
     ];
 
@@ -468,9 +475,11 @@ async fn run(o: Options) -> Result<(), BoxError> {
             println!("\n{table}");
             return Ok(());
         }
+        // The raw-TCP rows alone, after the Bench is built below.
+        Some("raw") if !o.no_forward => {}
         Some(other) => {
             return Err(format!(
-                "unknown scenario {other} (known: isolation, longlink, slow-streams, storm, restart-storm, bulk, quick, rathole)"
+                "unknown scenario {other} (known: isolation, longlink, slow-streams, storm, restart-storm, bulk, quick, rathole, raw)"
             )
             .into())
         }
@@ -490,6 +499,11 @@ async fn run(o: Options) -> Result<(), BoxError> {
         latency_rounds: 5,
     };
     let mut rows = Vec::new();
+    if o.only.as_deref() == Some("raw") {
+        bench.raw_only(&mut rows).await?;
+        println!("\n{}", report::text_table(&rows));
+        return Ok(());
+    }
     bench.run_all(&mut rows, s).await?;
 
     say("isolation: 400 stalled readers of 4 MiB on one session");
@@ -950,7 +964,36 @@ impl Bench {
 }
 
 impl Bench {
-    /// Bulk and small-request rows through `--forward` and CONNECT: the tunnel column is
+    /// `--only raw`: the direct and relay figures, then the raw-TCP rows
+    /// (`--forward`, CONNECT, SOCKS5) beside them.
+    async fn raw_only(&self, rows: &mut Vec<Row>) -> Result<(), BoxError> {
+        let mut single = [0.0; 3];
+        let mut multi = [0.0; 3];
+        let mut small: [LoopResult; 3] = Default::default();
+        for i in [DIRECT, RELAY] {
+            let p = &self.paths[i];
+            let one = load::bulk(p, self.large.0, self.large.1, 1).await?;
+            single[i] = mb_per_s(one.bytes, one.elapsed);
+            let eight = load::bulk(p, self.medium.0, self.medium.1, 8).await?;
+            multi[i] = mb_per_s(eight.bytes, eight.elapsed);
+            for _ in 0..self.rounds {
+                small[i].merge(
+                    load::closed_loop(p, self.small, self.conns, self.duration / self.rounds)
+                        .await?,
+                );
+            }
+            say(format!(
+                "  {:<7} bulk {:>8.1} MB/s, 8 x {:>8.1} MB/s, small {:>8.0} req/s",
+                p.name,
+                single[i],
+                multi[i],
+                small[i].rate()
+            ));
+        }
+        self.raw_tcp_rows(rows, &single, &multi, &mut small).await
+    }
+
+    /// Bulk and small-request rows through `--forward`, CONNECT and SOCKS5: the tunnel column is
     /// the raw path, the direct and relay columns the figures measured for `/client`.
     async fn raw_tcp_rows(
         &self,
@@ -966,10 +1009,10 @@ impl Bench {
         let relay_p50 = us(small[RELAY].latencies.percentile(50.0));
         let relay_p99 = us(small[RELAY].latencies.percentile(99.0));
         for p in &self.raw_paths {
-            let via = if p.name == "forward" {
-                "--forward"
-            } else {
-                "CONNECT"
+            let via = match p.name {
+                "forward" => "--forward",
+                "socks5" => "SOCKS5",
+                _ => "CONNECT",
             };
             let one = load::bulk(p, self.large.0, self.large.1, 1).await?;
             let one_rate = mb_per_s(one.bytes, one.elapsed);

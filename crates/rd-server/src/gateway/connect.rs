@@ -290,20 +290,39 @@ impl ConnectProxy {
         }
         let (client, password) =
             basic_user_password(req.headers()).ok_or(ConnectError::NoCredentials)?;
+        self.authorize(&client, &password)?;
+        self.dial_for(&client, authority, "connect").await
+    }
+
+    /// Whether `password` admits the caller to agent `client` (any password does without
+    /// [`credentials`](Self::credentials)); an empty client key never does. CONNECT and
+    /// SOCKS5 ask the same question.
+    pub(crate) fn authorize(&self, client: &str, password: &str) -> Result<(), ConnectError> {
         if client.is_empty() {
             return Err(ConnectError::NoCredentials);
         }
         if let Some(check) = &self.credentials {
-            if !check.check(&client, &password) {
-                return Err(ConnectError::BadPassword(client));
+            if !check.check(client, password) {
+                return Err(ConnectError::BadPassword(client.to_owned()));
             }
         }
+        Ok(())
+    }
+
+    /// Dials `target` (`host:port`) over `tcp` through agent `client`, labelling the stream
+    /// `label`, and waits for the dial's outcome: the path CONNECT and SOCKS5 share.
+    pub(crate) async fn dial_for(
+        &self,
+        client: &str,
+        target: &str,
+        label: &'static str,
+    ) -> Result<TunnelStream, ConnectError> {
         // Brackets of an IPv6 literal stay: the agent's Go-style dialer expects them.
         let tunnel = self
             .server
-            .dialer(&client)
-            .labeled("connect")
-            .dial("tcp", authority)
+            .dialer(client)
+            .labeled(label)
+            .dial("tcp", target)
             .await?;
         // With a Go agent no news within connect_wait is good news (most targets wait for
         // the client to speak); an rd agent says, within the dial timeout.
@@ -313,6 +332,11 @@ impl ConnectProxy {
             Ok(Err(e)) => Err(ConnectError::Refused(rd_session::error_chain(&e))),
             Err(_elapsed) => Err(ConnectError::Timeout(self.dial_timeout)),
         }
+    }
+
+    /// The server whose tunnels this proxy uses.
+    pub(crate) fn server(&self) -> &Server {
+        &self.server
     }
 }
 

@@ -1,5 +1,5 @@
 //! The gateway: how users reach agents through a [`Server`](crate::Server) without being
-//! rd library code themselves. The `/client` HTTP proxy ([`proxy`]), HTTP `CONNECT`
+//! rd library code themselves. The `/client` HTTP proxy ([`proxy`]), SOCKS5 ([`socks5`]), HTTP `CONNECT`
 //! ([`connect`]), fixed port forwards ([`forward`]) and the copy loop they share
 //! ([`splice`]).
 //!
@@ -13,8 +13,9 @@
 pub mod connect;
 pub mod forward;
 pub mod proxy;
-pub mod proxy_protocol;
 mod proxy_connector;
+pub mod proxy_protocol;
 mod proxy_upgrade;
+pub mod socks5;
 pub mod splice;
 mod tunnel_use;

@@ -1,4 +1,4 @@
-//! One completion line and the counters per use of a raw tunnel (HTTP CONNECT, a
+//! One completion line and the counters per use of a raw tunnel (HTTP CONNECT, SOCKS5, a
 //! forwarded connection): who, to what, how many bytes each way, how long, how it ended.
 //! The `/client` route has its own line (`tunnel request`, see [`super::proxy`]).
 
@@ -26,7 +26,7 @@ pub(crate) struct TunnelUse {
     started: Instant,
     /// The stream's session and id, once dialed.
     stream: Option<(i64, i64)>,
-    /// The HTTP status a CONNECT was answered with.
+    /// The status it was answered with (HTTP for CONNECT, the reply code for SOCKS5).
     status: Option<u16>,
     counts: Arc<Counts>,
 }
@@ -41,7 +41,7 @@ struct Counts {
 }
 
 impl TunnelUse {
-    /// Starts timing a use of `origin` (`connect`, `forward`) by `remote` through client
+    /// Starts timing a use of `origin` (`connect`, `socks5`, `forward`) by `remote` through client
     /// `client` to `target`.
     pub(crate) fn start(
         metrics: &Metrics,
@@ -68,7 +68,17 @@ impl TunnelUse {
         self.stream = Some((session_key, stream_id));
     }
 
-    /// The HTTP status the request was answered with (CONNECT).
+    /// Who it is for, once a handshake told (SOCKS5 names the client after its greeting).
+    pub(crate) fn named(&mut self, client: &str) {
+        self.client = crate::short_id(client).into_owned();
+    }
+
+    /// Where it goes, once a handshake told.
+    pub(crate) fn aimed_at(&mut self, target: String) {
+        self.target = target;
+    }
+
+    /// The status it was answered with: HTTP for CONNECT, the reply code for SOCKS5.
     pub(crate) fn answered(&mut self, status: u16) {
         self.status = Some(status);
     }

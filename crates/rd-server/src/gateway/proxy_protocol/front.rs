@@ -158,8 +158,8 @@ impl ProxyProtocolAcceptor {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use super::super::{encode, ProxyProtocolVersion};
+    use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn addr(s: &str) -> SocketAddr {

@@ -169,8 +169,8 @@ pub fn looks_like_header(bytes: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use super::super::encode;
+    use super::*;
     use ppp::v2::{Builder, Protocol, Version};
     use tokio::io::AsyncWriteExt;
 
