@@ -183,7 +183,7 @@ async fn closed_without_answer(tcp: &mut TcpStream) -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn forward_and_connect_send_the_users_address_in_v1_and_v2_headers() {
+async fn forward_connect_and_socks5_send_the_users_address_in_v1_and_v2_headers() {
     let (target, mut seen) = spawn_proxy_target().await;
     let v1 = format!("127.0.0.1:0=foo:tcp/{target}?proxy-protocol=v1");
     let v2 = format!("127.0.0.1:0=foo:tcp/{target}?proxy-protocol=v2");
@@ -257,6 +257,34 @@ async fn forward_and_connect_send_the_users_address_in_v1_and_v2_headers() {
         Seen {
             version: 2,
             source: tcp.local_addr().unwrap(),
+            destination: addr,
+        }
+    );
+
+    // SOCKS5 on the same listener sends CONNECT's header (--connect-proxy-protocol).
+    let socks = tokio::time::timeout(
+        BOUND,
+        tokio_socks::tcp::Socks5Stream::connect_with_password(addr, target, "foo", "any"),
+    )
+    .await
+    .unwrap()
+    .expect("the SOCKS5 handshake through the agent");
+    let mut tcp = socks.into_inner();
+    let source = tcp.local_addr().unwrap();
+    let data = pattern(9, 64 * 1024);
+    let got = tokio::time::timeout(BOUND, echo_round(&mut tcp, &data))
+        .await
+        .expect("the echo through SOCKS5");
+    assert!(got == data, "the payload after the SOCKS5 header differs");
+    let header = tokio::time::timeout(BOUND, seen.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        header,
+        Seen {
+            version: 2,
+            source,
             destination: addr,
         }
     );

@@ -113,14 +113,18 @@ impl App {
     }
 
     /// The PROXY header CONNECT sends its targets (`--connect-proxy-protocol`).
-    pub fn connect_proxy_protocol(mut self, version: Option<ProxyProtocolVersion>) -> Self {
-        self.connect = self.connect.proxy_protocol(version);
-        self
+    pub fn connect_proxy_protocol(self, version: Option<ProxyProtocolVersion>) -> Self {
+        self.with_connect(|c| c.proxy_protocol(version))
     }
 
     /// How long CONNECT waits for the agent's refusal before answering 200.
-    pub fn connect_wait(mut self, wait: std::time::Duration) -> Self {
-        self.connect = self.connect.connect_wait(wait);
+    pub fn connect_wait(self, wait: std::time::Duration) -> Self {
+        self.with_connect(|c| c.connect_wait(wait))
+    }
+
+    /// Changes CONNECT's settings, which SOCKS5 shares (its proxy is built from CONNECT's).
+    fn with_connect(mut self, change: impl FnOnce(ConnectProxy) -> ConnectProxy) -> Self {
+        self.connect = change(self.connect);
         self.socks5 = Socks5Proxy::new(self.connect.clone());
         self
     }
