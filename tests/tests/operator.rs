@@ -386,7 +386,7 @@ async fn forwards_and_connects_make_one_completion_line_and_count() {
     assert_eq!(line["origin"], "forward");
     assert_eq!(line["client"], "foo");
     assert_eq!(line["target"], format!("tcp/{target}"));
-    assert_eq!(line["module"], "rd_server::tunnel_use");
+    assert_eq!(line["module"], "rd_server::gateway::tunnel_use");
     assert_eq!(
         (line["bytes_sent"].as_u64(), line["bytes_received"].as_u64()),
         (Some(5), Some(5))
