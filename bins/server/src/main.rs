@@ -134,6 +134,8 @@ struct Args {
     /// Forward a local port through an agent, like ssh -L: every connection to LISTEN is
     /// dialed through client CLIENT to PROTO/ADDRESS on its side; repeatable.
     /// E.g. 127.0.0.1:2222=foo:tcp/127.0.0.1:22 (":2222" listens on every interface).
+    /// A udp target forwards datagrams from a UDP socket on LISTEN (rd agents only), e.g.
+    /// 127.0.0.1:5353=foo:udp/10.0.0.10:53; see --udp-idle-timeout, --udp-max-flows.
     #[arg(
         long = "forward",
         env = "RD_FORWARD",
@@ -141,6 +143,15 @@ struct Args {
         value_name = "LISTEN=CLIENT:PROTO/ADDRESS"
     )]
     forward: Vec<rd_server::forward::ForwardSpec>,
+    /// A UDP forward (--forward LISTEN=CLIENT:udp/HOST:PORT) closes a flow (one user's
+    /// source address, one tunnel stream) after this long without a datagram either way;
+    /// the source's next datagram opens a new one.
+    #[arg(long, env = "RD_UDP_IDLE_TIMEOUT", value_name = "DURATION", default_value = "60s", value_parser = cli::duration)]
+    udp_idle_timeout: Duration,
+    /// Flows one UDP forward carries at once; datagrams from further sources are dropped
+    /// (counted in rd_udp_datagrams_dropped_total{reason="max_flows"}) until a flow ends.
+    #[arg(long, env = "RD_UDP_MAX_FLOWS", value_name = "N", default_value_t = rd_server::forward_udp::DEFAULT_UDP_MAX_FLOWS)]
+    udp_max_flows: usize,
     /// How long an HTTP CONNECT through a Go agent (or one run with --no-connect-ack) waits
     /// for the agent to refuse or fail the dial before answering 200 (a refusal is answered
     /// 502 with the agent's text); 0 answers at once. rd agents acknowledge their dials, and
@@ -492,7 +503,11 @@ async fn run(args: Args, checked: Checked) -> Result<(), Box<dyn std::error::Err
         agent_tokens.is_some(),
         admin_auth.is_some(),
     );
-    let _forwards = forwards::start(&server, forwards, args.log_format)?;
+    let udp = forwards::UdpOptions {
+        idle_timeout: args.udp_idle_timeout,
+        max_flows: args.udp_max_flows,
+    };
+    let _forwards = forwards::start(&server, forwards, args.log_format, udp)?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     let url = format!("{scheme}://{local}");
     cli::announce_listening(args.log_format, "listening on", &url);

@@ -27,11 +27,13 @@ mod client;
 mod dial;
 mod failover;
 mod fleet;
+mod udp;
 
 pub use allow::{AllowAll, AllowRule, AllowRuleError, AllowRules, ConnectAuthorizer, DenyAll};
 pub use client::{BoxError, Client, ClientBuilder, ClientError, OnConnect, RunEnd, StateObserver};
 pub use dial::{LocalDialer, NetDialer, DEFAULT_DIAL_TIMEOUT};
 pub use fleet::{HeldSession, InvalidSessionCount, SessionCount};
+pub use udp::{dial_udp, UdpRelay};
 /// The websocket transport now lives in rd-session, shared with rd-server's peer links;
 /// re-exported here so `rd_client::transport::...` paths keep working.
 pub use rd_session::transport;

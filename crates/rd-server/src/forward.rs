@@ -1,6 +1,7 @@
 //! Port forwards: a local listener whose every connection is dialed through an agent to a
 //! fixed target, like `ssh -L` through the tunnel (`rd-server --forward
-//! 127.0.0.1:2222=foo:tcp/127.0.0.1:22`).
+//! 127.0.0.1:2222=foo:tcp/127.0.0.1:22`). A `udp` forward is served by
+//! [`UdpForward`](crate::forward_udp::UdpForward) instead.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -28,15 +29,14 @@ pub enum ForwardSpecError {
     /// Not of the form `LISTEN=CLIENT:PROTO/ADDRESS`.
     #[error("invalid forward {0:?}: want LISTEN=CLIENT:PROTO/ADDRESS, e.g. 127.0.0.1:2222=foo:tcp/127.0.0.1:22")]
     Syntax(String),
-    /// A `tcp` target without a numeric port.
-    #[error("invalid forward {0:?}: a tcp address needs host:port")]
+    /// A `tcp` or `udp` target without a numeric port.
+    #[error("invalid forward {0:?}: a tcp or udp address needs host:port")]
     NoPort(String),
-    /// A protocol a forward cannot carry: it listens on TCP, so only stream targets
-    /// (`tcp`, `tcp4`, `tcp6`, `unix`) work; every connection to a `udp` one would fail on
-    /// the agent.
+    /// A protocol a forward cannot carry: only `tcp`, `tcp4`, `tcp6`, `unix` (stream
+    /// forwards) and `udp`, `udp4`, `udp6` (datagram forwards) work.
     #[error(
-        "invalid forward {spec:?}: {proto} forwards are not supported (the forward listens on \
-         TCP and the agent would dial {proto} for every connection); forward tcp or unix targets"
+        "invalid forward {spec:?}: {proto} forwards are not supported; forward tcp, unix or \
+         udp targets"
     )]
     Unsupported {
         /// The whole value.
@@ -82,13 +82,13 @@ impl FromStr for ForwardSpec {
         let has_port = address
             .rsplit_once(':')
             .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
-        if !matches!(proto, "tcp" | "tcp4" | "tcp6" | "unix") {
+        if !matches!(proto, "tcp" | "tcp4" | "tcp6" | "unix") && !rd_session::is_udp(proto) {
             return Err(ForwardSpecError::Unsupported {
                 spec: spec.to_owned(),
                 proto: proto.to_owned(),
             });
         }
-        if proto.starts_with("tcp") && !has_port {
+        if (proto.starts_with("tcp") || rd_session::is_udp(proto)) && !has_port {
             // Caught here rather than as every connection's dial error on the agent.
             return Err(ForwardSpecError::NoPort(spec.to_owned()));
         }
@@ -101,6 +101,14 @@ impl FromStr for ForwardSpec {
             client_key: client_key.to_owned(),
             target,
         })
+    }
+}
+
+impl ForwardSpec {
+    /// Whether the target is `udp`, `udp4` or `udp6`: a datagram forward, served by
+    /// [`UdpForward`](crate::forward_udp::UdpForward) on a UDP socket.
+    pub fn is_udp(&self) -> bool {
+        rd_session::is_udp(self.target.proto())
     }
 }
 
@@ -169,6 +177,19 @@ pub struct ForwardHandle {
 }
 
 impl ForwardHandle {
+    /// A handle on a forward's tasks (the UDP forward's too).
+    pub(crate) fn new(
+        local_addr: Option<SocketAddr>,
+        cancel: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Self {
+        Self {
+            local_addr,
+            cancel,
+            tracker,
+        }
+    }
+
     /// The address the listener is bound to.
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.local_addr
@@ -299,12 +320,18 @@ mod tests {
                 "{err}"
             );
         }
-        let udp = "127.0.0.1:5353=foo:udp/127.0.0.1:53"
+        let udp: ForwardSpec = "127.0.0.1:5353=foo:udp/127.0.0.1:53".parse().expect("udp");
+        assert!(udp.is_udp());
+        let no_port = "127.0.0.1:5353=foo:udp/127.0.0.1"
             .parse::<ForwardSpec>()
-            .expect_err("udp is refused at start-up");
+            .expect_err("udp needs a port");
+        assert!(no_port.to_string().contains("needs host:port"), "{no_port}");
+        let sctp = "127.0.0.1:5353=foo:sctp/127.0.0.1:53"
+            .parse::<ForwardSpec>()
+            .expect_err("sctp is refused at start-up");
         assert!(
-            udp.to_string().contains("udp forwards are not supported"),
-            "{udp}"
+            sctp.to_string().contains("sctp forwards are not supported"),
+            "{sctp}"
         );
     }
 }

@@ -27,9 +27,11 @@ pub mod connect;
 mod dialer;
 mod drain;
 pub mod forward;
+pub mod forward_udp;
 mod guards;
 mod log_limit;
 mod metrics;
+mod metrics_udp;
 mod peers;
 pub mod proxy;
 mod proxy_connector;
@@ -47,6 +49,7 @@ pub use auth::{
 pub use dialer::{DialError, Dialer, TimedStream, TunnelConnection, TunnelInfo};
 pub use drain::DrainReport;
 pub use metrics::{GoCounter, Metrics};
+pub use metrics_udp::UdpMetrics;
 pub use peers::{
     DnsResolver, InvalidDiscovery, PeerDiscovery, PeerLinkInfo, Resolve, ResolveError,
     ResolveFuture, DEFAULT_DISCOVERY_INTERVAL,
