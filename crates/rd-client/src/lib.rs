@@ -33,7 +33,6 @@ pub use allow::{AllowAll, AllowRule, AllowRuleError, AllowRules, ConnectAuthoriz
 pub use client::{BoxError, Client, ClientBuilder, ClientError, OnConnect, RunEnd, StateObserver};
 pub use dial::{LocalDialer, NetDialer, DEFAULT_DIAL_TIMEOUT};
 pub use fleet::{HeldSession, InvalidSessionCount, SessionCount};
-pub use udp::{dial_udp, UdpRelay};
 /// The websocket transport now lives in rd-session, shared with rd-server's peer links;
 /// re-exported here so `rd_client::transport::...` paths keep working.
 pub use rd_session::transport;
@@ -41,3 +40,4 @@ pub use transport::{
     connect_websocket, connect_websocket_negotiated, ConnectError, ConnectOptions, ProxyMode,
     TlsOptions,
 };
+pub use udp::{dial_udp, UdpRelay};

@@ -125,6 +125,11 @@ impl AsyncRead for UdpRelay {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        // The splice keeps reading while it waits for the stream, so a datagram left
+        // unsent by a write goes out from here too.
+        if let Poll::Ready(Err(e)) = this.poll_send_unsent(cx) {
+            return Poll::Ready(Err(e));
+        }
         loop {
             if !this.received.is_empty() {
                 let n = this.received.len().min(buf.remaining());
@@ -178,12 +183,18 @@ impl AsyncWrite for UdpRelay {
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
         ready!(this.poll_send_unsent(cx))?;
+        // Bytes are taken only once the socket can send: the splice that writes here does
+        // not flush, so a datagram decoded while the socket could not take it would wait
+        // for the next write. A new socket is not writable until the reactor says so.
+        ready!(this.socket.poll_send_ready(cx))?;
         let (used, done) = this.decoder.push(buf).map_err(invalid)?;
         if let Some(datagram) = done {
-            this.unsent = Some(datagram);
-            // Sent now if the socket takes it; otherwise the next write or flush does.
-            if let Poll::Ready(Err(e)) = this.poll_send_unsent(cx) {
-                return Poll::Ready(Err(e));
+            match this.socket.try_send(&datagram) {
+                Ok(_) => this.sent += 1,
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => this.refused += 1,
+                // Filled since it said ready: the next write, flush or read sends it.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => this.unsent = Some(datagram),
+                Err(e) => return Poll::Ready(Err(e)),
             }
         }
         Poll::Ready(Ok(used))
@@ -221,8 +232,8 @@ mod tests {
     #[tokio::test]
     async fn frames_become_datagrams_and_back() {
         let echo = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
-        let target = Target::new("udp", echo.local_addr().expect("addr").to_string())
-            .expect("target");
+        let target =
+            Target::new("udp", echo.local_addr().expect("addr").to_string()).expect("target");
         let mut relay = dial_udp(&target).await.expect("dial");
         let mut framed = BytesMut::new();
         let datagrams: Vec<Vec<u8>> = vec![b"one".to_vec(), vec![], vec![9; 3000]];
@@ -246,5 +257,35 @@ mod tests {
         relay.shutdown().await.expect("shutdown");
         assert_eq!(relay.read(&mut buf).await.expect("eof"), 0);
         assert_eq!(relay.counts(), (3, 0));
+    }
+
+    /// The session's splice writes without flushing and then waits on reads: a datagram
+    /// written to a socket the reactor has not yet seen writable must still go out (the
+    /// first version kept it until the next write, so a lone DNS query never left).
+    #[tokio::test]
+    async fn a_write_without_flush_still_sends() {
+        let echo = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let target =
+            Target::new("udp", echo.local_addr().expect("addr").to_string()).expect("target");
+        let relay = dial_udp(&target).await.expect("dial");
+        let (mut read_half, mut write_half) = tokio::io::split(relay);
+        write_half
+            .write_all(&[0, 2, b'h', b'i'])
+            .await
+            .expect("write");
+        let echoing = async {
+            let mut buf = [0u8; 16];
+            let (n, from) = echo.recv_from(&mut buf).await.expect("recv");
+            echo.send_to(&buf[..n], from).await.expect("echo");
+        };
+        let mut back = [0u8; 4];
+        let (_, read) = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            futures_util::future::join(echoing, read_half.read_exact(&mut back)),
+        )
+        .await
+        .expect("the datagram went out without a flush");
+        read.expect("read");
+        assert_eq!(back, [0, 2, b'h', b'i']);
     }
 }

@@ -181,6 +181,12 @@ async fn receive_loop(
                 }
             }
         }
+        // Flows that ended since: their places are free.
+        while let Ok((ended_source, id)) = ended.try_recv() {
+            if flows.get(&ended_source).is_some_and(|f| f.id == id) {
+                flows.remove(&ended_source);
+            }
+        }
         if flows.len() >= forward.max_flows {
             metrics.drop_one("max_flows");
             rejection!(

@@ -31,7 +31,11 @@ impl UdpMetrics {
             "UDP forward flows opened (a user's source address got a tunnel stream)",
             self.flows_opened.clone(),
         );
-        rd.register("udp_flows", "UDP forward flows open now", self.flows.clone());
+        rd.register(
+            "udp_flows",
+            "UDP forward flows open now",
+            self.flows.clone(),
+        );
         rd.register(
             "udp_datagrams",
             "Datagrams carried by UDP forwards, by direction (in: from users towards the agent, out: back to users)",

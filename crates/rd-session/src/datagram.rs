@@ -187,7 +187,10 @@ impl DatagramStream {
     }
 
     /// Poll form of [`recv`](Self::recv).
-    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, DatagramError>> {
+    pub fn poll_recv(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Option<Bytes>, DatagramError>> {
         loop {
             if !self.pending.is_empty() {
                 let (used, done) = self.decoder.push(&self.pending)?;
@@ -224,7 +227,10 @@ mod tests {
     }
 
     /// Feeds `bytes` cut at `cuts` and returns the datagrams and the decoder.
-    fn decode(bytes: &[u8], cuts: &[usize]) -> Result<(Vec<Vec<u8>>, DatagramDecoder), DatagramError> {
+    fn decode(
+        bytes: &[u8],
+        cuts: &[usize],
+    ) -> Result<(Vec<Vec<u8>>, DatagramDecoder), DatagramError> {
         let mut points: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
         points.push(0);
         points.push(bytes.len());

@@ -213,7 +213,11 @@ mod tests {
         let mut config = Config::default();
         Extensions::SUPPORTED.apply(&mut config);
         assert!(
-            config.credit && config.half_close && config.replicas && config.connect_ack && config.udp
+            config.credit
+                && config.half_close
+                && config.replicas
+                && config.connect_ack
+                && config.udp
         );
         assert_eq!(Extensions::of_config(&config), Extensions::SUPPORTED);
         Extensions::NONE.apply(&mut config);
