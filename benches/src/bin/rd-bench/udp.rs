@@ -157,11 +157,9 @@ pub async fn run(bin_dir: &FsPath, dir: &FsPath, scale: f64) -> Result<Vec<Row>,
         match tokio::time::timeout(Duration::from_millis(100), probe.recv(&mut buf)).await {
             Ok(Ok(3)) => break,
             _ if Instant::now() > deadline => {
-                return Err(format!(
-                    "the UDP forward never answered; logs in {}",
-                    dir.display()
+                return Err(
+                    format!("the UDP forward never answered; logs in {}", dir.display()).into(),
                 )
-                .into())
             }
             _ if !client.alive() => return Err("rd-client exited".into()),
             _ => {}
