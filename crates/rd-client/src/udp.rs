@@ -70,6 +70,8 @@ pub struct UdpRelay {
     finished: bool,
     /// The reader to wake when `finished` is set.
     reader: Option<Waker>,
+    /// A receive error met after a read had data already, for the next read.
+    error: Option<io::Error>,
     sent: u64,
     refused: u64,
 }
@@ -83,6 +85,7 @@ impl UdpRelay {
             received: BytesMut::new(),
             finished: false,
             reader: None,
+            error: None,
             sent: 0,
             refused: 0,
         }
@@ -118,6 +121,43 @@ fn invalid(e: rd_session::DatagramError) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
+impl UdpRelay {
+    /// Receives one datagram into `received`, framed, without waiting: `Ok(true)` if one
+    /// was taken (or dropped as unframeable), `Ok(false)` if none is waiting.
+    fn try_receive(&mut self) -> io::Result<bool> {
+        self.received.clear();
+        self.received.reserve(DATAGRAM_HEADER + MAX_DATAGRAM);
+        self.received.put_u16(0);
+        match self.socket.try_recv_buf(&mut self.received) {
+            Ok(n) => {
+                match u16::try_from(n) {
+                    Ok(len) if usize::from(len) <= MAX_DATAGRAM => {
+                        self.received[..DATAGRAM_HEADER].copy_from_slice(&len.to_be_bytes());
+                    }
+                    // Over IPv4 payloads are at most 65,507 bytes; a larger IPv6 one does
+                    // not fit the framing and is dropped.
+                    _ => self.received.clear(),
+                }
+                Ok(true)
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.received.clear();
+                Ok(false)
+            }
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                // ICMP port unreachable for something we sent: nothing listens (yet).
+                self.received.clear();
+                self.refused += 1;
+                Ok(true)
+            }
+            Err(e) => {
+                self.received.clear();
+                Err(e)
+            }
+        }
+    }
+}
+
 impl AsyncRead for UdpRelay {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -130,15 +170,35 @@ impl AsyncRead for UdpRelay {
         if let Poll::Ready(Err(e)) = this.poll_send_unsent(cx) {
             return Poll::Ready(Err(e));
         }
+        if let Some(e) = this.error.take() {
+            return Poll::Ready(Err(e));
+        }
+        let mut filled = false;
         loop {
             if !this.received.is_empty() {
                 let n = this.received.len().min(buf.remaining());
                 buf.put_slice(&this.received[..n]);
                 this.received.advance(n);
-                return Poll::Ready(Ok(()));
+                filled = true;
+                if !this.received.is_empty() || buf.remaining() <= DATAGRAM_HEADER {
+                    return Poll::Ready(Ok(()));
+                }
+                continue;
             }
             if this.finished {
                 return Poll::Ready(Ok(()));
+            }
+            if filled {
+                // Datagrams that are waiting already go out in the same read (one Data
+                // message for a burst); an error waits for the next read.
+                match this.try_receive() {
+                    Ok(true) => continue,
+                    Ok(false) => return Poll::Ready(Ok(())),
+                    Err(e) => {
+                        this.error = Some(e);
+                        return Poll::Ready(Ok(()));
+                    }
+                }
             }
             this.reader = Some(cx.waker().clone());
             if this.socket.poll_recv_ready(cx)?.is_pending() {
@@ -146,31 +206,7 @@ impl AsyncRead for UdpRelay {
                 this.received = BytesMut::new();
                 return Poll::Pending;
             }
-            this.received.clear();
-            this.received.reserve(DATAGRAM_HEADER + MAX_DATAGRAM);
-            this.received.put_u16(0);
-            match this.socket.try_recv_buf(&mut this.received) {
-                Ok(n) => {
-                    // The socket's payloads are at most 65,507 bytes over IPv4; a larger
-                    // IPv6 jumbo-sized one would not fit the framing and is dropped.
-                    let Ok(len) = u16::try_from(n) else {
-                        this.received.clear();
-                        continue;
-                    };
-                    if usize::from(len) > MAX_DATAGRAM {
-                        this.received.clear();
-                        continue;
-                    }
-                    this.received[..DATAGRAM_HEADER].copy_from_slice(&len.to_be_bytes());
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => this.received.clear(),
-                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                    // ICMP port unreachable for something we sent: nothing listens yet.
-                    this.received.clear();
-                    this.refused += 1;
-                }
-                Err(e) => return Poll::Ready(Err(e)),
-            }
+            this.try_receive()?;
         }
     }
 }
@@ -287,5 +323,24 @@ mod tests {
         .expect("the datagram went out without a flush");
         read.expect("read");
         assert_eq!(back, [0, 2, b'h', b'i']);
+    }
+
+    /// Datagrams already waiting leave in one read (one Data message for a burst), each
+    /// framed whole.
+    #[tokio::test]
+    async fn waiting_datagrams_leave_in_one_read() {
+        let target_socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let target = Target::new("udp", target_socket.local_addr().expect("addr").to_string())
+            .expect("target");
+        let mut relay = dial_udp(&target).await.expect("dial");
+        let relay_addr = relay.local_addr().expect("addr");
+        let mut expected = BytesMut::new();
+        for d in [&b"one"[..], b"", &[7u8; 1000][..]] {
+            target_socket.send_to(d, relay_addr).await.expect("send");
+            encode_datagram(d, &mut expected).expect("fits");
+        }
+        let mut buf = vec![0u8; 64 * 1024];
+        let n = relay.read(&mut buf).await.expect("read");
+        assert_eq!(&buf[..n], &expected[..]);
     }
 }

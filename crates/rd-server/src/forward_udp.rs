@@ -260,10 +260,19 @@ async fn flow(
     let end: Result<&'static str, String> = loop {
         tokio::select! {
             d = queued.recv() => match d {
-                // Awaited to the end: a datagram half written would break the framing.
-                Some(d) => if let Err(e) = datagrams.send(&d).await {
-                    break Err(e.to_string());
-                },
+                // What else is queued goes in the same write (one Data message for a
+                // burst). Awaited to the end: a datagram half written would break the
+                // framing.
+                Some(d) => {
+                    let mut batch = vec![d];
+                    while batch.len() < FLOW_QUEUE {
+                        let Ok(more) = queued.try_recv() else { break };
+                        batch.push(more);
+                    }
+                    if let Err(e) = datagrams.send_all(batch.iter().map(|d| &d[..])).await {
+                        break Err(e.to_string());
+                    }
+                }
                 None => break Ok("forward stopped"),
             },
             r = datagrams.recv() => match r {

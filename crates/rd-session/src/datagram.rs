@@ -168,12 +168,30 @@ impl DatagramStream {
     pub async fn send(&mut self, datagram: &[u8]) -> Result<(), DatagramError> {
         self.out.clear();
         encode_datagram(datagram, &mut self.out)?;
+        self.write_out().await
+    }
+
+    /// Sends datagrams in one write (one Data message when they fit), as
+    /// [`send`](Self::send) does each: what a sender with a queue of them should use. A
+    /// datagram too large fails the call before anything is written.
+    pub async fn send_all<'d>(
+        &mut self,
+        datagrams: impl IntoIterator<Item = &'d [u8]>,
+    ) -> Result<(), DatagramError> {
+        self.out.clear();
+        for datagram in datagrams {
+            encode_datagram(datagram, &mut self.out)?;
+        }
+        self.write_out().await
+    }
+
+    async fn write_out(&mut self) -> Result<(), DatagramError> {
         while !self.out.is_empty() {
             let n = self.stream.write_shared(&self.out).await?;
             self.out.advance(n);
         }
-        // Release a large datagram's buffer; small ones reuse it.
-        if self.out.capacity() > 4096 {
+        // Release a large batch's buffer; small ones reuse it.
+        if self.out.capacity() > 64 * 1024 {
             self.out = BytesMut::new();
         }
         Ok(())
