@@ -124,6 +124,32 @@ async fn run_rate(to: SocketAddr, rate: u64, duration: Duration) -> Result<Outco
     })
 }
 
+/// rd-server's drop counters by reason (`congested=12 max_flows=0 ...`), for the notes.
+async fn drops(server: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fetch = async {
+        let mut tcp = tokio::net::TcpStream::connect(server).await?;
+        tcp.write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
+            .await?;
+        let mut text = String::new();
+        tcp.read_to_string(&mut text).await?;
+        Ok::<_, std::io::Error>(text)
+    };
+    let Ok(Ok(text)) = tokio::time::timeout(Duration::from_secs(5), fetch).await else {
+        return "unknown".into();
+    };
+    let found: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("rd_udp_datagrams_dropped_total{reason=\""))
+        .map(|l| l.replacen("\"} ", "=", 1))
+        .collect();
+    if found.is_empty() {
+        "none".into()
+    } else {
+        found.join(" ")
+    }
+}
+
 /// Starts rd-server with a UDP forward to an echo here and rd-client, measures each rate
 /// direct and through the forward, and returns the rows.
 pub async fn run(bin_dir: &FsPath, dir: &FsPath, scale: f64) -> Result<Vec<Row>, BoxError> {
@@ -170,8 +196,10 @@ pub async fn run(bin_dir: &FsPath, dir: &FsPath, scale: f64) -> Result<Vec<Row>,
     for rate in RATES {
         let direct = run_rate(echo, rate, duration).await?;
         let tunnel = run_rate(forward_addr, rate, duration).await?;
+        let dropped = drops(server_addr).await;
         say(format!(
-            "udp {SIZE} B at {rate}/s: direct {} of {} back, forward {} of {} back",
+            "udp {SIZE} B at {rate}/s: direct {} of {} back, forward {} of {} back; \
+             rd-server's drops so far: {dropped}",
             direct.received, direct.sent, tunnel.received, tunnel.sent
         ));
         let label = format!("udp {SIZE} B paced at {}k/s", rate / 1000);
