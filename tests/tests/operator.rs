@@ -439,9 +439,9 @@ fn start_up_mistakes_are_refused_with_a_hint() {
                 "-listen",
                 "127.0.0.1:0",
                 "--forward",
-                "127.0.0.1:0=foo:udp/127.0.0.1:53",
+                "127.0.0.1:0=foo:udp/127.0.0.1",
             ],
-            "udp forwards are not supported",
+            "a tcp or udp address needs host:port",
         ),
         (
             "rd-server",

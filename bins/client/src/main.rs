@@ -142,6 +142,10 @@ struct Args {
     /// dial succeeded, so its CONNECT waits --connect-wait as for a Go agent.
     #[arg(long, env = "RD_NO_CONNECT_ACK", value_parser = cli::boolish())]
     no_connect_ack: bool,
+    /// Do not offer rd's udp extension: the server refuses udp dials and forwards to this
+    /// agent, as for a Go agent.
+    #[arg(long, env = "RD_NO_UDP", value_parser = cli::boolish())]
+    no_udp: bool,
     /// First redial delay ceiling; it doubles on each failure up to --backoff-max.
     #[arg(long, env = "RD_BACKOFF_INITIAL", value_name = "DURATION", default_value = "1s", value_parser = duration)]
     backoff_initial: Duration,
@@ -257,6 +261,7 @@ async fn build(args: &Args, metrics: Option<Arc<AgentMetrics>>) -> Result<Client
         // one session (--sessions 1) a make-before-break move when an rd server drains.
         replicas: !args.no_replicas,
         connect_ack: !args.no_connect_ack,
+        udp: !args.no_udp,
     };
     let mut config = Config::default();
     config.ping_interval = args.ping_interval;
@@ -447,6 +452,7 @@ mod tests {
                 .expect("go style")
                 .no_connect_ack
         );
+        assert!(parse(&["rd-client", "--no-udp"]).expect("go style").no_udp);
         assert!(!parse(&["rd-client"]).expect("defaults").no_half_close);
         let c = parse(&[
             "rd-client",

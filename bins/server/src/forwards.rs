@@ -1,24 +1,77 @@
-//! `--forward`: binding every forward's listener before the main listener, so a bad
-//! forward stops the server at start-up, then starting them.
+//! `--forward`: binding every forward's listener (a TCP listener, or a UDP socket for a
+//! `udp` target) before the main listener, so a bad forward stops the server at start-up,
+//! then starting them.
+
+use std::io;
+use std::time::Duration;
 
 use rd_server::forward::{Forward, ForwardHandle, ForwardSpec};
+use rd_server::forward_udp::UdpForward;
 use rd_server::Server;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UdpSocket};
 
 use crate::cli;
+
+/// A forward's bound socket.
+pub enum Bound {
+    /// A stream forward's listener.
+    Tcp(TcpListener),
+    /// A datagram forward's socket.
+    Udp(UdpSocket),
+}
+
+impl Bound {
+    fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
+        match self {
+            Self::Tcp(l) => l.local_addr(),
+            Self::Udp(s) => s.local_addr(),
+        }
+    }
+}
+
+/// How UDP forwards treat their flows (--udp-idle-timeout, --udp-max-flows).
+#[derive(Debug, Clone, Copy)]
+pub struct UdpOptions {
+    pub idle_timeout: Duration,
+    pub max_flows: usize,
+}
 
 /// Binds every forward's listener.
 pub async fn bind(
     specs: &[ForwardSpec],
-) -> Result<Vec<(ForwardSpec, TcpListener)>, Box<dyn std::error::Error>> {
+) -> Result<Vec<(ForwardSpec, Bound)>, Box<dyn std::error::Error>> {
     let mut listeners = Vec::with_capacity(specs.len());
     for spec in specs {
-        let listener = cli::bind(&spec.listen)
-            .await
-            .map_err(|e| format!("--forward {spec}: {e}"))?;
-        listeners.push((spec.clone(), listener));
+        let bound = if spec.is_udp() {
+            bind_udp(&spec.listen).await.map(Bound::Udp)
+        } else {
+            cli::bind(&spec.listen).await.map(Bound::Tcp)
+        };
+        let bound = bound.map_err(|e| format!("--forward {spec}: {e}"))?;
+        listeners.push((spec.clone(), bound));
     }
     Ok(listeners)
+}
+
+/// A UDP socket on `listen` (`HOST:PORT`, or `:PORT` for every interface, IPv6 and IPv4
+/// when the system allows both), as [`cli::bind`] does for TCP.
+async fn bind_udp(listen: &str) -> io::Result<UdpSocket> {
+    match listen.strip_prefix(':') {
+        Some(port) => {
+            let port: u16 = port.parse().map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("invalid port in {listen:?}"),
+                )
+            })?;
+            match UdpSocket::bind((std::net::Ipv6Addr::UNSPECIFIED, port)).await {
+                Ok(s) => Ok(s),
+                Err(_) => UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, port)).await,
+            }
+        }
+        None => UdpSocket::bind(listen).await,
+    }
+    .map_err(|e| io::Error::new(e.kind(), format!("listen on udp {listen}: {e}")))
 }
 
 /// Starts the bound forwards; prints `forwarding ADDR to CLIENT:PROTO/ADDRESS` on stdout
@@ -26,8 +79,9 @@ pub async fn bind(
 /// can reach: forwards take no credentials.
 pub fn start(
     server: &Server,
-    listeners: Vec<(ForwardSpec, TcpListener)>,
+    listeners: Vec<(ForwardSpec, Bound)>,
     format: cli::LogFormat,
+    udp: UdpOptions,
 ) -> Result<Vec<ForwardHandle>, Box<dyn std::error::Error>> {
     let mut handles = Vec::with_capacity(listeners.len());
     for (spec, listener) in listeners {
@@ -54,7 +108,13 @@ pub fn start(
                  127.0.0.1 or a private address"
             );
         }
-        handles.push(Forward::new(server.clone(), spec).spawn(listener));
+        handles.push(match listener {
+            Bound::Tcp(listener) => Forward::new(server.clone(), spec).spawn(listener),
+            Bound::Udp(socket) => UdpForward::new(server.clone(), spec)
+                .idle_timeout(udp.idle_timeout)
+                .max_flows(udp.max_flows)
+                .spawn(socket),
+        });
     }
     Ok(handles)
 }

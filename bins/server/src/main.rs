@@ -152,6 +152,8 @@ struct Args {
     /// E.g. 127.0.0.1:2222=foo:tcp/127.0.0.1:22 (":2222" listens on every interface).
     /// A "?proxy-protocol=v1" (or v2) suffix sends the target a PROXY protocol header with
     /// the user's address first (the target must expect one).
+    /// A udp target forwards datagrams from a UDP socket on LISTEN (rd agents only), e.g.
+    /// 127.0.0.1:5353=foo:udp/10.0.0.10:53; see --udp-idle-timeout, --udp-max-flows.
     #[arg(
         long = "forward",
         env = "RD_FORWARD",
@@ -159,6 +161,15 @@ struct Args {
         value_name = "LISTEN=CLIENT:PROTO/ADDRESS"
     )]
     forward: Vec<rd_server::forward::ForwardSpec>,
+    /// A UDP forward (--forward LISTEN=CLIENT:udp/HOST:PORT) closes a flow (one user's
+    /// source address, one tunnel stream) after this long without a datagram either way;
+    /// the source's next datagram opens a new one.
+    #[arg(long, env = "RD_UDP_IDLE_TIMEOUT", value_name = "DURATION", default_value = "60s", value_parser = cli::duration)]
+    udp_idle_timeout: Duration,
+    /// Flows one UDP forward carries at once; datagrams from further sources are dropped
+    /// (counted in rd_udp_datagrams_dropped_total{reason="max_flows"}) until a flow ends.
+    #[arg(long, env = "RD_UDP_MAX_FLOWS", value_name = "N", default_value_t = rd_server::forward_udp::DEFAULT_UDP_MAX_FLOWS)]
+    udp_max_flows: usize,
     /// How long an HTTP CONNECT through a Go agent (or one run with --no-connect-ack) waits
     /// for the agent to refuse or fail the dial before answering 200 (a refusal is answered
     /// 502 with the agent's text); 0 answers at once. rd agents acknowledge their dials, and
@@ -530,7 +541,11 @@ async fn run(args: Args, checked: Checked) -> Result<(), Box<dyn std::error::Err
         agent_tokens.is_some() || args.agent_ca.is_some(),
         admin_auth.is_some(),
     );
-    let _forwards = forwards::start(&server, forwards, args.log_format)?;
+    let udp = forwards::UdpOptions {
+        idle_timeout: args.udp_idle_timeout,
+        max_flows: args.udp_max_flows,
+    };
+    let _forwards = forwards::start(&server, forwards, args.log_format, udp)?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     let url = format!("{scheme}://{local}");
     cli::announce_listening(args.log_format, "listening on", &url);

@@ -198,7 +198,9 @@ impl ClientBuilder {
         self
     }
 
-    /// How targets are dialed (default: the OS, for tcp/tcp4/tcp6/unix).
+    /// How targets are dialed (default: the OS, for tcp/tcp4/tcp6/unix). `udp` targets
+    /// (rd's udp extension) always go to the OS through [`dial_udp`](crate::dial_udp),
+    /// after the allow rules.
     pub fn local_dialer(mut self, dialer: impl LocalDialer) -> Self {
         self.dialer = Arc::new(dialer);
         self
@@ -338,8 +340,12 @@ impl Client {
         ClientBuilder::new(url)
     }
 
+    /// The session's Connect handler. `udp`: the session negotiated rd's udp extension, so
+    /// `udp` targets are relayed as datagrams (without it the server cannot frame them, and
+    /// a `udp` Connect is refused as Go's agent would not, but as it should).
     fn handler(
         &self,
+        udp: bool,
     ) -> impl Fn(Target) -> BoxFuture<Result<BoxedIo, ConnectRefused>> + Send + Sync + 'static {
         let inner = self.inner.clone();
         // The session runs Connects in tasks of their own, outside this attempt's span; its
@@ -353,7 +359,26 @@ impl Client {
                         tracing::info!(%target, "refusing target not allowed by the allow rules");
                         return Err(ConnectRefused::not_allowed());
                     }
-                    let dial = tokio::time::timeout(inner.dial_timeout, inner.dialer.dial(&target));
+                    let dial = async {
+                        if !rd_session::is_udp(target.proto()) {
+                            return inner.dialer.dial(&target).await;
+                        }
+                        if !udp {
+                            return Err(std::io::Error::new(
+                                std::io::ErrorKind::Unsupported,
+                                format!(
+                                    "unknown network {} (the server did not negotiate rd's udp extension)",
+                                    target.proto()
+                                ),
+                            ));
+                        }
+                        // Datagrams go to the OS, not the LocalDialer: its connections
+                        // are byte streams, and this socket frames datagrams.
+                        crate::udp::dial_udp(&target)
+                            .await
+                            .map(|relay| Box::new(relay) as BoxedIo)
+                    };
+                    let dial = tokio::time::timeout(inner.dial_timeout, dial);
                     let refused = match dial.await {
                         Ok(Ok(io)) => return Ok(io),
                         Ok(Err(e)) => ConnectRefused::dial_failed(&target, &e),
@@ -449,7 +474,7 @@ impl Client {
         let mut builder = SessionBuilder::client()
             .config(self.inner.session_config.clone())
             .extensions(extensions)
-            .connect_handler(self.handler());
+            .connect_handler(self.handler(extensions.udp));
         if let Some(observer) = &self.inner.observer {
             builder = builder.observer(observer.clone());
         }

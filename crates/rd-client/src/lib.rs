@@ -27,6 +27,7 @@ mod client;
 mod dial;
 mod failover;
 mod fleet;
+mod udp;
 
 pub use allow::{AllowAll, AllowRule, AllowRuleError, AllowRules, ConnectAuthorizer, DenyAll};
 pub use client::{BoxError, Client, ClientBuilder, ClientError, OnConnect, RunEnd, StateObserver};
@@ -39,3 +40,4 @@ pub use transport::{
     connect_websocket, connect_websocket_negotiated, ConnectError, ConnectOptions, ProxyMode,
     TlsOptions,
 };
+pub use udp::{dial_udp, UdpRelay};

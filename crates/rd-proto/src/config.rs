@@ -127,6 +127,13 @@ pub struct Config {
     /// knows the outcome at once instead of waiting for data or an Error. Off by default:
     /// Go peers never speak it.
     pub connect_ack: bool,
+    /// rd's udp extension is in force (both ends must have negotiated it at the upgrade; see
+    /// docs/protocol.md): a stream may be opened to a `udp` target, and carries datagrams,
+    /// each a 2-byte big-endian length and its payload, in its ordinary bytes. The protocol
+    /// itself does not change: this flag only tells the runtime that the peer frames
+    /// datagrams so (a Go peer would dial `udp` and write the stream's bytes as they come,
+    /// boundaries lost). Off by default: Go peers never speak it.
+    pub udp: bool,
     /// The largest credit window a stream's receiver auto-tunes to; at most
     /// [`stream_receive_cap`](Self::stream_receive_cap). rd: 32 MiB, which one stream fills
     /// a link with up to 29 MB in flight with (7/8 of it: 100 MB/s over 290 ms).
@@ -174,6 +181,7 @@ impl Default for Config {
             half_close: false,
             replicas: false,
             connect_ack: false,
+            udp: false,
             credit_max_window: 32 * 1024 * 1024,
             stream_send_buffer: 256 * 1024,
             max_data_payload: 64 * 1024,

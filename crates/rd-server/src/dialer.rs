@@ -157,6 +157,11 @@ pub enum DialError {
     /// peer announced the client: it opens no new streams to it.
     #[error("server draining: no new connections")]
     Draining,
+    /// A `udp` dial to an agent whose session did not negotiate rd's udp extension (a Go
+    /// agent, or an rd agent too old or run with `--no-udp`): it would lose the
+    /// datagrams' boundaries, so nothing is sent to it.
+    #[error("agent {} does not support udp (a Go agent, or an rd agent without the udp extension)", crate::short_id(.0))]
+    UdpNotSupported(String),
 }
 
 impl DialError {
@@ -168,6 +173,9 @@ impl DialError {
                 "invalid_target"
             }
             Self::Session(rd_session::DialError::TooManyPendingDials(_)) => "max_pending_dials",
+            Self::UdpNotSupported(_) | Self::Session(rd_session::DialError::UdpNotNegotiated) => {
+                "udp_not_supported"
+            }
             Self::Session(_) => "session",
             Self::Draining => "draining",
         }
@@ -217,6 +225,11 @@ impl Dialer {
 
     /// Opens a stream to `address` over `proto` (`tcp`, `unix`, ...) on the client's side.
     /// Returns at once, as Go: a remote dial failure is the stream's first read error.
+    ///
+    /// `udp` (rd's udp extension) carries datagrams: wrap the stream in a
+    /// [`DatagramStream`](rd_session::DatagramStream). An agent that did not negotiate the
+    /// extension (a Go agent) is refused here with [`DialError::UdpNotSupported`]; through
+    /// a peer server, the far server refuses and the stream's first read says so.
     pub async fn dial(&self, proto: &str, address: &str) -> Result<TunnelStream, DialError> {
         self.dial_target(Target::new(proto, address)?).await
     }
@@ -237,9 +250,13 @@ impl Dialer {
             self.routing
                 .route(&self.client_key, serve_peer)
                 .and_then(|route| match route {
-                    Route::Local(session) => {
-                        Ok((session.dial(target)?, session.session_key(), false))
-                    }
+                    Route::Local(session) => match session.dial(target) {
+                        Ok(stream) => Ok((stream, session.session_key(), false)),
+                        Err(rd_session::DialError::UdpNotNegotiated) => {
+                            Err(DialError::UdpNotSupported(self.client_key.clone()))
+                        }
+                        Err(e) => Err(e.into()),
+                    },
                     Route::Peer(link) => Ok((
                         link.dial(target.routed_via(self.client_key.clone())?)?,
                         link.session_key(),

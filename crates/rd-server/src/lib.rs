@@ -33,13 +33,14 @@ mod headers;
 mod lifecycle;
 mod log_limit;
 mod metrics;
+mod metrics_udp;
 mod peers;
 mod registry;
 mod server;
 mod upgrade;
 
 // The gateway's modules at the paths they had before they moved under `gateway`.
-pub use gateway::{connect, forward, proxy, proxy_protocol, socks5, splice};
+pub use gateway::{connect, forward, forward_udp, proxy, proxy_protocol, socks5, splice};
 
 pub use agent_auth::{AgentTokens, TokenFileError, AGENT_TOKEN_HEADER};
 pub use auth::{
@@ -56,6 +57,7 @@ pub use events::ServerEvents;
 pub use gateway::proxy_protocol::LocalAddr;
 pub use headers::{ASK_SERVER_ID_HEADER, PEER_ID_HEADER, PEER_TOKEN_HEADER, SERVER_ID_HEADER};
 pub use metrics::{GoCounter, Metrics};
+pub use metrics_udp::UdpMetrics;
 pub use peers::{
     DnsResolver, InvalidDiscovery, PeerDiscovery, PeerLinkInfo, Resolve, ResolveError,
     ResolveFuture, DEFAULT_DISCOVERY_INTERVAL,

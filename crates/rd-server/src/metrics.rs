@@ -128,6 +128,8 @@ pub struct Metrics {
     pub dials_refused: Family<Labels, Counter>,
     /// Streams a leak guard closed, by guard (`idle_timeout`, `pending_dial_timeout`).
     pub streams_expired: Family<Labels, Counter>,
+    /// The UDP forwards' flows and datagrams.
+    pub udp: crate::metrics_udp::UdpMetrics,
     /// Sessions and streams per client key, for [`transient_client_keys`](Self::transient_client_keys).
     key_use: Arc<Mutex<HashMap<String, KeyUse>>>,
     /// Whether the series of a client key go away once its last session and stream end.
@@ -205,6 +207,7 @@ impl Metrics {
             tunnel_use_seconds: Family::new_with_constructor(use_histogram as fn() -> Histogram),
             dials_refused: Family::default(),
             streams_expired: Family::default(),
+            udp: Default::default(),
             key_use: Arc::default(),
             transient_keys: false,
         };
@@ -392,6 +395,7 @@ impl Metrics {
             "DNS peer discovery rounds, by result (ok, failed)",
             m.peer_discovery_rounds.clone(),
         );
+        m.udp.register(rd);
         Self {
             registry: Arc::new(registry),
             ..m

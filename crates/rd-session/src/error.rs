@@ -83,6 +83,11 @@ pub enum DialError {
     /// session still wait for the peer's first answer: the peer is slow or stuck.
     #[error("too many dials pending through this session: {0} wait for the agent's answer")]
     TooManyPendingDials(usize),
+    /// A `udp` target on a session without rd's udp extension
+    /// ([`Extensions::udp`](crate::Extensions::udp)): the peer is a Go peer or an older rd,
+    /// which would dial udp and lose the datagrams' boundaries. Nothing was sent.
+    #[error("the peer does not speak rd's udp extension (a Go peer or an older rd): udp cannot be carried through it")]
+    UdpNotNegotiated,
 }
 
 impl From<OpenError> for DialError {

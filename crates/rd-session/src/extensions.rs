@@ -23,6 +23,11 @@ pub const HALF_CLOSE: &str = "half-close";
 /// says when its dial succeeded (ConnectAck), so the dialer answers a CONNECT at once.
 pub const CONNECT_ACK: &str = "connect-ack";
 
+/// The token for udp ([`Config::udp`]): streams may be dialed to `udp` targets and carry
+/// datagrams, each framed as a 2-byte big-endian length and its payload
+/// ([`DatagramStream`](crate::DatagramStream)).
+pub const UDP: &str = "udp";
+
 /// The token for replicas ([`Config::replicas`]): an rd server tells its agent its id and how
 /// many replicas it counts, and that a session is going away (a drain); the agent holds a
 /// session with each replica. See [`REPLICAS_HEADER`].
@@ -58,6 +63,8 @@ pub struct Extensions {
     pub replicas: bool,
     /// Connect-ack: the receiver of a Connect says when its dial succeeded.
     pub connect_ack: bool,
+    /// Udp: streams to `udp` targets, datagrams framed with a 2-byte length.
+    pub udp: bool,
 }
 
 impl Extensions {
@@ -67,6 +74,7 @@ impl Extensions {
         half_close: true,
         replicas: true,
         connect_ack: true,
+        udp: true,
     };
 
     /// None: the plain Go protocol.
@@ -75,6 +83,7 @@ impl Extensions {
         half_close: false,
         replicas: false,
         connect_ack: false,
+        udp: false,
     };
 
     /// The header value naming these extensions, `None` for the empty set (no header).
@@ -84,6 +93,7 @@ impl Extensions {
             (self.half_close, HALF_CLOSE),
             (self.replicas, REPLICAS),
             (self.connect_ack, CONNECT_ACK),
+            (self.udp, UDP),
         ]
         .into_iter()
         .filter_map(|(on, token)| on.then_some(token))
@@ -109,6 +119,8 @@ impl Extensions {
                     found.replicas = true;
                 } else if token.eq_ignore_ascii_case(CONNECT_ACK) {
                     found.connect_ack = true;
+                } else if token.eq_ignore_ascii_case(UDP) {
+                    found.udp = true;
                 }
             }
         }
@@ -122,6 +134,7 @@ impl Extensions {
             half_close: self.half_close && other.half_close,
             replicas: self.replicas && other.replicas,
             connect_ack: self.connect_ack && other.connect_ack,
+            udp: self.udp && other.udp,
         }
     }
 
@@ -140,6 +153,7 @@ impl Extensions {
         config.half_close = self.half_close;
         config.replicas = self.replicas;
         config.connect_ack = self.connect_ack;
+        config.udp = self.udp;
     }
 
     /// The extensions a session's config says are in force.
@@ -149,6 +163,7 @@ impl Extensions {
             half_close: config.half_close,
             replicas: config.replicas,
             connect_ack: config.connect_ack,
+            udp: config.udp,
         }
     }
 }
@@ -171,7 +186,7 @@ mod tests {
         assert_eq!(Extensions::from_headers(&headers), Extensions::SUPPORTED);
         assert_eq!(
             Extensions::SUPPORTED.header_value().expect("not empty"),
-            "credit, half-close, replicas, connect-ack"
+            "credit, half-close, replicas, connect-ack, udp"
         );
         headers.insert(
             EXTENSIONS_HEADER,
@@ -186,7 +201,7 @@ mod tests {
         );
         headers.insert(
             EXTENSIONS_HEADER,
-            HeaderValue::from_static("half-close, Credit,REPLICAS, Connect-Ack"),
+            HeaderValue::from_static("half-close, Credit,REPLICAS, Connect-Ack, UDP"),
         );
         assert_eq!(Extensions::from_headers(&headers), Extensions::SUPPORTED);
         let credit_only = Extensions {
@@ -197,10 +212,22 @@ mod tests {
         assert_eq!(Extensions::SUPPORTED.intersect(credit_only), credit_only);
         let mut config = Config::default();
         Extensions::SUPPORTED.apply(&mut config);
-        assert!(config.credit && config.half_close && config.replicas && config.connect_ack);
+        assert!(
+            config.credit
+                && config.half_close
+                && config.replicas
+                && config.connect_ack
+                && config.udp
+        );
         assert_eq!(Extensions::of_config(&config), Extensions::SUPPORTED);
         Extensions::NONE.apply(&mut config);
-        assert!(!config.credit && !config.half_close && !config.replicas && !config.connect_ack);
+        assert!(
+            !config.credit
+                && !config.half_close
+                && !config.replicas
+                && !config.connect_ack
+                && !config.udp
+        );
         headers.insert(
             EXTENSIONS_HEADER,
             HeaderValue::from_static("something-else"),

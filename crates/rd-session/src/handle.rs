@@ -51,8 +51,15 @@ impl SessionHandle {
     /// Opens a stream to `target` through the peer. Like Go's `Session.Dial` it returns at
     /// once: the protocol has no acknowledgement, so a refused remote dial shows up as the
     /// stream's first read error (with the peer's text, e.g. `connection refused`).
+    ///
+    /// A `udp`, `udp4` or `udp6` target needs rd's udp extension on this session: without
+    /// it (a Go peer) the dial is refused with [`DialError::UdpNotNegotiated`] and nothing
+    /// is sent. With it, wrap the stream in a [`DatagramStream`](crate::DatagramStream).
     pub fn dial(&self, target: Target) -> Result<TunnelStream, DialError> {
         let mut inner = self.shared.lock();
+        if is_udp(target.proto()) && !inner.proto.config().udp {
+            return Err(DialError::UdpNotNegotiated);
+        }
         let id = inner.call(|p| p.open_stream(now(), target.clone()))?;
         drop(inner);
         Ok(TunnelStream::new(self.shared.clone(), id, target))
@@ -381,4 +388,10 @@ impl SessionBuilder {
         tokio::spawn(driver.instrument(span));
         handle
     }
+}
+
+/// Whether `proto` names a datagram network (`udp`, `udp4`, `udp6`), which only rd's udp
+/// extension carries.
+pub fn is_udp(proto: &str) -> bool {
+    matches!(proto, "udp" | "udp4" | "udp6")
 }

@@ -52,6 +52,8 @@ pub struct ExtensionsView {
     pub replicas: bool,
     /// The agent acknowledges a dial as soon as it succeeded (CONNECT answers then).
     pub connect_ack: bool,
+    /// Streams to `udp` targets carry datagrams (2-byte length framing).
+    pub udp: bool,
 }
 
 /// One stream as the admin API shows it.
@@ -145,6 +147,7 @@ impl SessionView {
                 half_close: ext.half_close,
                 replicas: ext.replicas,
                 connect_ack: ext.connect_ack,
+                udp: ext.udp,
             },
             streams_open: stats.streams,
             pending_dials: session.pending_dials(),

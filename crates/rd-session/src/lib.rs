@@ -43,6 +43,7 @@
 #![warn(missing_docs)]
 
 mod backoff;
+mod datagram;
 mod driver;
 mod error;
 mod extensions;
@@ -59,13 +60,16 @@ pub mod transport;
 mod websocket;
 
 pub use backoff::{Backoff, DEFAULT_BACKOFF_INITIAL, DEFAULT_BACKOFF_JITTER, DEFAULT_BACKOFF_MAX};
+pub use datagram::{
+    encode_datagram, DatagramDecoder, DatagramError, DatagramStream, DATAGRAM_HEADER, MAX_DATAGRAM,
+};
 pub use driver::{AnnouncementFn, SessionDriver};
 pub use error::{error_chain, DialError, StreamClosed};
 pub use extensions::{
     Extensions, CONNECT_ACK, CREDIT, EXTENSIONS_HEADER, HALF_CLOSE, HELD_SERVERS_HEADER, REPLICAS,
-    REPLICAS_HEADER, SERVER_ID_HEADER,
+    REPLICAS_HEADER, SERVER_ID_HEADER, UDP,
 };
-pub use handle::{PeerNotices, SessionBuilder, SessionHandle, GOING_AWAY};
+pub use handle::{is_udp, PeerNotices, SessionBuilder, SessionHandle, GOING_AWAY};
 pub use incoming::{
     pipe, BoxFuture, BoxedIo, ConnectHandler, ConnectRefused, Dialed, LocalIo, RefuseAll,
 };

@@ -24,6 +24,7 @@ mod restart_storm;
 mod scale;
 mod slow_streams;
 mod storm;
+mod udp;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -82,7 +83,7 @@ fn parse_options() -> Result<Options, BoxError> {
             "--no-forward" => o.no_forward = true,
             "-h" | "--help" => {
                 println!(
-                    "usage: rd-bench [--bin-dir DIR] [--out FILE] [--docs FILE | --no-docs] [--only isolation|longlink|slow-streams|storm|restart-storm|bulk|quick|rathole] [--no-forward]\n\
+                    "usage: rd-bench [--bin-dir DIR] [--out FILE] [--docs FILE | --no-docs] [--only isolation|longlink|slow-streams|storm|restart-storm|bulk|quick|rathole|udp] [--no-forward]\n\
                           env: RD_BENCH_SCALE (default 1; 0.1 for a quick run); RD_BENCH_RATHOLE (the rathole binary for the anchor rows,\n\
                           default: cargo's bin dir, then PATH)"
                 );
@@ -209,6 +210,13 @@ fn main() -> ExitCode {
             .worker_threads(2)
             .enable_all()
             .build()?;
+        if o.only.as_deref() == Some("udp") {
+            // Its own processes only: a UDP forward to an echo in this process.
+            let tmp = TempDir::new()?;
+            let rows = rt.block_on(udp::run(&o.bin_dir, &tmp.0, o.scale))?;
+            println!("\n{}", report::text_table(&rows));
+            return Ok(());
+        }
         rt.block_on(run(o))
     });
     match result {
@@ -479,7 +487,7 @@ async fn run(o: Options) -> Result<(), BoxError> {
         Some("raw") if !o.no_forward => {}
         Some(other) => {
             return Err(format!(
-                "unknown scenario {other} (known: isolation, longlink, slow-streams, storm, restart-storm, bulk, quick, rathole, raw)"
+                "unknown scenario {other} (known: isolation, longlink, slow-streams, storm, restart-storm, bulk, quick, rathole, raw, udp)"
             )
             .into())
         }
@@ -546,6 +554,8 @@ async fn run(o: Options) -> Result<(), BoxError> {
         )
         .await?;
         rows.extend(rathole_rows);
+        say("udp: 512 B datagrams paced at 20k/s and 50k/s, direct and through a UDP forward");
+        rows.extend(udp::run(&o.bin_dir, &tmp.0, s).await?);
     }
 
     drop((client, server, dummy));

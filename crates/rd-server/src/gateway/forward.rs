@@ -5,6 +5,9 @@
 //! A forward can tell its target who connected, with a PROXY protocol header as the first
 //! bytes of each connection (`...:tcp/127.0.0.1:22?proxy-protocol=v2`, or
 //! [`Forward::proxy_protocol`]).
+//!
+//! A `udp` forward is served by
+//! [`UdpForward`](super::forward_udp::UdpForward) instead.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -41,15 +44,14 @@ pub enum ForwardSpecError {
         /// The option.
         option: String,
     },
-    /// A `tcp` target without a numeric port.
-    #[error("invalid forward {0:?}: a tcp address needs host:port")]
+    /// A `tcp` or `udp` target without a numeric port.
+    #[error("invalid forward {0:?}: a tcp or udp address needs host:port")]
     NoPort(String),
-    /// A protocol a forward cannot carry: it listens on TCP, so only stream targets
-    /// (`tcp`, `tcp4`, `tcp6`, `unix`) work; every connection to a `udp` one would fail on
-    /// the agent.
+    /// A protocol a forward cannot carry: only `tcp`, `tcp4`, `tcp6`, `unix` (stream
+    /// forwards) and `udp`, `udp4`, `udp6` (datagram forwards) work.
     #[error(
-        "invalid forward {spec:?}: {proto} forwards are not supported (the forward listens on \
-         TCP and the agent would dial {proto} for every connection); forward tcp or unix targets"
+        "invalid forward {spec:?}: {proto} forwards are not supported; forward tcp, unix or \
+         udp targets"
     )]
     Unsupported {
         /// The whole value.
@@ -117,13 +119,13 @@ impl FromStr for ForwardSpec {
         let has_port = address
             .rsplit_once(':')
             .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
-        if !matches!(proto, "tcp" | "tcp4" | "tcp6" | "unix") {
+        if !matches!(proto, "tcp" | "tcp4" | "tcp6" | "unix") && !rd_session::is_udp(proto) {
             return Err(ForwardSpecError::Unsupported {
                 spec: spec.to_owned(),
                 proto: proto.to_owned(),
             });
         }
-        if proto.starts_with("tcp") && !has_port {
+        if (proto.starts_with("tcp") || rd_session::is_udp(proto)) && !has_port {
             // Caught here rather than as every connection's dial error on the agent.
             return Err(ForwardSpecError::NoPort(spec.to_owned()));
         }
@@ -137,6 +139,14 @@ impl FromStr for ForwardSpec {
             target,
             proxy_protocol,
         })
+    }
+}
+
+impl ForwardSpec {
+    /// Whether the target is `udp`, `udp4` or `udp6`: a datagram forward, served by
+    /// [`UdpForward`](super::forward_udp::UdpForward) on a UDP socket.
+    pub fn is_udp(&self) -> bool {
+        rd_session::is_udp(self.target.proto())
     }
 }
 
@@ -222,6 +232,19 @@ pub struct ForwardHandle {
 }
 
 impl ForwardHandle {
+    /// A handle on a forward's tasks (the UDP forward's too).
+    pub(crate) fn new(
+        local_addr: Option<SocketAddr>,
+        cancel: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Self {
+        Self {
+            local_addr,
+            cancel,
+            tracker,
+        }
+    }
+
     /// The address the listener is bound to.
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.local_addr
@@ -403,12 +426,18 @@ mod tests {
                 "{err}"
             );
         }
-        let udp = "127.0.0.1:5353=foo:udp/127.0.0.1:53"
+        let udp: ForwardSpec = "127.0.0.1:5353=foo:udp/127.0.0.1:53".parse().expect("udp");
+        assert!(udp.is_udp());
+        let no_port = "127.0.0.1:5353=foo:udp/127.0.0.1"
             .parse::<ForwardSpec>()
-            .expect_err("udp is refused at start-up");
+            .expect_err("udp needs a port");
+        assert!(no_port.to_string().contains("needs host:port"), "{no_port}");
+        let sctp = "127.0.0.1:5353=foo:sctp/127.0.0.1:53"
+            .parse::<ForwardSpec>()
+            .expect_err("sctp is refused at start-up");
         assert!(
-            udp.to_string().contains("udp forwards are not supported"),
-            "{udp}"
+            sctp.to_string().contains("sctp forwards are not supported"),
+            "{sctp}"
         );
     }
 }

@@ -1,7 +1,8 @@
 //! The gateway: how users reach agents through a [`Server`](crate::Server) without being
-//! rd library code themselves. The `/client` HTTP proxy ([`proxy`]), SOCKS5 ([`socks5`]), HTTP `CONNECT`
-//! ([`connect`]), fixed port forwards ([`forward`]) and the copy loop they share
-//! ([`splice`]).
+//! rd library code themselves. The `/client` HTTP proxy ([`proxy`]), HTTP `CONNECT`
+//! ([`connect`]), SOCKS5 ([`socks5`]), fixed port forwards ([`forward`], and
+//! [`forward_udp`] for datagrams), the PROXY protocol ([`proxy_protocol`]) and the copy
+//! loop they share ([`splice`]).
 //!
 //! It stands beside the server, not inside it: it uses the server's public API only
 //! ([`Server::dialer`](crate::Server::dialer), [`Server::has_session`](crate::Server::has_session),
@@ -12,6 +13,7 @@
 
 pub mod connect;
 pub mod forward;
+pub mod forward_udp;
 pub mod proxy;
 mod proxy_connector;
 pub mod proxy_protocol;
