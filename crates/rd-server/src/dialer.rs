@@ -161,8 +161,13 @@ pub enum DialError {
     /// agent, or an rd agent too old or run with `--no-udp`): it would lose the
     /// datagrams' boundaries, so nothing is sent to it.
     #[error("agent {} does not support udp (a Go agent, or an rd agent without the udp extension)", crate::short_id(.0))]
+    // The text must contain UDP_NOT_SUPPORTED: a forward on a peer replica recognises it.
     UdpNotSupported(String),
 }
+
+/// What [`DialError::UdpNotSupported`]'s text contains, so that a UDP forward on another
+/// replica recognises the refusal that reaches it as text through the peer link.
+pub(crate) const UDP_NOT_SUPPORTED: &str = "does not support udp";
 
 impl DialError {
     /// A stable name for the `rd_dials_refused{reason}` label.
@@ -510,5 +515,16 @@ impl tower_service::Service<Uri> for Dialer {
             let (stream, info) = dialer.dial_timed("tcp", &format!("{host}:{port}")).await?;
             Ok(TunnelConnection::new(stream, info))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_udp_refusal_text_is_what_a_peer_replicas_forward_looks_for() {
+        let text = DialError::UdpNotSupported("foo".into()).to_string();
+        assert!(text.contains(UDP_NOT_SUPPORTED), "{text}");
     }
 }

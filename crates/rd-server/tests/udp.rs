@@ -379,6 +379,57 @@ async fn a_go_style_agent_is_refused_at_the_dial_and_logged_once() {
     bounded("the forward to stop", forward.stop()).await;
 }
 
+/// The same Go-style agent behind a peer replica: the forward's dial goes through the peer
+/// link and the far replica refuses it with its text. The forward recognises the refusal,
+/// logs it once and drops the next datagrams without dialing again (one flow, not one per
+/// datagram).
+#[tokio::test(flavor = "current_thread")]
+async fn a_go_style_agent_behind_a_peer_replica_is_logged_once_and_not_redialed() {
+    let log = CapturedLog::default();
+    let writer = log.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let logged = || {
+        String::from_utf8_lossy(&log.0.lock().unwrap())
+            .matches("the agent cannot carry udp")
+            .count()
+    };
+
+    let (a, b) = peered_pair(|builder| builder.build()).await;
+    let go_style = rd_session::Extensions {
+        udp: false,
+        ..rd_session::Extensions::SUPPORTED
+    };
+    let _agent = RunningClient::spawn(agent(&b.ws_url(), "gopher").extensions(go_style).build());
+    let server = a.server.clone();
+    wait_until("a route to the agent through b", || {
+        server.has_session("gopher")
+    })
+    .await;
+    let echo = spawn_udp_echo().await;
+    let (forward, addr) = udp_forward(&a.server, "gopher", echo, |f| f).await;
+    let user = user_of(addr).await;
+    user.send(b"first").await.unwrap();
+    wait_until("the far replica's refusal, logged", || logged() == 1).await;
+    for i in 0..9u8 {
+        user.send(&[i; 16]).await.unwrap();
+    }
+    wait_until("the next datagrams dropped without a dial", || {
+        metric(
+            &server,
+            "rd_udp_datagrams_dropped_total{reason=\"udp_not_supported\"}",
+        ) == 9.0
+    })
+    .await;
+    assert_eq!(metric(&a.server, "rd_udp_flows_opened_total"), 1.0);
+    assert_eq!(logged(), 1, "logged once, not per datagram");
+    bounded("the forward to stop", forward.stop()).await;
+}
+
 // ---------------------------------------------------------------------------------------
 // Flow bound and idle timeout
 

@@ -127,7 +127,7 @@ struct Shared {
     idle_timeout: Duration,
     cancel: CancellationToken,
     /// Flows tell the receive loop they ended, so it forgets them.
-    ended: mpsc::UnboundedSender<(SocketAddr, u64)>,
+    ended: mpsc::UnboundedSender<FlowEnded>,
     /// Flow failures (a refused target on the agent, say) are logged at most so often.
     failures: LogLimit,
 }
@@ -156,8 +156,7 @@ async fn receive_loop(
     let drops = LogLimit::new();
     let mut flows: HashMap<SocketAddr, FlowEntry> = HashMap::new();
     let mut next_id = 0u64;
-    // A Go agent is reported once, not per datagram; again only after a dial succeeded.
-    let mut go_agent_reported = false;
+    let mut unsupported = Unsupported::default();
     // One buffer for the forward: a datagram is copied out at its own size.
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -172,9 +171,9 @@ async fn receive_loop(
                     }
                 }
             },
-            Some((source, id)) = ended.recv() => {
-                if flows.get(&source).is_some_and(|f| f.id == id) {
-                    flows.remove(&source);
+            Some(end) = ended.recv() => {
+                if end.forget(&mut flows) {
+                    unsupported.seen(&dialer);
                 }
                 continue;
             }
@@ -209,10 +208,14 @@ async fn receive_loop(
             }
         }
         // Flows that ended since: their places are free.
-        while let Ok((ended_source, id)) = ended.try_recv() {
-            if flows.get(&ended_source).is_some_and(|f| f.id == id) {
-                flows.remove(&ended_source);
+        while let Ok(end) = ended.try_recv() {
+            if end.forget(&mut flows) {
+                unsupported.seen(&dialer);
             }
+        }
+        if unsupported.holding() {
+            metrics.drop_one("udp_not_supported");
+            continue;
         }
         if flows.len() >= forward.max_flows {
             metrics.drop_one("max_flows");
@@ -226,16 +229,9 @@ async fn receive_loop(
         }
         let stream = match dialer.dial_target(target.clone()).await {
             Ok(stream) => stream,
-            Err(e @ DialError::UdpNotSupported(_)) => {
+            Err(DialError::UdpNotSupported(_)) => {
                 metrics.drop_one("udp_not_supported");
-                if !go_agent_reported {
-                    go_agent_reported = true;
-                    tracing::warn!(
-                        error = %e,
-                        "the agent cannot carry udp; this forward drops its datagrams until an \
-                         agent with rd's udp extension connects (logged once)"
-                    );
-                }
+                unsupported.seen(&dialer);
                 continue;
             }
             Err(e) => {
@@ -248,7 +244,7 @@ async fn receive_loop(
                 continue;
             }
         };
-        go_agent_reported = false;
+        unsupported.dialed();
         let (queue, queued) = mpsc::channel(FLOW_QUEUE);
         // A fresh queue has room.
         let _ = queue.try_send(datagram);
@@ -340,11 +336,82 @@ async fn flow(
             .reset(tokio::time::Instant::now() + shared.idle_timeout);
     };
     shared.metrics.flows.dec();
-    shared.ended.send((source, id)).ok();
+    // Through a peer replica, a Go agent's refusal arrives as the far replica's text.
+    let unsupported = end
+        .as_ref()
+        .is_err_and(|e| e.contains(crate::dialer::UDP_NOT_SUPPORTED));
+    shared
+        .ended
+        .send(FlowEnded {
+            source,
+            id,
+            unsupported,
+        })
+        .ok();
     match end {
         Ok(why) => tracing::debug!(why, "flow ended"),
+        // Reported once by the receive loop, not per flow.
+        Err(error) if unsupported => tracing::debug!(%error, "udp flow refused"),
         Err(error) => {
             rejection!(shared.failures, %source, %target, %error, "udp flow failed");
         }
+    }
+}
+
+/// A flow's notice to the receive loop that it ended.
+#[derive(Debug)]
+struct FlowEnded {
+    source: SocketAddr,
+    id: u64,
+    /// The agent cannot carry udp (the far replica said so).
+    unsupported: bool,
+}
+
+impl FlowEnded {
+    /// Forgets the flow (unless its source has a newer one); whether the agent cannot
+    /// carry udp.
+    fn forget(&self, flows: &mut HashMap<SocketAddr, FlowEntry>) -> bool {
+        if flows.get(&self.source).is_some_and(|f| f.id == self.id) {
+            flows.remove(&self.source);
+        }
+        self.unsupported
+    }
+}
+
+/// How long a forward whose agent cannot carry udp drops datagrams before it dials again:
+/// a dial per datagram would cost the agent's replica a refusal per datagram.
+const UNSUPPORTED_HOLD: Duration = Duration::from_secs(5);
+
+/// A Go agent (or one without the udp extension), here or behind a peer replica: reported
+/// once, not per datagram (again only after a dial succeeded in between), and not dialed
+/// again for [`UNSUPPORTED_HOLD`].
+#[derive(Debug, Default)]
+struct Unsupported {
+    reported: bool,
+    hold_until: Option<tokio::time::Instant>,
+}
+
+impl Unsupported {
+    fn seen(&mut self, dialer: &crate::Dialer) {
+        self.hold_until = Some(tokio::time::Instant::now() + UNSUPPORTED_HOLD);
+        if !self.reported {
+            self.reported = true;
+            let e = DialError::UdpNotSupported(dialer.client_key().to_owned());
+            tracing::warn!(
+                error = %e,
+                "the agent cannot carry udp; this forward drops its datagrams until an \
+                 agent with rd's udp extension connects (logged once)"
+            );
+        }
+    }
+
+    fn holding(&self) -> bool {
+        self.hold_until
+            .is_some_and(|until| tokio::time::Instant::now() < until)
+    }
+
+    fn dialed(&mut self) {
+        self.reported = false;
+        self.hold_until = None;
     }
 }
