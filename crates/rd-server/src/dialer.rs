@@ -95,9 +95,15 @@ impl Routing {
     }
 }
 
-/// Dials peer-routed Connects (`clientKey::proto/address`) arriving on our outgoing peer
-/// links through our own dialer. Weak: the peer set that holds it is part of the routing.
-pub(crate) struct PeerConnects(pub(crate) Weak<Routing>);
+/// Dials peer-routed Connects (`clientKey::proto/address`) arriving on one of our outgoing
+/// peer links through our own dialer. Weak: the peer set that holds it is part of the
+/// routing. One per link: whether the link carries datagrams is the link's own.
+pub(crate) struct PeerConnects {
+    pub(crate) routing: Weak<Routing>,
+    /// The link negotiated rd's udp extension (an rd peer). A Go peer's `udp` stream is
+    /// raw bytes, which no rd agent may take as framed datagrams.
+    pub(crate) link_udp: bool,
+}
 
 impl ConnectHandler for PeerConnects {
     fn connect(&self, target: Target) -> BoxFuture<Result<BoxedIo, ConnectRefused>> {
@@ -110,16 +116,25 @@ impl ConnectHandler for PeerConnects {
     /// or, for a Go agent, once [`DEFAULT_CONNECT_WAIT`](DEFAULT_CONNECT_WAIT)
     /// passed without a refusal, as a CONNECT here would wait.
     fn connect_deferred(&self, target: Target) -> BoxFuture<Result<Dialed, ConnectRefused>> {
-        let routing = self.0.upgrade();
+        let routing = self.routing.upgrade();
+        let link_udp = self.link_udp;
         Box::pin(async move {
-            let Some(routing) = routing else {
-                return Err(ConnectRefused("server shut down".into()));
-            };
             let Some(client_key) = target.client_key() else {
                 return Err(ConnectRefused(format!(
                     "invalid clientKey/proto: {}",
                     target.network()
                 )));
+            };
+            if rd_session::is_udp(target.proto()) && !link_udp {
+                return Err(ConnectRefused(format!(
+                    "{} for client {}: this peer link {UDP_NOT_SUPPORTED} (a Go server); \
+                     udp needs rd's udp extension on the peer link and the agent",
+                    target.network(),
+                    crate::short_id(client_key)
+                )));
+            }
+            let Some(routing) = routing else {
+                return Err(ConnectRefused("server shut down".into()));
             };
             let (stream, _) = Dialer::new(routing, client_key.to_owned())
                 .labeled("peer")
@@ -520,7 +535,45 @@ impl tower_service::Service<Uri> for Dialer {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// A Go peer's `udp` stream is raw bytes: it is refused before any agent is dialed,
+    /// in words a forward on that side of the link would recognise.
+    #[tokio::test]
+    async fn a_peer_link_without_the_udp_extension_cannot_route_udp() {
+        let target = |t: &str| Target::parse(t.as_bytes()).unwrap();
+        let go_link = PeerConnects {
+            routing: Weak::new(),
+            link_udp: false,
+        };
+        let Err(refused) = go_link
+            .connect_deferred(target("foo::udp/127.0.0.1:53"))
+            .await
+        else {
+            panic!("a udp Connect over a Go peer link was accepted");
+        };
+        assert!(refused.0.contains(UDP_NOT_SUPPORTED), "{}", refused.0);
+        // tcp goes on (to the dial, which finds no server here).
+        let Err(refused) = go_link
+            .connect_deferred(target("foo::tcp/127.0.0.1:80"))
+            .await
+        else {
+            panic!("no routing, yet the dial succeeded");
+        };
+        assert_eq!(refused.0, "server shut down");
+        let rd_link = PeerConnects {
+            routing: Weak::new(),
+            link_udp: true,
+        };
+        let Err(refused) = rd_link
+            .connect_deferred(target("foo::udp/127.0.0.1:53"))
+            .await
+        else {
+            panic!("no routing, yet the dial succeeded");
+        };
+        assert_eq!(refused.0, "server shut down");
+    }
 
     #[test]
     fn the_udp_refusal_text_is_what_a_peer_replicas_forward_looks_for() {

@@ -322,7 +322,15 @@ impl ServerBuilder {
                 LinkSettings {
                     connect: peer_connect,
                     session: self.session_config.clone(),
-                    connects: Arc::new(PeerConnects(routing.clone())),
+                    connects: {
+                        let routing = routing.clone();
+                        Arc::new(move |extensions: &Extensions| {
+                            Arc::new(PeerConnects {
+                                routing: routing.clone(),
+                                link_udp: extensions.udp,
+                            }) as Arc<dyn rd_session::ConnectHandler>
+                        })
+                    },
                 },
                 clients,
                 self.metrics.clone(),

@@ -430,6 +430,46 @@ async fn a_go_style_agent_behind_a_peer_replica_is_logged_once_and_not_redialed(
     bounded("the forward to stop", forward.stop()).await;
 }
 
+/// The agent refuses the forward's target (its allow rules): the flow ends before any
+/// answer, and for a second the forward drops datagrams of every source instead of making
+/// each one a Connect to the agent (sources can be spoofed; the target is the same).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_target_is_not_redialed_for_every_datagram() {
+    let ts = serve(Server::builder(TunnelIdHeader).build()).await;
+    let deny_udp = |target: &rd_proto::Target| !rd_session::is_udp(target.proto());
+    let _agent = RunningClient::spawn(agent(&ts.ws_url(), "foo").allow(deny_udp).build());
+    let server = ts.server.clone();
+    wait_until("the agent's session", || server.has_session("foo")).await;
+    let echo = spawn_udp_echo().await;
+    let (forward, addr) = udp_forward(&ts.server, "foo", echo, |f| f).await;
+    let first = user_of(addr).await;
+    first.send(b"refused").await.unwrap();
+    // The stream closed, and the flow is no longer counted: its end is on its way to the
+    // forward's loop (it is sent before the gauge goes down).
+    wait_until("the refused flow to end", || {
+        metric(&server, "rd_streams_closed_total") == 1.0 && metric(&server, "rd_udp_flows") == 0.0
+    })
+    .await;
+    // Ten more sources within the hold: dropped, not dialed. (The hold is a second; the
+    // sends take microseconds, and a late one would only open a flow, which is counted.)
+    for i in 0..10u8 {
+        user_of(addr).await.send(&[i]).await.unwrap();
+    }
+    wait_until("the datagrams dropped as refused", || {
+        metric(
+            &server,
+            "rd_udp_datagrams_dropped_total{reason=\"refused\"}",
+        ) + metric(&server, "rd_udp_flows_opened_total")
+            >= 11.0
+    })
+    .await;
+    assert!(
+        metric(&server, "rd_udp_flows_opened_total") < 5.0,
+        "most datagrams of the hold dialed anyway"
+    );
+    bounded("the forward to stop", forward.stop()).await;
+}
+
 // ---------------------------------------------------------------------------------------
 // Flow bound and idle timeout
 

@@ -126,8 +126,9 @@ impl DatagramDecoder {
 /// bytes came in. Open it on a stream dialed with network `udp`.
 ///
 /// `recv` is cancel-safe (bytes read stay in the decoder), so it may sit in a `select!`
-/// beside other events; `send` is not (a datagram half written would corrupt the framing):
-/// await it to the end. Dropping the value closes the stream.
+/// beside other events. A `send` cancelled half-way keeps its unwritten bytes and the next
+/// send writes them first, so the framing holds; to drop a datagram that waits, end the
+/// stream. Dropping the value closes the stream.
 #[derive(Debug)]
 pub struct DatagramStream {
     stream: TunnelStream,
@@ -165,10 +166,12 @@ impl DatagramStream {
     /// Sends one datagram (0 to [`MAX_DATAGRAM`] bytes). Waits while the stream's send
     /// buffer is full, as any write, so a congested tunnel slows the sender down; a
     /// sender that must not wait drops datagrams before calling this instead.
+    ///
+    /// Cancel-safe in the sense that matters for framing: bytes of a send cancelled
+    /// half-way stay queued and go out first at the next send, so the stream never carries
+    /// half a datagram followed by another (the cancelled datagram itself may arrive late).
     pub async fn send(&mut self, datagram: &[u8]) -> Result<(), DatagramError> {
-        self.out.clear();
-        encode_datagram(datagram, &mut self.out)?;
-        self.write_out().await
+        self.send_all([datagram]).await
     }
 
     /// Sends datagrams in one write (one Data message when they fit), as
@@ -178,9 +181,14 @@ impl DatagramStream {
         &mut self,
         datagrams: impl IntoIterator<Item = &'d [u8]>,
     ) -> Result<(), DatagramError> {
-        self.out.clear();
+        // After what a cancelled send left (see `send`); a datagram too large takes its
+        // batch back out.
+        let queued = self.out.len();
         for datagram in datagrams {
-            encode_datagram(datagram, &mut self.out)?;
+            if let Err(e) = encode_datagram(datagram, &mut self.out) {
+                self.out.truncate(queued);
+                return Err(e);
+            }
         }
         self.write_out().await
     }

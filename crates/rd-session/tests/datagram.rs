@@ -68,6 +68,67 @@ async fn datagrams_keep_their_boundaries_through_a_session() {
     ));
 }
 
+/// A send cancelled half-way (a zero timeout polls it once: a batch far beyond the
+/// stream's buffers is then cut mid-frame) leaves its bytes queued; the next send writes
+/// them first, so the far side decodes every datagram whole, in order, and the next one.
+#[tokio::test]
+async fn a_cancelled_send_does_not_break_the_framing() {
+    // The far side's connection: its bytes are decoded here.
+    let (far_tx, mut far_rx) = tokio::sync::mpsc::unbounded_channel();
+    let handler = move |_target: Target| {
+        let far_tx = far_tx.clone();
+        async move {
+            let (far, io) = tokio::io::duplex(64 * 1024);
+            far_tx.send(far).unwrap();
+            Ok::<BoxedIo, ConnectRefused>(Box::new(io))
+        }
+    };
+    let (server, client) = with(Extensions::SUPPORTED, handler);
+    let pair = pair_with(server, client).await;
+    let stream = pair.server.dial_addr("udp", "127.0.0.1:53").unwrap();
+    let mut datagrams = DatagramStream::new(stream);
+    let big: Vec<Vec<u8>> = (0..40u64)
+        .map(|i| {
+            let mut d = vec![0u8; MAX_DATAGRAM];
+            fill_pattern(i, 0, &mut d);
+            d
+        })
+        .collect();
+    let batch = datagrams.send_all(big.iter().map(|d| &d[..]));
+    let cut = tokio::time::timeout(std::time::Duration::ZERO, batch).await;
+    assert!(cut.is_err(), "2.6 MB went out in one poll: nothing was cut");
+    let mut far = within(BOUND, "the far side's connection", far_rx.recv())
+        .await
+        .unwrap();
+    let receive = async {
+        let mut decoder = rd_session::DatagramDecoder::new();
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        while got.len() < big.len() + 1 {
+            let n = tokio::io::AsyncReadExt::read(&mut far, &mut buf)
+                .await
+                .unwrap();
+            assert!(n > 0, "the stream ended early");
+            let mut input = &buf[..n];
+            while !input.is_empty() {
+                let (used, datagram) = decoder.push(input).expect("the framing broke");
+                input = &input[used..];
+                got.extend(datagram);
+            }
+        }
+        got
+    };
+    let (sent, got) = within(BOUND, "the rest and the next datagram", async {
+        tokio::join!(datagrams.send(b"after"), receive)
+    })
+    .await;
+    sent.unwrap();
+    for (i, d) in big.iter().enumerate() {
+        assert!(got[i][..] == d[..], "datagram {i} differs after the cut");
+    }
+    assert_eq!(&got[big.len()][..], b"after");
+}
+
 /// The far side writes a length beyond the maximum: `recv` says the stream is malformed.
 /// The far side ends inside a datagram: `recv` says it was truncated.
 #[tokio::test]

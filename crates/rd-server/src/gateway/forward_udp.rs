@@ -156,7 +156,7 @@ async fn receive_loop(
     let drops = LogLimit::new();
     let mut flows: HashMap<SocketAddr, FlowEntry> = HashMap::new();
     let mut next_id = 0u64;
-    let mut unsupported = Unsupported::default();
+    let mut hold = DialHold::default();
     // One buffer for the forward: a datagram is copied out at its own size.
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -172,9 +172,7 @@ async fn receive_loop(
                 }
             },
             Some(end) = ended.recv() => {
-                if end.forget(&mut flows) {
-                    unsupported.seen(&dialer);
-                }
+                hold.after(end.forget(&mut flows), &dialer);
                 continue;
             }
             () = cancel.cancelled() => return,
@@ -209,12 +207,10 @@ async fn receive_loop(
         }
         // Flows that ended since: their places are free.
         while let Ok(end) = ended.try_recv() {
-            if end.forget(&mut flows) {
-                unsupported.seen(&dialer);
-            }
+            hold.after(end.forget(&mut flows), &dialer);
         }
-        if unsupported.holding() {
-            metrics.drop_one("udp_not_supported");
+        if let Some(reason) = hold.holding() {
+            metrics.drop_one(reason);
             continue;
         }
         if flows.len() >= forward.max_flows {
@@ -231,7 +227,7 @@ async fn receive_loop(
             Ok(stream) => stream,
             Err(DialError::UdpNotSupported(_)) => {
                 metrics.drop_one("udp_not_supported");
-                unsupported.seen(&dialer);
+                hold.after(FlowEnd::Unsupported, &dialer);
                 continue;
             }
             Err(e) => {
@@ -244,7 +240,7 @@ async fn receive_loop(
                 continue;
             }
         };
-        unsupported.dialed();
+        hold.dialed();
         let (queue, queued) = mpsc::channel(FLOW_QUEUE);
         // A fresh queue has room.
         let _ = queue.try_send(datagram);
@@ -299,12 +295,12 @@ async fn flow(
     let mut datagrams = DatagramStream::new(stream);
     let idle = tokio::time::sleep(shared.idle_timeout);
     tokio::pin!(idle);
+    let mut replied = false;
     let end: Result<&'static str, String> = loop {
         tokio::select! {
             d = queued.datagrams.recv() => match d {
                 // What else is queued goes in the same write (one Data message for a
-                // burst). Awaited to the end: a datagram half written would break the
-                // framing.
+                // burst).
                 Some(d) => {
                     let mut batch = vec![d];
                     while batch.len() < FLOW_QUEUE {
@@ -313,14 +309,23 @@ async fn flow(
                     }
                     let taken = batch.iter().map(Bytes::len).sum::<usize>();
                     queued.bytes.fetch_sub(taken, Ordering::Relaxed);
-                    if let Err(e) = datagrams.send_all(batch.iter().map(|d| &d[..])).await {
-                        break Err(e.to_string());
+                    // A tunnel that grants no room must not hold the flow past its idle
+                    // timeout or the forward's stop (the flow ends, and its stream with it).
+                    tokio::select! {
+                        sent = datagrams.send_all(batch.iter().map(|d| &d[..])) => {
+                            if let Err(e) = sent {
+                                break Err(e.to_string());
+                            }
+                        }
+                        () = &mut idle => break Ok("idle (the tunnel took nothing)"),
+                        () = shared.cancel.cancelled() => break Ok("forward stopped"),
                     }
                 }
                 None => break Ok("forward stopped"),
             },
             r = datagrams.recv() => match r {
                 Ok(Some(d)) => {
+                    replied = true;
                     shared.metrics.datagram("out");
                     if let Err(e) = shared.socket.send_to(&d, source).await {
                         tracing::debug!(error = %e, "reply not sent");
@@ -335,27 +340,37 @@ async fn flow(
         idle.as_mut()
             .reset(tokio::time::Instant::now() + shared.idle_timeout);
     };
-    shared.metrics.flows.dec();
     // Through a peer replica, a Go agent's refusal arrives as the far replica's text.
-    let unsupported = end
-        .as_ref()
-        .is_err_and(|e| e.contains(crate::dialer::UDP_NOT_SUPPORTED));
-    shared
-        .ended
-        .send(FlowEnded {
-            source,
-            id,
-            unsupported,
-        })
-        .ok();
+    let how = match &end {
+        Err(e) if e.contains(crate::dialer::UDP_NOT_SUPPORTED) => FlowEnd::Unsupported,
+        Err(_) if !replied => FlowEnd::Refused,
+        _ => FlowEnd::Normal,
+    };
+    shared.ended.send(FlowEnded { source, id, how }).ok();
+    // After the notice: whoever sees the gauge drop may count on the forward knowing.
+    shared.metrics.flows.dec();
     match end {
         Ok(why) => tracing::debug!(why, "flow ended"),
         // Reported once by the receive loop, not per flow.
-        Err(error) if unsupported => tracing::debug!(%error, "udp flow refused"),
+        Err(error) if how == FlowEnd::Unsupported => {
+            tracing::debug!(%error, "udp flow refused")
+        }
         Err(error) => {
             rejection!(shared.failures, %source, %target, %error, "udp flow failed");
         }
     }
+}
+
+/// How a flow ended, as far as the next dial cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FlowEnd {
+    /// Idle, stopped, closed by the agent, or failed after the target answered.
+    Normal,
+    /// The agent cannot carry udp (here, or the far replica said so).
+    Unsupported,
+    /// Failed before the target sent anything: the agent refused the target (allow rules,
+    /// a name it cannot resolve). The forward's target is the same for every source.
+    Refused,
 }
 
 /// A flow's notice to the receive loop that it ended.
@@ -363,18 +378,16 @@ async fn flow(
 struct FlowEnded {
     source: SocketAddr,
     id: u64,
-    /// The agent cannot carry udp (the far replica said so).
-    unsupported: bool,
+    how: FlowEnd,
 }
 
 impl FlowEnded {
-    /// Forgets the flow (unless its source has a newer one); whether the agent cannot
-    /// carry udp.
-    fn forget(&self, flows: &mut HashMap<SocketAddr, FlowEntry>) -> bool {
+    /// Forgets the flow (unless its source has a newer one); how it ended.
+    fn forget(&self, flows: &mut HashMap<SocketAddr, FlowEntry>) -> FlowEnd {
         if flows.get(&self.source).is_some_and(|f| f.id == self.id) {
             flows.remove(&self.source);
         }
-        self.unsupported
+        self.how
     }
 }
 
@@ -382,36 +395,52 @@ impl FlowEnded {
 /// a dial per datagram would cost the agent's replica a refusal per datagram.
 const UNSUPPORTED_HOLD: Duration = Duration::from_secs(5);
 
-/// A Go agent (or one without the udp extension), here or behind a peer replica: reported
-/// once, not per datagram (again only after a dial succeeded in between), and not dialed
-/// again for [`UNSUPPORTED_HOLD`].
+/// How long a forward whose target the agent refused drops datagrams before it dials
+/// again: each datagram of a new (perhaps spoofed) source would otherwise be a Connect
+/// to the agent.
+const REFUSED_HOLD: Duration = Duration::from_secs(1);
+
+/// When the forward dials again after a refusal. A Go agent (or one without the udp
+/// extension), here or behind a peer replica, is reported once, not per datagram (again
+/// only after a dial succeeded in between), and not dialed for [`UNSUPPORTED_HOLD`]; a
+/// refused target is not dialed for [`REFUSED_HOLD`] (each refusal is logged, rate-limited,
+/// where the flow ends).
 #[derive(Debug, Default)]
-struct Unsupported {
+struct DialHold {
     reported: bool,
-    hold_until: Option<tokio::time::Instant>,
+    until: Option<(tokio::time::Instant, &'static str)>,
 }
 
-impl Unsupported {
-    fn seen(&mut self, dialer: &crate::Dialer) {
-        self.hold_until = Some(tokio::time::Instant::now() + UNSUPPORTED_HOLD);
-        if !self.reported {
-            self.reported = true;
-            let e = DialError::UdpNotSupported(dialer.client_key().to_owned());
-            tracing::warn!(
-                error = %e,
-                "the agent cannot carry udp; this forward drops its datagrams until an \
-                 agent with rd's udp extension connects (logged once)"
-            );
+impl DialHold {
+    fn after(&mut self, how: FlowEnd, dialer: &crate::Dialer) {
+        let now = tokio::time::Instant::now();
+        match how {
+            FlowEnd::Normal => {}
+            FlowEnd::Refused => self.until = Some((now + REFUSED_HOLD, "refused")),
+            FlowEnd::Unsupported => {
+                self.until = Some((now + UNSUPPORTED_HOLD, "udp_not_supported"));
+                if !self.reported {
+                    self.reported = true;
+                    let e = DialError::UdpNotSupported(dialer.client_key().to_owned());
+                    tracing::warn!(
+                        error = %e,
+                        "the agent cannot carry udp; this forward drops its datagrams until an \
+                         agent with rd's udp extension connects (logged once)"
+                    );
+                }
+            }
         }
     }
 
-    fn holding(&self) -> bool {
-        self.hold_until
-            .is_some_and(|until| tokio::time::Instant::now() < until)
+    /// The drop reason while no dial is made.
+    fn holding(&self) -> Option<&'static str> {
+        self.until
+            .filter(|(until, _)| tokio::time::Instant::now() < *until)
+            .map(|(_, reason)| reason)
     }
 
     fn dialed(&mut self) {
         self.reported = false;
-        self.hold_until = None;
+        self.until = None;
     }
 }

@@ -13,6 +13,7 @@ use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::splice::SpliceError;
+use crate::log_limit::LogLimit;
 use crate::Metrics;
 
 /// One use of the tunnel, logged and counted once when it is over.
@@ -141,11 +142,22 @@ impl TunnelUse {
         }
         if outcome == "completed" || outcome == "stopped" {
             line!(info);
+        } else if outcome == "rejected" {
+            // Wrong passwords, malformed handshakes: an outsider chooses how many.
+            if let Some(suppressed) = REJECTED.allow() {
+                if suppressed > 0 {
+                    tracing::warn!(suppressed, "tunnel connections rejected, lines left out");
+                }
+                line!(warn);
+            }
         } else {
             line!(warn);
         }
     }
 }
+
+/// Rate limit of the `rejected` lines, for all the gateway's entries together.
+static REJECTED: LogLimit = LogLimit::new();
 
 /// A local connection whose bytes each way are counted into its [`TunnelUse`].
 #[derive(Debug)]

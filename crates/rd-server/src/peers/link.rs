@@ -67,7 +67,7 @@ pub(super) async fn run(set: PeerSet, key: LinkKey, url: String, cancel: Cancell
                 let session = SessionBuilder::client()
                     .config(shared.settings.session.clone())
                     .extensions(extensions)
-                    .connect_handler_arc(shared.settings.connects.clone())
+                    .connect_handler_arc((shared.settings.connects)(&extensions))
                     .spawn(ws);
                 let live = set.link_up(&key, session.clone());
                 let mut notices = session.notices();

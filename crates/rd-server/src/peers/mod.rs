@@ -134,7 +134,8 @@ pub(crate) struct LinkSettings {
     pub(crate) connect: ConnectOptions,
     pub(crate) session: Config,
     /// Serves peer-routed Connects (`clientKey::proto/address`) arriving on our links.
-    pub(crate) connects: Arc<dyn ConnectHandler>,
+    /// The Connect handler of one link, given what the link negotiated.
+    pub(crate) connects: ConnectsFactory,
 }
 
 struct Shared {
@@ -154,6 +155,10 @@ struct Shared {
     converge: Mutex<(Option<std::time::Instant>, std::time::Duration)>,
     state: Mutex<State>,
 }
+
+/// Builds a link's Connect handler from the extensions the link negotiated.
+pub(crate) type ConnectsFactory =
+    Arc<dyn Fn(&rd_session::Extensions) -> Arc<dyn ConnectHandler> + Send + Sync>;
 
 /// Whether a link session's peer said it is going away (a draining replica).
 fn going_away(h: &SessionHandle) -> bool {
