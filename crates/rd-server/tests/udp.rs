@@ -470,6 +470,60 @@ async fn a_refused_target_is_not_redialed_for_every_datagram() {
     bounded("the forward to stop", forward.stop()).await;
 }
 
+/// An agent whose session takes nothing more (its local end is never read, so it grants
+/// no credit): a flow stuck writing to it still ends when the forward stops, instead of
+/// holding the stop for as long as the agent stays silent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_a_forward_ends_a_flow_stuck_on_a_full_tunnel() {
+    let ts = serve(Server::builder(TunnelIdHeader).build()).await;
+    let mut headers = http::HeaderMap::new();
+    headers.insert("x-tunnel-id", http::HeaderValue::from_static("stuck"));
+    let options = rd_session::transport::ConnectOptions::default()
+        .with_proxy(rd_session::transport::ProxyMode::None)
+        .with_extensions(rd_session::Extensions::SUPPORTED)
+        .with_headers(headers);
+    let (ws, extensions, _) =
+        rd_session::transport::connect_websocket_with_headers(&ts.ws_url(), &options)
+            .await
+            .unwrap();
+    assert!(extensions.udp);
+    // The far ends of the agent's connections, held and never read.
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let keep = held.clone();
+    let _session = rd_session::SessionBuilder::client()
+        .extensions(extensions)
+        .connect_handler(move |_target: rd_proto::Target| {
+            let keep = keep.clone();
+            async move {
+                let (io, far) = tokio::io::duplex(1024);
+                keep.lock().unwrap().push(far);
+                Ok::<rd_session::BoxedIo, rd_session::ConnectRefused>(Box::new(io))
+            }
+        })
+        .spawn(ws);
+    let server = ts.server.clone();
+    wait_until("the agent's session", || server.has_session("stuck")).await;
+    let (forward, addr) = udp_forward(&ts.server, "stuck", "127.0.0.1:9".parse().unwrap(), |f| {
+        f.idle_timeout(Duration::from_secs(3600))
+    })
+    .await;
+    let user = user_of(addr).await;
+    // Far more than the stream's credit and the flow's queue: the flow ends up waiting.
+    for _ in 0..2000 {
+        user.send(&[7u8; 1024]).await.unwrap();
+    }
+    wait_until("the flow's queue to fill", || {
+        metric(
+            &server,
+            "rd_udp_datagrams_dropped_total{reason=\"congested\"}",
+        ) > 0.0
+    })
+    .await;
+    bounded("the forward to stop", forward.stop()).await;
+    assert_eq!(metric(&server, "rd_udp_flows"), 0.0);
+    assert_eq!(held.lock().unwrap().len(), 1);
+}
+
 // ---------------------------------------------------------------------------------------
 // Flow bound and idle timeout
 
