@@ -3,6 +3,9 @@
 //! client.
 #![allow(clippy::unwrap_used)]
 
+mod raw;
+pub use raw::{curl, echo_round, pattern, spawn_echo, start_client};
+
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

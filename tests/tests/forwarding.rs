@@ -4,7 +4,6 @@
 #![allow(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -32,34 +31,6 @@ fn content() -> TempDir {
 
 fn client_path(id: &str, target: SocketAddr, file: &str) -> String {
     format!("/client/{id}/http/{target}/{file}")
-}
-
-/// Runs curl (no proxy variables from the environment); returns success, stdout, stderr.
-async fn curl(args: Vec<String>) -> (bool, String, String) {
-    tokio::task::spawn_blocking(move || {
-        let mut cmd = Command::new("curl");
-        cmd.args(["-sS", "--max-time", "20"]).args(&args);
-        for var in [
-            "HTTP_PROXY",
-            "http_proxy",
-            "HTTPS_PROXY",
-            "https_proxy",
-            "ALL_PROXY",
-            "all_proxy",
-            "NO_PROXY",
-            "no_proxy",
-        ] {
-            cmd.env_remove(var);
-        }
-        let out = cmd.output().expect("running curl (needed by these tests)");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    })
-    .await
-    .unwrap()
 }
 
 /// `curl -p -x http://{user}@{proxy} http://{target}/hello.txt`.
@@ -116,13 +87,6 @@ async fn raw_connect(proxy: SocketAddr, target: &str, auth: Option<&str>) -> (u1
     tokio::time::timeout(BOUND, exchange)
         .await
         .expect("an answer to CONNECT")
-}
-
-fn start_client(server: SocketAddr, id: &str, extra: &[&str]) -> Proc {
-    let url = format!("ws://{server}/connect");
-    let mut args = vec!["-connect", url.as_str(), "-id", id];
-    args.extend_from_slice(extra);
-    Proc::start("rd-client", &args)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -344,37 +308,6 @@ async fn websocket_through_the_client_route_carries_messages_both_ways() {
     tokio::time::timeout(BOUND, session)
         .await
         .expect("the websocket exchange through /client");
-}
-
-/// A TCP echo service on 127.0.0.1:0.
-async fn spawn_echo() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = tcp.into_split();
-                tokio::io::copy(&mut r, &mut w).await.ok();
-            });
-        }
-    });
-    addr
-}
-
-fn pattern(seed: u32, len: usize) -> Vec<u8> {
-    (0..len as u32)
-        .map(|j| (j.wrapping_mul(2_654_435_761).wrapping_add(seed) >> 11) as u8)
-        .collect()
-}
-
-/// Sends `data` through `tcp` and reads the same number of bytes back, concurrently.
-async fn echo_round(tcp: &mut TcpStream, data: &[u8]) -> Vec<u8> {
-    let (mut r, mut w) = tcp.split();
-    let mut got = vec![0u8; data.len()];
-    let (written, read) = tokio::join!(w.write_all(data), r.read_exact(&mut got));
-    written.unwrap();
-    read.unwrap();
-    got
 }
 
 /// Whether the connection ends (EOF or error) within `bound`, draining what is in flight.

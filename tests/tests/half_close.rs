@@ -17,12 +17,6 @@ const BOUND: Duration = Duration::from_secs(20);
 const REQUEST: usize = 200 * 1024;
 const ANSWER: usize = 2 * 1024 * 1024;
 
-fn pattern(seed: u32, len: usize) -> Vec<u8> {
-    (0..len as u32)
-        .map(|j| (j.wrapping_mul(2_654_435_761).wrapping_add(seed) >> 11) as u8)
-        .collect()
-}
-
 /// A TCP service that reads its request until EOF, then answers `ANSWER` bytes seeded with
 /// the request's length (so a full answer proves the whole request arrived) and closes.
 async fn spawn_answer_after_eof() -> SocketAddr {

@@ -111,11 +111,6 @@ async fn spawn_proxy_target() -> (SocketAddr, mpsc::UnboundedReceiver<Seen>) {
     (addr, rx)
 }
 
-fn start_client(server: SocketAddr, id: &str) -> Proc {
-    let url = format!("ws://{server}/connect");
-    Proc::start("rd-client", &["-connect", &url, "-id", id])
-}
-
 /// Waits until agent `id` has a session on the server at `addr` (its admin API says so);
 /// returns the address the session came from, as the server knows it.
 async fn wait_for_agent(addr: SocketAddr, id: &str) -> String {
@@ -128,22 +123,6 @@ async fn wait_for_agent(addr: SocketAddr, id: &str) -> String {
     })
     .await;
     remote(&reply).unwrap()
-}
-
-fn pattern(seed: u32, len: usize) -> Vec<u8> {
-    (0..len as u32)
-        .map(|j| (j.wrapping_mul(2_654_435_761).wrapping_add(seed) >> 11) as u8)
-        .collect()
-}
-
-/// Sends `data` through `tcp` and reads the same number of bytes back, concurrently.
-async fn echo_round(tcp: &mut TcpStream, data: &[u8]) -> Vec<u8> {
-    let (mut r, mut w) = tcp.split();
-    let mut got = vec![0u8; data.len()];
-    let (written, read) = tokio::join!(w.write_all(data), r.read_exact(&mut got));
-    written.unwrap();
-    read.unwrap();
-    got
 }
 
 /// Sends `CONNECT target` as agent foo on `tcp` and reads the answer's head; returns its
@@ -207,7 +186,7 @@ async fn forward_connect_and_socks5_send_the_users_address_in_v1_and_v2_headers(
         .map(|rest| rest.split_whitespace().next().unwrap().parse().unwrap())
         .collect();
     assert_eq!(forwards.len(), 2, "{:?}", server.stdout_lines());
-    let _client = start_client(addr, "foo");
+    let _client = start_client(addr, "foo", &[]);
     wait_for_agent(addr, "foo").await;
 
     for (version, fwd) in [(1u8, forwards[0]), (2, forwards[1])] {
@@ -336,7 +315,7 @@ async fn a_trusted_fronts_header_is_taken_and_others_are_refused() {
     // address (203.0.113.7 is a documentation address; only the header names it).
     let agent_as: SocketAddr = "203.0.113.7:4444".parse().unwrap();
     let front = spawn_front(addr, agent_as).await;
-    let _client = start_client(front, "foo");
+    let _client = start_client(front, "foo", &[]);
     assert_eq!(wait_for_agent(addr, "foo").await, agent_as.to_string());
 
     // A user through the front (raw, to choose the claim): the header rd sends onwards

@@ -5,7 +5,6 @@
 #![allow(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::Duration;
 
 use rd_e2e_tests::*;
@@ -25,13 +24,6 @@ fn content() -> TempDir {
     let dir = TempDir::new("socks5");
     std::fs::write(dir.path().join("hello.txt"), HELLO).unwrap();
     dir
-}
-
-fn start_client(server: SocketAddr, id: &str, extra: &[&str]) -> Proc {
-    let url = format!("ws://{server}/connect");
-    let mut args = vec!["-connect", url.as_str(), "-id", id];
-    args.extend_from_slice(extra);
-    Proc::start("rd-client", &args)
 }
 
 /// Waits until agent `id` serves `target` through `server`'s `/client` route.
@@ -57,34 +49,6 @@ fn socks_addr(server: &Proc) -> SocketAddr {
         find().is_some()
     });
     find().unwrap()
-}
-
-/// Runs curl (no proxy variables from the environment); returns success, stdout, stderr.
-async fn curl(args: Vec<String>) -> (bool, String, String) {
-    tokio::task::spawn_blocking(move || {
-        let mut cmd = Command::new("curl");
-        cmd.args(["-sS", "--max-time", "20"]).args(&args);
-        for var in [
-            "HTTP_PROXY",
-            "http_proxy",
-            "HTTPS_PROXY",
-            "https_proxy",
-            "ALL_PROXY",
-            "all_proxy",
-            "NO_PROXY",
-            "no_proxy",
-        ] {
-            cmd.env_remove(var);
-        }
-        let out = cmd.output().expect("running curl (needed by these tests)");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    })
-    .await
-    .unwrap()
 }
 
 /// How a raw SOCKS5 exchange ended.
@@ -164,27 +128,6 @@ fn connect_to(target: SocketAddr) -> Vec<u8> {
     r.extend_from_slice(&v4.ip().octets());
     r.extend_from_slice(&v4.port().to_be_bytes());
     r
-}
-
-/// A TCP echo service on 127.0.0.1:0.
-async fn spawn_echo() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = tcp.into_split();
-                tokio::io::copy(&mut r, &mut w).await.ok();
-            });
-        }
-    });
-    addr
-}
-
-fn pattern(seed: u32, len: usize) -> Vec<u8> {
-    (0..len as u32)
-        .map(|j| (j.wrapping_mul(2_654_435_761).wrapping_add(seed) >> 11) as u8)
-        .collect()
 }
 
 /// Sends `data` through a tokio-socks connection to `echo` via `proxy` as `user` and
