@@ -59,16 +59,33 @@ impl LocalDialer for NetDialer {
 }
 
 async fn dial_tcp(proto: &str, address: &str) -> io::Result<TcpStream> {
-    let addrs = tokio::net::lookup_host(address)
-        .await?
-        .filter(|a| match proto {
-            "tcp4" => a.is_ipv4(),
-            "tcp6" => a.is_ipv6(),
-            _ => true,
-        });
+    first_reachable(proto, address, TcpStream::connect).await
+}
+
+/// Resolves `address` (`host:port`) and returns what `connect` makes of the first address
+/// it succeeds with, in the resolver's order, as Go's dialer does; the last error when none
+/// does. A network ending in `4` or `6` (`tcp4`, `udp6`) keeps to that family.
+pub(crate) async fn first_reachable<T, F, Fut>(
+    proto: &str,
+    address: &str,
+    mut connect: F,
+) -> io::Result<T>
+where
+    F: FnMut(std::net::SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = io::Result<T>>,
+{
+    let addrs = tokio::net::lookup_host(address).await?.filter(|a| {
+        if proto.ends_with('4') {
+            a.is_ipv4()
+        } else if proto.ends_with('6') {
+            a.is_ipv6()
+        } else {
+            true
+        }
+    });
     let mut last = None;
     for addr in addrs {
-        match TcpStream::connect(addr).await {
+        match connect(addr).await {
             Ok(s) => return Ok(s),
             Err(e) => last = Some(e),
         }

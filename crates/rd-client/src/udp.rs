@@ -25,28 +25,13 @@ const UDP_RECV_BUFFER: usize = 1024 * 1024;
 /// `host:port`, resolved here on the agent), so it only exchanges datagrams with the
 /// target.
 pub async fn dial_udp(target: &Target) -> io::Result<UdpRelay> {
-    let proto = target.proto();
-    let addrs = tokio::net::lookup_host(target.address())
-        .await?
-        .filter(|a| match proto {
-            "udp4" => a.is_ipv4(),
-            "udp6" => a.is_ipv6(),
-            _ => true,
-        });
-    let mut last = None;
-    for addr in addrs {
+    crate::dial::first_reachable(target.proto(), target.address(), |addr| async move {
         let local: std::net::SocketAddr = if addr.is_ipv4() {
             (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
         } else {
             (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
         };
-        let socket = match UdpSocket::bind(local).await {
-            Ok(s) => s,
-            Err(e) => {
-                last = Some(e);
-                continue;
-            }
-        };
+        let socket = UdpSocket::bind(local).await?;
         // Replies wait here while the tunnel is busy: more room than the default (about
         // 200 KiB, 4 ms at 50,000 datagrams of 512 bytes a second) before the kernel
         // drops them. Kernel memory, used only while a backlog lasts; capped by
@@ -54,13 +39,10 @@ pub async fn dial_udp(target: &Target) -> io::Result<UdpRelay> {
         socket2::SockRef::from(&socket)
             .set_recv_buffer_size(UDP_RECV_BUFFER)
             .ok();
-        match socket.connect(addr).await {
-            Ok(()) => return Ok(UdpRelay::new(socket)),
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(last
-        .unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no suitable address found")))
+        socket.connect(addr).await?;
+        Ok(UdpRelay::new(socket))
+    })
+    .await
 }
 
 /// A connected UDP socket as a framed byte stream: what the session splices to a `udp`
