@@ -6,13 +6,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
+use rd_benches::dns::Dnsmasq;
 use rd_server::forward::{ForwardHandle, ForwardSpec};
 use rd_server::forward_udp::UdpForward;
 use rd_server::{DialError, Server, TunnelIdHeader};
@@ -72,87 +71,6 @@ fn metric(server: &Server, name: &str) -> f64 {
 // ---------------------------------------------------------------------------------------
 // DNS
 
-/// dnsmasq on 127.0.0.1, answering `rd.test` with 10.1.2.3 and nothing else; killed on drop.
-struct Dnsmasq {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Drop for Dnsmasq {
-    fn drop(&mut self) {
-        self.child.kill().ok();
-        self.child.wait().ok();
-    }
-}
-
-impl Dnsmasq {
-    /// Starts dnsmasq, or says why it cannot.
-    fn start() -> Result<Self, String> {
-        let binary = ["/usr/sbin/dnsmasq", "/usr/bin/dnsmasq"]
-            .into_iter()
-            .find(|p| std::path::Path::new(p).exists())
-            .ok_or("dnsmasq is not installed (Debian: apt-get install dnsmasq-base)")?;
-        let port = std::net::UdpSocket::bind("127.0.0.1:0")
-            .and_then(|s| s.local_addr())
-            .map_err(|e| e.to_string())?
-            .port();
-        let mut child = Command::new(binary)
-            .args([
-                "--keep-in-foreground",
-                "--conf-file=/dev/null",
-                "--no-resolv",
-                "--no-hosts",
-                "--no-poll",
-                "--bind-interfaces",
-                "--listen-address=127.0.0.1",
-                "--pid-file=",
-                "--log-facility=-",
-                "--address=/rd.test/10.1.2.3",
-                &format!("--port={port}"),
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("cannot start {binary}: {e}"))?;
-        // Its log, for the reason if it exits (a refused bind, say).
-        let stderr = child.stderr.take().ok_or("no stderr")?;
-        let log = Arc::new(Mutex::new(String::new()));
-        let lines = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let mut text = lines.lock().unwrap();
-                text.push_str(&line);
-                text.push('\n');
-            }
-        });
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        // Ready once it answers directly (polled, bounded).
-        let probe = std::net::UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-        probe
-            .set_read_timeout(Some(Duration::from_millis(100)))
-            .map_err(|e| e.to_string())?;
-        let deadline = std::time::Instant::now() + BOUND;
-        let mut buf = [0u8; 512];
-        while std::time::Instant::now() < deadline {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Err(format!(
-                    "dnsmasq exited ({status}): {}",
-                    log.lock().unwrap().trim()
-                ));
-            }
-            probe.send_to(&dns_query(1, "rd.test"), addr).ok();
-            if probe.recv(&mut buf).is_ok() {
-                return Ok(Self { child, addr });
-            }
-        }
-        Err(format!(
-            "dnsmasq did not answer within {BOUND:?}: {}",
-            log.lock().unwrap().trim()
-        ))
-    }
-}
-
 /// A DNS query for the A record of `name`, recursion desired.
 fn dns_query(id: u16, name: &str) -> Vec<u8> {
     let mut q = Vec::new();
@@ -207,7 +125,10 @@ fn a_records(answer: &[u8], id: u16) -> Vec<[u8; 4]> {
 /// comes back to the user.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dns_query_through_a_udp_forward_is_answered_by_dnsmasq() {
-    let dns = match Dnsmasq::start() {
+    // dnsmasq answering `rd.test` with 10.1.2.3 from a hosts file (the harnesses' own).
+    let dir = std::env::temp_dir().join(format!("rd-udp-dns-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let dns = match Dnsmasq::start(&dir, "rd.test", &[std::net::Ipv4Addr::new(10, 1, 2, 3)]) {
         Ok(dns) => dns,
         Err(why) => {
             eprintln!("skipping: {why}");
@@ -223,6 +144,8 @@ async fn a_dns_query_through_a_udp_forward_is_answered_by_dnsmasq() {
     // A second query rides the same flow.
     let answer = exchange(&user, &dns_query(7, "rd.test")).await;
     assert_eq!(a_records(&answer, 7), vec![[10, 1, 2, 3]]);
+    drop(dns);
+    std::fs::remove_dir_all(&dir).ok();
     assert_eq!(metric(&ts.server, "rd_udp_flows_opened_total"), 1.0);
     assert_eq!(
         metric(&ts.server, "rd_udp_datagrams_total{direction=\"out\"}"),
@@ -296,6 +219,21 @@ async fn a_burst_of_datagrams_keeps_its_boundaries() {
 #[derive(Clone, Default)]
 struct CapturedLog(Arc<Mutex<Vec<u8>>>);
 
+impl CapturedLog {
+    /// Captures this thread's log lines at info until the guard is dropped (the tests are
+    /// single-threaded, so that is every task's).
+    fn start() -> (Self, tracing::subscriber::DefaultGuard) {
+        let log = Self::default();
+        let writer = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        (log, tracing::subscriber::set_default(subscriber))
+    }
+}
+
 impl std::io::Write for CapturedLog {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.0.lock().unwrap().extend_from_slice(buf);
@@ -314,14 +252,7 @@ impl std::io::Write for CapturedLog {
 /// Single-threaded, so the log subscriber of this thread sees every task's lines.
 #[tokio::test(flavor = "current_thread")]
 async fn a_go_style_agent_is_refused_at_the_dial_and_logged_once() {
-    let log = CapturedLog::default();
-    let writer = log.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (log, _guard) = CapturedLog::start();
 
     let ts = serve(Server::builder(TunnelIdHeader).build()).await;
     let go_style = rd_session::Extensions {
@@ -385,14 +316,7 @@ async fn a_go_style_agent_is_refused_at_the_dial_and_logged_once() {
 /// datagram).
 #[tokio::test(flavor = "current_thread")]
 async fn a_go_style_agent_behind_a_peer_replica_is_logged_once_and_not_redialed() {
-    let log = CapturedLog::default();
-    let writer = log.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (log, _guard) = CapturedLog::start();
     let logged = || {
         String::from_utf8_lossy(&log.0.lock().unwrap())
             .matches("the agent cannot carry udp")
