@@ -142,6 +142,37 @@ async fn connect_head(tcp: &mut TcpStream, target: SocketAddr) -> u16 {
     String::from_utf8_lossy(&answer[9..12]).parse().unwrap()
 }
 
+/// Echoes `len` bytes seeded with `seed` through `tcp` (a tunnel to the PROXY target)
+/// byte-exact, then takes the header the target saw for it: `version`, from `tcp`'s own
+/// address, to `destination`.
+async fn echo_then_expect_header(
+    tcp: &mut TcpStream,
+    seen: &mut mpsc::UnboundedReceiver<Seen>,
+    (seed, len): (u32, usize),
+    version: u8,
+    destination: SocketAddr,
+    what: &str,
+) {
+    let data = pattern(seed, len);
+    let got = tokio::time::timeout(BOUND, echo_round(tcp, &data))
+        .await
+        .unwrap_or_else(|_| panic!("the echo through {what}"));
+    assert!(got == data, "{what}: the payload after the header differs");
+    let header = tokio::time::timeout(BOUND, seen.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        header,
+        Seen {
+            version,
+            source: tcp.local_addr().unwrap(),
+            destination,
+        },
+        "{what}"
+    );
+}
+
 /// A connection to `server` from the trusted front's address.
 async fn connect_from_front(server: SocketAddr) -> TcpStream {
     let socket = TcpSocket::new_v4().unwrap();
@@ -191,26 +222,9 @@ async fn forward_connect_and_socks5_send_the_users_address_in_v1_and_v2_headers(
 
     for (version, fwd) in [(1u8, forwards[0]), (2, forwards[1])] {
         let mut tcp = TcpStream::connect(fwd).await.unwrap();
-        let data = pattern(u32::from(version), 256 * 1024);
-        let got = tokio::time::timeout(BOUND, echo_round(&mut tcp, &data))
-            .await
-            .expect("the echo through the forward");
-        assert!(
-            got == data,
-            "v{version}: the payload after the header differs"
-        );
-        let header = tokio::time::timeout(BOUND, seen.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            header,
-            Seen {
-                version,
-                source: tcp.local_addr().unwrap(),
-                destination: fwd,
-            }
-        );
+        let what = format!("the v{version} forward");
+        let echo = (u32::from(version), 256 * 1024);
+        echo_then_expect_header(&mut tcp, &mut seen, echo, version, fwd, &what).await;
     }
 
     // CONNECT: the same, with the main listener as the destination.
@@ -219,26 +233,7 @@ async fn forward_connect_and_socks5_send_the_users_address_in_v1_and_v2_headers(
         .await
         .unwrap();
     assert_eq!(status, 200);
-    let data = pattern(7, 64 * 1024);
-    let got = tokio::time::timeout(BOUND, echo_round(&mut tcp, &data))
-        .await
-        .expect("the echo through CONNECT");
-    assert!(
-        got == data,
-        "the payload after the CONNECT's header differs"
-    );
-    let header = tokio::time::timeout(BOUND, seen.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(
-        header,
-        Seen {
-            version: 2,
-            source: tcp.local_addr().unwrap(),
-            destination: addr,
-        }
-    );
+    echo_then_expect_header(&mut tcp, &mut seen, (7, 64 * 1024), 2, addr, "CONNECT").await;
 
     // SOCKS5 on the same listener sends CONNECT's header (--connect-proxy-protocol).
     let socks = tokio::time::timeout(
@@ -249,24 +244,7 @@ async fn forward_connect_and_socks5_send_the_users_address_in_v1_and_v2_headers(
     .unwrap()
     .expect("the SOCKS5 handshake through the agent");
     let mut tcp = socks.into_inner();
-    let source = tcp.local_addr().unwrap();
-    let data = pattern(9, 64 * 1024);
-    let got = tokio::time::timeout(BOUND, echo_round(&mut tcp, &data))
-        .await
-        .expect("the echo through SOCKS5");
-    assert!(got == data, "the payload after the SOCKS5 header differs");
-    let header = tokio::time::timeout(BOUND, seen.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(
-        header,
-        Seen {
-            version: 2,
-            source,
-            destination: addr,
-        }
-    );
+    echo_then_expect_header(&mut tcp, &mut seen, (9, 64 * 1024), 2, addr, "SOCKS5").await;
 }
 
 /// A front on 127.0.0.1:0 in the manner of a load balancer: relays every connection to
