@@ -193,6 +193,18 @@ pub fn check_listen(flag: &str, listen: &str) -> Result<(), String> {
 /// Binds a listen address the way Go's `net.Listen` reads it: `:8123` is every interface
 /// (IPv6 and IPv4 where the system allows both), `host:port` that host.
 pub async fn bind(listen: &str) -> io::Result<TcpListener> {
+    bind_with(listen, listen_on)
+        .await
+        .map_err(|e| io::Error::new(e.kind(), format!("listen on {listen}: {e}")))
+}
+
+/// Reads `listen` as [`bind`] does and binds it with `bind_one`: for `:PORT`, the IPv6
+/// wildcard first (which takes IPv4 too where the system allows), else the IPv4 one; for
+/// `host:port`, the first address the host resolves to. UDP forwards bind this way too.
+pub async fn bind_with<T>(
+    listen: &str,
+    bind_one: impl Fn(std::net::SocketAddr) -> io::Result<T>,
+) -> io::Result<T> {
     match listen.strip_prefix(':') {
         Some(port) => {
             let port: u16 = port.parse().map_err(|_| {
@@ -201,23 +213,19 @@ pub async fn bind(listen: &str) -> io::Result<TcpListener> {
                     format!("invalid port in {listen:?}"),
                 )
             })?;
-            match listen_on((std::net::Ipv6Addr::UNSPECIFIED, port).into()) {
+            match bind_one((std::net::Ipv6Addr::UNSPECIFIED, port).into()) {
                 Ok(l) => Ok(l),
-                Err(_) => listen_on((std::net::Ipv4Addr::UNSPECIFIED, port).into()),
+                Err(_) => bind_one((std::net::Ipv4Addr::UNSPECIFIED, port).into()),
             }
         }
-        None => match tokio::net::lookup_host(listen).await {
-            Ok(mut addrs) => match addrs.next() {
-                Some(addr) => listen_on(addr),
-                None => Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    "address resolves to nothing",
-                )),
-            },
-            Err(e) => Err(e),
+        None => match tokio::net::lookup_host(listen).await?.next() {
+            Some(addr) => bind_one(addr),
+            None => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "address resolves to nothing",
+            )),
         },
     }
-    .map_err(|e| io::Error::new(e.kind(), format!("listen on {listen}: {e}")))
 }
 
 /// Accept backlog: tokio's default of 1024 overflows when thousands of agents reconnect at

@@ -53,24 +53,14 @@ pub async fn bind(
     Ok(listeners)
 }
 
-/// A UDP socket on `listen` (`HOST:PORT`, or `:PORT` for every interface, IPv6 and IPv4
-/// when the system allows both), as [`cli::bind`] does for TCP.
+/// A UDP socket on `listen`, read as [`cli::bind`] reads it for TCP.
 async fn bind_udp(listen: &str) -> io::Result<UdpSocket> {
-    match listen.strip_prefix(':') {
-        Some(port) => {
-            let port: u16 = port.parse().map_err(|_| {
-                io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("invalid port in {listen:?}"),
-                )
-            })?;
-            match UdpSocket::bind((std::net::Ipv6Addr::UNSPECIFIED, port)).await {
-                Ok(s) => Ok(s),
-                Err(_) => UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, port)).await,
-            }
-        }
-        None => UdpSocket::bind(listen).await,
-    }
+    cli::bind_with(listen, |addr| {
+        let socket = std::net::UdpSocket::bind(addr)?;
+        socket.set_nonblocking(true)?;
+        UdpSocket::from_std(socket)
+    })
+    .await
     .map_err(|e| io::Error::new(e.kind(), format!("listen on udp {listen}: {e}")))
 }
 
