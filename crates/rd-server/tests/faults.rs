@@ -528,37 +528,10 @@ async fn readers_that_stall_the_whole_session_do_not_get_it_killed_by_keepalive(
     .await;
 }
 
-/// Log lines at the binaries' default level (info), as text without colours.
-#[derive(Clone, Default)]
-struct CapturedLog(Arc<Mutex<Vec<u8>>>);
-
-impl CapturedLog {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-impl std::io::Write for CapturedLog {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// Sends this process's log to a buffer (nextest runs each test in a process of its own).
 fn capture_log() -> CapturedLog {
     let log = CapturedLog::default();
-    let writer = log.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    tracing::subscriber::set_global_default(subscriber).expect("no other subscriber");
+    tracing::subscriber::set_global_default(log.subscriber()).expect("no other subscriber");
     log
 }
 

@@ -215,36 +215,6 @@ async fn a_burst_of_datagrams_keeps_its_boundaries() {
 // ---------------------------------------------------------------------------------------
 // Go-style agents
 
-/// Log lines at info, as text without colours.
-#[derive(Clone, Default)]
-struct CapturedLog(Arc<Mutex<Vec<u8>>>);
-
-impl CapturedLog {
-    /// Captures this thread's log lines at info until the guard is dropped (the tests are
-    /// single-threaded, so that is every task's).
-    fn start() -> (Self, tracing::subscriber::DefaultGuard) {
-        let log = Self::default();
-        let writer = log.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .finish();
-        (log, tracing::subscriber::set_default(subscriber))
-    }
-}
-
-impl std::io::Write for CapturedLog {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// An agent that does not negotiate the udp extension (a Go agent, or rd-client --no-udp):
 /// a udp dial is refused at once with a clear error, and a UDP forward to it drops its
 /// datagrams, says so once in its log, opens no flow and keeps running.
@@ -300,7 +270,7 @@ async fn a_go_style_agent_is_refused_at_the_dial_and_logged_once() {
     assert_eq!(metric(&ts.server, "rd_udp_flows_opened_total"), 0.0);
     assert_eq!(metric(&ts.server, "rd_streams_opened_total"), 0.0);
     assert_eq!(forward.tasks(), 1, "only the receive loop runs");
-    let text = String::from_utf8_lossy(&log.0.lock().unwrap()).into_owned();
+    let text = log.text();
     assert_eq!(
         text.matches("the agent cannot carry udp").count(),
         1,
@@ -317,11 +287,7 @@ async fn a_go_style_agent_is_refused_at_the_dial_and_logged_once() {
 #[tokio::test(flavor = "current_thread")]
 async fn a_go_style_agent_behind_a_peer_replica_is_logged_once_and_not_redialed() {
     let (log, _guard) = CapturedLog::start();
-    let logged = || {
-        String::from_utf8_lossy(&log.0.lock().unwrap())
-            .matches("the agent cannot carry udp")
-            .count()
-    };
+    let logged = || log.text().matches("the agent cannot carry udp").count();
 
     let (a, b) = peered_pair(|builder| builder.build()).await;
     let go_style = rd_session::Extensions {
